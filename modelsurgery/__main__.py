@@ -1,0 +1,3 @@
+from modelsurgery.cli.app import main
+
+main()

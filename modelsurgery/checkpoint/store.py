@@ -1,0 +1,222 @@
+"""A lazy view of a checkpoint: tensor names, shapes and dtypes from headers; data on demand.
+
+``Checkpoint.open`` accepts a .safetensors file, a sharded index, a PyTorch pickle, or a
+Hugging Face-style folder (config.json, weights, tokenizer and other files). Safetensors data
+is memory-mapped tensor by tensor, so inspecting a multi-GB checkpoint reads only headers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from modelsurgery.checkpoint.formats import (
+    TensorInfo,
+    load_torch_pickle,
+    read_safetensors_header,
+    read_shard_index,
+)
+from modelsurgery.errors import SurgeryError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class Checkpoint:
+    """Tensors of one model, read lazily. Never modifies its source."""
+
+    def __init__(
+        self,
+        path: Path,
+        infos: "OrderedDict[str, TensorInfo]",
+        metadata: dict[str, str],
+        config: dict | None = None,
+        folder: Path | None = None,
+        loaded: dict[str, torch.Tensor] | None = None,
+    ):
+        self.path = path
+        self.infos = infos
+        self.metadata = metadata
+        self.config = config
+        self.folder = folder
+        self._loaded = loaded or {}
+        self._handles: dict[Path, object] = {}
+
+    # ----- construction -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        path = Path(path)
+        if not path.exists():
+            raise SurgeryError(f"{path}: no such file or directory")
+        if path.is_dir():
+            return cls._open_folder(path)
+        return cls._open_file(path, folder=None, config=None)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], path: str | Path = "<memory>",
+                        config: dict | None = None, metadata: dict | None = None) -> "Checkpoint":
+        """Wrap tensors already in memory (tests, library users, intermediate results)."""
+        p = Path(str(path))
+        infos = OrderedDict(
+            (k, TensorInfo(k, tuple(v.shape), v.dtype, p)) for k, v in state.items()
+        )
+        return cls(p, infos, dict(metadata or {}), config=config, loaded=dict(state))
+
+    @classmethod
+    def _open_file(cls, path: Path, folder: Path | None, config: dict | None) -> "Checkpoint":
+        name = path.name
+        if name.endswith(".index.json"):
+            return cls._open_index(path, folder, config)
+        if name.endswith(".safetensors"):
+            infos, metadata = read_safetensors_header(path)
+            return cls(path, OrderedDict(infos), metadata, config, folder)
+        if name.endswith(PICKLE_SUFFIXES):
+            state = load_torch_pickle(path)
+            infos = OrderedDict((k, TensorInfo(k, tuple(v.shape), v.dtype, path)) for k, v in state.items())
+            return cls(path, infos, {}, config, folder, loaded=state)
+        # No known suffix: sniff. A safetensors file starts with a little-endian header length.
+        try:
+            infos, metadata = read_safetensors_header(path)
+            return cls(path, OrderedDict(infos), metadata, config, folder)
+        except SurgeryError:
+            pass
+        raise SurgeryError(
+            f"{path}: not a checkpoint (expected .safetensors, a shard index, .pt/.pth/.bin, or a folder)"
+        )
+
+    @classmethod
+    def _open_index(cls, path: Path, folder: Path | None, config: dict | None) -> "Checkpoint":
+        weight_map = read_shard_index(path)
+        infos: OrderedDict[str, TensorInfo] = OrderedDict()
+        metadata: dict[str, str] = {}
+        if path.name.startswith("pytorch_model"):
+            loaded: dict[str, torch.Tensor] = {}
+            for shard in dict.fromkeys(weight_map.values()):
+                loaded.update(load_torch_pickle(shard))
+            for k in weight_map:
+                if k not in loaded:
+                    raise SurgeryError(f"{path}: tensor '{k}' is listed but missing from its shard")
+                infos[k] = TensorInfo(k, tuple(loaded[k].shape), loaded[k].dtype, weight_map[k])
+            return cls(path, infos, {}, config, folder, loaded=loaded)
+        shard_infos: dict[Path, dict[str, TensorInfo]] = {}
+        for shard in dict.fromkeys(weight_map.values()):
+            shard_infos[shard], md = read_safetensors_header(shard)
+            metadata = metadata or md
+        for k, shard in weight_map.items():
+            if k not in shard_infos[shard]:
+                raise SurgeryError(f"{path}: tensor '{k}' is listed in the index but missing from {shard.name}")
+            infos[k] = shard_infos[shard][k]
+        return cls(path, infos, metadata, config, folder)
+
+    @classmethod
+    def _open_folder(cls, folder: Path) -> "Checkpoint":
+        config = None
+        cfg_path = folder / "config.json"
+        if cfg_path.is_file():
+            try:
+                config = json.loads(cfg_path.read_text())
+            except (OSError, ValueError) as e:
+                raise SurgeryError(f"{cfg_path}: malformed config.json ({e})") from e
+        for index in INDEX_NAMES:
+            if (folder / index).is_file():
+                return cls._open_file(folder / index, folder, config)
+        st = sorted(folder.glob("*.safetensors"))
+        if len(st) == 1:
+            return cls._open_file(st[0], folder, config)
+        if len(st) > 1:
+            raise SurgeryError(
+                f"{folder}: several .safetensors files and no model.safetensors.index.json to say how they fit"
+            )
+        pickles = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+        if len(pickles) == 1:
+            return cls._open_file(pickles[0], folder, config)
+        if len(pickles) > 1:
+            raise SurgeryError(f"{folder}: several PyTorch weight files and no index to say how they fit")
+        raise SurgeryError(f"{folder}: no weights found (no .safetensors, shard index or .pt/.pth/.bin file)")
+
+    # ----- access -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise SurgeryError(f"{self.path}: no tensor named '{name}'") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.infos.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped for safetensors; do not modify it in place)."""
+        if name in self._loaded:
+            return self._loaded[name]
+        info = self.info(name)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            try:
+                handle = safe_open(str(info.file), framework="pt", device="cpu")
+            except Exception as e:  # the Rust reader reports its own validation failures
+                raise SurgeryError(f"{info.file}: cannot open ({e})") from e
+            self._handles[info.file] = handle
+        return handle.get_tensor(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All tensors (memory-mapped where the format allows)."""
+        return {k: self.get(k) for k in self.infos}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(i.numel for i in self.infos.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    @property
+    def source_files(self) -> list[Path]:
+        """Files holding the weights (what provenance digests)."""
+        files = list(dict.fromkeys(i.file for i in self.infos.values()))
+        return [f for f in files if f.exists()]
+
+    def extra_files(self) -> list[Path]:
+        """Non-weight files of a folder checkpoint (tokenizer, generation config...) to carry along."""
+        if self.folder is None:
+            return []
+        weights = set(self.source_files) | {self.path}
+        out = []
+        for p in sorted(self.folder.iterdir()):
+            if not p.is_file() or p in weights or p.name == "config.json":
+                continue
+            if p.name.endswith((".safetensors", ".index.json")) or p.name.endswith(PICKLE_SUFFIXES):
+                continue
+            out.append(p)
+        return out
+
+    def dtype(self) -> torch.dtype:
+        """The dominant floating dtype (by bytes)."""
+        totals: dict[torch.dtype, int] = {}
+        for i in self.infos.values():
+            if i.dtype.is_floating_point:
+                totals[i.dtype] = totals.get(i.dtype, 0) + i.nbytes
+        return max(totals, key=totals.get) if totals else torch.float32
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    return Checkpoint.open(path)

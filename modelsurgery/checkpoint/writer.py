@@ -1,0 +1,271 @@
+"""Streaming, atomic checkpoint writer with sharding and provenance.
+
+A safetensors header only needs names, shapes and dtypes, so it is written first and each
+tensor is then produced, written and dropped in turn: peak memory stays near one tensor.
+Everything goes to a temporary name beside the destination and is renamed at the end, so an
+interrupted run leaves nothing behind; an existing output is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelsurgery import __version__
+from modelsurgery.checkpoint.formats import TORCH_TO_ST, dtype_size
+from modelsurgery.errors import SurgeryError
+
+DEFAULT_MAX_SHARD = 5 * 1000**3
+
+
+@dataclass
+class PlannedTensor:
+    """A tensor to write: what it will be, and how to produce it when its turn comes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+def plan_tensor(name: str, tensor: torch.Tensor) -> PlannedTensor:
+    """A tensor already in memory."""
+    return PlannedTensor(name, tuple(tensor.shape), tensor.dtype, lambda: tensor)
+
+
+def plan_copy(ckpt, source: str, name: str | None = None) -> PlannedTensor:
+    """A tensor copied from a checkpoint, read only when written."""
+    info = ckpt.info(source)
+    return PlannedTensor(name or source, info.shape, info.dtype, lambda: ckpt.get(source))
+
+
+@dataclass
+class Provenance:
+    operation: str
+    parameters: dict = field(default_factory=dict)
+    sources: Sequence[Path] = ()
+
+    def to_metadata(self) -> dict[str, str]:
+        record = {
+            "tool": "modelsurgery",
+            "version": __version__,
+            "operation": self.operation,
+            "parameters": self.parameters,
+            "sources": [{"file": str(p), "sha256": file_digest(p)} for p in self.sources],
+        }
+        return {"modelsurgery": json.dumps(record, default=str, sort_keys=True)}
+
+
+def file_digest(path: Path, chunk: int = 1 << 23) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise SurgeryError(f"max shard size '{text}': expected a size such as 5GB, 500MB or 1000000")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if binary else 1000
+    return int(number * base ** " KMGT".index(unit or " "))
+
+
+# ----- atomic output ---------------------------------------------------------------------------
+def check_output(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse before any work is done: existing output without force, or output == an input."""
+    out_r = out.resolve()
+    for p in inputs:
+        p_r = Path(p).resolve()
+        if out_r == p_r or (p_r.is_file() and out_r == p_r.parent and out.is_dir()):
+            raise SurgeryError(f"{out}: output would overwrite the input {p}; choose another path")
+    if out.exists() and not force:
+        raise SurgeryError(f"{out}: already exists (use --force to replace it)")
+    if not out.parent.exists():
+        raise SurgeryError(f"{out.parent}: output folder does not exist")
+
+
+@contextmanager
+def atomic_path(out: Path, force: bool, is_dir: bool):
+    """Yield a temporary path beside ``out``; on success move it into place."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise SurgeryError(f"{out}: already exists (use --force to replace it)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise SurgeryError(f"{parent}: output folder does not exist")
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    tmp = tmp_root / out.name
+    if is_dir:
+        tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = tmp_root / (out.name + ".old")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+# ----- safetensors streaming -------------------------------------------------------------------
+def _header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for t in tensors:
+        if t.dtype not in TORCH_TO_ST:
+            raise SurgeryError(f"tensor '{t.name}': dtype {t.dtype} cannot be stored in safetensors")
+        header[t.name] = {
+            "dtype": TORCH_TO_ST[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data region to 8 bytes, as the reference writer does
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _tensor_bytes(t: PlannedTensor) -> memoryview:
+    value = t.load()
+    if not isinstance(value, torch.Tensor):
+        raise SurgeryError(f"tensor '{t.name}': produced {type(value).__name__}, not a tensor")
+    if tuple(value.shape) != tuple(t.shape):
+        raise SurgeryError(f"tensor '{t.name}': planned shape {t.shape} but produced {tuple(value.shape)}")
+    if value.dtype != t.dtype:
+        value = value.to(t.dtype)
+    value = value.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(value.view(torch.uint8).numpy())
+
+
+def write_safetensors(path: Path, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
+    """Write one safetensors file, one tensor in memory at a time."""
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SurgeryError(f"tensor '{dup}' is planned twice")
+    with open(path, "wb") as f:
+        f.write(_header_bytes(tensors, metadata or {}))
+        for t in tensors:
+            f.write(_tensor_bytes(t))
+
+
+def split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+@dataclass
+class WriteReport:
+    path: Path
+    files: list[Path]
+    num_tensors: int
+    total_bytes: int
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "files": [str(f) for f in self.files],
+            "num_tensors": self.num_tensors,
+            "total_bytes": self.total_bytes,
+        }
+
+
+def output_is_folder(out: Path) -> bool:
+    return not out.name.endswith((".safetensors", ".pt", ".pth", ".bin"))
+
+
+def write_checkpoint(
+    out: str | Path,
+    tensors: Sequence[PlannedTensor],
+    *,
+    provenance: Provenance | None = None,
+    metadata: dict[str, str] | None = None,
+    config: dict | None = None,
+    extra_files: Iterable[Path] = (),
+    max_shard_size: int | str = DEFAULT_MAX_SHARD,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> WriteReport:
+    """Write ``tensors`` to ``out``: a .safetensors file, a .pt file, or a folder (sharded above
+    ``max_shard_size``, with config.json and carried-along files). ``dtype`` casts floating tensors."""
+    out = Path(out)
+    max_bytes = parse_size(max_shard_size)
+    if dtype is not None:
+        tensors = [
+            PlannedTensor(t.name, t.shape, dtype, t.load) if t.dtype.is_floating_point else t for t in tensors
+        ]
+    md = {"format": "pt", **(metadata or {})}
+    if provenance is not None:
+        md.update(provenance.to_metadata())
+    total = sum(t.nbytes for t in tensors)
+    folder = output_is_folder(out)
+    with atomic_path(out, force, is_dir=folder) as tmp:
+        if not folder and out.name.endswith(".safetensors"):
+            if total > max_bytes:
+                raise SurgeryError(
+                    f"{out}: {total} bytes exceed --max-shard-size {max_bytes}; write to a folder to shard"
+                )
+            write_safetensors(tmp, tensors, md)
+            files = [out]
+        elif not folder:
+            torch.save({t.name: t.load().to(t.dtype) for t in tensors}, tmp)
+            files = [out]
+        else:
+            files = _write_folder(tmp, out, tensors, md, max_bytes, config, extra_files)
+    return WriteReport(out, files, len(tensors), total)
+
+
+def _write_folder(tmp: Path, out: Path, tensors, md, max_bytes, config, extra_files) -> list[Path]:
+    shards = split_shards(tensors, max_bytes)
+    files = []
+    if len(shards) == 1:
+        write_safetensors(tmp / "model.safetensors", shards[0], md)
+        files.append(out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(tmp / name, shard, md)
+            files.append(out / name)
+            weight_map.update({t.name: name for t in shard})
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        files.append(out / "model.safetensors.index.json")
+    if config is not None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files.append(out / "config.json")
+    for src in extra_files:
+        shutil.copy2(src, tmp / Path(src).name)
+        files.append(out / Path(src).name)
+    return files

@@ -1,0 +1,1 @@
+"""Command-line layer: parse options, call one library function, render its report."""

@@ -1,0 +1,94 @@
+"""`surgery inspect`: what a checkpoint holds, from its headers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from modelsurgery.cli.common import emit_json, human_bytes, out_console, user_errors
+from modelsurgery.ops.inspect import inspect_checkpoint
+
+
+def inspect_command(
+    path: Path = typer.Argument(..., help="Checkpoint: .safetensors, shard index, .pt/.pth/.bin, or a folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
+    all_tensors: bool = typer.Option(False, "--all", help="List every tensor (default: a summary per group)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Show tensors grouped by block, totals, the detected family, metadata and provenance.
+
+    Only headers are read, so inspecting a multi-GB checkpoint is instant.
+
+    Examples:\n
+      surgery inspect model.safetensors\n
+      surgery inspect ./llama-folder --json | jq .num_parameters
+    """
+    with user_errors(debug):
+        report = inspect_checkpoint(path, model=model)
+    if json_out:
+        emit_json(report.to_dict())
+        return
+    render_inspect(report, all_tensors)
+
+
+def render_inspect(report, all_tensors: bool = False) -> None:
+    fam = report.family
+    out_console.print(f"[bold]{report.path}[/]")
+    line = f"family [cyan]{fam['family']}[/]"
+    if fam.get("num_layers"):
+        line += f", {fam['num_layers']} layers"
+    if fam.get("hidden_size"):
+        line += f", hidden size {fam['hidden_size']}"
+    out_console.print(line)
+    table = Table(show_edge=False)
+    table.add_column("group / tensor")
+    table.add_column("shape")
+    table.add_column("dtype")
+    table.add_column("parameters", justify="right")
+    table.add_column("bytes", justify="right")
+    for group, tensors in report.groups.items():
+        if all_tensors or len(tensors) == 1:
+            for t in tensors:
+                table.add_row(t["name"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"],
+                              f"{t['parameters']:,}", human_bytes(t["bytes"]))
+        else:
+            dts = ",".join(sorted({t["dtype"] for t in tensors}))
+            table.add_row(f"{group} ({len(tensors)} tensors)", "", dts,
+                          f"{sum(t['parameters'] for t in tensors):,}",
+                          human_bytes(sum(t["bytes"] for t in tensors)))
+    out_console.print(table)
+    out_console.print(
+        f"total: {report.num_tensors} tensors, {report.num_parameters:,} parameters, "
+        f"{human_bytes(report.num_bytes)}"
+    )
+    if report.quantization:
+        out_console.print(f"quantization: {report.quantization}")
+    if report.provenance:
+        p = report.provenance
+        out_console.print(f"provenance: {p.get('tool')} {p.get('version')} {p.get('operation')} "
+                          f"{p.get('parameters')}")
+    if report.metadata:
+        out_console.print(f"metadata: {report.metadata}")
+
+
+def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
+    """Inspect each bundled fixture model."""
+    found = {}
+    for path in sorted(p for p in fixtures.rglob("*") if p.suffix == ".safetensors" or (p / "config.json").is_file()):
+        if path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
+            continue  # part of a folder checkpoint, inspected as the folder
+        if path.suffix == ".safetensors" and path.name.startswith(("digits_", "charlm_", "calib", "eval")):
+            continue  # data files, not models
+        report = inspect_checkpoint(path)
+        found[str(path.relative_to(fixtures))] = {
+            "family": report.family["family"], "num_parameters": report.num_parameters,
+            "num_layers": report.family.get("num_layers"),
+        }
+    if not quiet:
+        for name, r in found.items():
+            out_console.print(f"{name}: family [cyan]{r['family']}[/], {r['num_parameters']:,} parameters, "
+                              f"{r['num_layers']} layers")
+    return found

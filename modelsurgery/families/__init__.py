@@ -1,0 +1,80 @@
+"""Family registry: ``detect_family(ckpt)`` names what a checkpoint holds.
+
+Each family lives in its own module and registers itself with ``@register``; importing this
+package imports them all. Detection uses tensor names, shapes and config.json only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families.base import Attention, Block, Family, Linear, Norm
+
+_REGISTRY: dict[str, type[Family]] = {}
+_MODULES = ("mlp", "cnn", "resnet", "gpt2", "llama", "bert", "custom")
+
+
+def register(cls: type[Family]) -> type[Family]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"modelsurgery.families.{mod}")
+        except ModuleNotFoundError as e:  # a family module not written yet must not break the others
+            if e.name != f"modelsurgery.families.{mod}":
+                raise
+
+
+def registered() -> dict[str, type[Family]]:
+    _load_all()
+    return dict(_REGISTRY)
+
+
+class UnknownFamily(Family):
+    """Any checkpoint: pure tensor operations work, forward passes do not."""
+
+    name = "unknown"
+    runnable = False
+
+    @classmethod
+    def detect(cls, ckpt: Checkpoint) -> bool:
+        return True
+
+
+def detect_family(ckpt: Checkpoint, model: str | None = None) -> Family:
+    """The family of ``ckpt``; ``model`` ('package.module:function') forces a user factory."""
+    if model:
+        from modelsurgery.families.custom import CustomFamily
+
+        return CustomFamily(ckpt, model)
+    candidates = [
+        cls for cls in sorted(registered().values(), key=lambda c: -c.priority)
+        if cls.name != "custom" and cls.detect(ckpt)
+    ]
+    return candidates[0](ckpt) if candidates else UnknownFamily(ckpt)
+
+
+def family_by_name(name: str) -> type[Family]:
+    fams = registered()
+    if name not in fams:
+        raise SurgeryError(f"unknown family '{name}' (known: {', '.join(sorted(fams))})")
+    return fams[name]
+
+
+__all__ = [
+    "Attention",
+    "Block",
+    "Family",
+    "Linear",
+    "Norm",
+    "UnknownFamily",
+    "detect_family",
+    "family_by_name",
+    "register",
+    "registered",
+]

@@ -1,0 +1,124 @@
+"""Multi-layer perceptrons: ``torch.nn.Sequential`` (``0.weight``, ``2.weight``, ...) and named MLPs
+(``fc1.weight``, ``layers.0.weight``, ...). Linear layers in natural name order with ReLU between.
+
+The activation can be named in safetensors metadata (``modelsurgery.activation``: relu, gelu, tanh).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.families import register
+from modelsurgery.families.base import Family, Linear
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def module_prefixes(ckpt: Checkpoint) -> list[str]:
+    """Module names owning the tensors, in natural order ('fc1', 'layers.0', '0')."""
+    mods = {k.rsplit(".", 1)[0] if "." in k else "" for k in ckpt.keys()}
+    return sorted(mods, key=natural_key)
+
+
+def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    """Place ``module`` at ``dotted`` inside ``root``, creating plain containers on the way."""
+    parts = dotted.split(".")
+    parent = root
+    for p in parts[:-1]:
+        if not hasattr(parent, p):
+            parent.add_module(p, nn.Module())
+        parent = getattr(parent, p)
+    parent.add_module(parts[-1], module)
+
+
+class ChainMLP(nn.Module):
+    """Linears applied in order with an activation between; parameter names kept from the checkpoint."""
+
+    def __init__(self, names: list[str], shapes: list[tuple[int, int]], biases: list[bool], activation: str):
+        super().__init__()
+        self._order = names
+        for name, (out_f, in_f), bias in zip(names, shapes, biases):
+            set_submodule(self, name, nn.Linear(in_f, out_f, bias=bias))
+        self.act = ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for i, name in enumerate(self._order):
+            x = self.get_submodule(name)(x)
+            if i < len(self._order) - 1:
+                x = self.act(x)
+        return x
+
+
+@register
+class MLPFamily(Family):
+    name = "mlp"
+    priority = 10
+
+    @classmethod
+    def detect(cls, ckpt: Checkpoint) -> bool:
+        if not ckpt.keys():
+            return False
+        prefixes = module_prefixes(ckpt)
+        if len(prefixes) < 1 or "" in prefixes:
+            return False
+        for p in prefixes:
+            names = {k for k in ckpt.keys() if k.rsplit(".", 1)[0] == p}
+            w, b = f"{p}.weight", f"{p}.bias"
+            if w not in names or names - {w, b} or len(ckpt.shape(w)) != 2:
+                return False
+            if b in names and ckpt.shape(b) != ckpt.shape(w)[:1]:
+                return False
+        shapes = [ckpt.shape(f"{p}.weight") for p in prefixes]
+        return all(a[0] == b[1] for a, b in zip(shapes, shapes[1:]))
+
+    def layers(self) -> list[Linear]:
+        """The linear layers in forward order."""
+        return [
+            Linear(f"{p}.weight", f"{p}.bias" if f"{p}.bias" in self.ckpt else None)
+            for p in module_prefixes(self.ckpt)
+        ]
+
+    @property
+    def hidden_size(self) -> int | None:
+        layers = self.layers()
+        return self.ckpt.shape(layers[0].weight)[0] if len(layers) > 1 else None
+
+    @property
+    def activation(self) -> str:
+        act = self.ckpt.metadata.get("modelsurgery.activation", "relu")
+        return act if act in ACTIVATIONS else "relu"
+
+    def head_names(self) -> list[str]:
+        last = self.layers()[-1]
+        return [n for n in (last.weight, last.bias) if n]
+
+    def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
+        layers = self.layers()
+        module = ChainMLP(
+            [lin.weight.rsplit(".", 1)[0] for lin in layers],
+            [self.ckpt.shape(lin.weight) for lin in layers],
+            [lin.bias is not None for lin in layers],
+            self.activation,
+        )
+        return self.load_state(module, state, dtype)
+
+    def example_inputs(self, batch=2, seq_len=8, generator=None) -> dict[str, torch.Tensor]:
+        in_features = self.ckpt.shape(self.layers()[0].weight)[1]
+        return {"input": torch.randn(batch, in_features, generator=generator)}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["num_layers"] = len(self.layers())
+        d["widths"] = [self.ckpt.shape(self.layers()[0].weight)[1]] + [
+            self.ckpt.shape(lin.weight)[0] for lin in self.layers()
+        ]
+        return d
