@@ -10,7 +10,7 @@ import importlib
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
-from modelsurgery.families.base import Attention, Block, Family, Linear, Norm
+from modelsurgery.families.base import Attention, Block, Family, Linear, Norm, Stages
 
 _REGISTRY: dict[str, type[Family]] = {}
 _MODULES = ("mlp", "cnn", "resnet", "gpt2", "llama", "bert", "custom")
@@ -72,6 +72,7 @@ __all__ = [
     "Family",
     "Linear",
     "Norm",
+    "Stages",
     "UnknownFamily",
     "detect_family",
     "family_by_name",

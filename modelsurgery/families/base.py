@@ -15,6 +15,7 @@ A new family is one new file with a subclass registered through ``@register``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -50,6 +51,22 @@ class Block:
     index: int
     prefix: str
     names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Stages:
+    """A built module seen as embed -> blocks -> head, for block-by-block work (calibration,
+    per-block reconstruction, activation statistics).
+
+    ``embed(**inputs)`` returns the first hidden state and a context dict (masks, rotary tables);
+    each block is called ``block(hidden, **context)``; ``head(hidden)`` gives the model output.
+    ``blocks`` are the real submodules (or thin wrappers around them), so their parameters are
+    the model's own; map them to checkpoint names by identity through ``model.named_parameters()``.
+    """
+
+    embed: Callable[..., tuple[torch.Tensor, dict]]
+    blocks: list[nn.Module]
+    head: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,9 @@ class Family:
         return []
 
     # ----- running ------------------------------------------------------------------------------
+    # Built modules take the inputs named by ``input_names()`` as keyword arguments, return one
+    # tensor (logits or last_hidden_state), are traceable for ONNX export, and have a
+    # ``stages() -> Stages`` method.
     def build_module(self, state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
                      ) -> nn.Module:
         """A torch module in eval mode holding ``state`` (default: the checkpoint's tensors)."""

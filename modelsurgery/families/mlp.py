@@ -13,7 +13,7 @@ from torch import nn
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.families import register
-from modelsurgery.families.base import Family, Linear
+from modelsurgery.families.base import Family, Linear, Stages
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
 
@@ -49,13 +49,30 @@ class ChainMLP(nn.Module):
             set_submodule(self, name, nn.Linear(in_f, out_f, bias=bias))
         self.act = ACTIVATIONS[activation]()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input.flatten(1)
         for i, name in enumerate(self._order):
             x = self.get_submodule(name)(x)
             if i < len(self._order) - 1:
                 x = self.act(x)
         return x
+
+    def stages(self) -> Stages:
+        """One block per linear layer (with its activation, except the last)."""
+        last = len(self._order) - 1
+        blocks = [_LinearAct(self.get_submodule(n), self.act if i < last else None) for i, n in enumerate(self._order)]
+        return Stages(embed=lambda input: (input.flatten(1), {}), blocks=blocks, head=lambda h: h)
+
+
+class _LinearAct(nn.Module):
+    def __init__(self, linear: nn.Linear, act: nn.Module | None):
+        super().__init__()
+        self.linear = linear
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.act(x) if self.act is not None else x
 
 
 @register
