@@ -93,16 +93,18 @@ def parse_size(text: str | int) -> int:
 
 # ----- atomic output ---------------------------------------------------------------------------
 def check_output(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
-    """Refuse before any work is done: existing output without force, or output == an input."""
+    """Refuse before any work is done: an existing output without force, or an output that is an input."""
+    out = Path(out)
     out_r = out.resolve()
     for p in inputs:
         p_r = Path(p).resolve()
-        if out_r == p_r or (p_r.is_file() and out_r == p_r.parent and out.is_dir()):
+        if out_r == p_r or out_r in p_r.parents:
             raise SurgeryError(f"{out}: output would overwrite the input {p}; choose another path")
     if out.exists() and not force:
         raise SurgeryError(f"{out}: already exists (use --force to replace it)")
-    if not out.parent.exists():
-        raise SurgeryError(f"{out.parent}: output folder does not exist")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise SurgeryError(f"{parent}: output folder does not exist")
 
 
 @contextmanager
