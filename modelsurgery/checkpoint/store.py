@@ -8,6 +8,7 @@ is memory-mapped tensor by tensor, so inspecting a multi-GB checkpoint reads onl
 from __future__ import annotations
 
 import json
+import struct
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class Checkpoint:
         self.folder = folder
         self._loaded = loaded or {}
         self._handles: dict[Path, object] = {}
+        self._offsets: dict[Path, dict[str, int]] = {}
 
     # ----- construction -------------------------------------------------------------------------
     @classmethod
@@ -173,6 +175,22 @@ class Checkpoint:
                 raise SurgeryError(f"{info.file}: cannot open ({e})") from e
             self._handles[info.file] = handle
         return handle.get_tensor(name)
+
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, absolute offset, length) of a tensor's bytes in its safetensors file; None when it is
+        not stored that way (pickles, tensors in memory). The header was validated when opened."""
+        if name in self._loaded:
+            return None
+        info = self.info(name)
+        offsets = self._offsets.get(info.file)
+        if offsets is None:
+            with open(info.file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            offsets = {k: 8 + n + v["data_offsets"][0] for k, v in header.items()}
+            self._offsets[info.file] = offsets
+        return info.file, offsets[name], info.nbytes
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All tensors (memory-mapped where the format allows)."""

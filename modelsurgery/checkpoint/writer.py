@@ -37,6 +37,9 @@ class PlannedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    #: optional raw source: (safetensors file, absolute byte offset) of bytes already in this tensor's
+    #: dtype and layout; the writer then copies them file to file without materialising the tensor
+    source: tuple[Path, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -48,10 +51,13 @@ def plan_tensor(name: str, tensor: torch.Tensor) -> PlannedTensor:
     return PlannedTensor(name, tuple(tensor.shape), tensor.dtype, lambda: tensor)
 
 
-def plan_copy(ckpt, source: str, name: str | None = None) -> PlannedTensor:
-    """A tensor copied from a checkpoint, read only when written."""
+def plan_copy(ckpt, source: str, name: str | None = None, raw: bool = False) -> PlannedTensor:
+    """A tensor copied from a checkpoint, read only when written. ``raw``: copy its bytes file to
+    file when they sit in a safetensors file (no tensor, no mapped pages: for multi-GB streaming)."""
     info = ckpt.info(source)
-    return PlannedTensor(name or source, info.shape, info.dtype, lambda: ckpt.get(source))
+    where = ckpt.byte_range(source) if raw else None
+    return PlannedTensor(name or source, info.shape, info.dtype, lambda: ckpt.get(source),
+                         source=where[:2] if where else None)
 
 
 @dataclass
@@ -172,7 +178,40 @@ def write_safetensors(path: Path, tensors: Sequence[PlannedTensor], metadata: di
     with open(path, "wb") as f:
         f.write(_header_bytes(tensors, metadata or {}))
         for t in tensors:
-            f.write(_tensor_bytes(t))
+            if t.source is not None:
+                f.flush()
+                copy_file_bytes(t.source[0], t.source[1], t.nbytes, f.fileno())
+            else:
+                f.write(_tensor_bytes(t))
+
+
+def copy_file_bytes(src: Path, offset: int, count: int, dst_fd: int, chunk: int = 1 << 24) -> None:
+    """Append ``count`` bytes of ``src`` starting at ``offset`` to ``dst_fd`` in the kernel when it can
+    (copy_file_range, then sendfile), else through a small buffer; never maps the source."""
+    with open(src, "rb") as s:
+        fd, done = s.fileno(), 0
+        for kernel_copy in (getattr(os, "copy_file_range", None), getattr(os, "sendfile", None)):
+            if kernel_copy is None:
+                continue
+            try:
+                while done < count:
+                    if kernel_copy is os.sendfile:
+                        n = os.sendfile(dst_fd, fd, offset + done, min(chunk, count - done))
+                    else:
+                        n = kernel_copy(fd, dst_fd, min(chunk, count - done), offset + done)
+                    if n == 0:
+                        raise SurgeryError(f"{src}: ended before byte {offset + count} (truncated file?)")
+                    done += n
+                return
+            except OSError:  # not supported between these files: try the next way, from where it stopped
+                continue
+        s.seek(offset + done)
+        while done < count:
+            block = s.read(min(chunk, count - done))
+            if not block:
+                raise SurgeryError(f"{src}: ended before byte {offset + count} (truncated file?)")
+            os.write(dst_fd, block)
+            done += len(block)
 
 
 def split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
