@@ -1,0 +1,329 @@
+"""CIFAR-style residual networks (He et al. 2016, "Deep Residual Learning", section 4.2: ResNet-20/32/56).
+
+Tensors: stem ``conv1``/``bn1``; blocks ``layer{s}.{j}.conv1/bn1/conv2/bn2`` (BasicBlock:
+``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``) with an optional projection shortcut
+``shortcut.0`` (1x1 conv) / ``shortcut.1`` (BN) (``downsample.0/1`` also accepted); global average
+pool; head ``linear`` or ``fc``. Any number of stages, blocks per stage and widths.
+
+Geometry not stored in a state dict follows the paper: 3x3 convolutions with padding 1; a block's
+first convolution (and its projection shortcut) has stride 2 when the block changes the channel count,
+1 otherwise; a block that changes channels without a projection uses the parameter-free "option A"
+shortcut (subsample by 2, zero-pad channels equally on both sides). ``modelsurgery.input_shape``
+metadata ("[C, H, W]") gives the input shape (default: the stem's channels, 8x8; a global pool makes
+any size work). Built modules accept [N, C, H, W] or flattened [N, C*H*W] inputs.
+
+For weight matching, ``residual_groups()`` names the tensors that share one residual stream (one
+permutation must be tied across every block of a stage), ``inner_groups()`` the free channels inside
+each block.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import register
+from modelsurgery.families.base import Block, Family, Linear, Norm, Stages
+from modelsurgery.families.mlp import set_submodule
+
+BLOCK_RE = re.compile(r"layer(\d+)\.(\d+)\.")
+BN_STATS = ("weight", "bias", "running_mean", "running_var")
+DEFAULT_SPATIAL = 8
+
+
+@dataclass
+class ChannelGroup:
+    """Tensors sharing one channel axis: permuting the channels means permuting axis 0 of every name in
+    ``out_axis`` and axis 1 of every name in ``in_axis`` with the same permutation.
+
+    ``padded_from``/``pad_offset``: for an option-A shortcut, the previous residual group's channels
+    reappear zero-padded at ``pad_offset`` in this one (their permutations are then not independent).
+    """
+
+    name: str
+    size: int
+    out_axis: list[str] = field(default_factory=list)
+    in_axis: list[str] = field(default_factory=list)
+    stages: list[int] = field(default_factory=list)
+    padded_from: str | None = None
+    pad_offset: int = 0
+
+
+@dataclass(frozen=True)
+class ResBlock:
+    """Block ``index`` (global order) = ``layer{stage}.{position}``."""
+
+    index: int
+    stage: int
+    position: int
+    prefix: str
+    in_channels: int
+    out_channels: int
+    stride: int
+    shortcut: str | None  # module name of the projection shortcut, or None
+
+    @property
+    def option_a(self) -> bool:
+        return self.shortcut is None and self.in_channels != self.out_channels
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_c: int, out_c: int, stride: int, biases: set[str], shortcut: str | None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_c, out_c, 3, stride=stride, padding=1, bias="conv1" in biases)
+        self.bn1 = nn.BatchNorm2d(out_c)
+        self.conv2 = nn.Conv2d(out_c, out_c, 3, stride=1, padding=1, bias="conv2" in biases)
+        self.bn2 = nn.BatchNorm2d(out_c)
+        self.shortcut_name = shortcut
+        self.pad = (0, 0) if shortcut or in_c == out_c else ((out_c - in_c) // 2, out_c - in_c - (out_c - in_c) // 2)
+        self.stride = stride
+        if shortcut:
+            proj = nn.Sequential(nn.Conv2d(in_c, out_c, 1, stride=stride, bias=shortcut + ".0" in biases),
+                                 nn.BatchNorm2d(out_c))
+            self.add_module(shortcut, proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.shortcut_name:
+            short = getattr(self, self.shortcut_name)(x)
+        elif self.pad != (0, 0):  # option A: subsample, zero-pad the new channels
+            short = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, *self.pad))
+        else:
+            short = x
+        return F.relu(out + short)
+
+
+class ResNetModule(nn.Module):
+    def __init__(self, stem: tuple[int, int], blocks: list[ResBlock], head: str, head_shape: tuple[int, int],
+                 biases: set[str], input_shape: tuple[int, ...]):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.example_input_shape = self.input_shape
+        out_c, in_c = stem
+        self.conv1 = nn.Conv2d(in_c, out_c, 3, padding=1, bias="conv1" in biases)
+        self.bn1 = nn.BatchNorm2d(out_c)
+        self._blocks: list[BasicBlock] = []
+        for b in blocks:
+            local = {n[len(b.prefix):] for n in biases if n.startswith(b.prefix)}
+            block = BasicBlock(b.in_channels, b.out_channels, b.stride, local,
+                               b.shortcut[len(b.prefix):] if b.shortcut else None)
+            set_submodule(self, b.prefix.rstrip("."), block)
+            self._blocks.append(block)
+        self._head_name = head
+        set_submodule(self, head, nn.Linear(head_shape[1], head_shape[0], bias=head in biases))
+
+    def _embed(self, input: torch.Tensor):
+        x = input.reshape(input.shape[0], *self.input_shape) if input.dim() == 2 else input
+        return F.relu(self.bn1(self.conv1(x))), {}
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self._head_name)(h.mean(dim=(2, 3)))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x, _ = self._embed(input)
+        for block in self._blocks:
+            x = block(x)
+        return self._head(x)
+
+    def stages(self) -> Stages:
+        """Stem as embed, one block per residual block, global average pool + linear as head."""
+        return Stages(embed=self._embed, blocks=list(self._blocks), head=self._head)
+
+
+@register
+class ResNetFamily(Family):
+    name = "resnet"
+    priority = 30
+
+    @classmethod
+    def detect(cls, ckpt: Checkpoint) -> bool:
+        keys = set(ckpt.keys())
+        if not {"conv1.weight", "bn1.weight", "bn1.running_mean"} <= keys:
+            return False
+        if not any(k.startswith("layer1.0.conv1.") for k in keys):
+            return False
+        if not ({"linear.weight", "fc.weight"} & keys) or len(ckpt.shape("conv1.weight")) != 4:
+            return False
+        try:
+            cls(ckpt).res_blocks()
+        except SurgeryError:
+            return False
+        return True
+
+    # ----- structure ----------------------------------------------------------------------------
+    @property
+    def head(self) -> str:
+        return "linear" if "linear.weight" in self.ckpt else "fc"
+
+    def _need(self, name: str) -> tuple[int, ...]:
+        if name not in self.ckpt:
+            raise SurgeryError(f"{self.ckpt.path}: tensor '{name}' needed by the resnet model is missing")
+        return self.ckpt.shape(name)
+
+    def res_blocks(self) -> list[ResBlock]:
+        """Residual blocks in order (stage, then position), with their inferred geometry."""
+        found = sorted({(int(m.group(1)), int(m.group(2))) for k in self.ckpt.keys() if (m := BLOCK_RE.match(k))})
+        out = []
+        for i, (s, j) in enumerate(found):
+            prefix = f"layer{s}.{j}."
+            w1, w2 = self._need(prefix + "conv1.weight"), self._need(prefix + "conv2.weight")
+            for bn in ("bn1", "bn2"):
+                self._need(f"{prefix}{bn}.weight")
+            shortcut = next((prefix + n for n in ("shortcut", "downsample") if f"{prefix}{n}.0.weight" in self.ckpt),
+                            None)
+            in_c, out_c = w1[1], w2[0]
+            if w1[0] != w2[1] or w1[2:] != (3, 3) or w2[2:] != (3, 3):
+                raise SurgeryError(f"{self.ckpt.path}: block '{prefix[:-1]}' is not a 3x3 BasicBlock")
+            if out_c < in_c and shortcut is None:
+                raise SurgeryError(f"{self.ckpt.path}: block '{prefix[:-1]}' narrows channels without a shortcut")
+            out.append(ResBlock(i, s, j, prefix, in_c, out_c, 2 if in_c != out_c else 1, shortcut))
+        if not out:
+            raise SurgeryError(f"{self.ckpt.path}: no residual blocks (layer1.0.*)")
+        return out
+
+    def blocks(self) -> list[Block]:
+        blocks = []
+        for b in self.res_blocks():
+            blocks.append(Block(b.index, b.prefix, [k for k in self.ckpt.keys() if k.startswith(b.prefix)]))
+        return blocks
+
+    def block_of(self, name: str) -> tuple[int, str] | None:
+        for b in self.res_blocks():
+            if name.startswith(b.prefix):
+                return b.index, name[len(b.prefix):]
+        return None
+
+    def block_name(self, index: int, suffix: str) -> str:
+        return self.res_blocks()[index].prefix + suffix
+
+    def stage_blocks(self) -> list[list[int]]:
+        """Block indices of each stage (layer1, layer2, ...)."""
+        stages: dict[int, list[int]] = {}
+        for b in self.res_blocks():
+            stages.setdefault(b.stage, []).append(b.index)
+        return [stages[s] for s in sorted(stages)]
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self.ckpt.shape("conv1.weight")[0]
+
+    def _conv(self, name: str) -> Linear:
+        return Linear(f"{name}.weight", f"{name}.bias" if f"{name}.bias" in self.ckpt else None)
+
+    def _bn(self, name: str) -> Norm:
+        return Norm(f"{name}.weight", f"{name}.bias", kind="batchnorm", running_mean=f"{name}.running_mean",
+                    running_var=f"{name}.running_var")
+
+    def _out_names(self, conv: str, bn: str) -> list[str]:
+        lin = self._conv(conv)
+        return [lin.weight] + ([lin.bias] if lin.bias else []) + [f"{bn}.{t}" for t in BN_STATS]
+
+    def block_linears(self, index: int) -> dict[str, Linear]:
+        """Roles conv1, conv2 and (when present) shortcut: convolution weights [out, in, kh, kw]."""
+        b = self.res_blocks()[index]
+        roles = {"conv1": self._conv(b.prefix + "conv1"), "conv2": self._conv(b.prefix + "conv2")}
+        if b.shortcut:
+            roles["shortcut"] = self._conv(b.shortcut + ".0")
+        return roles
+
+    def block_norms(self, index: int) -> dict[str, Norm]:
+        b = self.res_blocks()[index]
+        norms = {"bn1": self._bn(b.prefix + "bn1"), "bn2": self._bn(b.prefix + "bn2")}
+        if b.shortcut:
+            norms["shortcut"] = self._bn(b.shortcut + ".1")
+        return norms
+
+    def output_projections(self, index: int) -> list[Linear]:
+        """bn2's affine map: with its weight and bias zeroed an identity-shortcut block returns
+        relu(x) = x (its input is already a ReLU output). Projection-shortcut blocks have none."""
+        b = self.res_blocks()[index]
+        if b.shortcut or b.option_a:
+            return []
+        return [Linear(f"{b.prefix}bn2.weight", f"{b.prefix}bn2.bias")]
+
+    def layers(self) -> list[Linear | Norm]:
+        """Every conv/linear (as ``Linear``) and BatchNorm (as ``Norm``) in forward order."""
+        out: list[Linear | Norm] = [self._conv("conv1"), self._bn("bn1")]
+        for b in self.res_blocks():
+            out += [self._conv(b.prefix + "conv1"), self._bn(b.prefix + "bn1"),
+                    self._conv(b.prefix + "conv2"), self._bn(b.prefix + "bn2")]
+            if b.shortcut:
+                out += [self._conv(b.shortcut + ".0"), self._bn(b.shortcut + ".1")]
+        return out + [self._conv(self.head)]
+
+    def residual_groups(self) -> list[ChannelGroup]:
+        """One group per residual stream. A stream spans the stem (when layer1 keeps its width) and
+        every block of a stage; a projection or option-A shortcut starts a new stream."""
+        groups: list[ChannelGroup] = []
+        current = ChannelGroup("residual.0", self.hidden_size, self._out_names("conv1", "bn1"), [], [0])
+        for b in self.res_blocks():
+            current.in_axis.append(f"{b.prefix}conv1.weight")
+            if b.shortcut or b.option_a:
+                if b.shortcut:
+                    current.in_axis.append(f"{b.shortcut}.0.weight")
+                groups.append(current)
+                current = ChannelGroup(f"residual.{len(groups)}", b.out_channels, [], [], [b.stage])
+                if b.shortcut:
+                    current.out_axis += self._out_names(b.shortcut + ".0", b.shortcut + ".1")
+                else:
+                    current.padded_from = groups[-1].name
+                    current.pad_offset = (b.out_channels - b.in_channels) // 2
+            elif b.stage not in current.stages:
+                current.stages.append(b.stage)
+            current.out_axis += self._out_names(b.prefix + "conv2", b.prefix + "bn2")
+        current.in_axis.append(f"{self.head}.weight")
+        groups.append(current)
+        return groups
+
+    def inner_groups(self) -> list[ChannelGroup]:
+        """The channels between conv1 and conv2 of each block (free to permute independently)."""
+        return [
+            ChannelGroup(f"{b.prefix}inner", b.out_channels, self._out_names(b.prefix + "conv1", b.prefix + "bn1"),
+                         [f"{b.prefix}conv2.weight"], [b.stage])
+            for b in self.res_blocks()
+        ]
+
+    def embedding_names(self) -> list[str]:
+        return self._out_names("conv1", "bn1")
+
+    def head_names(self) -> list[str]:
+        return [n for n in (f"{self.head}.weight", f"{self.head}.bias") if n in self.ckpt]
+
+    # ----- running ------------------------------------------------------------------------------
+    def input_shape(self) -> tuple[int, ...]:
+        raw = self.ckpt.metadata.get("modelsurgery.input_shape")
+        if raw is None:
+            return (self.ckpt.shape("conv1.weight")[1], DEFAULT_SPATIAL, DEFAULT_SPATIAL)
+        try:
+            shape = tuple(int(d) for d in json.loads(raw))
+        except (ValueError, TypeError) as e:
+            raise SurgeryError(f"{self.ckpt.path}: modelsurgery.input_shape '{raw}' is not a list of ints") from e
+        if len(shape) != 3:
+            raise SurgeryError(f"{self.ckpt.path}: modelsurgery.input_shape {list(shape)} is not [C, H, W]")
+        return shape
+
+    def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
+        biases = {k[: -len(".bias")] for k in self.ckpt.keys() if k.endswith(".bias")}
+        stem = self.ckpt.shape("conv1.weight")
+        module = ResNetModule((stem[0], stem[1]), self.res_blocks(), self.head,
+                              self.ckpt.shape(f"{self.head}.weight"), biases, self.input_shape())
+        return self.load_state(module, state, dtype)
+
+    def example_inputs(self, batch=2, seq_len=8, generator=None) -> dict[str, torch.Tensor]:
+        return {"input": torch.randn(batch, *self.input_shape(), generator=generator)}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        blocks = self.res_blocks()
+        d["stages"] = [len(s) for s in self.stage_blocks()]
+        d["widths"] = [self.hidden_size] + [blocks[s[-1]].out_channels for s in self.stage_blocks()]
+        d["input_shape"] = list(self.input_shape())
+        return d
