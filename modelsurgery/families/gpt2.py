@@ -1,0 +1,208 @@
+"""GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"): pre-norm
+decoder blocks, learned positions, fused q/k/v in Conv1D layers (weights stored (in, out)).
+
+Checkpoints: ``GPT2LMHeadModel`` (``transformer.h.{i}.``, ``lm_head.weight`` usually absent because it
+is tied to ``transformer.wte.weight``) and bare ``GPT2Model`` (``h.{i}.``; logits through the tied
+embedding). Without config.json the sizes come from tensor shapes; the number of heads cannot, so a
+forward pass then asks for config.json.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import register
+from modelsurgery.families.base import Attention, Linear, Norm
+from modelsurgery.families.transformer import (
+    Activation,
+    Conv1D,
+    TransformerFamily,
+    TransformerModule,
+    attend,
+    attention_bias,
+    positions,
+    split_heads,
+)
+
+PREFIXES = ("transformer.", "")
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, scaling: float):
+        super().__init__()
+        self.c_attn = Conv1D(hidden, 3 * hidden)
+        self.c_proj = Conv1D(hidden, hidden)
+        self.hidden, self.head_dim, self.scaling = hidden, hidden // num_heads, scaling
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.c_attn(x).split(self.hidden, dim=2)
+        d = self.head_dim
+        out = attend(split_heads(q, d), split_heads(k, d), split_heads(v, d), mask, self.scaling)
+        return self.c_proj(out)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int, activation: Activation):
+        super().__init__()
+        self.c_fc = Conv1D(hidden, inner)
+        self.c_proj = Conv1D(inner, hidden)
+        self.act = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, hidden: int, inner: int, num_heads: int, eps: float, scaling: float, activation: Activation):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden, eps=eps)
+        self.attn = GPT2Attention(hidden, num_heads, scaling)
+        self.ln_2 = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = GPT2MLP(hidden, inner, activation)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = hidden + self.attn(self.ln_1(hidden), mask)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class GPT2(TransformerModule):
+    """GPT-2 language model; parameter names follow the checkpoint (with or without ``transformer.``)."""
+
+    def __init__(self, prefix: str, vocab: int, positions_: int, hidden: int, inner: int, num_layers: int,
+                 num_heads: int, eps: float, activation: str, scale_weights: bool, scale_by_layer: bool,
+                 untied_head: bool, where: str):
+        super().__init__()
+        body = nn.Module() if prefix else self
+        body.wte = nn.Embedding(vocab, hidden)
+        body.wpe = nn.Embedding(positions_, hidden)
+        act = Activation(activation, where)
+        scaling = [
+            ((hidden // num_heads) ** -0.5 if scale_weights else 1.0) / (float(i + 1) if scale_by_layer else 1.0)
+            for i in range(num_layers)
+        ]
+        body.h = nn.ModuleList(GPT2Block(hidden, inner, num_heads, eps, scaling[i], act) for i in range(num_layers))
+        body.ln_f = nn.LayerNorm(hidden, eps=eps)
+        if prefix:
+            self.transformer = body
+        if untied_head:
+            self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self._prefixed = bool(prefix)
+
+    @property
+    def body(self) -> nn.Module:
+        return self.transformer if self._prefixed else self
+
+    def layers(self) -> list[nn.Module]:
+        return list(self.body.h)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict]:
+        body = self.body
+        hidden = body.wte(input_ids) + body.wpe(positions(input_ids))
+        return hidden, {"mask": attention_bias(input_ids, attention_mask, causal=True, dtype=hidden.dtype)}
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.body.ln_f(hidden)
+        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.body.wte.weight
+        return F.linear(hidden, weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]."""
+        return self.run(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@register
+class GPT2Family(TransformerFamily):
+    name = "gpt2"
+    model_types = ("gpt2",)
+    block_pattern = r"(?:transformer\.)?h\.(\d+)\."
+
+    @classmethod
+    def detect(cls, ckpt: Checkpoint) -> bool:
+        return cls.config_allows(ckpt) and any(
+            f"{p}wte.weight" in ckpt and f"{p}h.0.attn.c_attn.weight" in ckpt for p in PREFIXES
+        )
+
+    def __init__(self, ckpt: Checkpoint):
+        super().__init__(ckpt)
+        self.prefix = next(p for p in PREFIXES if f"{p}wte.weight" in ckpt)
+
+    # ----- structure ----------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.ckpt.shape(f"{self.prefix}wte.weight")[1]
+
+    @property
+    def tied_head(self) -> bool:
+        """True when logits use the token embedding (no ``lm_head.weight`` in the checkpoint)."""
+        return "lm_head.weight" not in self.ckpt
+
+    def config_for_layers(self, num_layers: int) -> dict | None:
+        return self.layer_count_config(num_layers, "n_layer")
+
+    def _p(self, index: int, suffix: str) -> str:
+        return f"{self.prefix}h.{index}.{suffix}"
+
+    def block_linears(self, index: int) -> dict[str, Linear]:
+        """qkv is one fused Conv1D, weight (hidden, 3*hidden) = [q | k | v] along the output axis."""
+        lin = {"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"}
+        return {
+            role: Linear(self._p(index, f"{m}.weight"), self.maybe(self._p(index, f"{m}.bias")), transposed=True)
+            for role, m in lin.items()
+        }
+
+    def block_norms(self, index: int) -> dict[str, Norm]:
+        """``attn``: the norm before attention (ln_1); ``mlp``: the norm before the MLP (ln_2)."""
+        return {
+            role: Norm(self._p(index, f"{m}.weight"), self.maybe(self._p(index, f"{m}.bias")))
+            for role, m in (("attn", "ln_1"), ("mlp", "ln_2"))
+        }
+
+    @property
+    def attention(self) -> Attention | None:
+        heads = self.cfg("n_head", "num_attention_heads")
+        if heads is None:
+            return None
+        return Attention(int(heads), int(heads), self.hidden_size // int(heads))
+
+    def embedding_names(self) -> list[str]:
+        return [f"{self.prefix}wte.weight", f"{self.prefix}wpe.weight"]
+
+    def head_names(self) -> list[str]:
+        names = [f"{self.prefix}ln_f.weight", f"{self.prefix}ln_f.bias"]
+        return [n for n in names if n in self.ckpt] + ([] if self.tied_head else ["lm_head.weight"])
+
+    # ----- running ------------------------------------------------------------------------------
+    def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
+        heads = int(self.need("n_head", "num_attention_heads",
+                              why="the number of attention heads cannot be read from tensor shapes"))
+        if self.cfg("add_cross_attention", default=False):
+            raise SurgeryError(f"{self.ckpt.path}: GPT-2 with cross-attention (add_cross_attention) is not supported")
+        hidden = self.hidden_size
+        if hidden % heads:
+            raise SurgeryError(f"{self.ckpt.path}: hidden size {hidden} is not divisible by n_head={heads}")
+        module = GPT2(
+            prefix=self.prefix,
+            vocab=self.vocab_size,
+            positions_=self.ckpt.shape(f"{self.prefix}wpe.weight")[0],
+            hidden=hidden,
+            inner=self.ckpt.shape(self._p(0, "mlp.c_fc.weight"))[1],
+            num_layers=self.num_layers,
+            num_heads=heads,
+            eps=float(self.cfg("layer_norm_epsilon", "layer_norm_eps", default=1e-5)),
+            activation=self.cfg("activation_function", default="gelu_new"),
+            scale_weights=bool(self.cfg("scale_attn_weights", default=True)),
+            scale_by_layer=bool(self.cfg("scale_attn_by_inverse_layer_idx", default=False)),
+            untied_head=not self.tied_head,
+            where=str(self.ckpt.path),
+        )
+        return self.load_state(module, state, dtype)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["tied_head"] = self.tied_head
+        return d
