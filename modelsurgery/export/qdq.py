@@ -1,0 +1,151 @@
+"""Integer weights in an ONNX graph: DequantizeLinear in front of the matmuls (ONNX QDQ format).
+
+A float graph exported from the dequantized module holds each quantized weight W = (q - z) * s
+as a float initializer, either as stored ([out, in] for Gemm/Conv, possibly reshaped) or transposed
+([in, out], the exporter's constant-folded MatMul form). Each one is found by its exact bytes and
+replaced by the integer codes, their scales and zero points, and a DequantizeLinear node
+(per tensor, per axis since opset 13, blocked since opset 21 with uint4 storage since opset 21).
+
+Graph form: the codes keep the checkpoint's [out, R] layout, so DequantizeLinear quantizes along
+the output channels and, for MatMul inputs, a Transpose follows it. ONNX Runtime fuses only a
+DequantizeLinear that feeds a MatMul directly, and along the reduction axis, into its MatMulNBits
+kernel, which at the default accuracy level also quantizes the activations to int8 (outputs move by
+~0.1 on small models). This form is never fused, so default session options compute exactly
+float(W) @ x, as the torch forward of the dequantized checkpoint does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from modelsurgery.errors import SurgeryError
+from modelsurgery.export.packed import PackedWeight
+
+
+def required_opset(weights: list[PackedWeight], half: bool) -> tuple[int, str]:
+    """The smallest opset that stores these weights, and why."""
+    need, why = 13, "per-channel DequantizeLinear"
+    if half:
+        need, why = 19, "float16 scales in DequantizeLinear"
+    if any(w.bits < 8 for w in weights):
+        need, why = 21, f"{min(w.bits for w in weights)}-bit weights (uint4 storage)"
+    elif any(w.granularity == "group" for w in weights):
+        need, why = 21, "per-group (blocked) DequantizeLinear"
+    return need, why
+
+
+def pack_uint4(codes: np.ndarray) -> bytes:
+    """ONNX uint4 raw data: the flattened tensor two per byte, first element in the low nibble."""
+    flat = codes.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
+    if bits <= 4:
+        return helper.make_tensor(name, TensorProto.UINT4, codes.shape, pack_uint4(codes), raw=True)
+    return numpy_helper.from_array(np.ascontiguousarray(codes, dtype=np.uint8), name)
+
+
+@dataclass
+class Replacement:
+    initializer: str
+    weight: str
+    orientation: str  # "stored" (as in the checkpoint) | "transposed" (2-D) | "flat" ([rows, R] of a conv kernel)
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+
+
+def find_weight_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]
+                             ) -> list[Replacement]:
+    """Initializers holding exactly one of ``values`` (weight name -> array as the module holds it)."""
+    wanted: dict[tuple[tuple[int, ...], str], tuple[str, str]] = {}
+    for name, v in values.items():
+        wanted.setdefault((tuple(v.shape), _digest(v)), (name, "stored"))
+        if v.ndim == 2:
+            wanted.setdefault((tuple(v.T.shape), _digest(v.T)), (name, "transposed"))
+        else:
+            flat = v.reshape(v.shape[0], -1)
+            wanted.setdefault((tuple(flat.shape), _digest(flat)), (name, "flat"))
+    shapes = {s for s, _ in wanted}
+    sizes = {math.prod(s) for s in shapes}
+    found = []
+    for init in model.graph.initializer:
+        dims = tuple(init.dims)
+        if dims not in shapes or math.prod(dims) not in sizes:
+            continue
+        arr = numpy_helper.to_array(init)
+        hit = wanted.get((dims, _digest(arr)))
+        if hit is not None:
+            found.append(Replacement(init.name, hit[0], hit[1]))
+    return found
+
+
+def insert_dequantize(model: onnx.ModelProto, weights: list[PackedWeight], values: dict[str, np.ndarray]
+                      ) -> tuple[list[str], list[str]]:
+    """Replace float initializers of ``weights`` by integer codes + DequantizeLinear, in place.
+
+    Returns (weights stored as integers, weights left as float because the graph did not hold them
+    verbatim, e.g. folded into another constant).
+    """
+    by_name = {w.name: w for w in weights}
+    replacements = find_weight_initializers(model, {w.name: values[w.name] for w in weights})
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, new_inits, done = [], [], []
+    for r in replacements:
+        w = by_name[r.weight]
+        base = f"{r.initializer}_quant"
+        scale, zp = w.scale, w.zero_point
+        attrs: dict = {}
+        if w.granularity == "tensor":
+            scale, zp = scale.reshape(()), zp.reshape(())
+        elif w.granularity == "channel":
+            scale, zp, attrs = scale.reshape(-1), zp.reshape(-1), {"axis": 0}
+        else:
+            attrs = {"axis": 1, "block_size": int(w.group_size)}
+        new_inits += [
+            integer_tensor(f"{base}.q", w.codes, w.bits),
+            numpy_helper.from_array(np.ascontiguousarray(scale, dtype=values[w.name].dtype), f"{base}.scale"),
+            integer_tensor(f"{base}.zero_point", zp, w.bits),
+        ]
+        target = list(inits[r.initializer].dims)
+        direct = r.orientation == "flat" or (r.orientation == "stored" and len(w.shape) == 2)
+        dq_out = r.initializer if direct else f"{base}.dq"
+        new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}.q", f"{base}.scale", f"{base}.zero_point"],
+                                          [dq_out], name=f"{base}.DequantizeLinear", **attrs))
+        if r.orientation == "transposed":
+            new_nodes.append(helper.make_node("Transpose", [dq_out], [r.initializer], perm=[1, 0],
+                                              name=f"{base}.Transpose"))
+        elif not direct:
+            new_inits.append(numpy_helper.from_array(np.array(target, np.int64), f"{base}.shape"))
+            new_nodes.append(helper.make_node("Reshape", [dq_out, f"{base}.shape"], [r.initializer],
+                                              name=f"{base}.Reshape"))
+        done.append(w.name)
+    replaced = {r.initializer for r in replacements}
+    kept = [i for i in graph.initializer if i.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    inputs = [i for i in graph.input if i.name not in replaced]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + nodes)
+    done = list(dict.fromkeys(done))
+    return done, [w.name for w in weights if w.name not in set(done)]
+
+
+def check_opset(weights: list[PackedWeight], opset: int, half: bool, source: str) -> None:
+    need, why = required_opset(weights, half)
+    if opset < need:
+        raise SurgeryError(f"{source}: {why} need --opset {need} or newer (got {opset}); nothing was written")
