@@ -1,0 +1,43 @@
+"""Growth operators, registered by name: stack (G_stack and layer slices; Du et al. 2024), interleave
+(identity blocks), width (Net2Net; Chen et al. 2016) and mixture (MixtureGrowth; Pham et al. 2024).
+A new method is one new file plus one line in ``METHODS``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.grow.common import GrowOptions, GrowReport, Progress, no_progress
+from modelsurgery.ops.grow.interleave import grow_interleave, interleave_layout
+from modelsurgery.ops.grow.mixture import grow_mixture
+from modelsurgery.ops.grow.plan import GrowthPlan, plan_growth
+from modelsurgery.ops.grow.stack import grow_stack, slices_layout, stack_layout
+from modelsurgery.ops.grow.width import grow_width
+
+GrowMethod = Callable[[list[Checkpoint], Path, GrowOptions, Progress], GrowReport]
+
+METHODS: dict[str, GrowMethod] = {
+    "stack": grow_stack,
+    "interleave": grow_interleave,
+    "width": grow_width,
+    "mixture": grow_mixture,
+}
+
+
+def grow(inputs: Sequence[str | Path | Checkpoint], out: str | Path, options: GrowOptions,
+         progress: Progress = no_progress) -> GrowReport:
+    """Grow ``inputs`` into ``out`` with ``options.method``; returns the report. Nothing is written on error."""
+    if options.method not in METHODS:
+        raise SurgeryError(f"unknown growth method '{options.method}' (known: {', '.join(METHODS)})")
+    if not inputs:
+        raise SurgeryError("no input checkpoint given")
+    ckpts = [c if isinstance(c, Checkpoint) else Checkpoint.open(c) for c in inputs]
+    return METHODS[options.method](ckpts, Path(out), options, progress)
+
+
+__all__ = [
+    "METHODS", "GrowOptions", "GrowReport", "GrowthPlan", "grow", "interleave_layout", "plan_growth",
+    "slices_layout", "stack_layout",
+]
