@@ -1,0 +1,196 @@
+"""LLaMA family against transformers' own LlamaForCausalLM (eager attention), grouped-query attention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import detect_family
+from tests.hf_tiny import load_hf, save_tiny_llama
+
+TOL = 1e-4
+
+
+def padded_batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, 10:] = 0  # right padding
+    mask[2, 4:] = 0
+    return ids, mask
+
+
+def max_diff(module, ref, ids, mask) -> float:
+    with torch.no_grad():
+        ours = module(input_ids=ids, attention_mask=mask)
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    assert ours.shape == expected.shape
+    return (ours - expected).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))  # 4 heads, 2 key/value heads, untied head
+
+
+@pytest.fixture(scope="module")
+def hf_llama(llama_dir):
+    return load_hf(llama_dir)
+
+
+def test_detects_llama_with_grouped_query_attention(llama_dir):
+    fam = detect_family(Checkpoint.open(llama_dir))
+    assert fam.name == "llama"
+    assert fam.num_layers == 3 and fam.hidden_size == 32 and fam.vocab_size == 97
+    att = fam.attention
+    assert (att.num_heads, att.num_kv_heads, att.head_dim) == (4, 2, 8)
+    assert not fam.tied_head and fam.head_names() == ["model.norm.weight", "lm_head.weight"]
+    assert fam.block_of("model.layers.2.mlp.up_proj.weight") == (2, "mlp.up_proj.weight")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_matches_transformers(llama_dir, hf_llama, masked):
+    module = detect_family(Checkpoint.open(llama_dir)).build_module()
+    ids, mask = padded_batch(97)
+    assert max_diff(module, hf_llama, ids, mask if masked else None) < TOL
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_key_value_heads=1, tie_word_embeddings=True, hidden_act="gelu"),
+    dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True, rope_theta=500.0, rms_norm_eps=1e-5),
+    dict(head_dim=12, num_key_value_heads=2),
+])
+def test_config_variants_match_transformers(tmp_path, overrides):
+    folder = save_tiny_llama(tmp_path, seed=2, num_hidden_layers=2, **overrides)
+    fam = detect_family(Checkpoint.open(folder))
+    assert fam.attention.num_kv_heads == overrides["num_key_value_heads"]
+    assert fam.tied_head == overrides.get("tie_word_embeddings", False)
+    module = fam.build_module()
+    assert sorted(module.state_dict()) == sorted(fam.ckpt.keys())
+    assert max_diff(module, load_hf(folder), *padded_batch(97, seed=3)) < TOL
+
+
+def test_stages_compose_to_forward(llama_dir):
+    fam = detect_family(Checkpoint.open(llama_dir))
+    module = fam.build_module()
+    inputs = fam.example_inputs(batch=3, seq_len=7, generator=torch.Generator().manual_seed(0))
+    st = module.stages()
+    assert [b is m for b, m in zip(st.blocks, module.model.layers)] == [True] * 3
+    with torch.no_grad():
+        hidden, ctx = st.embed(**inputs)
+        assert set(ctx) == {"mask", "cos", "sin"}
+        for block in st.blocks:
+            hidden = block(hidden, **ctx)
+        assert torch.equal(st.head(hidden), module(**inputs))
+
+
+def test_roles_name_existing_tensors_with_expected_shapes(llama_dir):
+    fam = detect_family(Checkpoint.open(llama_dir))
+    ck = fam.ckpt
+    expected = {"q": (32, 32), "k": (16, 32), "v": (16, 32), "o": (32, 32),
+                "gate": (56, 32), "up": (56, 32), "down": (32, 56)}
+    for i in range(fam.num_layers):
+        lin = fam.block_linears(i)
+        assert {r: ck.shape(lin[r].weight) for r in lin} == expected
+        assert all(lin[r].bias is None and not lin[r].transposed for r in lin)
+        norms = fam.block_norms(i)
+        assert set(norms) == {"attn", "mlp"} and all(n.kind == "rmsnorm" for n in norms.values())
+        assert all(ck.shape(n.weight) == (32,) for n in norms.values())
+        assert [p.weight for p in fam.output_projections(i)] == [lin["o"].weight, lin["down"].weight]
+    assert fam.embedding_names() == ["model.embed_tokens.weight"]
+
+
+def test_zeroed_output_projections_make_a_block_an_identity(llama_dir):
+    fam = detect_family(Checkpoint.open(llama_dir))
+    state = fam.ckpt.state_dict()
+    for lin in fam.output_projections(0):
+        state[lin.weight] = torch.zeros_like(state[lin.weight])
+    module = fam.build_module(state)
+    inputs = fam.example_inputs(generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden, ctx = module.stages().embed(**inputs)
+        assert torch.equal(module.model.layers[0](hidden, **ctx), hidden)
+
+
+def test_config_for_layers_loads_in_transformers(llama_dir, tmp_path):
+    fam = detect_family(Checkpoint.open(llama_dir))
+    cfg = fam.config_for_layers(4)
+    assert cfg["num_hidden_layers"] == 4 and fam.config["num_hidden_layers"] == 3
+    state = {k: v for k, v in fam.ckpt.state_dict().items() if fam.block_of(k) is None}
+    for new, old in enumerate([0, 1, 2, 2]):
+        for name in fam.blocks()[old].names:
+            state[fam.block_name(new, fam.block_of(name)[1])] = fam.ckpt.get(name).clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    grown = detect_family(Checkpoint.open(tmp_path))
+    assert grown.num_layers == 4
+    assert max_diff(grown.build_module(), load_hf(tmp_path), *padded_batch(97)) < TOL
+
+
+def test_old_style_rope_config_and_missing_kv_heads(llama_dir, hf_llama):
+    """Configs from transformers 4.x: rope_theta at top level, rope_scaling null, and (LLaMA 1) no
+    num_key_value_heads, which then comes from the key projection's shape."""
+    ckpt = Checkpoint.open(llama_dir)
+    cfg = {k: v for k, v in ckpt.config.items() if k not in ("rope_parameters", "num_key_value_heads")}
+    cfg.update(rope_theta=10000.0, rope_scaling=None)
+    fam = detect_family(Checkpoint.from_state_dict(ckpt.state_dict(), config=cfg))
+    assert fam.attention.num_kv_heads == 2
+    assert max_diff(fam.build_module(), hf_llama, *padded_batch(97, seed=6)) < TOL
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+    {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+])
+def test_scaled_rope_is_refused(llama_dir, rope):
+    ckpt = Checkpoint.open(llama_dir)
+    cfg = {k: v for k, v in ckpt.config.items() if k != "rope_parameters"} | rope
+    fam = detect_family(Checkpoint.from_state_dict(ckpt.state_dict(), path="m.safetensors", config=cfg))
+    with pytest.raises(SurgeryError, match="m.safetensors: rope type '(linear|dynamic)' is not supported"):
+        fam.build_module()
+
+
+def test_missing_untied_head_is_refused(llama_dir):
+    ckpt = Checkpoint.open(llama_dir)
+    state = {k: v for k, v in ckpt.state_dict().items() if k != "lm_head.weight"}
+    fam = detect_family(Checkpoint.from_state_dict(state, path="m.safetensors", config=ckpt.config))
+    with pytest.raises(SurgeryError, match="'lm_head.weight' is missing .* tie_word_embeddings=false"):
+        fam.build_module()
+
+
+def test_without_config_forward_asks_for_heads(llama_dir):
+    fam = detect_family(Checkpoint.from_state_dict(Checkpoint.open(llama_dir).state_dict(), path="w.safetensors"))
+    assert fam.name == "llama" and fam.num_layers == 3 and fam.hidden_size == 32
+    assert fam.attention is None
+    with pytest.raises(SurgeryError, match="w.safetensors: config.json with 'num_attention_heads' is needed"):
+        fam.build_module()
+
+
+def test_other_model_type_is_not_claimed(llama_dir):
+    ckpt = Checkpoint.open(llama_dir)
+    other = Checkpoint.from_state_dict(ckpt.state_dict(), config={**ckpt.config, "model_type": "mistral"})
+    assert detect_family(other).name != "llama"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_runs(tmp_path, dtype):
+    from transformers import LlamaForCausalLM
+
+    src = save_tiny_llama(tmp_path / "src", seed=7, num_hidden_layers=2)
+    LlamaForCausalLM.from_pretrained(src).to(dtype).save_pretrained(tmp_path / "half")
+    fam = detect_family(Checkpoint.open(tmp_path / "half"))
+    assert fam.ckpt.dtype() == dtype
+    ref32 = LlamaForCausalLM.from_pretrained(tmp_path / "half", dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+    ids, mask = padded_batch(97)
+    assert max_diff(fam.build_module(), ref32, ids, mask) < TOL
+    with torch.no_grad():
+        half = fam.build_module(dtype=dtype)(input_ids=ids, attention_mask=mask)
+        expected = ref32(input_ids=ids, attention_mask=mask).logits
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    assert (half.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()
