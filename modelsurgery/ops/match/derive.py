@@ -2,15 +2,16 @@
 transformer heads and residual stream as in Verma & Elbayad 2024, "Merging Text Transformer Models
 from Different Initializations").
 
-No tensor name is written here: MLPs use ``layers()``; transformers use ``block_linears()``,
-``block_norms()``, ``attention``, ``embedding_names()`` and ``head_names()``; every other runnable
-family (CNN, ResNet, a user's ``--model`` module) is traced with torch.fx (``fx_spec``).
+No tensor name is written here: MLPs and sequential CNNs use ``layers()``; ResNets use
+``residual_groups()``/``inner_groups()``; transformers use ``block_linears()``,
+``block_norms()``, ``attention``, ``embedding_names()`` and ``head_names()``; every other runnable family (a user's ``--model``
+module) is traced with torch.fx (``fx_spec``).
 """
 
 from __future__ import annotations
 
 from modelsurgery.errors import SurgeryError
-from modelsurgery.families.base import Family, Linear
+from modelsurgery.families.base import Family, Linear, Norm
 from modelsurgery.ops.match.spec import PermGroup, PermutationSpec, Segment
 
 
@@ -20,7 +21,9 @@ def permutation_spec(family: Family, residual: bool = True) -> PermutationSpec:
     ``residual=False`` keeps the transformer residual stream fixed (identity)."""
     if family.attention is not None and family.num_layers > 0:
         spec = transformer_spec(family, residual=residual)
-    elif hasattr(family, "layers") and family.name == "mlp":
+    elif hasattr(family, "residual_groups") and hasattr(family, "inner_groups"):
+        spec = channel_group_spec(family, [*family.residual_groups(), *family.inner_groups()])
+    elif hasattr(family, "layers") and family.name in ("mlp", "cnn"):
         spec = mlp_spec(family)
     elif family.runnable:
         from modelsurgery.ops.match.fx_spec import fx_spec
@@ -53,14 +56,59 @@ def linear_axes(spec: PermutationSpec, lin: Linear, inp: list[Segment] | None, o
 
 
 def mlp_spec(family: Family) -> PermutationSpec:
-    """Hidden units between consecutive layers of an MLP (``layers()``)."""
+    """Hidden units (channels) between consecutive weight layers of an MLP or a sequential CNN
+    (``layers()``): BatchNorms carried along; a conv->linear flatten spreads a channel over H*W."""
     spec = PermutationSpec()
-    layers = family.layers()
-    for i, (a, b) in enumerate(zip(layers, layers[1:])):
-        size = family.ckpt.shape(a.weight)[_in_out(a)[1]]
-        g = spec.add_group(PermGroup(f"hidden{i}", size))
-        linear_axes(spec, a, None, [Segment(g)])
-        linear_axes(spec, b, [Segment(g)], None)
+    ckpt = family.ckpt
+    current: str | None = None
+    for layer in family.layers():
+        if isinstance(layer, Norm):
+            if current is None:
+                raise SurgeryError(f"tensor '{layer.weight}': a norm before any weight layer (not permutable)")
+            for name in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
+                if name:
+                    spec.add_axis(name, 0, Segment(current))
+            continue
+        in_ax, out_ax = _in_out(layer)
+        if current is not None:
+            size = spec.groups[current].size
+            fan_in = ckpt.shape(layer.weight)[in_ax]
+            if fan_in % size:
+                raise SurgeryError(f"tensor '{layer.weight}': {fan_in} inputs do not follow from {size} units")
+            spec.add_axis(layer.weight, in_ax, Segment(current, expand=fan_in // size))
+        current = spec.add_group(PermGroup(f"{layer.weight.rsplit('.', 1)[0]}:out", ckpt.shape(layer.weight)[out_ax]))
+        spec.add_axis(layer.weight, out_ax, Segment(current))
+        if layer.bias:
+            spec.add_axis(layer.bias, 0, Segment(current))
+    if current is not None:  # the model's output units stay in place
+        for name, axes in list(spec.axes.items()):
+            axes = {ax: segs for ax, segs in axes.items() if segs[0].group != current}
+            if axes:
+                spec.axes[name] = axes
+            else:
+                del spec.axes[name]
+        del spec.groups[current]
+    return spec
+
+
+def channel_group_spec(family: Family, groups: list) -> PermutationSpec:
+    """Groups given by the family (ResNet: residual streams tied across blocks, and each block's
+    inner channels): axis 0 of ``out_axis`` tensors, axis 1 of ``in_axis`` tensors. A stream that
+    reappears zero-padded in the next (option-A shortcut) keeps both in place."""
+    ckpt = family.ckpt
+    fixed = {g.padded_from for g in groups if g.padded_from} | {g.name for g in groups if g.padded_from}
+    spec = PermutationSpec()
+    for g in groups:
+        if g.name in fixed:
+            continue
+        name = spec.add_group(PermGroup(g.name, g.size))
+        for t in g.out_axis:
+            spec.add_axis(t, 0, Segment(name))
+        for t in g.in_axis:
+            fan_in = ckpt.shape(t)[1]
+            if fan_in % g.size:
+                raise SurgeryError(f"tensor '{t}': {fan_in} inputs do not follow from {g.size} channels")
+            spec.add_axis(t, 1, Segment(name, expand=fan_in // g.size))
     return spec
 
 

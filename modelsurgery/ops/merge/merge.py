@@ -1,0 +1,181 @@
+"""`surgery merge`: weight matching into the first model's basis, then a merge method
+(Ainsworth et al. 2023, Git Re-Basin; N models: Ito et al. 2024, each aligned to the first).
+
+Pure function: checkpoints + options -> written checkpoint + report. Tensors are produced one at a
+time while the output streams, so memory holds the models being matched plus one merged tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, write_checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import detect_family
+from modelsurgery.ops.match.derive import permutation_spec
+from modelsurgery.ops.match.spec import Perms, PermutationSpec, permute_tensor
+from modelsurgery.ops.match.weight_matching import weight_matching
+from modelsurgery.ops.merge import get_method
+
+
+@dataclass
+class MergeOptions:
+    method: str = "match"  # match (weight matching + linear) | linear | slerp | task-arithmetic | ties
+    alpha: float | None = None  # two models: (1-alpha)*A + alpha*B
+    weights: list[float] | None = None
+    base: Path | None = None
+    align: bool | None = None  # default: True for match, False otherwise
+    density: float = 0.2
+    scale: float = 1.0
+    backend: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    max_iter: int = 100
+    model: str | None = None
+    eval_data: Path | None = None
+    points: int = 11
+    repair: bool = False
+    plot: Path | None = None
+
+
+@dataclass
+class MergeResult:
+    output: str
+    method: str
+    family: str
+    num_models: int
+    weights: list[float]
+    matching: list[dict] = field(default_factory=list)
+    evaluation: dict | None = None
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_compatible(ckpts: list[Checkpoint]) -> None:
+    """Same tensor names and shapes everywhere; names the first incompatible tensor."""
+    first = ckpts[0]
+    for other in ckpts[1:]:
+        for name in first.keys():
+            if name not in other:
+                raise SurgeryError(f"{other.path}: tensor '{name}' of {first.path} is missing (different architecture)")
+            if other.shape(name) != first.shape(name):
+                raise SurgeryError(
+                    f"{other.path}: tensor '{name}' has shape {tuple(other.shape(name))}, {first.path} has "
+                    f"{tuple(first.shape(name))}"
+                )
+        extra = [k for k in other.keys() if k not in first]
+        if extra:
+            raise SurgeryError(f"{other.path}: tensor '{extra[0]}' is not in {first.path} (different architecture)")
+
+
+def resolve_weights(options: MergeOptions, n: int) -> list[float]:
+    if options.alpha is not None and options.weights is not None:
+        raise SurgeryError("--alpha and --weights: give one of them")
+    if options.alpha is not None:
+        if n != 2:
+            raise SurgeryError(f"--alpha needs exactly two models, got {n}; use --weights")
+        if not 0.0 <= options.alpha <= 1.0:
+            raise SurgeryError(f"--alpha {options.alpha}: expected a value in [0, 1]")
+        return [1.0 - options.alpha, options.alpha]
+    if options.weights is not None:
+        if len(options.weights) != n:
+            raise SurgeryError(f"--weights has {len(options.weights)} values for {n} models")
+        if options.method in ("match", "linear", "slerp") and sum(options.weights) <= 0:
+            raise SurgeryError("--weights must have a positive sum")
+        return list(options.weights)
+    return [1.0 / n] * n if options.method in ("match", "linear", "slerp") else [1.0] * n
+
+
+def align_models(states: list[dict[str, torch.Tensor]], spec: PermutationSpec, options: MergeOptions,
+                 progress: Callable | None = None) -> list[tuple[Perms | None, dict]]:
+    """Permutations taking every model after the first into the first one's basis."""
+    out: list[tuple[Perms | None, dict]] = [(None, {})]
+    for i, state in enumerate(states[1:], start=1):
+        r = weight_matching(states[0], state, spec, max_iter=options.max_iter, seed=options.seed,
+                            backend=options.backend, device=options.device, progress=progress)
+        out.append(({g: {k: v.cpu() for k, v in p.items()} for g, p in r.perms.items()}, {"model": i, **r.to_dict()}))
+    return out
+
+
+def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force: bool = False,
+                      progress: Callable[[str, int, int, dict], None] | None = None) -> MergeResult:
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise SurgeryError("merge needs at least two models")
+    inputs = paths + ([Path(options.base)] if options.base else [])
+    check_output(Path(out), force, inputs)
+    method_name = options.method
+    method = None if method_name == "match" else get_method(method_name)
+    align = options.align if options.align is not None else method_name == "match"
+    if method is not None and method.max_models and len(paths) > method.max_models:
+        raise SurgeryError(f"--method {method_name} merges {method.max_models} models, got {len(paths)}")
+    if method is not None and method.needs_base and options.base is None:
+        raise SurgeryError(f"--method {method_name} needs --base (the model the others were fine-tuned from)")
+    weights = resolve_weights(options, len(paths))
+    ckpts = [Checkpoint.open(p) for p in paths]
+    base = Checkpoint.open(options.base) if options.base else None
+    check_compatible(ckpts + ([base] if base else []))
+    family = detect_family(ckpts[0], options.model)
+    for c in ckpts[1:]:
+        other = detect_family(c, options.model)
+        if other.name != family.name:
+            raise SurgeryError(f"{c.path}: family '{other.name}', but {ckpts[0].path} is '{family.name}'")
+
+    spec, aligned, matching = None, [(None, {})] * len(paths), []
+    if align:
+        spec = permutation_spec(family)
+        states = [c.state_dict() for c in ckpts]
+        aligned = align_models(states, spec, options, progress)
+        matching = [m for _, m in aligned[1:]]
+        del states
+
+    combine = method.fn if method else get_method("linear").fn
+
+    def load(name: str, i: int) -> torch.Tensor:
+        t = ckpts[i].get(name)
+        perms = aligned[i][0]
+        return permute_tensor(spec, name, t, perms) if perms is not None and name in spec.axes else t
+
+    def merged(name: str) -> torch.Tensor:
+        first = ckpts[0].get(name)
+        if not first.is_floating_point():
+            return first
+        tensors = [load(name, i) for i in range(len(ckpts))]
+        b = base.get(name) if base is not None else None
+        return combine(tensors, weights, b, options).to(first.dtype)
+
+    state_override = None
+    evaluation = None
+    if options.eval_data is not None or options.repair:
+        from modelsurgery.ops.merge.path import evaluate_path
+
+        evaluation, state_override = evaluate_path(family, ckpts, aligned, spec, merged, weights, options, progress)
+
+    planned = []
+    for name in ckpts[0].keys():
+        info = ckpts[0].info(name)
+        if state_override is not None and name in state_override:
+            planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: state_override[n]))
+        else:
+            planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: merged(n)))
+    params = {"method": method_name, "weights": weights, "aligned": align, "backend": options.backend,
+              "base": str(options.base) if options.base else None, "repair": options.repair}
+    if method_name == "ties":
+        params["density"] = options.density
+    if method_name in ("ties", "task-arithmetic"):
+        params["scale"] = options.scale
+    sources = [f for c in ckpts + ([base] if base else []) for f in c.source_files]
+    metadata = {k: v for k, v in ckpts[0].metadata.items() if k not in ("modelsurgery", "format")}
+    report = write_checkpoint(
+        out, planned, provenance=Provenance("merge", params, sources), metadata=metadata,
+        config=ckpts[0].config if ckpts[0].folder is not None else None,
+        extra_files=ckpts[0].extra_files(), force=force,
+    )
+    return MergeResult(str(out), method_name, family.name, len(paths), weights, matching, evaluation,
+                       [str(f) for f in report.files])

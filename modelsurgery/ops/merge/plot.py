@@ -1,0 +1,40 @@
+"""Plot of loss and accuracy along the interpolation path, naive vs matched (matplotlib, lazy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modelsurgery.errors import SurgeryError
+
+
+def plot_path(evaluation: dict, out: Path) -> Path:
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise SurgeryError(f"{out}: --plot needs a .png, .svg or .pdf file name")
+    if "naive" not in evaluation:
+        raise SurgeryError(f"{out}: a path plot needs two models and --points >= 2")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SurgeryError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for label in ("naive", "matched"):
+        if label not in evaluation:
+            continue
+        curve = evaluation[label]
+        xs = [p["alpha"] for p in curve]
+        axes[0].plot(xs, [p["loss"] for p in curve], marker="o", label=label)
+        axes[1].plot(xs, [p["accuracy"] for p in curve], marker="o", label=label)
+    axes[0].set_ylabel("loss")
+    axes[1].set_ylabel("accuracy")
+    for ax in axes:
+        ax.set_xlabel("alpha (0 = first model, 1 = second)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
