@@ -23,7 +23,7 @@ from modelsurgery.checkpoint import Checkpoint, check_output
 from modelsurgery.errors import SurgeryError
 from modelsurgery.export.ort_check import CheckResult, check_export, op_counts
 from modelsurgery.export.packed import METADATA_KEY, PackedWeight, dequantized_state, read_packed
-from modelsurgery.export.qdq import check_opset, insert_dequantize, required_opset
+from modelsurgery.export.qdq import BLOCKED_OPSET, FAITHFUL_SESSION_CONFIG, check_opset, insert_dequantize
 from modelsurgery.export.trace import trace_module
 from modelsurgery.families import Family, detect_family
 
@@ -65,6 +65,8 @@ class ExportReport:
     op_counts: dict[str, int]
     export_seconds: float
     quantization: dict | None = None
+    #: session config entries ONNX Runtime needs to run this file faithfully (empty: default options)
+    session_config: dict[str, str] = field(default_factory=dict)
     check: CheckResult | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -83,8 +85,8 @@ def _no_progress(task: str, done: int, total: int, info: dict | None = None) -> 
 
 def resolve_opset(options: ExportOptions, weights: list[PackedWeight], source: str) -> int:
     half = options.dtype == "fp16"
-    if options.opset is None:
-        return max(DEFAULT_OPSET, required_opset(weights, half)[0]) if weights else DEFAULT_OPSET
+    if options.opset is None:  # packed weights: opset 21, whose blocked form runs faithfully by default
+        return BLOCKED_OPSET if weights else DEFAULT_OPSET
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= options.opset <= newest:
         raise SurgeryError(f"{source}: --opset {options.opset} is outside {MIN_OPSET}..{newest}; nothing was written")
@@ -186,7 +188,7 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
         own = module.state_dict()
         values = {w.name: (own[w.name] if w.name in own else w.dequantize(dtype)).detach().contiguous().numpy()
                   for w in weights}
-        stored, left_float = insert_dequantize(model, weights, values)
+        stored, left_float = insert_dequantize(model, weights, values, opset)
         if left_float:
             report_warnings.append(
                 f"{len(left_float)} quantized weight(s) were not found verbatim in the traced graph and stay float: "
@@ -199,6 +201,13 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
             "integer_weights": len(stored),
             "float_weights": left_float,
         }
+    session_config = dict(FAITHFUL_SESSION_CONFIG) if weights and opset < BLOCKED_OPSET else {}
+    if session_config:
+        report_warnings.append(
+            f"below opset {BLOCKED_OPSET} ONNX Runtime fuses DequantizeLinear->MatMul and quantizes activations; "
+            "run with session config " + ", ".join(f"{k}={v}" for k, v in session_config.items())
+            + f" (or export with --opset {BLOCKED_OPSET})"
+        )
     tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE[options.dtype]
     result: dict[str, CheckResult] = {}
 
@@ -206,7 +215,7 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
         if not options.check:
             return
         progress("export", 3, 4, {"stage": "check"})
-        res = check_export(tmp_path, module, check_inputs(family, options), tolerance)
+        res = check_export(tmp_path, module, check_inputs(family, options), tolerance, session_config)
         if not res.passed:
             raise SurgeryError(
                 f"{out}: ONNX Runtime differs from torch by {res.max_abs_diff:.3g} (tolerance {tolerance:g}); "
@@ -221,6 +230,7 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
         source=str(path), output=str(out), files=[str(f) for f in files], family=family.name,
         dtype=options.dtype, opset=opset, inputs=list(trace_inputs), outputs=output_names,
         file_bytes=sum(f.stat().st_size for f in files), external_data=external, op_counts=op_counts(out),
-        export_seconds=time.perf_counter() - start, quantization=quantization, check=result.get("check"),
+        export_seconds=time.perf_counter() - start, quantization=quantization, session_config=session_config,
+        check=result.get("check"),
         warnings=report_warnings,
     )

@@ -1,7 +1,8 @@
 """Run an exported ONNX file in ONNX Runtime and compare it with the torch forward.
 
-The session uses ONNX Runtime's default options (all graph optimisations on, CPU provider): the
-check proves the file as a deploying user will run it.
+The session uses ONNX Runtime's default options (all graph optimisations on, CPU provider) plus
+only the session entries the export reports as required: the check proves the file as a deploying
+user will run it.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ class CheckResult:
         return dict(self.__dict__)
 
 
-def ort_session(path: Path, options=None):
-    """An ONNX Runtime CPU session with default options (or ``options``)."""
+def ort_session(path: Path, config: dict[str, str] | None = None):
+    """An ONNX Runtime CPU session with default options plus the session ``config`` entries."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
@@ -47,10 +51,10 @@ def op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
-def check_export(path: Path, module: torch.nn.Module, inputs: dict[str, torch.Tensor], tolerance: float
-                 ) -> CheckResult:
+def check_export(path: Path, module: torch.nn.Module, inputs: dict[str, torch.Tensor], tolerance: float,
+                 session_config: dict[str, str] | None = None) -> CheckResult:
     """Max |ORT - torch| over the outputs of ``module`` on ``inputs``."""
-    session = ort_session(path)
+    session = ort_session(path, session_config)
     feeds = {}
     for meta in session.get_inputs():
         if meta.name not in inputs:

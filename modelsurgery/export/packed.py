@@ -58,11 +58,10 @@ class PackedWeight:
         q = torch.from_numpy(self.codes.astype(np.int32))
         zp = torch.from_numpy(self.zero_point.astype(np.int32))
         scale = torch.from_numpy(self.scale).to(dtype)
-        groups = self.scale.shape[1]
         if self.granularity == "tensor":
             w = (q - zp).to(dtype) * scale
         else:
-            size = math.ceil(self.row_length / groups)
+            size = self.group_size or self.row_length
             zp_full = zp.repeat_interleave(size, dim=1)[:, : self.row_length]
             s_full = scale.repeat_interleave(size, dim=1)[:, : self.row_length]
             w = (q - zp_full).to(dtype) * s_full
@@ -129,10 +128,11 @@ def read_packed_weight(ckpt: Checkpoint, name: str, layer: dict) -> PackedWeight
         group = None
     else:
         groups = scale.shape[1]
-        group = None if groups == 1 else math.ceil(length / groups)
+        stated = int(layer.get("group_size") or 0)
+        group = None if groups == 1 else (stated or math.ceil(length / groups))
         if group is not None and math.ceil(length / group) != groups:
-            raise SurgeryError(f"{ckpt.path}: tensor '{name}.scale' has {groups} groups, which cannot split rows "
-                               f"of {length} elements evenly")
+            raise SurgeryError(f"{ckpt.path}: tensor '{name}.scale' has {groups} groups, which does not fit rows "
+                               f"of {length} elements in groups of {group}")
     codes = unpack_codes(packed, bits, length)
     if int(zero_point.max(initial=0)) >= 1 << bits or int(codes.max(initial=0)) >= 1 << bits:
         raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has codes or zero points above {bits} bits")

@@ -6,12 +6,16 @@ as a float initializer, either as stored ([out, in] for Gemm/Conv, possibly resh
 replaced by the integer codes, their scales and zero points, and a DequantizeLinear node
 (per tensor, per axis since opset 13, blocked since opset 21 with uint4 storage since opset 21).
 
-Graph form: the codes keep the checkpoint's [out, R] layout, so DequantizeLinear quantizes along
-the output channels and, for MatMul inputs, a Transpose follows it. ONNX Runtime fuses only a
-DequantizeLinear that feeds a MatMul directly, and along the reduction axis, into its MatMulNBits
-kernel, which at the default accuracy level also quantizes the activations to int8 (outputs move by
-~0.1 on small models). This form is never fused, so default session options compute exactly
-float(W) @ x, as the torch forward of the dequantized checkpoint does.
+Graph form. ONNX Runtime's default optimisations fuse DequantizeLinear -> MatMul into its
+MatMulNBits kernel, which at the default accuracy level also quantizes the activations to int8
+(outputs move by ~0.1 on small models). Its transpose optimiser pushes a Transpose through a
+per-axis or per-tensor DequantizeLinear, so a per-channel weight followed by a Transpose still ends
+up fused. It does not do that with a blocked DequantizeLinear: from opset 21 every weight is
+therefore written as blocks along its [out, R] rows (block = group size, or R for per-channel and
+per-tensor scales repeated per row), followed by a Transpose for MatMul inputs. That form is never
+fused, and default session options compute exactly float(W) @ x, as the torch forward of the
+dequantized checkpoint does. Below opset 21 (8-bit per-channel or per-tensor) the fusion cannot be
+prevented by the graph; a faithful session sets ``FAITHFUL_SESSION_CONFIG``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from onnx import TensorProto, helper, numpy_helper
 from modelsurgery.errors import SurgeryError
 from modelsurgery.export.packed import PackedWeight
 
+#: blocked DequantizeLinear and 4-bit storage
+BLOCKED_OPSET = 21
+#: session entries that keep ONNX Runtime's fused 4/8-bit matmul in float (accuracy level 0 = fp32)
+FAITHFUL_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
 
 def required_opset(weights: list[PackedWeight], half: bool) -> tuple[int, str]:
     """The smallest opset that stores these weights, and why."""
@@ -34,9 +43,9 @@ def required_opset(weights: list[PackedWeight], half: bool) -> tuple[int, str]:
     if half:
         need, why = 19, "float16 scales in DequantizeLinear"
     if any(w.bits < 8 for w in weights):
-        need, why = 21, f"{min(w.bits for w in weights)}-bit weights (uint4 storage)"
+        need, why = BLOCKED_OPSET, f"{min(w.bits for w in weights)}-bit weights (uint4 storage)"
     elif any(w.granularity == "group" for w in weights):
-        need, why = 21, "per-group (blocked) DequantizeLinear"
+        need, why = BLOCKED_OPSET, "per-group (blocked) DequantizeLinear"
     return need, why
 
 
@@ -90,8 +99,8 @@ def find_weight_initializers(model: onnx.ModelProto, values: dict[str, np.ndarra
     return found
 
 
-def insert_dequantize(model: onnx.ModelProto, weights: list[PackedWeight], values: dict[str, np.ndarray]
-                      ) -> tuple[list[str], list[str]]:
+def insert_dequantize(model: onnx.ModelProto, weights: list[PackedWeight], values: dict[str, np.ndarray],
+                      opset: int) -> tuple[list[str], list[str]]:
     """Replace float initializers of ``weights`` by integer codes + DequantizeLinear, in place.
 
     Returns (weights stored as integers, weights left as float because the graph did not hold them
@@ -106,13 +115,16 @@ def insert_dequantize(model: onnx.ModelProto, weights: list[PackedWeight], value
         w = by_name[r.weight]
         base = f"{r.initializer}_quant"
         scale, zp = w.scale, w.zero_point
-        attrs: dict = {}
-        if w.granularity == "tensor":
-            scale, zp = scale.reshape(()), zp.reshape(())
+        if opset >= BLOCKED_OPSET:  # every granularity as blocks along the row: see the module docstring
+            if scale.shape[0] != w.rows:
+                scale, zp = np.repeat(scale, w.rows, axis=0), np.repeat(zp, w.rows, axis=0)
+            attrs = {"axis": 1, "block_size": int(w.group_size or w.row_length)}
+        elif w.granularity == "tensor":
+            scale, zp, attrs = scale.reshape(()), zp.reshape(()), {}
         elif w.granularity == "channel":
             scale, zp, attrs = scale.reshape(-1), zp.reshape(-1), {"axis": 0}
         else:
-            attrs = {"axis": 1, "block_size": int(w.group_size)}
+            raise SurgeryError(f"{w.name}: per-group DequantizeLinear needs opset {BLOCKED_OPSET}")
         new_inits += [
             integer_tensor(f"{base}.q", w.codes, w.bits),
             numpy_helper.from_array(np.ascontiguousarray(scale, dtype=values[w.name].dtype), f"{base}.scale"),
