@@ -1,13 +1,157 @@
-"""`surgery merge` (being built: see its issue)."""
+"""`surgery merge` and `surgery analyze`: weight matching (Git Re-Basin) and merging of models."""
 
 from __future__ import annotations
 
-from modelsurgery.cli.common import fail
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from modelsurgery.cli.common import emit_json, out_console, parse_float_list, progress_bar, user_errors
+from modelsurgery.ops.analyze import AnalyzeOptions, analyze_pair
+from modelsurgery.ops.merge.merge import MergeOptions, merge_checkpoints
+
+METHOD_HELP = "match (weight matching + average, default), linear, slerp, task-arithmetic, ties."
 
 
-def merge_command() -> None:
-    """Not available yet."""
-    fail("surgery merge is not available yet")
-def analyze_command() -> None:
-    """Not available yet."""
-    fail("surgery analyze is not available yet")
+def merge_command(
+    models: list[Path] = typer.Argument(..., help="Two or more checkpoints of the same architecture."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output: .safetensors file or a folder."),
+    method: str = typer.Option("match", "--method", help=METHOD_HELP),
+    alpha: float = typer.Option(None, "--alpha", help="Two models: (1-alpha)*A + alpha*B (default 0.5)."),
+    weights: str = typer.Option(None, "--weights", help="Comma-separated weight per model (e.g. 0.5,0.3,0.2)."),
+    base: Path = typer.Option(None, "--base", help="Base model for task-arithmetic and ties."),
+    align: bool = typer.Option(None, "--align/--no-align",
+                               help="Weight-match every model into the first's basis (default: on for match)."),
+    density: float = typer.Option(0.2, "--density", help="ties: fraction of each task vector kept."),
+    scale: float = typer.Option(1.0, "--scale", help="task-arithmetic/ties: lambda, scale of the merged task vector."),
+    backend: str = typer.Option("auto", "--backend", help="Assignment solver: auto, lap, scipy, torch."),
+    device: str = typer.Option("cpu", "--device", help="Device for similarities and the torch solver (cpu, cuda)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random group order of weight matching."),
+    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
+    eval_data: Path = typer.Option(None, "--eval", help="Data (.safetensors: inputs+labels, or input_ids) to "
+                                   "evaluate along the interpolation path."),
+    points: int = typer.Option(11, "--points", help="Number of alpha values on the path (with --eval)."),
+    repair: bool = typer.Option(False, "--repair", help="Reset BatchNorm statistics / REPAIR rescaling on --eval data."),
+    plot: Path = typer.Option(None, "--plot", help="Write the loss/accuracy path to a PNG or SVG file."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Merge models: permute every model after the first into its basis (weight matching), then average.
+
+    Examples:\n
+      surgery merge a.safetensors b.safetensors -o merged.safetensors\n
+      surgery merge a.safetensors b.safetensors -o m.safetensors --eval eval.safetensors --plot path.png\n
+      surgery merge a b c -o m --weights 0.5,0.25,0.25\n
+      surgery merge ft1 ft2 --method ties --base base -o m --density 0.2
+    """
+    with user_errors(debug):
+        options = MergeOptions(
+            method=method, alpha=alpha, weights=parse_float_list(weights, "--weights"), base=base, align=align,
+            density=density, scale=scale, backend=backend, device=device, seed=seed, model=model,
+            eval_data=eval_data, points=points, repair=repair, plot=plot,
+        )
+        if plot is not None and eval_data is None:
+            from modelsurgery.errors import SurgeryError
+
+            raise SurgeryError(f"{plot}: --plot needs --eval DATA")
+        with progress_bar(quiet or json_out) as progress:
+            result = merge_checkpoints(models, output, options, force=force, progress=progress)
+        if plot is not None and result.evaluation:
+            from modelsurgery.ops.merge.plot import plot_path
+
+            plot_path(result.evaluation, plot)
+    if json_out:
+        emit_json(result.to_dict())
+        return
+    render_merge(result.to_dict())
+
+
+def render_merge(r: dict) -> None:
+    out_console.print(f"merged {r['num_models']} {r['family']} models with [cyan]{r['method']}[/] "
+                      f"(weights {', '.join(f'{w:.3g}' for w in r['weights'])}) -> [bold]{r['output']}[/]")
+    for m in r["matching"]:
+        out_console.print(f"  model {m['model']}: weight matching objective {m['objective_before']:.4g} -> "
+                          f"{m['objective_after']:.4g} in {m['iterations']} passes ({m['assignment_solves']} solves)")
+    ev = r.get("evaluation")
+    if not ev:
+        return
+    table = Table(title=f"evaluation on {ev['data']}" + (" (repaired)" if ev["repair"] else ""), show_edge=False)
+    table.add_column("alpha", justify="right")
+    curves = [c for c in ("naive", "matched") if c in ev]
+    for c in curves:
+        table.add_column(f"{c} loss", justify="right")
+        table.add_column(f"{c} acc", justify="right")
+    for i, p in enumerate(ev.get("naive", [])):
+        row = [f"{p['alpha']:.2f}"]
+        for c in curves:
+            row += [f"{ev[c][i]['loss']:.4f}", f"{ev[c][i]['accuracy']:.4f}"]
+        table.add_row(*row)
+    if curves:
+        out_console.print(table)
+        for c in curves:
+            out_console.print(f"{c} barrier: loss {ev[c + '_barrier']:.4f}, accuracy {ev[c + '_accuracy_barrier']:.4f}")
+    ends = ", ".join(f"{e['accuracy']:.4f}" for e in ev["endpoints"])
+    out_console.print(f"endpoints accuracy: {ends}; merged output: loss {ev['merged']['loss']:.4f}, "
+                      f"accuracy {ev['merged']['accuracy']:.4f}")
+
+
+def analyze_command(
+    a: Path = typer.Argument(..., help="First checkpoint (the reference basis)."),
+    b: Path = typer.Argument(..., help="Second checkpoint, same architecture."),
+    top_k: int = typer.Option(5, "--top-k", help="Number of top singular vectors compared per layer."),
+    backend: str = typer.Option("auto", "--backend", help="Assignment solver: auto, lap, scipy, torch."),
+    device: str = typer.Option("cpu", "--device", help="Device for matching and SVDs (cpu, cuda)."),
+    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Per layer: L2 distance and top singular vector alignment of two models, before/after weight matching.
+
+    Alignment of singular pair i is |<u_i^A,u_i^B>|*|<v_i^A,v_i^B>| (Ito et al. 2024): matching
+    works when it aligns the directions with the largest singular values.
+
+    Examples:\n
+      surgery analyze a.safetensors b.safetensors\n
+      surgery analyze a.safetensors b.safetensors --top-k 3 --json
+    """
+    with user_errors(debug):
+        with progress_bar(quiet or json_out) as progress:
+            result = analyze_pair(a, b, AnalyzeOptions(top_k=top_k, backend=backend, device=device, model=model),
+                                  progress=progress)
+    if json_out:
+        emit_json(result.to_dict())
+        return
+    table = Table(title=f"{result.family}: {a} vs {b}", show_edge=False)
+    for col in ("layer", "shape", "L2 before", "L2 after", f"top-{top_k} align before", f"top-{top_k} align after"):
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for layer in result.layers:
+        table.add_row(layer.name, "x".join(map(str, layer.shape)), f"{layer.distance_before:.4g}",
+                      f"{layer.distance_after:.4g}", " ".join(f"{x:.2f}" for x in layer.alignment_before),
+                      " ".join(f"{x:.2f}" for x in layer.alignment_after))
+    out_console.print(table)
+    out_console.print(f"matching objective <A, P(B)>: {result.objective_before:.4g} -> {result.objective_after:.4g}")
+
+
+def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
+    """Naive vs matched merge of two fixture MLPs, evaluated along the path."""
+    a, b = fixtures / "digits" / "mlp_seed0.safetensors", fixtures / "digits" / "mlp_seed1.safetensors"
+    data = fixtures / "data" / "digits_eval.safetensors"
+    result = merge_checkpoints([a, b], workdir / "merged_mlp.safetensors",
+                               MergeOptions(eval_data=data, points=5), force=True)
+    ev = result.evaluation
+    mid = len(ev["naive"]) // 2
+    summary = {
+        "output": result.output,
+        "endpoint_accuracy": [e["accuracy"] for e in ev["endpoints"]],
+        "naive_midpoint_accuracy": ev["naive"][mid]["accuracy"],
+        "matched_midpoint_accuracy": ev["matched"][mid]["accuracy"],
+        "naive_barrier": ev["naive_barrier"],
+        "matched_barrier": ev["matched_barrier"],
+    }
+    if not quiet:
+        render_merge(result.to_dict())
+    return summary
