@@ -7,7 +7,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, err_console, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.cli.common import (
+    emit_json,
+    err_console,
+    human_bytes,
+    out_console,
+    progress_bar,
+    user_errors,
+)
 from modelsurgery.export import ExportOptions, ExportReport, export_checkpoint
 
 
