@@ -35,7 +35,7 @@ def grow_interleave(ckpts: list[Checkpoint], out: Path, options: GrowOptions, pr
     every = options.every if options.every is not None else 1
     if every < 1 or every > n:
         raise SurgeryError(f"--every {every}: must be between 1 and the number of blocks ({n})")
-    if getattr(family, "post_norm", False):
+    if getattr(family, "norm_placement", "pre") == "post":
         raise SurgeryError(
             f"{ckpt.path}: family '{family.name}' normalises after the residual sum (post-LN), so a block "
             "with zeroed output projections is not an identity; use --method stack"

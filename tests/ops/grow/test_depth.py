@@ -1,0 +1,153 @@
+"""Depth growth on transformers' own tiny models: layouts, config, carried files, and transformers loading
+the result (the independent reference) with the same outputs as our family modules."""
+
+import json
+
+import pytest
+import torch
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import detect_family
+from modelsurgery.ops.grow import GrowOptions, grow
+from tests.hf_tiny import load_hf
+from tests.ops.grow.helpers import hf_folder, save_mlp, weights
+
+LAYER_KEY = {"gpt2": "n_layer", "llama": "num_hidden_layers", "bert": "num_hidden_layers"}
+
+
+def hf_output(folder, ids):
+    with torch.no_grad():
+        return load_hf(folder)(input_ids=ids)[0]
+
+
+def ours_output(folder, ids):
+    fam = detect_family(Checkpoint.open(folder))
+    with torch.no_grad():
+        return fam.build_module()(input_ids=ids)
+
+
+def check_layout(src, out, layout, zeroed=frozenset()):
+    fam_in = detect_family(Checkpoint.open(src))
+    fam_out = detect_family(Checkpoint.open(out))
+    a, b = weights(src), weights(out)
+    assert fam_out.num_layers == len(layout)
+    zero_names = set()
+    for j in zeroed:
+        for lin in fam_out.output_projections(j):
+            zero_names.update(n for n in (lin.weight, lin.bias) if n)
+    for name, value in b.items():
+        where = fam_out.block_of(name)
+        if where is None:
+            assert torch.equal(value, a[name]), name  # embeddings, final norm, head: copied
+            continue
+        j, suffix = where
+        source = fam_in.block_name(layout[j], suffix)
+        if name in zero_names:
+            assert not value.any(), name
+        else:
+            assert torch.equal(value, a[source]), (name, source)
+    # every input tensor outside the blocks is there once, nothing else added
+    outside_in = {n for n in a if fam_in.block_of(n) is None}
+    assert outside_in == {n for n in b if fam_out.block_of(n) is None}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_stack_factor_layout_and_transformers_loads(tmp_path, kind):
+    src = hf_folder(tmp_path, kind)
+    out = tmp_path / "grown"
+    report = grow([src], out, GrowOptions(method="stack", factor=2))
+    assert report.layout == [0, 1, 2, 0, 1, 2]
+    check_layout(src, out, report.layout)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg[LAYER_KEY[kind]] == 6
+    assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    theirs = hf_output(out, ids)
+    assert torch.allclose(ours_output(out, ids), theirs, atol=1e-5)
+    # a 6-block model is not the 3-block one
+    assert not torch.allclose(theirs, hf_output(src, ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_stack_slices(tmp_path, kind):
+    src = hf_folder(tmp_path, kind, **({"n_layer": 4} if kind == "gpt2" else {"num_hidden_layers": 4}))
+    out = tmp_path / "up"
+    report = grow([src], out, GrowOptions(method="stack", layers="0:3,1:4"))
+    assert report.layout == [0, 1, 2, 1, 2, 3]
+    check_layout(src, out, report.layout)
+    ids = torch.randint(0, 97, (1, 5))
+    assert torch.allclose(ours_output(out, ids), hf_output(out, ids), atol=1e-5)
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    src = hf_folder(tmp_path, "gpt2")  # GPT-2 ties lm_head to wte; save_pretrained stores wte only
+    out = tmp_path / "grown"
+    grow([src], out, GrowOptions(method="stack", factor=3))
+    assert set(weights(out)) - {n for n in weights(out) if ".h." in n} == \
+        set(weights(src)) - {n for n in weights(src) if ".h." in n}
+    model = load_hf(out)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_interleave_preserves_function(tmp_path, kind, every):
+    src = hf_folder(tmp_path, kind)
+    out = tmp_path / "deeper"
+    report = grow([src], out, GrowOptions(method="interleave", every=every))
+    assert report.layers_after == 3 + 3 // every
+    check_layout(src, out, report.layout, zeroed=set(report.identity_blocks))
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    before = hf_output(src, ids)
+    after = hf_output(out, ids)
+    assert torch.allclose(after, before, atol=1e-5)
+    assert torch.allclose(ours_output(out, ids), after, atol=1e-5)
+
+
+def test_interleave_refuses_post_norm(tmp_path):
+    src = hf_folder(tmp_path, "bert")
+    out = tmp_path / "x"
+    with pytest.raises(SurgeryError, match="post-LN"):
+        grow([src], out, GrowOptions(method="interleave", every=1))
+    assert not out.exists()
+
+
+def test_single_file_input_and_output(tmp_path):
+    src = hf_folder(tmp_path, "llama")
+    out = tmp_path / "grown.safetensors"
+    report = grow([src / "model.safetensors"], out, GrowOptions(method="stack", factor=2))
+    assert out.is_file()
+    check_layout(src / "model.safetensors", out, report.layout)
+
+
+@pytest.mark.parametrize("options,msg", [
+    (GrowOptions(method="stack", factor=0.5), "factor 0.5"),
+    (GrowOptions(method="stack", factor=1.5), "whole number"),
+    (GrowOptions(method="stack", layers="0:2,2:9"), "out of range for a model with 3 blocks"),
+    (GrowOptions(method="interleave", every=0), "--every 0"),
+])
+def test_bad_depth_input_writes_nothing(tmp_path, options, msg):
+    src = hf_folder(tmp_path, "gpt2")
+    out = tmp_path / "out"
+    with pytest.raises(SurgeryError, match=msg):
+        grow([src], out, options)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src-gpt2"]
+
+
+def test_stack_needs_blocks(tmp_path):
+    src = save_mlp(tmp_path / "mlp.safetensors")
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(SurgeryError, match="no repeated blocks"):
+        grow([src], out, GrowOptions(method="stack", factor=2))
+    assert not out.exists()
+
+
+def test_existing_output_refused(tmp_path):
+    src = hf_folder(tmp_path, "gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SurgeryError, match="already exists"):
+        grow([src], out, GrowOptions(method="stack", factor=2))
+    assert list(out.iterdir()) == []
