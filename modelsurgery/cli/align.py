@@ -1,10 +1,139 @@
-"""`surgery align` (being built: see its issue)."""
+"""`surgery align`: Weight Aligning of the classifier of a class-incremental model."""
 
 from __future__ import annotations
 
-from modelsurgery.cli.common import fail
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from modelsurgery.cli.common import emit_json, err_console, out_console, progress_bar, user_errors
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.align import AlignOptions, AlignReport, align_checkpoint, parse_class_groups
+
+BAR_WIDTH = 32
+GROUP_STYLES = ("green", "yellow", "magenta", "cyan", "blue", "red")
 
 
-def align_command() -> None:
-    """Not available yet."""
-    fail("surgery align is not available yet")
+def align_command(
+    path: Path = typer.Argument(..., help="Checkpoint: .safetensors, .pt, shard index or folder."),
+    output: Path = typer.Option(None, "-o", "--output", help="Output .safetensors file or folder (omit for a "
+                                "report only; nothing is written)."),
+    old_classes: int = typer.Option(None, "--old-classes", help="Rows [0, N) are old classes, [N, end) new ones."),
+    classes: str = typer.Option(None, "--classes", help="Class groups 'a:b,b:c,...' for several incremental "
+                                "steps; every later group is aligned to the first."),
+    layer: str = typer.Option(None, "--layer", help="Classifier layer or weight tensor (default: the last "
+                              "Linear of the model)."),
+    norm: int = typer.Option(1, "--norm", help="Row norm: 1 (the official code) or 2 (PyCIL)."),
+    bias: str = typer.Option("scale", "--bias", help="scale: new-class biases times gamma too (the new logits "
+                             "are scaled); keep: leave biases alone (PyCIL)."),
+    clamp: bool = typer.Option(True, "--clamp/--no-clamp", help="Cap gamma at 1 so a model whose new-class "
+                               "norms are already smaller is left alone."),
+    eval_data: Path = typer.Option(None, "--eval", help="Evaluation data (inputs, labels): accuracy overall, "
+                                   "on old and on new classes, before and after."),
+    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Weight Aligning (Zhao et al., CVPR 2020): rescale the new-class rows of the classifier so their
+    mean norm matches the old classes', removing the bias toward new classes after class-incremental
+    training. gamma = mean norm(old rows) / mean norm(new rows), capped at 1 unless --no-clamp.
+
+    Examples:\n
+      surgery align model.safetensors -o aligned.safetensors --old-classes 5\n
+      surgery align model.safetensors -o aligned.safetensors --old-classes 5 --eval digits_eval.safetensors\n
+      surgery align ./cil-folder -o ./aligned --classes 0:50,50:60,60:70 --norm 2 --bias keep\n
+      surgery align model.safetensors --old-classes 5 --json   (report only)
+    """
+    with user_errors(debug):
+        options = AlignOptions(
+            old_classes=old_classes, groups=parse_class_groups(classes) if classes is not None else None,
+            layer=layer, norm=norm, bias=bias, clamp=clamp, eval_data=eval_data, model=model, force=force,
+        )
+        with progress_bar(quiet or json_out) as progress:
+            report = align_checkpoint(path, output, options, progress)
+    for w in report.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if json_out:
+        emit_json(report.to_dict())
+        return
+    render_align(report)
+
+
+def render_align(report: AlignReport) -> None:
+    out_console.print(f"[bold]{report.input}[/]: classifier [cyan]{report.layer}[/] "
+                      f"({len(report.norms_before)} classes, family {report.family}), L{report.norm} norms, "
+                      f"bias {report.bias if report.bias_name else 'none'}")
+    table = Table(show_edge=False)
+    for col in ("classes", "mean norm before", "mean norm after", "gamma", "capped"):
+        table.add_column(col, justify="left" if col == "classes" else "right")
+    for i, g in enumerate(report.groups):
+        table.add_row(f"{g.start}:{g.end}" + (" (reference)" if i == 0 else ""), f"{g.mean_norm_before:.4f}",
+                      f"{g.mean_norm_after:.4f}", f"{g.gamma:.4f}" if i else "",
+                      ("yes" if g.capped else "no") if i else "")
+    out_console.print(table)
+    out_console.print(f"negative weights in the layer: {report.negative_share:.1%}"
+                      + ("  (none: trained with weight clipping?)" if report.negative_share == 0 else ""))
+    render_norm_chart(report)
+    if report.eval:
+        render_eval(report.eval)
+    if report.output:
+        out_console.print(f"wrote {report.output}" + ("" if report.changed else " (unchanged: nothing to align)"))
+    else:
+        out_console.print("report only: nothing written (pass -o OUT to write the aligned model)")
+
+
+def render_norm_chart(report: AlignReport) -> None:
+    """Per-class norms before (light) and after (solid), one line each, colored by group."""
+    top = max(report.norms_before + report.norms_after) or 1.0
+    style = {}
+    for i, g in enumerate(report.groups):
+        for c in range(g.start, g.end):
+            style[c] = GROUP_STYLES[min(i, len(GROUP_STYLES) - 1)]
+    chart = Table(show_edge=False, show_header=True, box=None, title="per-class weight norms")
+    chart.add_column("class", justify="right")
+    chart.add_column("before / after")
+    chart.add_column("norm", justify="right")
+    for c, (b, a) in enumerate(zip(report.norms_before, report.norms_after)):
+        s = style.get(c, "white")
+        chart.add_row(str(c), f"[dim {s}]{bar(b, top)}[/]", f"{b:.3f}")
+        chart.add_row("", f"[{s}]{bar(a, top)}[/]", f"{a:.3f}")
+    out_console.print(chart)
+
+
+def bar(value: float, top: float) -> str:
+    return "█" * max(1 if value > 0 else 0, round(value / top * BAR_WIDTH))
+
+
+def render_eval(ev: dict) -> None:
+    table = Table(show_edge=False, title="evaluation")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key, label in (("accuracy", "accuracy"), ("accuracy_old", "accuracy, old classes"),
+                       ("accuracy_new", "accuracy, new classes"), ("new_prediction_share", "predicted as new")):
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        table.add_row(label, fmt(ev["before"][key]), fmt(ev["after"][key]))
+    out_console.print(table)
+
+
+def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
+    """Align the clipped class-incremental fixture and show accuracy before and after."""
+    src = fixtures / "digits" / "incremental_clipped.safetensors"
+    data = fixtures / "data" / "digits_eval.safetensors"
+    if not src.is_file() or not data.is_file():
+        raise SurgeryError(f"{src}: class-incremental fixture missing (run python fixtures/make_incremental.py)")
+    report = align_checkpoint(src, workdir / "incremental_aligned.safetensors",
+                              AlignOptions(old_classes=5, eval_data=data, force=True))
+    before, after = report.eval["before"], report.eval["after"]
+    result = {"input": str(src), "output": report.output, "gamma": report.groups[1].gamma,
+              "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+              "new_prediction_share_before": before["new_prediction_share"],
+              "new_prediction_share_after": after["new_prediction_share"]}
+    if not quiet:
+        out_console.print(f"aligned {src.name}: gamma {result['gamma']:.3f}, accuracy "
+                          f"{result['accuracy_before']:.3f} -> {result['accuracy_after']:.3f}, predicted as new "
+                          f"{result['new_prediction_share_before']:.0%} -> {result['new_prediction_share_after']:.0%}")
+    return result
