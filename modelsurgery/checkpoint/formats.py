@@ -166,11 +166,16 @@ def load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise SurgeryError(f"{path}: cannot read ({e.strerror or e})") from e
     except Exception as e:  # the weights-only unpickler raises UnpicklingError and friends
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only" in str(e):
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise SurgeryError(
                 f"{path}: refused: the pickle needs more than tensors to load and pickled code is never "
                 "executed (save a state_dict, or convert it to safetensors)"
+            ) from e
+        if "Weights only" in str(e) or "weights_only" in str(e):  # not a pickle, or opcodes it refuses
+            raise SurgeryError(
+                f"{path}: not a readable PyTorch checkpoint (not a torch.save file of tensors; pickled code is "
+                "never executed)"
             ) from e
         raise SurgeryError(f"{path}: not a readable PyTorch checkpoint ({first})") from e
     for key in ("state_dict", "model_state_dict", "model", "module"):
