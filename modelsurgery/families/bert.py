@@ -209,7 +209,8 @@ class BertFamily(TransformerFamily):
     def head_names(self) -> list[str]:
         """The pooler and any task head (``cls.*``, ``classifier.*``): tensors outside embeddings and encoder."""
         body = (f"{self.prefix}embeddings.", f"{self.prefix}encoder.")
-        return [n for n in self.ckpt.keys() if not n.startswith(body)]
+        names = self.ckpt.keys()
+        return [n for n in names if not n.startswith(body)]
 
     def input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "token_type_ids"]

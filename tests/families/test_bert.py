@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from tests.families import onnx_max_diff
 from tests.hf_tiny import load_hf, save_tiny_bert
 
 TOL = 1e-4
@@ -197,3 +198,10 @@ def test_half_precision_checkpoint_runs(tmp_path):
         expected = ref32(**batch).last_hidden_state
     assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
     assert (half.float() - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+def test_onnx_export_keeps_sequence_length_dynamic(bert_dir, tmp_path):
+    fam = detect_family(Checkpoint.open(bert_dir))
+    trace = fam.example_inputs(batch=2, seq_len=5, generator=torch.Generator().manual_seed(0))
+    diff = onnx_max_diff(fam.build_module(), fam.input_names(), trace, padded_batch(97), tmp_path)
+    assert diff < TOL

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from tests.families import onnx_max_diff
 from tests.hf_tiny import load_hf, save_tiny_gpt2
 
 TOL = 1e-4
@@ -208,3 +209,12 @@ def test_half_precision_checkpoint_runs(tmp_path):
     assert (ours32 - expected).abs().max().item() < TOL
     assert ours16.dtype == torch.bfloat16 and torch.isfinite(ours16).all()
     assert (ours16.float() - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+def test_onnx_export_keeps_sequence_length_dynamic(gpt2_dir, tmp_path):
+    fam = detect_family(Checkpoint.open(gpt2_dir))
+    trace = fam.example_inputs(batch=2, seq_len=6, generator=torch.Generator().manual_seed(0))
+    ids, mask = padded_batch(97)
+    diff = onnx_max_diff(fam.build_module(), fam.input_names(), trace,
+                         {"input_ids": ids, "attention_mask": mask}, tmp_path)
+    assert diff < TOL

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from tests.families import onnx_max_diff
 from tests.hf_tiny import load_hf, save_tiny_llama
 
 TOL = 1e-4
@@ -61,9 +62,9 @@ def test_forward_matches_transformers(llama_dir, hf_llama, masked):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(num_key_value_heads=1, tie_word_embeddings=True, hidden_act="gelu"),
-    dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True, rope_theta=500.0, rms_norm_eps=1e-5),
-    dict(head_dim=12, num_key_value_heads=2),
+    {"num_key_value_heads": 1, "tie_word_embeddings": True, "hidden_act": "gelu"},
+    {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True, "rope_theta": 500.0, "rms_norm_eps": 1e-5},
+    {"head_dim": 12, "num_key_value_heads": 2},
 ])
 def test_config_variants_match_transformers(tmp_path, overrides):
     folder = save_tiny_llama(tmp_path, seed=2, num_hidden_layers=2, **overrides)
@@ -194,3 +195,12 @@ def test_half_precision_checkpoint_runs(tmp_path, dtype):
         expected = ref32(input_ids=ids, attention_mask=mask).logits
     assert half.dtype == dtype and torch.isfinite(half).all()
     assert (half.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+def test_onnx_export_keeps_sequence_length_dynamic(llama_dir, tmp_path):
+    fam = detect_family(Checkpoint.open(llama_dir))
+    trace = fam.example_inputs(batch=2, seq_len=5, generator=torch.Generator().manual_seed(0))
+    ids, mask = padded_batch(97)
+    diff = onnx_max_diff(fam.build_module(), fam.input_names(), trace,
+                         {"input_ids": ids, "attention_mask": mask}, tmp_path)
+    assert diff < TOL
