@@ -218,3 +218,34 @@ def test_onnx_export_keeps_sequence_length_dynamic(gpt2_dir, tmp_path):
     diff = onnx_max_diff(fam.build_module(), fam.input_names(), trace,
                          {"input_ids": ids, "attention_mask": mask}, tmp_path)
     assert diff < TOL
+
+
+def test_trained_fixture_matches_transformers(fixtures_dir):
+    """The bundled character LM (trained weights, large logits) against transformers."""
+    folder = fixtures_dir / "charlm" / "gpt2"
+    fam = detect_family(Checkpoint.open(folder))
+    assert fam.name == "gpt2"
+    inputs = fam.example_inputs(batch=3, seq_len=40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = fam.build_module()(**inputs)
+        ref = load_hf(folder)(**inputs).logits
+    assert ref.abs().max().item() > 1.0
+    assert (ours - ref).abs().max().item() < TOL
+
+
+def test_legacy_attention_buffers_are_ignored(gpt2_dir):
+    """Checkpoints saved by older transformers carry ``attn.bias`` (a causal mask) and
+    ``attn.masked_bias`` buffers in each block; they are not weights and the module does not need them."""
+    ckpt = Checkpoint.open(gpt2_dir)
+    state = ckpt.state_dict()
+    for i in range(3):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    fam = detect_family(Checkpoint.from_state_dict(state, config=ckpt.config))
+    assert fam.name == "gpt2" and fam.num_layers == 3
+    assert fam.block_linears(0)["qkv"].bias == "transformer.h.0.attn.c_attn.bias"
+    ids, mask = padded_batch(97)
+    with torch.no_grad():
+        ours = fam.build_module()(input_ids=ids, attention_mask=mask)
+        base = detect_family(ckpt).build_module()(input_ids=ids, attention_mask=mask)
+    assert torch.equal(ours, base)

@@ -204,3 +204,12 @@ def test_onnx_export_keeps_sequence_length_dynamic(llama_dir, tmp_path):
     diff = onnx_max_diff(fam.build_module(), fam.input_names(), trace,
                          {"input_ids": ids, "attention_mask": mask}, tmp_path)
     assert diff < TOL
+
+
+def test_trained_fixture_matches_transformers(fixtures_dir):
+    """The bundled character LM (trained weights, large logits) against transformers."""
+    folder = fixtures_dir / "charlm" / "llama"
+    fam = detect_family(Checkpoint.open(folder))
+    assert fam.name == "llama" and fam.attention.num_kv_heads < fam.attention.num_heads
+    inputs = fam.example_inputs(batch=3, seq_len=40, generator=torch.Generator().manual_seed(0))
+    assert max_diff(fam.build_module(), load_hf(folder), inputs["input_ids"], inputs["attention_mask"]) < TOL
