@@ -1,0 +1,64 @@
+"""`surgery merge` / `surgery analyze` end to end through the CLI."""
+
+import json
+
+from typer.testing import CliRunner
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.cli.app import app
+from modelsurgery.cli.merge import demo_step
+
+runner = CliRunner()
+
+
+def test_merge_json_eval_and_plot(fixtures_dir, tmp_path):
+    out, plot = tmp_path / "m.safetensors", tmp_path / "path.svg"
+    d = fixtures_dir / "digits"
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"),
+                            "-o", str(out), "--eval", str(fixtures_dir / "data" / "digits_eval.safetensors"),
+                            "--points", "3", "--plot", str(plot), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["method"] == "match" and report["family"] == "mlp"
+    assert [p["alpha"] for p in report["evaluation"]["matched"]] == [0.0, 0.5, 1.0]
+    assert report["evaluation"]["matched_barrier"] < report["evaluation"]["naive_barrier"]
+    assert out.exists() and plot.read_text().lstrip().startswith("<?xml")
+    # table output, existing output refused without --force
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"), "-o", str(out)])
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"), "-o", str(out),
+                            "--force", "--method", "slerp", "--alpha", "0.25"])
+    assert r.exit_code == 0 and "slerp" in r.stdout
+
+
+def test_merge_error_is_one_line_and_writes_nothing(fixtures_dir, tmp_path):
+    d = fixtures_dir / "digits"
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "resnet_seed0.safetensors"), "-o", str(out)])
+    assert r.exit_code == 1
+    assert "error:" in r.output and "tensor '" in r.output and len(r.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_analyze_json(fixtures_dir):
+    d = fixtures_dir / "digits"
+    r = runner.invoke(app, ["analyze", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"),
+                            "--top-k", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert [layer["name"] for layer in report["layers"]] == ["0.weight", "2.weight", "4.weight"]
+    for layer in report["layers"]:
+        assert layer["distance_after"] < layer["distance_before"]
+        assert len(layer["alignment_after"]) == 3
+        assert all(0 <= x <= 1 + 1e-6 for x in layer["alignment_after"])
+    # matching aligns the top singular directions (Ito et al.)
+    assert sum(layer["alignment_after"][0] for layer in report["layers"]) > \
+        sum(layer["alignment_before"][0] for layer in report["layers"]) + 0.5
+    r = runner.invoke(app, ["analyze", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors")])
+    assert r.exit_code == 0 and "L2 before" in r.stdout
+
+
+def test_demo_step(fixtures_dir, tmp_path):
+    summary = demo_step(fixtures_dir, tmp_path, quiet=True)
+    assert summary["matched_midpoint_accuracy"] > summary["naive_midpoint_accuracy"]
+    assert Checkpoint.open(summary["output"]).keys()
