@@ -159,7 +159,9 @@ class BertFamily(TransformerFamily):
 
     def __init__(self, ckpt: Checkpoint):
         super().__init__(ckpt)
-        self.prefix = next(p for p in PREFIXES if f"{p}embeddings.word_embeddings.weight" in ckpt)
+        self.prefix = next((p for p in PREFIXES if f"{p}embeddings.word_embeddings.weight" in ckpt), None)
+        if self.prefix is None:
+            raise SurgeryError(f"{ckpt.path}: not a BERT checkpoint (no '[bert.]embeddings.word_embeddings.weight')")
 
     # ----- structure ----------------------------------------------------------------------------
     @property

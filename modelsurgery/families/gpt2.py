@@ -129,7 +129,9 @@ class GPT2Family(TransformerFamily):
 
     def __init__(self, ckpt: Checkpoint):
         super().__init__(ckpt)
-        self.prefix = next(p for p in PREFIXES if f"{p}wte.weight" in ckpt)
+        self.prefix = next((p for p in PREFIXES if f"{p}wte.weight" in ckpt), None)
+        if self.prefix is None:
+            raise SurgeryError(f"{ckpt.path}: not a GPT-2 checkpoint (no 'transformer.wte.weight' or 'wte.weight')")
 
     # ----- structure ----------------------------------------------------------------------------
     @property

@@ -133,6 +133,11 @@ class LlamaFamily(TransformerFamily):
                                       "model.layers.0.mlp.gate_proj.weight")
         )
 
+    def __init__(self, ckpt: Checkpoint):
+        super().__init__(ckpt)
+        if "model.embed_tokens.weight" not in ckpt:
+            raise SurgeryError(f"{ckpt.path}: not a LLaMA checkpoint (no 'model.embed_tokens.weight')")
+
     # ----- structure ----------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:

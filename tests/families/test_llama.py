@@ -213,3 +213,13 @@ def test_trained_fixture_matches_transformers(fixtures_dir):
     assert fam.name == "llama" and fam.attention.num_kv_heads < fam.attention.num_heads
     inputs = fam.example_inputs(batch=3, seq_len=40, generator=torch.Generator().manual_seed(0))
     assert max_diff(fam.build_module(), load_hf(folder), inputs["input_ids"], inputs["attention_mask"]) < TOL
+
+
+def test_forcing_the_family_on_other_tensors_is_refused():
+    from modelsurgery.families import family_by_name
+
+    other = Checkpoint.from_state_dict({"0.weight": torch.zeros(2, 2)}, path="mlp.safetensors")
+    for name, expected in (("llama", "model.embed_tokens.weight"), ("gpt2", "wte.weight"),
+                           ("bert", "embeddings.word_embeddings.weight")):
+        with pytest.raises(SurgeryError, match=f"mlp.safetensors: not a .* checkpoint .*{expected}"):
+            family_by_name(name)(other)
