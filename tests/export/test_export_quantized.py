@@ -1,0 +1,123 @@
+"""Packed 4/8-bit checkpoints: integer weights in the file, DequantizeLinear in front of the matmuls,
+ONNX Runtime (default session options) against the dequantized forward of transformers and torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.export import ExportOptions, export_checkpoint, ort_session
+from modelsurgery.families import detect_family
+from tests.export.packing import write_packed
+from tests.export.test_export_float import SAVERS, token_inputs, transformers_output
+from tests.hf_tiny import load_hf
+
+SCHEMES = [(8, None), (4, None), (4, 16)]  # int8 per channel, 4-bit per channel, 4-bit blocked per group
+
+
+def linear_weights(folder) -> list[str]:
+    family = detect_family(Checkpoint.open(folder))
+    return [lin.weight for i in range(family.num_layers) for lin in family.block_linears(i).values()]
+
+
+def optimized_ops(path, config: dict | None = None) -> set[str]:
+    """Node types after ONNX Runtime's default graph optimisations."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    for k, v in (config or {}).items():
+        options.add_session_config_entry(k, v)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def integer_initializers(path) -> dict[str, int]:
+    model = onnx.load(str(path))
+    return {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("_quant.q")}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("bits,group", SCHEMES)
+def test_packed_hf_export_matches_dequantized_transformers(tmp_path, family, bits, group):
+    folder = SAVERS[family](tmp_path / "float")
+    names = linear_weights(folder)
+    packed, deq = write_packed(Checkpoint.open(folder).state_dict(), names, tmp_path / "packed", bits, group,
+                               config_from=folder)
+    out = tmp_path / "q.onnx"
+    report = export_checkpoint(packed, out)
+    assert report.opset == 21 and report.session_config == {} and report.check.passed
+    assert report.quantization["integer_weights"] == len(names) and report.quantization["float_weights"] == []
+    onnx.checker.check_model(str(out), full_check=True)
+    kinds = integer_initializers(out)
+    assert len(kinds) == len(names)
+    assert set(kinds.values()) == {onnx.TensorProto.UINT8 if bits == 8 else onnx.TensorProto.UINT4}
+    assert report.op_counts["DequantizeLinear"] == len(names)
+    # the reference: transformers' own model holding the dequantized weights
+    reference = load_hf(folder)
+    missing, unexpected = reference.load_state_dict(deq, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)  # GPT-2's head is tied to wte
+    feeds = token_inputs(3, 11, seed=bits, types=family == "bert")
+    got = ort_session(out).run(None, feeds)[0]  # default session options
+    assert np.abs(got - transformers_output(reference, feeds)).max() < 1e-4
+    assert "MatMulNBits" not in optimized_ops(out)  # faithful: ORT did not swap in its int8-activation kernel
+
+
+@pytest.mark.parametrize("name,bits,group", [("mlp_seed0", 4, 16), ("cnn_seed0", 8, None), ("cnn_seed0", 4, 8),
+                                             ("resnet_seed0", 4, 8)])
+def test_packed_digits_export(tmp_path, fixtures_dir, name, bits, group):
+    src = fixtures_dir / "digits" / f"{name}.safetensors"
+    if not src.exists():
+        pytest.skip("fixtures not generated")
+    ckpt = Checkpoint.open(src)
+    state = ckpt.state_dict()
+    names = [k for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]  # linears and conv kernels
+    packed, deq = write_packed(state, names, tmp_path / "p.safetensors", bits, group, metadata=ckpt.metadata)
+    out = tmp_path / "q.onnx"
+    report = export_checkpoint(packed, out)
+    assert report.quantization["integer_weights"] == len(names) and report.check.passed
+    module = detect_family(ckpt).build_module(state=deq)  # the float family module, dequantized weights
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    x = x.flatten(1) if name.startswith("mlp") else x
+    got = ort_session(out).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - module(input=x).numpy()).max() < 1e-4
+
+
+def test_int8_at_opset_13_names_the_session_setting(tmp_path):
+    folder = SAVERS["llama"](tmp_path / "float")
+    packed, _ = write_packed(Checkpoint.open(folder).state_dict(), linear_weights(folder), tmp_path / "packed", 8,
+                             config_from=folder)
+    report = export_checkpoint(packed, tmp_path / "q.onnx", ExportOptions(opset=13))
+    assert report.opset == 13 and report.check.passed
+    assert report.session_config == {"session.qdq_matmulnbits_accuracy_level": "0"}
+    assert any("session config" in w for w in report.warnings)
+    assert set(integer_initializers(tmp_path / "q.onnx").values()) == {onnx.TensorProto.UINT8}
+
+
+def test_four_bit_export_is_small_and_runs_with_default_options(tmp_path):
+    folder = SAVERS["gpt2"](tmp_path / "float", n_embd=128, n_layer=2)
+    names = linear_weights(folder)
+    state = Checkpoint.open(folder).state_dict()
+    linear_bytes = sum(state[n].numel() * 4 for n in names)
+    packed, _ = write_packed(state, names, tmp_path / "packed", 4, 32, config_from=folder)
+    float_report = export_checkpoint(folder, tmp_path / "f.onnx")
+    q_report = export_checkpoint(packed, tmp_path / "q.onnx")
+    saved = float_report.file_bytes - q_report.file_bytes
+    assert saved >= 0.8 * linear_bytes, (saved, linear_bytes)
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"))  # default options, nothing set
+    assert session.run(None, token_inputs(2, 6))[0].shape == (2, 6, 97)
+
+
+def test_opset_too_old_for_four_bit_writes_nothing(tmp_path):
+    folder = SAVERS["gpt2"](tmp_path / "float")
+    packed, _ = write_packed(Checkpoint.open(folder).state_dict(), linear_weights(folder), tmp_path / "packed", 4,
+                             config_from=folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SurgeryError, match=r"4-bit weights.*--opset 21 or newer \(got 17\); nothing was written"):
+        export_checkpoint(packed, out / "q.onnx", ExportOptions(opset=17))
+    assert list(out.iterdir()) == []
