@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, Provenance, check_output, plan_copy, plan_tensor, write_checkpoint
+from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, Linear, detect_family
+from modelsurgery.ops.evaluate import evaluate
 
 #: |gamma - 1| below this counts as already aligned: the rows are left bit-for-bit unchanged
 ALIGNED_TOL = 1e-6
@@ -216,7 +218,7 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
     rows = class_rows(weight, lin)
     groups = resolve_groups(options, rows.shape[0], lin.weight)
     if options.eval_data is not None:  # read the data before any work, so a bad file fails fast
-        data = load_classification_data(Path(options.eval_data))
+        data = load_eval_data(Path(options.eval_data), family)
     new_w, new_b, group_reports = weight_align(
         weight, bias, groups, norm=options.norm, scale_bias=options.bias == "scale", clamp=options.clamp,
         transposed=lin.transposed,
@@ -238,64 +240,40 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
 
 
 # ----- --eval ----------------------------------------------------------------------------------
-def load_classification_data(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """``inputs`` and ``labels`` from a .safetensors, .pt or .npz file."""
-    if not path.is_file():
-        raise SurgeryError(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(str(path))
-        elif path.suffix == ".npz":
-            import numpy as np
-
-            raw = {k: torch.from_numpy(v) for k, v in np.load(path).items()}
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # each reader has its own error types for a corrupt file
-        raise SurgeryError(f"{path}: cannot read evaluation data ({e})") from e
-    if not isinstance(raw, dict) or "inputs" not in raw or "labels" not in raw:
-        raise SurgeryError(f"{path}: evaluation data needs tensors 'inputs' and 'labels'")
-    inputs, labels = raw["inputs"], raw["labels"].long().flatten()
-    if len(inputs) != len(labels):
-        raise SurgeryError(f"{path}: {len(inputs)} inputs but {len(labels)} labels")
-    return inputs, labels
+def load_eval_data(path: Path, family: Family) -> Dataset:
+    """Evaluation data with class labels that fits the model (read before any work is done)."""
+    data = load_data(path)
+    if data.labels is None or data.labels.dim() != 1:
+        raise SurgeryError(f"{path}: --eval needs class 'labels' [samples] besides the inputs")
+    check_fits(family, data)
+    return data
 
 
 @torch.no_grad()
-def predictions(family: Family, state: dict[str, torch.Tensor], inputs: torch.Tensor, batch: int = 512
-                ) -> torch.Tensor:
-    module = family.build_module(state)
-    name = family.input_names()[0]
-    return torch.cat([module(**{name: inputs[i:i + batch].float()}).argmax(-1) for i in range(0, len(inputs), batch)])
-
-
-def classification_metrics(pred: torch.Tensor, labels: torch.Tensor, groups: list[tuple[int, int]]) -> dict:
-    """Accuracy overall, on old classes (the first group) and on new ones (the later groups), and the
-    share of predictions that fall in new classes."""
+def group_metrics(module: torch.nn.Module, family: Family, data: Dataset, groups: list[tuple[int, int]],
+                  progress: Progress) -> dict:
+    """evaluate() overall (loss, accuracy), and on the old classes (the first group) and the new ones
+    (the later groups); the share of predictions that fall in new classes."""
     def in_groups(y: torch.Tensor, gs: list[tuple[int, int]]) -> torch.Tensor:
         mask = torch.zeros_like(y, dtype=torch.bool)
         for a, b in gs:
             mask |= (y >= a) & (y < b)
         return mask
 
-    old, new = in_groups(labels, groups[:1]), in_groups(labels, groups[1:])
-    hit = pred == labels
-    acc = lambda m: hit[m].double().mean().item() if m.any() else None  # noqa: E731
-    return {"accuracy": hit.double().mean().item(), "accuracy_old": acc(old), "accuracy_new": acc(new),
-            "new_prediction_share": in_groups(pred, groups[1:]).double().mean().item(), "samples": len(labels)}
+    result = evaluate(module, family, data, batch_size=256, progress=progress)
+    for name, gs in (("old", groups[:1]), ("new", groups[1:])):
+        idx = torch.nonzero(in_groups(data.labels, gs)).flatten()
+        result[f"accuracy_{name}"] = evaluate(module, family, data.select(idx), 256)["accuracy"] if len(idx) else None
+    pred = torch.cat([module(**batch).argmax(-1) for batch in data.batches(256, family)])
+    result["new_prediction_share"] = in_groups(pred, groups[1:]).double().mean().item()
+    return result
 
 
-def evaluate_alignment(family: Family, replaced: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor],
+def evaluate_alignment(family: Family, replaced: dict[str, torch.Tensor], data: Dataset,
                        groups: list[tuple[int, int]], progress: Progress) -> dict:
-    inputs, labels = data
     state = family.ckpt.state_dict()
-    progress("evaluating", 0, 2, {})
-    before = classification_metrics(predictions(family, state, inputs), labels, groups)
-    progress("evaluating", 1, 2, {})
-    after = classification_metrics(predictions(family, {**state, **replaced}, inputs), labels, groups)
-    progress("evaluating", 2, 2, {})
+    before = group_metrics(family.build_module(state), family, data, groups, progress)
+    after = group_metrics(family.build_module({**state, **replaced}), family, data, groups, progress)
     return {"before": before, "after": after}
 
 
