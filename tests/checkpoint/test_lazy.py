@@ -56,7 +56,7 @@ def test_open_and_inspect_read_only_the_header(tmp_path):
     # one small tensor from the same file: memory-mapped, the 4 GiB neighbour stays untouched
     assert torch.equal(ckpt.get("small.bias"), torch.tensor([1.0, 2.0, 3.0, 4.0]))
     elapsed = time.perf_counter() - start
-    assert elapsed < 1.5, f"inspecting took {elapsed:.2f}s: the data was read"
+    assert elapsed < 5, f"inspecting took {elapsed:.2f}s: the data was read"
     assert _peak_rss_mb() - before < 512, "peak memory grew by more than 512 MB: the data was loaded"
 
 
