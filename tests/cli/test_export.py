@@ -1,0 +1,77 @@
+"""`surgery export` through the real Typer app: --json, human output, errors, the demo step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from modelsurgery.cli.app import app
+from modelsurgery.cli.export import demo_step
+from modelsurgery.export import ort_session
+from tests.export.packing import write_packed
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def mlp_file(path):
+    torch.manual_seed(0)
+    save_file({"0.weight": torch.randn(16, 8), "0.bias": torch.randn(16), "2.weight": torch.randn(4, 16)},
+              str(path))
+    return path
+
+
+def test_json_is_one_object(tmp_path, runner):
+    src = mlp_file(tmp_path / "m.safetensors")
+    result = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "m.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["family"] == "mlp" and report["opset"] == 17 and report["check"]["passed"]
+    ops = report["op_counts"]
+    assert ops.get("Gemm", 0) + ops.get("MatMul", 0) == 2 and report["file_bytes"] == (tmp_path / "m.onnx").stat().st_size
+    out = ort_session(tmp_path / "m.onnx").run(None, {"input": torch.randn(5, 8).numpy()})[0]
+    assert out.shape == (5, 4)
+
+
+def test_packed_human_output(tmp_path, runner):
+    torch.manual_seed(0)
+    state = {"0.weight": torch.randn(16, 32), "0.bias": torch.randn(16), "2.weight": torch.randn(4, 16)}
+    packed, _ = write_packed(state, ["0.weight", "2.weight"], tmp_path / "p.safetensors", 4, 8)
+    result = runner.invoke(app, ["export", str(packed), "-o", str(tmp_path / "p.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "integer weights: 2 (4 bits, group)" in result.stdout
+    assert "max abs diff" in result.stdout and "DequantizeLinear" in result.stdout
+
+
+def test_errors_are_one_line_and_exit_1(tmp_path, runner):
+    src = mlp_file(tmp_path / "m.safetensors")
+    torch.manual_seed(0)
+    packed, _ = write_packed({"0.weight": torch.randn(16, 8)}, ["0.weight"], tmp_path / "p.safetensors", 4)
+    result = runner.invoke(app, ["export", str(packed), "-o", str(tmp_path / "p.onnx"), "--opset", "20"])
+    assert result.exit_code == 1
+    assert "error:" in result.stderr and "--opset 21 or newer (got 20)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p.onnx").exists()
+    (tmp_path / "m.onnx").write_text("x")
+    result = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "already exists" in result.stderr
+
+
+def test_help_has_examples(runner):
+    result = runner.invoke(app, ["export", "--help"])
+    assert result.exit_code == 0 and "surgery export" in result.stdout and "--opset" in result.stdout
+
+
+def test_demo_step_exports_and_runs_a_fixture(tmp_path, fixtures_dir):
+    if not (fixtures_dir / "digits" / "mlp_seed0.safetensors").exists():
+        pytest.skip("fixtures not generated")
+    results = demo_step(fixtures_dir, tmp_path, quiet=True)
+    mlp = results["digits/mlp_seed0.safetensors"]
+    assert mlp["family"] == "mlp" and mlp["max_abs_diff"] < 1e-4
+    assert ort_session(tmp_path / "mlp_seed0.onnx").run(None, {"input": torch.rand(2, 64).numpy()})[0].shape == (2, 10)

@@ -1,0 +1,72 @@
+"""Bad input: a one-line SurgeryError naming the file, and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modelsurgery.errors import SurgeryError
+from modelsurgery.export import ExportOptions, export_checkpoint
+
+
+def mlp_file(path):
+    torch.manual_seed(0)
+    save_file({"0.weight": torch.randn(8, 4), "0.bias": torch.randn(8), "2.weight": torch.randn(3, 8)}, str(path))
+    return path
+
+
+def assert_nothing_written(folder, expected: set[str]):
+    assert {p.name for p in folder.iterdir()} == expected  # no output, no temporary folder left behind
+
+
+def test_unknown_family_without_model(tmp_path):
+    src = tmp_path / "odd.safetensors"
+    save_file({"encoder.blob": torch.randn(3, 4, 5), "scalar": torch.tensor(1.0)}, str(src))
+    with pytest.raises(SurgeryError, match=r"odd\.safetensors: no known model family.*--model package\.module:function"):
+        export_checkpoint(src, tmp_path / "o.onnx")
+    assert_nothing_written(tmp_path, {"odd.safetensors"})
+
+
+def test_existing_output_needs_force(tmp_path):
+    src = mlp_file(tmp_path / "m.safetensors")
+    (tmp_path / "o.onnx").write_bytes(b"keep me")
+    with pytest.raises(SurgeryError, match=r"o\.onnx: already exists \(use --force"):
+        export_checkpoint(src, tmp_path / "o.onnx")
+    assert (tmp_path / "o.onnx").read_bytes() == b"keep me"
+    export_checkpoint(src, tmp_path / "o.onnx", ExportOptions(force=True))
+    assert (tmp_path / "o.onnx").stat().st_size > 100
+
+
+@pytest.mark.parametrize("options,message", [
+    (ExportOptions(dtype="bf16"), r"--dtype bf16: expected one of fp32, fp16"),
+    (ExportOptions(opset=9), r"--opset 9 is outside 13\.\."),
+])
+def test_bad_options(tmp_path, options, message):
+    src = mlp_file(tmp_path / "m.safetensors")
+    with pytest.raises(SurgeryError, match=message):
+        export_checkpoint(src, tmp_path / "o.onnx", options)
+    assert_nothing_written(tmp_path, {"m.safetensors"})
+
+
+def test_output_must_be_onnx(tmp_path):
+    src = mlp_file(tmp_path / "m.safetensors")
+    with pytest.raises(SurgeryError, match=r"o\.bin: the output must be a \.onnx file"):
+        export_checkpoint(src, tmp_path / "o.bin")
+    assert_nothing_written(tmp_path, {"m.safetensors"})
+
+
+def test_failed_check_writes_nothing(tmp_path):
+    src = mlp_file(tmp_path / "m.safetensors")
+    # fp16 rounding makes ORT and torch differ by more than zero on these random weights
+    with pytest.raises(SurgeryError, match=r"o\.onnx: ONNX Runtime differs from torch by .* nothing was written"):
+        export_checkpoint(src, tmp_path / "o.onnx", ExportOptions(dtype="fp16", tolerance=0.0, samples=64))
+    assert_nothing_written(tmp_path, {"m.safetensors"})
+    report = export_checkpoint(src, tmp_path / "o.onnx", ExportOptions(dtype="fp16", tolerance=0.0, check=False))
+    assert report.check is None and (tmp_path / "o.onnx").exists()
+
+
+def test_missing_input(tmp_path):
+    with pytest.raises(SurgeryError, match=r"nope\.safetensors: no such file"):
+        export_checkpoint(tmp_path / "nope.safetensors", tmp_path / "o.onnx")
+    assert_nothing_written(tmp_path, set())
