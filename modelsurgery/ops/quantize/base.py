@@ -1,0 +1,114 @@
+"""Weight quantizers and their registry: a method is one file with a ``WeightQuantizer`` subclass
+registered by name (RTN; AdaRound, Nagel et al. 2020; FlexRound, Lee et al. ICML 2023).
+
+A quantizer owns one weight: it builds the initial grid, returns the fake-quantized weight
+(differentiable in its learned parameters) for block reconstruction, and finally exports integer
+codes, the grid and the dequantized weight, which are exactly what the packed and fake outputs hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.grids import (
+    Grid,
+    QuantScheme,
+    codes,
+    dequantize,
+    from_matrix,
+    group_size_for,
+    grouped,
+    make_grid,
+    to_matrix,
+)
+
+METHODS: dict[str, type[WeightQuantizer]] = {}
+
+
+def register(cls: type[WeightQuantizer]) -> type[WeightQuantizer]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_by_name(name: str) -> type[WeightQuantizer]:
+    from modelsurgery.ops.quantize import adaround, flexround, rtn  # noqa: F401  (registration)
+
+    if name not in METHODS:
+        raise SurgeryError(f"--method {name}: expected one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+@dataclass
+class QuantizedWeight:
+    """The result for one weight: codes [out, R] uint8, scale float32 and zero_point uint8 of shape
+    [rows, n_groups] (rows = 1 per tensor), and the dequantized weight in the stored layout."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    dequantized: torch.Tensor
+    group_size: int
+    transposed: bool
+
+
+class WeightQuantizer(nn.Module):
+    name: ClassVar[str] = "rtn"
+    #: False: nothing to train (the block is not reconstructed)
+    learned: ClassVar[bool] = False
+    #: grid initialisation when the user does not choose one
+    default_grid: ClassVar[str] = "minmax"
+
+    def __init__(self, weight: torch.Tensor, scheme: QuantScheme, transposed: bool = False,
+                 grid: str | None = None, tensor_name: str = "weight"):
+        super().__init__()
+        self.scheme = scheme
+        self.shape = tuple(weight.shape)
+        self.dtype = weight.dtype
+        self.transposed = transposed
+        matrix = to_matrix(weight.detach().float(), transposed)
+        self.rows, self.row_length = matrix.shape
+        self.group = group_size_for(scheme, self.row_length, tensor_name)
+        self.register_buffer("w", grouped(matrix, self.group).clone())
+        init = make_grid(matrix, scheme, self.group, grid or self.default_grid)
+        self.register_buffer("scale0", init.scale)
+        self.register_buffer("zero", init.zero)
+
+    # ----- what subclasses change ---------------------------------------------------------------
+    def grid(self) -> Grid:
+        return Grid(self.scale0, self.zero)
+
+    def soft_codes(self) -> torch.Tensor:
+        """Codes used during training (may carry gradients through an STE or soft rounding)."""
+        return codes(self.w, self.grid(), self.scheme)
+
+    def hard_codes(self) -> torch.Tensor:
+        return codes(self.w, self.grid(), self.scheme)
+
+    def regularizer(self, progress: float) -> torch.Tensor:
+        return self.w.new_zeros(())
+
+    # ----- shared -------------------------------------------------------------------------------
+    def to_stored(self, g: torch.Tensor) -> torch.Tensor:
+        return from_matrix(g.reshape(self.rows, self.row_length), self.shape, self.transposed)
+
+    def forward(self) -> torch.Tensor:
+        """The fake-quantized weight in the stored layout (float32)."""
+        return self.to_stored(dequantize(self.soft_codes(), self.grid()))
+
+    @torch.no_grad()
+    def export(self) -> QuantizedWeight:
+        grid = Grid(self.grid().scale.detach().float(), self.zero)
+        q = self.hard_codes()
+        return QuantizedWeight(
+            codes=q.reshape(self.rows, self.row_length).to(torch.uint8),
+            scale=grid.scale.squeeze(-1).contiguous(),
+            zero_point=grid.zero.squeeze(-1).to(torch.uint8).contiguous(),
+            dequantized=self.to_stored(dequantize(q, grid)).contiguous(),
+            group_size=self.group,
+            transposed=self.transposed,
+        )

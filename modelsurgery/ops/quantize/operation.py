@@ -1,0 +1,177 @@
+"""`surgery quantize`: post-training weight quantization of a checkpoint with RTN, AdaRound
+(Nagel et al. 2020) or FlexRound (Lee et al., ICML 2023), reconstructed block by block.
+
+Writes fake-quantized float weights under the same names, or the packed format (``packing.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import time
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelsurgery.checkpoint import Checkpoint, Provenance, check_output, plan_copy, plan_tensor, write_checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import detect_family
+from modelsurgery.ops.quantize.base import method_by_name
+from modelsurgery.ops.quantize.calibration import batches, load_calibration, read_tensors
+from modelsurgery.ops.quantize.compare import compare_models
+from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
+from modelsurgery.ops.quantize.packing import METADATA_KEY, layer_entry, packed_tensors
+from modelsurgery.ops.quantize.reconstruct import Progress, ReconstructOptions, find_targets, reconstruct_blocks
+
+FORMATS = ("fake", "packed")
+
+
+@dataclass
+class QuantizeOptions:
+    bits: int = 4
+    method: str = "flexround"
+    granularity: str = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    skip: list[str] = field(default_factory=list)
+    default_skips: bool = True
+    calib: Path | None = None
+    samples: int = 128
+    seq_len: int = 128
+    batch_size: int = 32
+    steps: int = 500
+    lr: float = 1e-3
+    grid: str | None = None
+    format: str = "fake"
+    eval: Path | None = None
+    model: str | None = None
+    seed: int = 0
+    force: bool = False
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.granularity, self.group_size, self.symmetric)
+
+
+@dataclass
+class QuantizeResult:
+    output: str
+    family: str
+    options: dict
+    layers: dict[str, dict]
+    skipped: list[str]
+    blocks: list[dict]
+    seconds: float
+    peak_rss_mb: float
+    bytes_in: int
+    bytes_out: int
+    evaluation: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _skipped(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") for p in patterns)
+
+
+def _scheme_metadata(opts: QuantizeOptions, layers: dict[str, dict]) -> dict[str, str]:
+    return {METADATA_KEY: json.dumps({
+        "format": opts.format, "method": opts.method, **opts.scheme.to_dict(), "layers": layers,
+    }, sort_keys=True)}
+
+
+def _check_fits(module, calib: list[dict], path: Path, family: str) -> None:
+    try:
+        with torch.no_grad():
+            module(**calib[0])
+    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in calib[0].items())
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SurgeryError(f"{path}: calibration data ({shapes}) does not fit the {family} model: {first}") from None
+
+
+def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions,
+                        progress: Progress | None = None) -> QuantizeResult:
+    start = time.perf_counter()
+    path, out = Path(path), Path(out)
+    scheme = opts.scheme
+    scheme.validate()
+    method = method_by_name(opts.method)
+    if opts.format not in FORMATS:
+        raise SurgeryError(f"--format {opts.format}: expected fake or packed")
+    ckpt = Checkpoint.open(path)
+    family = detect_family(ckpt, opts.model)
+    if not family.runnable:
+        raise SurgeryError(f"{path}: family '{family.name}' cannot be run; pass --model package.module:function")
+    if method.learned and opts.calib is None:
+        raise SurgeryError(f"--method {opts.method} learns the rounding from data: pass --calib FILE")
+    check_output(out, opts.force, [path])
+
+    model = family.build_module()
+    targets = find_targets(model)
+    patterns = list(opts.skip)
+    if opts.default_skips:
+        patterns += family.embedding_names() + family.head_names()
+    skipped = sorted(t.name for t in targets.values() if _skipped(t.name, patterns))
+    targets = {k: t for k, t in targets.items() if t.name not in skipped}
+    for t in targets.values():
+        if t.name not in ckpt:
+            raise SurgeryError(f"{path}: the {family.name} model's weight '{t.name}' is not a checkpoint tensor")
+        shape = ckpt.shape(t.name)
+        rows = shape[1] if t.transposed else shape[0]
+        group_size_for(scheme, (int(torch.tensor(shape).prod()) // rows), t.name)
+    if not targets:
+        raise SurgeryError(f"{path}: no Linear or Conv weight left to quantize (check --skip)")
+
+    calib = []
+    if opts.calib is not None:
+        data = load_calibration(opts.calib, family.input_names(), ckpt.folder, opts.samples, opts.seq_len)
+        calib = batches(data, opts.batch_size)
+        _check_fits(model, calib, Path(opts.calib), family.name)
+
+    float_model = copy.deepcopy(model)
+    result = reconstruct_blocks(
+        float_model, model, targets, calib, scheme, method,
+        ReconstructOptions(steps=opts.steps, lr=opts.lr, grid=opts.grid, seed=opts.seed), progress)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak (Linux: KiB)
+
+    layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}
+    planned = []
+    for name in ckpt.keys():
+        qw = result.weights.get(name)
+        if qw is None:
+            planned.append(plan_copy(ckpt, name))
+        elif opts.format == "fake":
+            planned.append(plan_tensor(name, qw.dequantized.to(ckpt.info(name).dtype)))
+        else:
+            planned += [plan_tensor(k, v) for k, v in packed_tensors(name, qw, opts.bits).items()]
+    params = {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items() if k != "force"}
+    report = write_checkpoint(
+        out, planned, provenance=Provenance("quantize", params, ckpt.source_files),
+        metadata={**{k: v for k, v in ckpt.metadata.items() if k.startswith("modelsurgery.") and k != METADATA_KEY},
+                  **_scheme_metadata(opts, layers)},
+        config=ckpt.config, extra_files=ckpt.extra_files(), force=opts.force,
+    )
+    evaluation = None
+    if opts.eval is not None:
+        evaluation = evaluate_pair(family, float_model, model, Path(opts.eval), ckpt.folder, opts)
+    return QuantizeResult(
+        output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
+                                                      **scheme.to_dict(), "steps": opts.steps, "lr": opts.lr,
+                                                      "samples": opts.samples if calib else 0},
+        layers=layers, skipped=skipped, blocks=[b.to_dict() for b in result.blocks],
+        seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20,
+        bytes_in=ckpt.nbytes, bytes_out=report.total_bytes, evaluation=evaluation,
+    )
+
+
+def evaluate_pair(family, float_model, quant_model, path: Path, folder: Path | None, opts: QuantizeOptions) -> dict:
+    data = load_calibration(path, family.input_names(), folder, samples=10**9, seq_len=opts.seq_len)
+    labels = read_tensors(path).get("labels") if path.suffix in (".safetensors", ".pt", ".pth", ".npz") else None
+    _check_fits(float_model, batches(data, 2)[:1], path, family.name)
+    return compare_models(float_model, quant_model, data, labels, family.output_kind)
+

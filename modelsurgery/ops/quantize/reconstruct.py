@@ -1,0 +1,179 @@
+"""Block-by-block reconstruction (BRECQ, Li et al. ICLR 2021; as used by FlexRound): each block's
+quantized weights are learned so that the block, fed the output of the already-quantized previous
+blocks, reproduces the float model's output of that block on calibration data.
+
+Only the current block's activations are cached (float input, quantized input, float target).
+Loss: squared error summed over each sample's features, averaged over the batch; Adam with cosine
+learning-rate decay. Weights are found through the built module's own parameters and mapped to
+checkpoint names by identity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from modelsurgery.ops.quantize.base import QuantizedWeight, WeightQuantizer
+from modelsurgery.ops.quantize.grids import QuantScheme
+from modelsurgery.ops.quantize.rtn import RTNQuantizer
+
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass
+class Target:
+    """A weight to quantize: its checkpoint name and whether it is stored (in, out)."""
+
+    name: str
+    transposed: bool = False
+
+
+@dataclass
+class BlockReport:
+    index: int
+    weights: list[str]
+    rtn_loss: float | None = None
+    loss: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"block": self.index, "weights": self.weights, "rtn_loss": self.rtn_loss, "loss": self.loss,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class ReconstructOptions:
+    steps: int = 500
+    lr: float = 1e-3
+    grid: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ReconstructResult:
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    blocks: list[BlockReport] = field(default_factory=list)
+
+
+def is_quantizable(module: nn.Module) -> tuple[bool, bool]:
+    """(quantize its weight?, stored transposed?) for Linear, Conv and transformers' Conv1D."""
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return True, False
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return True, True  # GPT-2: weight stored (in, out)
+    return False, False
+
+
+def find_targets(model: nn.Module) -> dict[int, Target]:
+    """id(weight parameter) -> Target for every quantizable layer of ``model``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found: dict[int, Target] = {}
+    for module in model.modules():
+        ok, transposed = is_quantizable(module)
+        if ok and id(module.weight) in names:
+            found[id(module.weight)] = Target(names[id(module.weight)], transposed)
+    return found
+
+
+def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+
+
+def _block_loss(block, overrides, xs, ctxs, ys) -> float:
+    with torch.no_grad():
+        total = sum(rec_loss(functional_call(block, overrides, (x,), c), y).item() * x.shape[0]
+                    for x, c, y in zip(xs, ctxs, ys))
+    return total / sum(x.shape[0] for x in xs)
+
+
+def quantize_outside_blocks(model: nn.Module, targets: dict[int, Target], scheme: QuantScheme,
+                            method: type[WeightQuantizer], grid: str | None) -> dict[str, QuantizedWeight]:
+    """Weights outside the block stack (embeddings, heads when asked) are rounded on their grid
+    without data, and the module is updated in place."""
+    out = {}
+    params = dict(model.named_parameters())
+    for t in targets.values():
+        p = params[t.name]
+        qw = RTNQuantizer(p, scheme, t.transposed, grid or method.default_grid, t.name).export()
+        p.data.copy_(qw.dequantized.to(p.dtype))
+        out[t.name] = qw
+    return out
+
+
+def reconstruct_blocks(float_model: nn.Module, quant_model: nn.Module, targets: dict[int, Target],
+                       calib: list[dict[str, torch.Tensor]], scheme: QuantScheme,
+                       method: type[WeightQuantizer], options: ReconstructOptions,
+                       progress: Progress | None = None) -> ReconstructResult:
+    """Quantize ``targets`` (ids of ``quant_model`` parameters) block by block; ``quant_model`` is
+    updated in place with the dequantized weights. ``float_model`` is a separate float copy."""
+    progress = progress or (lambda *a, **k: None)
+    for m in (float_model, quant_model):
+        m.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(options.seed)
+    fstages, qstages = float_model.stages(), quant_model.stages()
+    result = ReconstructResult()
+    in_block = {id(p) for b in qstages.blocks for p in b.parameters()}
+    result.weights.update(quantize_outside_blocks(
+        quant_model, {k: t for k, t in targets.items() if k not in in_block}, scheme, method, options.grid))
+    with torch.no_grad():
+        xf, ctxs = zip(*[fstages.embed(**b) for b in calib]) if calib else ((), ())
+        xq = [qstages.embed(**b)[0] for b in calib]
+    xf, ctxs = list(xf), list(ctxs)
+    n_blocks = len(qstages.blocks)
+    for i, (fblock, qblock) in enumerate(zip(fstages.blocks, qstages.blocks)):
+        start = time.perf_counter()
+        local = {n: p for n, p in qblock.named_parameters() if id(p) in targets}
+        report = BlockReport(i, [targets[id(p)].name for p in local.values()])
+        with torch.no_grad():
+            yf = [fblock(x, **c) for x, c in zip(xf, ctxs)]
+        if local:
+            quantizers = {n: method(p, scheme, targets[id(p)].transposed, options.grid, targets[id(p)].name)
+                          for n, p in local.items()}
+            if calib:
+                rtn = {n: RTNQuantizer(p, scheme, targets[id(p)].transposed,
+                                       options.grid or method.default_grid, targets[id(p)].name)()
+                       for n, p in local.items()}
+                report.rtn_loss = _block_loss(qblock, rtn, xq, ctxs, yf)
+            if method.learned and calib and options.steps > 0:
+                _train(qblock, quantizers, xq, ctxs, yf, options, gen, lambda s, loss: progress(
+                    f"block {i + 1}/{n_blocks}", s, options.steps, {"loss": loss}))
+            for n, q in quantizers.items():
+                qw = q.export()
+                local[n].data.copy_(qw.dequantized.to(local[n].dtype))
+                result.weights[targets[id(local[n])].name] = qw
+            if calib:
+                report.loss = _block_loss(qblock, {}, xq, ctxs, yf)
+        with torch.no_grad():
+            xq = [qblock(x, **c) for x, c in zip(xq, ctxs)]
+        xf = yf
+        report.seconds = time.perf_counter() - start
+        result.blocks.append(report)
+        progress("blocks", i + 1, n_blocks, {"loss": report.loss if report.loss is not None else float("nan")})
+    return result
+
+
+def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys,
+           options: ReconstructOptions, gen: torch.Generator, report: Callable[[int, float], None]) -> None:
+    params = [p for q in quantizers.values() for p in q.parameters()]
+    opt = torch.optim.Adam(params, lr=options.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, options.steps) / options.steps)))
+    every = max(1, options.steps // 50)
+    for step in range(options.steps):
+        b = int(torch.randint(len(xs), (1,), generator=gen))
+        with torch.enable_grad():
+            out = functional_call(block, {n: q() for n, q in quantizers.items()}, (xs[b],), ctxs[b])
+            loss = rec_loss(out, ys[b])
+            reg = sum(q.regularizer(step / options.steps) for q in quantizers.values())
+            opt.zero_grad(set_to_none=True)
+            (loss + reg).backward()
+        opt.step()
+        sched.step()
+        if step % every == 0 or step == options.steps - 1:
+            report(step + 1, loss.item())
