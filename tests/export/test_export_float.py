@@ -138,3 +138,21 @@ def test_custom_model_with_model_option(tmp_path):
     report = export_checkpoint(tmp_path / "c.safetensors", tmp_path / "c.onnx",
                                ExportOptions(model="tests.custom_models:tiny_convnet"))
     assert report.inputs == ["image"] and report.check.passed
+
+
+def test_check_on_data_files(tmp_path, fixtures_dir):
+    data = fixtures_dir / "data"
+    if not (data / "digits_eval.safetensors").exists() or not (fixtures_dir / "charlm" / "gpt2").exists():
+        pytest.skip("fixtures not generated")
+    report = export_checkpoint(fixtures_dir / "digits" / "cnn_seed0.safetensors", tmp_path / "c.onnx",
+                               ExportOptions(data=data / "digits_eval.safetensors", samples=32))
+    assert report.check.passed and report.check.input_shapes == {"input": [32, 1, 8, 8]}  # [N, 64] reshaped
+    report = export_checkpoint(fixtures_dir / "charlm" / "gpt2", tmp_path / "g.onnx",
+                               ExportOptions(data=data / "charlm_calib.txt", seq_len=20))
+    assert report.check.passed and report.check.input_shapes["input_ids"] == [4, 20]
+    from modelsurgery.errors import SurgeryError
+
+    with pytest.raises(SurgeryError, match=r"digits_eval\.safetensors: holds feature inputs but the gpt2 model"):
+        export_checkpoint(fixtures_dir / "charlm" / "gpt2", tmp_path / "x.onnx",
+                          ExportOptions(data=data / "digits_eval.safetensors"))
+    assert not (tmp_path / "x.onnx").exists()
