@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from modelsurgery.families.transformer import apply_rotary, attend, attention_bias, rotary_tables
 from tests.families import onnx_max_diff
 from tests.hf_tiny import load_hf, save_tiny_llama
 
@@ -223,3 +226,49 @@ def test_forcing_the_family_on_other_tensors_is_refused():
                            ("bert", "embeddings.word_embeddings.weight")):
         with pytest.raises(SurgeryError, match=f"mlp.safetensors: not a .* checkpoint .*{expected}"):
             family_by_name(name)(other)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(0, 40), n=st.integers(0, 40), shift=st.integers(0, 20), seed=st.integers(0, 2**16))
+def test_rotary_scores_depend_only_on_relative_position(m, n, shift, seed):
+    """RoFormer's property: <R(m) q, R(n) k> = <R(m+s) q, R(n+s) k>, and rotation keeps the norm."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    cos, sin = rotary_tables(torch.zeros(1, 64, dtype=torch.long), 16, 10000.0, torch.float64)
+
+    def rot(x, p):
+        return apply_rotary(x, cos[0, 0, p], sin[0, 0, p])
+
+    assert torch.allclose(rot(q, m) @ rot(k, n), rot(q, m + shift) @ rot(k, n + shift), atol=1e-9)
+    assert torch.allclose(rot(q, m).norm(), q.norm(), atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(kv=st.sampled_from([1, 2, 4]), t=st.integers(1, 7), pad=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_grouped_attention_matches_a_per_head_loop(kv, t, pad, seed):
+    """attend() against a hand-written loop: query head h uses key/value head h // (H / KV), a causal
+    mask, and right padding of the second sequence."""
+    g = torch.Generator().manual_seed(seed)
+    heads, d = 4, 3
+    q = torch.randn(2, heads, t, d, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 2, kv, t, d, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, t, dtype=torch.long)
+    mask[1, max(1, t - pad):] = 0
+    ids = torch.zeros(2, t, dtype=torch.long)
+    out = attend(q, k, v, attention_bias(ids, mask, causal=True, dtype=torch.float64), d ** -0.5)
+    for b in range(2):
+        for h in range(heads):
+            kh, vh = k[b, h // (heads // kv)], v[b, h // (heads // kv)]
+            for i in range(t):
+                keep = [j for j in range(i + 1) if mask[b, j]]
+                w = torch.softmax(torch.stack([q[b, h, i] @ kh[j] for j in keep]) * d ** -0.5, 0)
+                expected = sum(wj * vh[j] for wj, j in zip(w, keep))
+                assert torch.allclose(out[b, i, h * d:(h + 1) * d], expected, atol=1e-12)
+
+
+def test_config_for_layers_resizes_per_layer_types(llama_dir):
+    ckpt = Checkpoint.open(llama_dir)
+    cfg = {**ckpt.config, "layer_types": ["full_attention"] * 3}
+    fam = detect_family(Checkpoint.from_state_dict(ckpt.state_dict(), config=cfg))
+    assert fam.config_for_layers(5)["layer_types"] == ["full_attention"] * 5
+    assert fam.config_for_layers(2)["layer_types"] == ["full_attention"] * 2
