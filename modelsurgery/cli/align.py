@@ -114,8 +114,7 @@ def render_eval(ev: dict) -> None:
     table.add_column("after", justify="right")
     for key, label in (("accuracy", "accuracy"), ("accuracy_old", "accuracy, old classes"),
                        ("accuracy_new", "accuracy, new classes"), ("new_prediction_share", "predicted as new")):
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        table.add_row(label, fmt(ev["before"][key]), fmt(ev["after"][key]))
+        table.add_row(label, *("n/a" if ev[w][key] is None else f"{ev[w][key]:.4f}" for w in ("before", "after")))
     out_console.print(table)
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from modelsurgery.checkpoint import Checkpoint, Provenance, check_output, plan_copy, plan_tensor, write_checkpoint
+from modelsurgery.checkpoint import (
+    Checkpoint,
+    Provenance,
+    check_output,
+    plan_copy,
+    plan_tensor,
+    write_checkpoint,
+)
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, Linear, detect_family
@@ -300,7 +307,8 @@ def write_aligned(ckpt: Checkpoint, out: Path, lin: Linear, new_w: torch.Tensor,
     replaced = {lin.weight: new_w}
     if lin.bias and new_b is not None:
         replaced[lin.bias] = new_b
-    planned = [plan_tensor(k, replaced[k]) if k in replaced else plan_copy(ckpt, k) for k in ckpt.keys()]
+    names = ckpt.keys()  # a list, in the checkpoint's order
+    planned = [plan_tensor(k, replaced[k]) if k in replaced else plan_copy(ckpt, k) for k in names]
     metadata = {k: v for k, v in ckpt.metadata.items() if k.startswith("modelsurgery.")}
     written = write_checkpoint(
         out, planned, provenance=Provenance("align", options.parameters(), ckpt.source_files),

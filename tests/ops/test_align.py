@@ -132,7 +132,7 @@ def test_align_twice_equals_once(tmp_path_factory, seed, classes, old, norm, bia
     head = torch.randn(classes, 5, generator=g)
     head[old:] *= new_scale
     save_mlp(tmp / "m.safetensors", head=head, bias=torch.randn(classes, generator=g))
-    opts = dict(old_classes=old, norm=norm, bias=bias, clamp=clamp)
+    opts = {"old_classes": old, "norm": norm, "bias": bias, "clamp": clamp}
     first = align_checkpoint(tmp / "m.safetensors", tmp / "once.safetensors", AlignOptions(**opts))
     second = align_checkpoint(tmp / "once.safetensors", tmp / "twice.safetensors", AlignOptions(**opts))
     once, twice = load_file(str(tmp / "once.safetensors")), load_file(str(tmp / "twice.safetensors"))
