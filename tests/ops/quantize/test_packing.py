@@ -1,0 +1,65 @@
+"""Packing: byte layouts by hand, round trips for every bit width, dequantization of the packed format."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.packing import dequantize_packed, pack_codes, unpack_codes
+
+
+def test_layouts_by_hand():
+    # 4 bits: element 2j in the low nibble of byte j, 2j+1 in the high nibble
+    assert pack_codes(torch.tensor([[1, 2, 3, 15, 0]]), 4).tolist() == [[0x21, 0xF3, 0x00]]
+    # 3 bits, LSB-first bit stream: 5 = bits 1,0,1 then 3 = bits 1,1,0 -> 1 + 4 + 8 + 16
+    assert pack_codes(torch.tensor([[5, 3]]), 3).tolist() == [[29]]
+    # 2 bits: 1 | 2 << 2 | 3 << 4 | 0 << 6
+    assert pack_codes(torch.tensor([[1, 2, 3, 0]]), 2).tolist() == [[57]]
+    # 8 bits: one code per byte
+    assert pack_codes(torch.tensor([[0, 255, 7]]), 8).tolist() == [[0, 255, 7]]
+
+
+def reference_unpack(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
+    """A plain-Python reader of the documented bit stream (independent of the code under test)."""
+    out = np.zeros((packed.shape[0], length), dtype=np.int64)
+    for r, row in enumerate(packed):
+        for i in range(length):
+            v = 0
+            for b in range(bits):
+                pos = i * bits + b
+                v |= ((int(row[pos // 8]) >> (pos % 8)) & 1) << b
+            out[r, i] = v
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), rows=st.integers(1, 4), length=st.integers(1, 37), data=st.data())
+def test_round_trip_every_bit_width(bits, rows, length, data):
+    values = data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=rows * length, max_size=rows * length))
+    q = torch.tensor(values, dtype=torch.int64).reshape(rows, length)
+    packed = pack_codes(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, -(-length * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, length), q)
+    assert np.array_equal(reference_unpack(packed.numpy(), bits, length), q.numpy())
+
+
+def test_codes_out_of_range_rejected():
+    with pytest.raises(SurgeryError, match="out of range for 3 bits"):
+        pack_codes(torch.tensor([[8]]), 3)
+    with pytest.raises(SurgeryError, match="bit width 9"):
+        pack_codes(torch.tensor([[1]]), 9)
+
+
+def test_dequantize_packed_by_hand():
+    # a 2x4 weight, groups of 2, 4 bits: W = (q - z) * s
+    q = torch.tensor([[0, 15, 8, 9], [3, 4, 5, 6]])
+    scale = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    zero = torch.tensor([[8, 8], [0, 4]], dtype=torch.uint8)
+    tensors = {"w.qweight": pack_codes(q, 4), "w.scale": scale, "w.zero_point": zero}
+    w = dequantize_packed(tensors, "w", {"shape": [2, 4], "bits": 4, "group_size": 2})
+    assert w.tolist() == [[-4.0, 3.5, 0.0, 0.25], [3.0, 4.0, 2.0, 4.0]]
+    # the same codes for a Conv1D weight stored (in, out) come back transposed
+    wt = dequantize_packed(tensors, "w", {"shape": [4, 2], "bits": 4, "group_size": 2, "transposed": True})
+    assert torch.equal(wt, w.t())
