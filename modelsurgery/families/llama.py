@@ -124,6 +124,7 @@ class Llama(TransformerModule):
 class LlamaFamily(TransformerFamily):
     name = "llama"
     model_types = ("llama",)
+    rotary = True
     block_pattern = r"model\.layers\.(\d+)\."
 
     @classmethod

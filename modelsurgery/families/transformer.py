@@ -184,6 +184,10 @@ class TransformerFamily(Family):
     priority = 50
     #: config.json ``model_type`` values this family runs
     model_types: tuple[str, ...] = ()
+    #: "pre": norms before attention/MLP inside the residual branch; "post": after the residual sum
+    norm_placement: str = "pre"
+    #: True when positions enter as rotary embeddings of q and k (head dims are then paired)
+    rotary: bool = False
 
     @classmethod
     def config_allows(cls, ckpt) -> bool:

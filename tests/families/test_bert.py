@@ -49,6 +49,7 @@ def hf_bert(bert_dir):
 def test_detects_bert_model(bert_dir):
     fam = detect_family(Checkpoint.open(bert_dir))
     assert fam.name == "bert" and fam.output_kind == "hidden"
+    assert fam.norm_placement == "post" and not fam.rotary
     assert fam.num_layers == 3 and fam.hidden_size == 32 and fam.vocab_size == 97
     assert fam.attention.num_heads == 4 and fam.attention.head_dim == 8
     assert fam.head_names() == ["pooler.dense.bias", "pooler.dense.weight"]

@@ -41,6 +41,7 @@ def test_detects_lm_head_model(gpt2_dir):
     assert fam.name == "gpt2"
     assert fam.num_layers == 3 and fam.hidden_size == 32 and fam.vocab_size == 97
     assert fam.tied_head and "lm_head.weight" not in fam.ckpt
+    assert fam.norm_placement == "pre" and not fam.rotary
     assert fam.attention.num_heads == 4 and fam.attention.num_kv_heads == 4 and fam.attention.head_dim == 8
     assert fam.block_of("transformer.h.2.mlp.c_fc.weight") == (2, "mlp.c_fc.weight")
     assert fam.block_name(1, "ln_1.weight") == "transformer.h.1.ln_1.weight"

@@ -53,6 +53,7 @@ def test_detects_llama_with_grouped_query_attention(llama_dir):
     assert fam.num_layers == 3 and fam.hidden_size == 32 and fam.vocab_size == 97
     att = fam.attention
     assert (att.num_heads, att.num_kv_heads, att.head_dim) == (4, 2, 8)
+    assert fam.norm_placement == "pre" and fam.rotary
     assert not fam.tied_head and fam.head_names() == ["model.norm.weight", "lm_head.weight"]
     assert fam.block_of("model.layers.2.mlp.up_proj.weight") == (2, "mlp.up_proj.weight")
 
