@@ -153,9 +153,7 @@ def default_steps(ckpt: Checkpoint, layers: list[tuple[str, str]]) -> list[Step]
             channels = ckpt.shape(f"{name}.weight")[0]
             if nxt != "bn":
                 steps.append(Step("relu"))
-        elif kind == "bn":
-            steps.append(Step("relu"))
-        elif kind == "linear" and i < last_linear:
+        elif kind == "bn" or (kind == "linear" and i < last_linear):
             steps.append(Step("relu"))
     return steps
 
@@ -270,6 +268,11 @@ class CNNFamily(Family):
 
     def steps(self) -> list[Step]:
         """Every layer in forward order, parametric or not (from metadata or the default)."""
+        if getattr(self, "_steps", None) is None:
+            self._steps = self._read_steps()
+        return list(self._steps)
+
+    def _read_steps(self) -> list[Step]:
         raw = self.ckpt.metadata.get("modelsurgery.arch")
         layers = self._layers()
         if raw is None:

@@ -170,6 +170,11 @@ class ResNetFamily(Family):
 
     def res_blocks(self) -> list[ResBlock]:
         """Residual blocks in order (stage, then position), with their inferred geometry."""
+        if getattr(self, "_res_blocks", None) is None:
+            self._res_blocks = self._read_blocks()
+        return list(self._res_blocks)
+
+    def _read_blocks(self) -> list[ResBlock]:
         found = sorted({(int(m.group(1)), int(m.group(2))) for k in self.ckpt.keys() if (m := BLOCK_RE.match(k))})
         out = []
         for i, (s, j) in enumerate(found):

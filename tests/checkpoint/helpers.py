@@ -14,10 +14,10 @@ def bits(t: torch.Tensor) -> bytes:
 
 def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype, k
-        assert tuple(got[k].shape) == tuple(want[k].shape), k
-        assert bits(got[k]) == bits(want[k]), k
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype, k
+        assert tuple(got[k].shape) == tuple(w.shape), k
+        assert bits(got[k]) == bits(w), k
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -190,6 +190,7 @@ def test_header_problems_are_explained(tmp_path, case, words):
     assert words in line
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("how", ["torch_save", "plain_pickle", "inside_state_dict"])
 def test_pickled_code_is_refused_and_never_runs(tmp_path, how):
     marker = tmp_path / "code_ran.marker"

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from modelsurgery.checkpoint import Checkpoint
-from modelsurgery.families import UnknownFamily, detect_family, family_by_name, registered
 from modelsurgery.errors import SurgeryError
+from modelsurgery.families import UnknownFamily, detect_family, family_by_name, registered
 from tests.hf_tiny import save_tiny_bert, save_tiny_gpt2, save_tiny_llama
 
 

@@ -86,10 +86,10 @@ def family_of(model) -> ResNetFamily:
 
 
 CONFIGS = [
-    dict(blocks=(3, 3, 3), width=16, option="B"),  # ResNet-20
-    dict(blocks=(3, 3, 3), width=16, option="A"),  # ResNet-20 as in the paper (option A)
-    dict(blocks=(1, 2), width=8, option="B", head="fc", shortcut="downsample"),
-    dict(blocks=(2, 1, 1, 1), width=4, option="B", c_in=1),
+    {"blocks": (3, 3, 3), "width": 16, "option": "B"},  # ResNet-20
+    {"blocks": (3, 3, 3), "width": 16, "option": "A"},  # ResNet-20 as in the paper (option A)
+    {"blocks": (1, 2), "width": 8, "option": "B", "head": "fc", "shortcut": "downsample"},
+    {"blocks": (2, 1, 1, 1), "width": 4, "option": "B", "c_in": 1},
 ]
 
 
