@@ -400,6 +400,10 @@ class CNNFamily(Family):
     def describe(self) -> dict:
         d = super().describe()
         d["num_layers"] = len(self.weight_layers())
-        d["layers"] = [s.kind for s in self.steps()]
-        d["input_shape"] = list(self.input_shape())
+        try:  # inspect must work even when the metadata lies or no input shape fits
+            d["layers"] = [s.kind for s in self.steps()]
+            d["input_shape"] = list(self.input_shape())
+        except SurgeryError as e:
+            d["layers"], d["input_shape"], d["runnable"] = None, None, False
+            d["problem"] = str(e)
         return d

@@ -202,3 +202,18 @@ def test_not_detected_for_mlp_resnet_or_broken_chains(fixtures_dir):
     assert not CNNFamily.detect(Checkpoint.from_state_dict(bad.state_dict()))
     odd = {"0.weight": torch.zeros(4, 1, 3, 3), "0.extra": torch.zeros(4)}
     assert not CNNFamily.detect(Checkpoint.from_state_dict(odd))
+
+
+def test_describe_survives_what_build_refuses():
+    """A flatten size no square input explains: inspect still works, building names the tensor."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 7, 3))
+    fam = CNNFamily(Checkpoint.from_state_dict(model.state_dict(), path="odd.pt"))
+    d = fam.describe()
+    assert d["input_shape"] is None and not d["runnable"] and "'3.weight'" in d["problem"]
+    with pytest.raises(SurgeryError, match=r"odd.pt: no square input fits tensor '3.weight'"):
+        fam.build_module()
+    md = {"modelsurgery.input_shape": "[1, 5, 7]"}
+    fixed = CNNFamily(Checkpoint.from_state_dict(model.state_dict(), metadata=md))
+    x = torch.randn(2, 1, 5, 7)
+    with torch.no_grad():
+        assert torch.equal(fixed.build_module()(input=x), model.eval()(x))
