@@ -271,3 +271,24 @@ def test_named_layer_and_transposed_style_lookup(tmp_path):
     assert by_module.layer == by_tensor.layer == "2.weight" and by_module.bias_name == "2.bias"
     hidden = align_checkpoint(tmp_path / "m.safetensors", None, AlignOptions(old_classes=1, layer="0"))
     assert hidden.layer == "0.weight" and len(hidden.norms_before) == 2
+
+
+def test_transposed_weights_align_like_their_transpose():
+    from modelsurgery.ops.align import weight_align
+
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(7, 5, generator=g)
+    rows[3:] *= 2
+    plain, _, rep_plain = weight_align(rows, None, [(0, 3), (3, 7)], norm=2)
+    stored, _, rep_t = weight_align(rows.t().contiguous(), None, [(0, 3), (3, 7)], norm=2, transposed=True)
+    torch.testing.assert_close(stored, plain.t())
+    assert rep_t[1].gamma == pytest.approx(rep_plain[1].gamma)
+
+
+def test_half_precision_kept(tmp_path):
+    sd = {k: v.half() for k, v in save_mlp(tmp_path / "m.safetensors").items()}
+    save_file(sd, str(tmp_path / "h.safetensors"))
+    rep = align_checkpoint(tmp_path / "h.safetensors", tmp_path / "a.safetensors", AlignOptions(old_classes=2))
+    out = load_file(str(tmp_path / "a.safetensors"))
+    assert all(v.dtype == torch.float16 for v in out.values())
+    torch.testing.assert_close(out["2.weight"][2:], (HEAD[2:] * rep.groups[1].gamma).half())
