@@ -83,4 +83,5 @@ def trace_module(module: nn.Module, inputs: dict[str, torch.Tensor], output_name
             model = version_converter.convert_version(model, opset)
         except Exception as e:
             raise SurgeryError(f"{source}: cannot convert the exported graph to opset {opset} ({e})") from e
+        del model.graph.value_info[:]  # the converter's inferred shapes: bulk in the file, unused by runtimes
     return model

@@ -54,6 +54,16 @@ def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def pack_rows_numpy(codes: np.ndarray, bits: int) -> np.ndarray:
+    """The same layout for 4 and 8 bits, vectorised (benchmarks on real models): byte j = q[2j] | q[2j+1] << 4."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    assert bits == 4
+    if codes.shape[1] % 2:
+        codes = np.concatenate([codes, np.zeros((codes.shape[0], 1), np.uint8)], axis=1)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
 def dequantize_reference(codes, scale, zero, shape, group: int | None) -> torch.Tensor:
     """(q - z) * s in float32, element by element from the contract."""
     length = codes.shape[1]
@@ -64,8 +74,9 @@ def dequantize_reference(codes, scale, zero, shape, group: int | None) -> torch.
 
 def write_packed(state: dict[str, torch.Tensor], names: list[str], out: Path, bits: int,
                  group: int | None = None, symmetric: bool = False, config_from: Path | None = None,
-                 metadata: dict[str, str] | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Write a packed checkpoint quantizing ``names``; returns its path and the dequantized state."""
+                 metadata: dict[str, str] | None = None, fast: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Write a packed checkpoint quantizing ``names``; returns its path and the dequantized state.
+    ``fast``: pack 4/8-bit codes with numpy instead of the Python bit stream."""
     tensors, deq, layers = {}, {}, {}
     for k, v in state.items():
         if k not in names:
@@ -74,7 +85,8 @@ def write_packed(state: dict[str, torch.Tensor], names: list[str], out: Path, bi
             continue
         w = v.float().numpy()
         codes, scale, zero = rtn_codes(w, bits, group, symmetric)
-        tensors[f"{k}.qweight"] = torch.from_numpy(pack_rows(codes, bits))
+        packer = pack_rows_numpy if fast and bits in (4, 8) else pack_rows
+        tensors[f"{k}.qweight"] = torch.from_numpy(packer(codes, bits))
         tensors[f"{k}.scale"] = torch.from_numpy(scale)
         tensors[f"{k}.zero_point"] = torch.from_numpy(zero)
         deq[k] = dequantize_reference(codes, scale, zero, w.shape, group)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.export.packed import read_packed, unpack_codes
-from tests.export.packing import dequantize_reference, pack_rows, rtn_codes, write_packed
+from tests.export.packing import dequantize_reference, pack_rows, pack_rows_numpy, rtn_codes, write_packed
 
 
 @settings(max_examples=60, deadline=None)
@@ -23,6 +23,13 @@ from tests.export.packing import dequantize_reference, pack_rows, rtn_codes, wri
 def test_unpack_inverts_the_contract_bit_stream(bits, rows, length, seed):
     codes = np.random.default_rng(seed).integers(0, 1 << bits, (rows, length)).astype(np.uint8)
     assert np.array_equal(unpack_codes(pack_rows(codes, bits), bits, length), codes)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([4, 8]), rows=st.integers(1, 4), length=st.integers(1, 33), seed=st.integers(0, 2**31 - 1))
+def test_numpy_packer_agrees_with_the_bit_stream(bits, rows, length, seed):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, (rows, length)).astype(np.uint8)
+    assert np.array_equal(pack_rows_numpy(codes, bits), pack_rows(codes, bits))
 
 
 def test_four_bit_layout_is_low_nibble_first():
