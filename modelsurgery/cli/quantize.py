@@ -84,7 +84,7 @@ def render_result(r: dict) -> None:
             table.add_column(col, justify="right" if col != "weights" else "left")
         for b in r["blocks"]:
             if b["weights"]:
-                table.add_row(str(b["block"]), ", ".join(b["weights"]), _num(b["rtn_loss"]), _num(b["loss"]),
+                table.add_row(str(b["block"]), _weights(b["weights"]), _num(b["rtn_loss"]), _num(b["loss"]),
                               f"{b['seconds']:.1f}")
         out_console.print(table)
     if r.get("evaluation"):
@@ -94,11 +94,20 @@ def render_result(r: dict) -> None:
         table.add_column("float", justify="right")
         table.add_column("quantized", justify="right")
         for k in ev["float"]:
-            table.add_row(k, _num(ev["float"][k]), _num(ev["quantized"][k]))
-        table.add_row("output cosine", "1", _num(ev["output_cosine"]))
+            if k in ev["quantized"]:
+                table.add_row(k, _num(ev["float"][k]), _num(ev["quantized"][k]))
+        table.add_row("output cosine (mean)", "1", _num(ev["agreement"]["cosine_mean"]))
+        if "top1_agreement" in ev["agreement"]:
+            table.add_row("top-1 agreement", "1", _num(ev["agreement"]["top1_agreement"]))
+        if "sentence_cosine" in ev:
+            table.add_row("sentence-embedding cosine", "1", _num(ev["sentence_cosine"]))
         out_console.print(table)
     out_console.print(f"{human_bytes(r['bytes_in'])} -> {human_bytes(r['bytes_out'])} in {r['seconds']:.1f} s, "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+def _weights(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{len(names)} ({names[0].rsplit('.', 2)[0]}.*)"
 
 
 def _num(x) -> str:
@@ -117,7 +126,7 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
         r = quantize_checkpoint(model, workdir / f"mlp_{method}_3bit.safetensors", opts)
         results[method] = {"accuracy": r.evaluation["quantized"]["accuracy"],
                            "float_accuracy": r.evaluation["float"]["accuracy"],
-                           "output_cosine": r.evaluation["output_cosine"], "output": r.output,
+                           "output_cosine": r.evaluation["agreement"]["cosine_mean"], "output": r.output,
                            "bytes": r.bytes_out, "seconds": round(r.seconds, 2)}
     if not quiet:
         table = Table(show_edge=False, title="digits MLP, every layer 3-bit per channel")

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, Provenance, check_output, plan_copy, plan_tensor, write_checkpoint
+from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.ops.quantize.base import method_by_name
-from modelsurgery.ops.quantize.calibration import batches, load_calibration, read_tensors
 from modelsurgery.ops.quantize.compare import compare_models
 from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
 from modelsurgery.ops.quantize.packing import METADATA_KEY, layer_entry, packed_tensors
@@ -84,14 +84,29 @@ def _scheme_metadata(opts: QuantizeOptions, layers: dict[str, dict]) -> dict[str
     }, sort_keys=True)}
 
 
-def _check_fits(module, calib: list[dict], path: Path, family: str) -> None:
+def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_len: int | None,
+              module) -> Dataset:
+    """Read calibration or evaluation data and check it fits the model (one forward pass)."""
+    data = load_data(path, tokenizer=folder)
+    if samples is not None:
+        data = data.select(slice(0, samples))
+    if data.is_tokens:  # at most seq_len tokens, and no columns that are padding in every sample
+        width = min(seq_len or data.input_ids.shape[1], data.input_ids.shape[1])
+        if data.attention_mask is not None and data.attention_mask.numel():
+            width = min(width, int(data.attention_mask.sum(1).max()))
+        data.input_ids = data.input_ids[:, :width]
+        if data.attention_mask is not None:
+            data.attention_mask = data.attention_mask[:, :width]
+    check_fits(family, data)
+    first = next(data.batches(2, family))
     try:
         with torch.no_grad():
-            module(**calib[0])
+            module(**first)
     except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
-        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in calib[0].items())
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SurgeryError(f"{path}: calibration data ({shapes}) does not fit the {family} model: {first}") from None
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in first.items())
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SurgeryError(f"{path}: data ({shapes}) does not fit the {family.name} model: {msg}") from None
+    return data
 
 
 def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions,
@@ -129,9 +144,11 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
 
     calib = []
     if opts.calib is not None:
-        data = load_calibration(opts.calib, family.input_names(), ckpt.folder, opts.samples, opts.seq_len)
-        calib = batches(data, opts.batch_size)
-        _check_fits(model, calib, Path(opts.calib), family.name)
+        data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, opts.seq_len, model)
+        calib = list(data.batches(opts.batch_size, family))
+    eval_data = None
+    if opts.eval is not None:
+        eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
 
     float_model = copy.deepcopy(model)
     result = reconstruct_blocks(
@@ -156,9 +173,7 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
                   **_scheme_metadata(opts, layers)},
         config=ckpt.config, extra_files=ckpt.extra_files(), force=opts.force,
     )
-    evaluation = None
-    if opts.eval is not None:
-        evaluation = evaluate_pair(family, float_model, model, Path(opts.eval), ckpt.folder, opts)
+    evaluation = compare_models(float_model, model, family, eval_data) if eval_data is not None else None
     return QuantizeResult(
         output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
                                                       **scheme.to_dict(), "steps": opts.steps, "lr": opts.lr,
@@ -167,11 +182,4 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
         seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20,
         bytes_in=ckpt.nbytes, bytes_out=report.total_bytes, evaluation=evaluation,
     )
-
-
-def evaluate_pair(family, float_model, quant_model, path: Path, folder: Path | None, opts: QuantizeOptions) -> dict:
-    data = load_calibration(path, family.input_names(), folder, samples=10**9, seq_len=opts.seq_len)
-    labels = read_tensors(path).get("labels") if path.suffix in (".safetensors", ".pt", ".pth", ".npz") else None
-    _check_fits(float_model, batches(data, 2)[:1], path, family.name)
-    return compare_models(float_model, quant_model, data, labels, family.output_kind)
 

@@ -81,14 +81,18 @@ def find_targets(model: nn.Module) -> dict[int, Target]:
     return found
 
 
-def rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (out - target).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+def rec_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error summed over a sample's features (padding positions left out), batch mean."""
+    err = (out - target).pow(2)
+    if mask is not None and err.dim() == 3 and tuple(mask.shape) == tuple(err.shape[:2]):
+        err = err * mask[..., None].to(err.dtype)
+    return err.reshape(out.shape[0], -1).sum(1).mean()
 
 
-def _block_loss(block, overrides, xs, ctxs, ys) -> float:
+def _block_loss(block, overrides, xs, ctxs, ys, masks) -> float:
     with torch.no_grad():
-        total = sum(rec_loss(functional_call(block, overrides, (x,), c), y).item() * x.shape[0]
-                    for x, c, y in zip(xs, ctxs, ys))
+        total = sum(rec_loss(functional_call(block, overrides, (x,), c), y, m).item() * x.shape[0]
+                    for x, c, y, m in zip(xs, ctxs, ys, masks))
     return total / sum(x.shape[0] for x in xs)
 
 
@@ -125,6 +129,7 @@ def reconstruct_blocks(float_model: nn.Module, quant_model: nn.Module, targets: 
         xf, ctxs = zip(*[fstages.embed(**b) for b in calib]) if calib else ((), ())
         xq = [qstages.embed(**b)[0] for b in calib]
     xf, ctxs = list(xf), list(ctxs)
+    masks = [b.get("attention_mask") for b in calib]
     n_blocks = len(qstages.blocks)
     for i, (fblock, qblock) in enumerate(zip(fstages.blocks, qstages.blocks)):
         start = time.perf_counter()
@@ -139,16 +144,16 @@ def reconstruct_blocks(float_model: nn.Module, quant_model: nn.Module, targets: 
                 rtn = {n: RTNQuantizer(p, scheme, targets[id(p)].transposed,
                                        options.grid or method.default_grid, targets[id(p)].name)()
                        for n, p in local.items()}
-                report.rtn_loss = _block_loss(qblock, rtn, xq, ctxs, yf)
+                report.rtn_loss = _block_loss(qblock, rtn, xq, ctxs, yf, masks)
             if method.learned and calib and options.steps > 0:
-                _train(qblock, quantizers, xq, ctxs, yf, options, gen, lambda s, loss: progress(
+                _train(qblock, quantizers, xq, ctxs, yf, masks, options, gen, lambda s, loss: progress(
                     f"block {i + 1}/{n_blocks}", s, options.steps, {"loss": loss}))
             for n, q in quantizers.items():
                 qw = q.export()
                 local[n].data.copy_(qw.dequantized.to(local[n].dtype))
                 result.weights[targets[id(local[n])].name] = qw
             if calib:
-                report.loss = _block_loss(qblock, {}, xq, ctxs, yf)
+                report.loss = _block_loss(qblock, {}, xq, ctxs, yf, masks)
         with torch.no_grad():
             xq = [qblock(x, **c) for x, c in zip(xq, ctxs)]
         xf = yf
@@ -158,7 +163,7 @@ def reconstruct_blocks(float_model: nn.Module, quant_model: nn.Module, targets: 
     return result
 
 
-def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys,
+def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks,
            options: ReconstructOptions, gen: torch.Generator, report: Callable[[int, float], None]) -> None:
     params = [p for q in quantizers.values() for p in q.parameters()]
     opt = torch.optim.Adam(params, lr=options.lr)
@@ -169,7 +174,7 @@ def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, y
         b = int(torch.randint(len(xs), (1,), generator=gen))
         with torch.enable_grad():
             out = functional_call(block, {n: q() for n, q in quantizers.items()}, (xs[b],), ctxs[b])
-            loss = rec_loss(out, ys[b])
+            loss = rec_loss(out, ys[b], masks[b])
             reg = sum(q.regularizer(step / options.steps) for q in quantizers.values())
             opt.zero_grad(set_to_none=True)
             (loss + reg).backward()
