@@ -1,0 +1,156 @@
+"""quantize_checkpoint end to end on the fixtures: fake/packed agreement, FlexRound vs RTN error,
+skips, transformers interop for GPT-2's Conv1D, and bad input (one-line error, nothing written)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize import QuantizeOptions, dequantize_checkpoint, quantize_checkpoint
+from modelsurgery.ops.quantize.packing import METADATA_KEY
+
+ROOT = Path(__file__).resolve().parents[3]
+MLP = ROOT / "fixtures" / "digits" / "mlp_seed0.safetensors"
+CNN = ROOT / "fixtures" / "digits" / "cnn_seed0.safetensors"
+CALIB = ROOT / "fixtures" / "data" / "digits_calib.safetensors"
+EVAL = ROOT / "fixtures" / "data" / "digits_eval.safetensors"
+
+
+def mlp_logits(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """The digits MLP written out by hand: 64-128-128-10 with ReLU."""
+    h = torch.relu(x @ state["0.weight"].T + state["0.bias"])
+    h = torch.relu(h @ state["2.weight"].T + state["2.bias"])
+    return h @ state["4.weight"].T + state["4.bias"]
+
+
+def test_fake_and_packed_dequantize_to_the_same_weights(tmp_path):
+    common = dict(bits=3, method="flexround", granularity="group", group_size=16, symmetric=False,
+                  calib=CALIB, samples=64, steps=20, default_skips=False)
+    fake = quantize_checkpoint(MLP, tmp_path / "fake.safetensors", QuantizeOptions(format="fake", **common))
+    packed = quantize_checkpoint(MLP, tmp_path / "packed.safetensors", QuantizeOptions(format="packed", **common))
+    assert fake.layers == packed.layers and set(fake.layers) == {"0.weight", "2.weight", "4.weight"}
+    f = load_file(tmp_path / "fake.safetensors")
+    raw = load_file(tmp_path / "packed.safetensors")
+    assert raw["2.weight.qweight"].dtype == torch.uint8 and raw["2.weight.qweight"].shape == (128, 128 * 3 // 8)
+    assert raw["2.weight.scale"].shape == (128, 8) and raw["2.weight.zero_point"].dtype == torch.uint8
+    d = dequantize_checkpoint(Checkpoint.open(tmp_path / "packed.safetensors"))
+    assert set(d) == set(f)
+    for name in f:
+        assert torch.equal(d[name], f[name]), name
+    # each fake weight row holds at most 2^3 distinct values per group of 16
+    w = f["2.weight"].reshape(128, 8, 16)
+    assert max(len(g.unique()) for g in w.reshape(-1, 16)) <= 8
+    original = load_file(MLP)
+    for b in ("0.bias", "2.bias", "4.bias"):
+        assert torch.equal(f[b], original[b]) and torch.equal(raw[b], original[b])
+    with safe_open(tmp_path / "packed.safetensors", "pt") as fh:
+        scheme = json.loads(fh.metadata()[METADATA_KEY])
+    assert scheme["format"] == "packed" and scheme["bits"] == 3 and scheme["group_size"] == 16
+    assert scheme["layers"]["0.weight"] == {"shape": [128, 64], "bits": 3, "group_size": 16}
+
+
+def test_flexround_reconstructs_better_than_rtn(tmp_path):
+    x = load_file(CALIB)["inputs"]
+    ref = mlp_logits(load_file(MLP), x)
+    errors = {}
+    for method, grid in (("rtn", "minmax"), ("rtn", "search"), ("flexround", None)):
+        out = tmp_path / f"{method}-{grid}.safetensors"
+        r = quantize_checkpoint(MLP, out, QuantizeOptions(bits=3, method=method, grid=grid, calib=CALIB,
+                                                          samples=256, steps=150, default_skips=False))
+        errors[(method, grid)] = (mlp_logits(load_file(out), x) - ref).pow(2).mean().item()
+        if method == "flexround":
+            assert all(b["loss"] < b["rtn_loss"] for b in r.blocks)
+    assert errors[("flexround", None)] < 0.7 * min(errors[("rtn", "minmax")], errors[("rtn", "search")])
+
+
+def test_default_skips_keep_the_head_float_and_skip_patterns(tmp_path):
+    r = quantize_checkpoint(MLP, tmp_path / "a.safetensors", QuantizeOptions(bits=4, method="rtn"))
+    assert r.skipped == ["4.weight"] and set(r.layers) == {"0.weight", "2.weight"}
+    out, original = load_file(tmp_path / "a.safetensors"), load_file(MLP)
+    assert torch.equal(out["4.weight"], original["4.weight"])
+    assert not torch.equal(out["0.weight"], original["0.weight"])
+    r = quantize_checkpoint(MLP, tmp_path / "b.safetensors",
+                            QuantizeOptions(bits=4, method="rtn", skip=["0.*"], default_skips=False))
+    assert set(r.layers) == {"2.weight", "4.weight"}
+
+
+def test_conv_network_with_eval(tmp_path):
+    r = quantize_checkpoint(CNN, tmp_path / "c.safetensors", QuantizeOptions(
+        bits=4, method="flexround", calib=CALIB, samples=64, steps=10, eval=EVAL, format="packed"))
+    conv = [n for n, e in r.layers.items() if len(e["shape"]) == 4]
+    assert conv, r.layers
+    assert r.evaluation["float"]["accuracy"] > 0.8
+    assert abs(r.evaluation["quantized"]["accuracy"] - r.evaluation["float"]["accuracy"]) < 0.1
+    d = dequantize_checkpoint(Checkpoint.open(tmp_path / "c.safetensors"))
+    assert d[conv[0]].shape == tuple(r.layers[conv[0]]["shape"])
+
+
+def test_gpt2_fake_output_loads_in_transformers(tmp_path):
+    from tests.hf_tiny import load_hf, save_tiny_gpt2
+
+    src = tmp_path / "gpt2"
+    save_tiny_gpt2(src)
+    r = quantize_checkpoint(src, tmp_path / "q", QuantizeOptions(bits=8, method="rtn", format="fake"))
+    c_fc = next(n for n in r.layers if n.endswith("mlp.c_fc.weight"))
+    assert r.layers[c_fc].get("transposed") is True
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = load_hf(src)(input_ids=ids).logits, load_hf(tmp_path / "q")(input_ids=ids).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+    # Conv1D stores (in, out): per output channel = one scale per column
+    packed = quantize_checkpoint(src, tmp_path / "p", QuantizeOptions(bits=4, method="rtn", format="packed"))
+    shape = packed.layers[c_fc]["shape"]
+    assert load_file(tmp_path / "p" / "model.safetensors")[c_fc + ".scale"].shape == (shape[1], 1)
+
+
+def _listing(folder: Path) -> set:
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("opts,message", [
+    (dict(bits=9, method="rtn"), r"--bits 9: expected a bit width from 2 to 8"),
+    (dict(bits=1, method="rtn"), r"--bits 1"),
+    (dict(bits=4, method="rtn", granularity="group", group_size=7),
+     r"tensor '0.weight': --group-size 7 does not divide its row length 64"),
+    (dict(bits=4, method="flexround"), r"--method flexround learns the rounding from data: pass --calib"),
+    (dict(bits=4, method="nearest"), r"--method nearest: expected one of"),
+    (dict(bits=4, method="rtn", format="int4"), r"--format int4"),
+])
+def test_bad_options_write_nothing(tmp_path, opts, message):
+    before = _listing(tmp_path)
+    with pytest.raises(SurgeryError, match=message):
+        quantize_checkpoint(MLP, tmp_path / "out.safetensors", QuantizeOptions(**opts))
+    assert _listing(tmp_path) == before
+
+
+def test_calibration_that_does_not_fit_writes_nothing(tmp_path):
+    bad = tmp_path / "narrow.safetensors"
+    save_file({"inputs": torch.randn(8, 32)}, bad)
+    tokens = tmp_path / "tokens.safetensors"
+    save_file({"input_ids": torch.randint(0, 5, (8, 16))}, tokens)
+    text = tmp_path / "calib.txt"
+    text.write_text("some text\nmore text\n")
+    before = _listing(tmp_path)
+    for path, message in ((bad, r"narrow.safetensors: .*do not fit the mlp model"),
+                          (tokens, r"tokens.safetensors: holds token ids but the mlp model takes feature inputs"),
+                          (text, r"calib.txt is text; calibrating on text needs the model folder's tokenizer.json")):
+        with pytest.raises(SurgeryError, match=message):
+            quantize_checkpoint(MLP, tmp_path / "out.safetensors", QuantizeOptions(calib=path, steps=5))
+        with pytest.raises(SurgeryError, match=message):
+            quantize_checkpoint(MLP, tmp_path / "out.safetensors", QuantizeOptions(method="rtn", eval=path))
+    assert _listing(tmp_path) == before
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep")
+    with pytest.raises(SurgeryError, match="already exists"):
+        quantize_checkpoint(MLP, out, QuantizeOptions(method="rtn"))
+    assert out.read_bytes() == b"keep"
+    quantize_checkpoint(MLP, out, QuantizeOptions(method="rtn", force=True))
+    assert out.stat().st_size > 4
