@@ -33,7 +33,14 @@ from modelsurgery.checkpoint import Checkpoint, check_output, plan_tensor
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.families.mlp import natural_key
-from modelsurgery.ops.grow.common import GrowOptions, GrowReport, Progress, new_report, no_progress, write_grown
+from modelsurgery.ops.grow.common import (
+    GrowOptions,
+    GrowReport,
+    Progress,
+    new_report,
+    no_progress,
+    write_grown,
+)
 
 TEMPLATE_RE = re.compile(r"^(.*)\.trainable_parameters\.template_set_(\d+)$")
 COEF_RE = re.compile(r"^(.*)\.coefficients\.coefs_member_(\d+)$")

@@ -29,7 +29,7 @@ class GrowthPlan:
         return dict(self.__dict__)
 
 
-def parse_count(text: str | float | int, what: str) -> float:
+def parse_count(text: str | float, what: str) -> float:
     """'7B', '300e9', '1.2T', 7000000000 -> a positive number."""
     if isinstance(text, (int, float)):
         value = float(text)

@@ -16,7 +16,14 @@ import torch
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, check_output, plan_copy
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, detect_family
-from modelsurgery.ops.grow.common import GrowOptions, GrowReport, Progress, new_report, no_progress, write_grown
+from modelsurgery.ops.grow.common import (
+    GrowOptions,
+    GrowReport,
+    Progress,
+    new_report,
+    no_progress,
+    write_grown,
+)
 
 
 def stack_layout(num_layers: int, factor: int) -> list[int]:

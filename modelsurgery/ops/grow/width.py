@@ -12,6 +12,7 @@ so the function is too). BatchNorm channels are carried along (copied, or identi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,14 @@ import torch
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, check_output, plan_copy
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, Linear, Norm, detect_family
-from modelsurgery.ops.grow.common import GrowOptions, GrowReport, Progress, new_report, no_progress, write_grown
+from modelsurgery.ops.grow.common import (
+    GrowOptions,
+    GrowReport,
+    Progress,
+    new_report,
+    no_progress,
+    write_grown,
+)
 from modelsurgery.ops.grow.stack import single_input
 
 CHAIN_FAMILIES = ("mlp", "cnn")
@@ -44,7 +52,7 @@ class UnitGrowth:
 
 
 def plan_units(old: int, factor: float, split: bool, gen: torch.Generator) -> UnitGrowth:
-    new = int(round(old * factor))
+    new = round(old * factor)
     if not split:
         return UnitGrowth(old, new, None)
     src: list[int] = []
@@ -94,20 +102,14 @@ class WidthPlan:
 
     def __init__(self, ckpt: Checkpoint, options: GrowOptions):
         self.ckpt, self.options = ckpt, options
-        self.changed: dict[str, tuple[tuple[int, ...], callable]] = {}
+        self.changed: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
 
     def std(self, name: str) -> float:
         w = self.ckpt.get(name).float()
         return float(w.std()) if w.numel() > 1 else 1.0
 
-    def set(self, name: str, shape: tuple[int, ...], fn) -> None:
+    def set(self, name: str, shape: tuple[int, ...], fn: Callable[[], torch.Tensor]) -> None:
         self.changed[name] = (tuple(shape), fn)
-
-    def current(self, name: str):
-        """The new value so far (a tensor), applying an earlier change to the same tensor."""
-        if name in self.changed:
-            return self.changed[name][1]()
-        return self.ckpt.get(name)
 
     def linear(self, lin: Linear, fan_in: UnitGrowth | None, fan_out: UnitGrowth | None, positions: int = 1
                ) -> None:
@@ -166,8 +168,9 @@ def plan_chain(family: Family, plan: WidthPlan, factor: float, split: bool, gen:
     for pos, idx in enumerate(weights):
         lin = items[idx]
         last = pos == len(weights) - 1
+        is_linear = len(family.ckpt.shape(lin.weight)) == 2
         positions = family.spatial_positions(lin.weight.rsplit(".", 1)[0]) if (
-            growth is not None and hasattr(family, "spatial_positions")) else 1
+            growth is not None and is_linear and hasattr(family, "spatial_positions")) else 1
         new_growth = None if last else plan_units(family.ckpt.shape(lin.weight)[0], factor, split, gen)
         plan.linear(lin, new_growth, growth, positions)
         if new_growth is not None:

@@ -1,7 +1,6 @@
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-import pytest
 
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.grow import interleave_layout, slices_layout, stack_layout
