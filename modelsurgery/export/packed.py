@@ -8,7 +8,9 @@ tensor, per output channel, or per group of ``group_size`` consecutive elements 
 - ``X.weight.scale``      float32 [out, n_groups];
 - ``X.weight.zero_point`` uint8, same shape as scale.
 
-Safetensors metadata ``modelsurgery.quantization`` lists the quantized weights under ``layers``.
+Safetensors metadata ``modelsurgery.quantization`` lists the quantized weights under ``layers``;
+an entry with ``"transposed": true`` is a weight stored (in, out), as GPT-2's Conv1D, whose rows
+are its output channels (the columns of the stored tensor).
 """
 
 from __future__ import annotations
@@ -38,14 +40,20 @@ class PackedWeight:
     codes: np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray
+    #: stored (in, out) like GPT-2's Conv1D while the rows are its output channels (metadata "transposed")
+    transposed: bool = False
 
     @property
     def rows(self) -> int:
-        return self.shape[0]
+        return self.shape[1] if self.transposed else self.shape[0]
 
     @property
     def row_length(self) -> int:
-        return math.prod(self.shape[1:])
+        return self.shape[0] if self.transposed else math.prod(self.shape[1:])
+
+    def to_stored(self, rows: torch.Tensor) -> torch.Tensor:
+        """A [rows, R] matrix in the checkpoint's stored shape."""
+        return rows.t().contiguous() if self.transposed else rows.reshape(self.shape)
 
     @property
     def granularity(self) -> str:
@@ -65,7 +73,7 @@ class PackedWeight:
             zp_full = zp.repeat_interleave(size, dim=1)[:, : self.row_length]
             s_full = scale.repeat_interleave(size, dim=1)[:, : self.row_length]
             w = (q - zp_full).to(dtype) * s_full
-        return w.reshape(self.shape)
+        return self.to_stored(w)
 
 
 def quantization_metadata(ckpt: Checkpoint) -> dict | None:
@@ -104,7 +112,10 @@ def read_packed_weight(ckpt: Checkpoint, name: str, layer: dict) -> PackedWeight
         raise SurgeryError(f"{ckpt.path}: quantization entry for '{name}' needs 'shape' and 'bits'") from None
     if not 1 <= bits <= 8:
         raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has {bits} bits; 1 to 8 are supported")
-    rows, length = shape[0], math.prod(shape[1:])
+    transposed = bool(layer.get("transposed", False))
+    if transposed and len(shape) != 2:
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' is marked transposed but has shape {shape}")
+    rows, length = (shape[1], shape[0]) if transposed else (shape[0], math.prod(shape[1:]))
     packed = ckpt.get(name + ".qweight").numpy()
     want = (rows, math.ceil(length * bits / 8))
     if packed.dtype != np.uint8 or tuple(packed.shape) != want:
@@ -136,7 +147,7 @@ def read_packed_weight(ckpt: Checkpoint, name: str, layer: dict) -> PackedWeight
     codes = unpack_codes(packed, bits, length)
     if int(zero_point.max(initial=0)) >= 1 << bits or int(codes.max(initial=0)) >= 1 << bits:
         raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has codes or zero points above {bits} bits")
-    return PackedWeight(name, shape, bits, group, codes, np.ascontiguousarray(scale), zero_point.copy())
+    return PackedWeight(name, shape, bits, group, codes, np.ascontiguousarray(scale), zero_point.copy(), transposed)
 
 
 def read_packed(ckpt: Checkpoint) -> list[PackedWeight]:

@@ -1,8 +1,8 @@
 """Integer weights in an ONNX graph: DequantizeLinear in front of the matmuls (ONNX QDQ format).
 
 A float graph exported from the dequantized module holds each quantized weight W = (q - z) * s
-as a float initializer, either as stored ([out, in] for Gemm/Conv, possibly reshaped) or transposed
-([in, out], the exporter's constant-folded MatMul form). Each one is found by its exact bytes and
+as a float initializer: as the [rows, R] matrix of codes (Gemm), reshaped (a Conv kernel), or
+transposed (the exporter's constant-folded MatMul form, GPT-2's Conv1D). Each one is found by its exact bytes and
 replaced by the integer codes, their scales and zero points, and a DequantizeLinear node
 (per tensor, per axis since opset 13, blocked since opset 21 with uint4 storage since opset 21).
 
@@ -21,7 +21,6 @@ prevented by the graph; a faithful session sets ``FAITHFUL_SESSION_CONFIG``.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,33 +66,32 @@ def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
 class Replacement:
     initializer: str
     weight: str
-    orientation: str  # "stored" (as in the checkpoint) | "transposed" (2-D) | "flat" ([rows, R] of a conv kernel)
+    #: how the initializer relates to the [rows, R] matrix DequantizeLinear yields:
+    #: "rows" (the same), "transposed" (2-D, [R, rows]), "reshaped" (a conv kernel [out, in, *k])
+    orientation: str
 
 
 def _digest(a: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
 
 
-def find_weight_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]
-                             ) -> list[Replacement]:
-    """Initializers holding exactly one of ``values`` (weight name -> array as the module holds it)."""
+def find_weight_initializers(model: onnx.ModelProto, matrices: dict[str, np.ndarray],
+                             shapes: dict[str, tuple[int, ...]]) -> list[Replacement]:
+    """Initializers holding exactly one of ``matrices`` (weight name -> [rows, R] values as the module
+    holds them), as is, transposed, or reshaped to the weight's stored ``shapes``."""
     wanted: dict[tuple[tuple[int, ...], str], tuple[str, str]] = {}
-    for name, v in values.items():
-        wanted.setdefault((tuple(v.shape), _digest(v)), (name, "stored"))
-        if v.ndim == 2:
-            wanted.setdefault((tuple(v.T.shape), _digest(v.T)), (name, "transposed"))
-        else:
-            flat = v.reshape(v.shape[0], -1)
-            wanted.setdefault((tuple(flat.shape), _digest(flat)), (name, "flat"))
-    shapes = {s for s, _ in wanted}
-    sizes = {math.prod(s) for s in shapes}
+    for name, m in matrices.items():
+        wanted.setdefault((tuple(m.shape), _digest(m)), (name, "rows"))
+        wanted.setdefault((tuple(m.T.shape), _digest(m.T)), (name, "transposed"))
+        if len(shapes[name]) != 2:
+            wanted.setdefault((tuple(shapes[name]), _digest(m)), (name, "reshaped"))  # same bytes, other dims
+    dims_wanted = {s for s, _ in wanted}
     found = []
     for init in model.graph.initializer:
         dims = tuple(init.dims)
-        if dims not in shapes or math.prod(dims) not in sizes:
+        if dims not in dims_wanted:
             continue
-        arr = numpy_helper.to_array(init)
-        hit = wanted.get((dims, _digest(arr)))
+        hit = wanted.get((dims, _digest(numpy_helper.to_array(init))))
         if hit is not None:
             found.append(Replacement(init.name, hit[0], hit[1]))
     return found
@@ -107,7 +105,9 @@ def insert_dequantize(model: onnx.ModelProto, weights: list[PackedWeight], value
     verbatim, e.g. folded into another constant).
     """
     by_name = {w.name: w for w in weights}
-    replacements = find_weight_initializers(model, {w.name: values[w.name] for w in weights})
+    matrices = {w.name: (values[w.name].T if w.transposed else values[w.name].reshape(w.rows, w.row_length))
+                for w in weights}
+    replacements = find_weight_initializers(model, matrices, {w.name: w.shape for w in weights})
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     new_nodes, new_inits, done = [], [], []
@@ -131,7 +131,7 @@ def insert_dequantize(model: onnx.ModelProto, weights: list[PackedWeight], value
             integer_tensor(f"{base}.zero_point", zp, w.bits),
         ]
         target = list(inits[r.initializer].dims)
-        direct = r.orientation == "flat" or (r.orientation == "stored" and len(w.shape) == 2)
+        direct = r.orientation == "rows"
         dq_out = r.initializer if direct else f"{base}.dq"
         new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}.q", f"{base}.scale", f"{base}.zero_point"],
                                           [dq_out], name=f"{base}.DequantizeLinear", **attrs))

@@ -74,9 +74,11 @@ def dequantize_reference(codes, scale, zero, shape, group: int | None) -> torch.
 
 def write_packed(state: dict[str, torch.Tensor], names: list[str], out: Path, bits: int,
                  group: int | None = None, symmetric: bool = False, config_from: Path | None = None,
-                 metadata: dict[str, str] | None = None, fast: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
+                 metadata: dict[str, str] | None = None, fast: bool = False, transposed: frozenset[str] = frozenset()
+                 ) -> tuple[Path, dict[str, torch.Tensor]]:
     """Write a packed checkpoint quantizing ``names``; returns its path and the dequantized state.
-    ``fast``: pack 4/8-bit codes with numpy instead of the Python bit stream."""
+    ``fast``: pack 4/8-bit codes with numpy instead of the Python bit stream. ``transposed``: weights
+    stored (in, out) like GPT-2's Conv1D, quantized per output channel (metadata ``"transposed": true``)."""
     tensors, deq, layers = {}, {}, {}
     for k, v in state.items():
         if k not in names:
@@ -84,13 +86,17 @@ def write_packed(state: dict[str, torch.Tensor], names: list[str], out: Path, bi
             deq[k] = v
             continue
         w = v.float().numpy()
-        codes, scale, zero = rtn_codes(w, bits, group, symmetric)
+        rows = w.T if k in transposed else w
+        codes, scale, zero = rtn_codes(rows, bits, group, symmetric)
         packer = pack_rows_numpy if fast and bits in (4, 8) else pack_rows
         tensors[f"{k}.qweight"] = torch.from_numpy(packer(codes, bits))
         tensors[f"{k}.scale"] = torch.from_numpy(scale)
         tensors[f"{k}.zero_point"] = torch.from_numpy(zero)
-        deq[k] = dequantize_reference(codes, scale, zero, w.shape, group)
+        deq[k] = dequantize_reference(codes, scale, zero, rows.shape, group)
+        deq[k] = deq[k].T.contiguous() if k in transposed else deq[k]
         layers[k] = {"shape": list(w.shape), "bits": bits, "group_size": group or 0}
+        if k in transposed:
+            layers[k]["transposed"] = True
     meta = {"bits": bits, "method": "rtn", "granularity": "group" if group else "channel",
             "group_size": group or 0, "symmetric": symmetric, "layers": layers}
     metadata = {**(metadata or {}), "modelsurgery.quantization": json.dumps(meta)}

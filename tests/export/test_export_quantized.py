@@ -25,6 +25,13 @@ def linear_weights(folder) -> list[str]:
     return [lin.weight for i in range(family.num_layers) for lin in family.block_linears(i).values()]
 
 
+def conv1d_weights(folder) -> frozenset[str]:
+    """GPT-2's (in, out) weights, which the quantize command packs per output channel ("transposed")."""
+    family = detect_family(Checkpoint.open(folder))
+    return frozenset(lin.weight for i in range(family.num_layers) for lin in family.block_linears(i).values()
+                     if lin.transposed)
+
+
 def optimized_ops(path, config: dict | None = None) -> set[str]:
     """Node types after ONNX Runtime's default graph optimisations."""
     options = ort.SessionOptions()
@@ -46,7 +53,7 @@ def test_packed_hf_export_matches_dequantized_transformers(tmp_path, family, bit
     folder = SAVERS[family](tmp_path / "float")
     names = linear_weights(folder)
     packed, deq = write_packed(Checkpoint.open(folder).state_dict(), names, tmp_path / "packed", bits, group,
-                               config_from=folder)
+                               config_from=folder, transposed=conv1d_weights(folder))
     out = tmp_path / "q.onnx"
     report = export_checkpoint(packed, out)
     assert report.opset == 21 and report.session_config == {} and report.check.passed
@@ -121,3 +128,17 @@ def test_opset_too_old_for_four_bit_writes_nothing(tmp_path):
     with pytest.raises(SurgeryError, match=r"4-bit weights.*--opset 21 or newer \(got 17\); nothing was written"):
         export_checkpoint(packed, out / "q.onnx", ExportOptions(opset=17))
     assert list(out.iterdir()) == []
+
+
+def test_gpt2_rows_as_stored(tmp_path):
+    """The contract read literally: GPT-2's (in, out) weights packed with rows = first dimension."""
+    folder = SAVERS["gpt2"](tmp_path / "float")
+    packed, deq = write_packed(Checkpoint.open(folder).state_dict(), linear_weights(folder), tmp_path / "packed",
+                               4, 16, config_from=folder)
+    report = export_checkpoint(packed, tmp_path / "q.onnx")
+    assert report.quantization["float_weights"] == [] and report.check.passed
+    reference = load_hf(folder)
+    reference.load_state_dict(deq, strict=False)
+    feeds = token_inputs(2, 7)
+    got = ort_session(tmp_path / "q.onnx").run(None, feeds)[0]
+    assert np.abs(got - transformers_output(reference, feeds)).max() < 1e-4

@@ -82,3 +82,12 @@ def test_wrong_qweight_shape_names_the_tensor(tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"modelsurgery.quantization": json.dumps(meta)})
     with pytest.raises(SurgeryError, match=r"a\.weight\.qweight.*expected uint8 \(4, 8\)"):
         read_packed(Checkpoint.open(tmp_path / "bad.safetensors"))
+
+
+def test_transposed_entry_rows_are_output_channels(tmp_path):
+    w = torch.randn(12, 5, generator=torch.Generator().manual_seed(4))  # stored (in=12, out=5), as GPT-2's Conv1D
+    path, deq = write_packed({"c.weight": w}, ["c.weight"], tmp_path / "p.safetensors", 4, 4,
+                             transposed=frozenset({"c.weight"}))
+    (pw,) = read_packed(Checkpoint.open(path))
+    assert pw.transposed and (pw.rows, pw.row_length) == (5, 12) and pw.codes.shape == (5, 12)
+    assert pw.dequantize().shape == (12, 5) and torch.equal(pw.dequantize(), deq["c.weight"])
