@@ -50,14 +50,17 @@ def weight_matching(
     state_b: dict[str, torch.Tensor],
     spec: PermutationSpec,
     *,
-    max_iter: int = 100,
+    max_iter: int = 100,  # in solves per group
     seed: int = 0,
     backend: str = "auto",
     device: str | torch.device = "cpu",
     progress: Callable[[str, int, int, dict], None] | None = None,
     init: Perms | None = None,
+    fast: bool = True,
 ) -> MatchResult:
-    """Permutations taking B into A's basis (apply them to B with ``apply_permutation``)."""
+    """Permutations taking B into A's basis (apply them to B with ``apply_permutation``).
+
+    ``fast=False`` is the plain algorithm (every solve dense, every similarity recomputed)."""
     device = torch.device(device)
     rng = random.Random(seed)
     A = _float(state_a, spec, device)
@@ -69,27 +72,39 @@ def weight_matching(
     members = {g: spec.tensors_of(g) for g in spec.groups}
     neighbours = {g: {s.group for t, _ in members[g] for segs in spec.axes[t].values() for s in segs} - {g}
                   for g in spec.groups}
-    stale = set(spec.groups)  # groups whose assignment problem may have changed since last solved
     history = [before]
     solves = 0
     it = 0
-    while stale and it < max_iter:
-        it += 1
-        order = [g for g in spec.groups if g in stale]
-        rng.shuffle(order)
-        for g in order:
-            stale.discard(g)
-            new, gain = _solve_group(spec, g, A, Bp, perms[g], members[g], backend)
-            solves += 1
-            if new is None or gain <= 1e-9 * max(1.0, abs(history[-1])):
-                continue
-            perms[g] = new
-            for t, _ in members[g]:
-                Bp[t] = permute_tensor(spec, t, B[t], perms)
-            stale |= neighbours[g]
-            history.append(history[-1] + gain)
-        if progress:
-            progress("weight matching", it, max_iter, {"objective": history[-1]})
+    cache: dict = {}
+    versions = dict.fromkeys(spec.groups, 0)
+    # phase 1 solves sparse problems (each row's top candidates, plus the current assignment) when
+    # they are cheaper; phase 2 re-solves exactly until no group improves, so the result is a
+    # fixed point of the exact algorithm whatever phase 1 did.
+    phases = ["candidates", "exact"] if fast and device.type == "cpu" else ["exact"]
+    for phase in phases:
+        stale = set(spec.groups)  # groups whose assignment problem may have changed since last solved
+        while stale and solves < max_iter * len(spec.groups):
+            it += 1
+            order = [g for g in spec.groups if g in stale]
+            rng.shuffle(order)
+            for g in order:
+                stale.discard(g)
+                new, gain, q = _solve_group(spec, g, A, Bp, perms[g], members[g], backend, phase,
+                                            cache if fast else None, versions)
+                solves += 1
+                if new is None or gain <= 0:
+                    continue
+                perms[g] = new
+                versions[g] += 1
+                for key in [k for k in cache if k[0] == g]:  # own cached similarities: reorder columns
+                    sim, stamp = cache[key]
+                    cache[key] = (sim[:, q], stamp)
+                for t, _ in members[g]:
+                    Bp[t] = permute_tensor(spec, t, B[t], perms)
+                stale |= neighbours[g]
+                history.append(history[-1] + gain)
+            if progress:
+                progress("weight matching", it, max_iter, {"objective": history[-1]})
     after = objective(A, Bp)
     return MatchResult(perms, it, before, after, solves, history)
 
@@ -107,22 +122,62 @@ def _blocks(spec, g, A, Bp, t, ax):
     return out
 
 
-def _solve_group(spec, g, A, Bp, current, tensors, backend):
-    """A better assignment for group ``g`` (or None) and its gain, with the other groups fixed.
+def _solve_group(spec, g, A, Bp, current, tensors, backend, phase="exact", cache=None, versions=None):
+    """A better assignment for group ``g`` (or None), its gain, and the reordering ``q``.
 
-    Bp is B with all groups applied, so similarity columns are in the current order: S_cur[j, k]
-    compares A's unit j with B's unit p[k]; the new p is p[q] for q solving S_cur."""
+    Bp is B with all groups applied, so similarity columns are in the current order: S[j, k]
+    compares A's unit j with B's unit p[k]; the new p is p[q] for q solving S. A tensor's
+    contribution is cached until a group on its other axes changes."""
     grp = spec.groups[g]
-    if grp.kind == "free":
-        S = None
-        for t, ax in tensors:
+    if grp.kind != "free":
+        new, gain = _solve_heads(spec, g, grp, A, Bp, current, tensors, backend)
+        return new, gain, None
+    S = None
+    for t, ax in tensors:
+        key = (g, t, ax)
+        stamp = tuple(versions[s.group] for segs in spec.axes[t].values() for s in segs if s.group != g) \
+            if versions is not None else None
+        if cache is not None and key in cache and cache[key][1] == stamp:
+            sim = cache[key][0]
+        else:
+            sim = None
             for seg, a, b in _blocks(spec, g, A, Bp, t, ax):
-                sim = a.reshape(grp.size, -1) @ b.reshape(grp.size, -1).T
-                S = sim if S is None else S + sim
-        q = solve_assignment(S, backend)
-        gain = float(S[torch.arange(grp.size, device=S.device), q].sum() - S.diagonal().sum())
-        return {"p": current["p"][q]}, gain
-    return _solve_heads(spec, g, grp, A, Bp, current, tensors, backend)
+                part = a.reshape(grp.size, -1) @ b.reshape(grp.size, -1).T
+                sim = part if sim is None else sim + part
+            if cache is not None:
+                cache[key] = (sim, stamp)
+        S = sim if S is None else S + sim
+    n = grp.size
+    q = candidate_assignment(S) if phase == "candidates" and n > CANDIDATES * 4 else solve_assignment(S, backend)
+    rows = torch.arange(n, device=S.device)
+    current_value = S.diagonal().double().sum()
+    gain = float(S[rows, q].double().sum() - current_value)
+    if gain <= 1e-7 * float(current_value.abs()):  # float32 similarities: smaller gains are rounding noise
+        return None, 0.0, None
+    return {"p": current["p"][q]}, gain, q
+
+
+CANDIDATES = 32
+
+
+def candidate_assignment(S: torch.Tensor, k: int = CANDIDATES) -> torch.Tensor:
+    """Optimal assignment restricted to each row's top-k columns and the current (identity)
+    assignment, which keeps it feasible: an exact sparse solve (scipy's LAPJVsp)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    n = S.shape[0]
+    vals, idx = S.topk(k, dim=1)
+    rows = torch.arange(n, device=S.device)
+    extra = ~(idx == rows[:, None]).any(1)  # rows whose current column is not among their top k
+    r = torch.cat([rows.repeat_interleave(k), rows[extra]])
+    c = torch.cat([idx.flatten(), rows[extra]])
+    v = torch.cat([vals.flatten(), S.diagonal()[extra]]).double()
+    # shifted positive: stored zeros would be read as missing edges; a constant shift keeps the optimum
+    data = (v - v.min() + 1.0).cpu().numpy()
+    M = csr_matrix((data, (r.cpu().numpy(), c.cpu().numpy())), shape=(n, n))
+    _, cols = min_weight_full_bipartite_matching(M, maximize=True)
+    return torch.as_tensor(cols, dtype=torch.int64, device=S.device)
 
 
 def _solve_heads(spec, g, grp, A, Bp, current, tensors, backend):
@@ -151,7 +206,9 @@ def _solve_heads(spec, g, grp, A, Bp, current, tensors, backend):
     heads = solve_assignment(value, backend)
     rows = torch.arange(H, device=value.device)
     cur_value = S["qk"][rows, rows].diagonal(dim1=1, dim2=2).sum() + S["vo"][rows, rows].diagonal(dim1=1, dim2=2).sum()
-    gain = float(value[rows, heads].sum() - cur_value)
+    gain = float(value[rows, heads].double().sum() - cur_value.double())
+    if gain <= 1e-7 * float(cur_value.abs()):
+        return None, 0.0
     # compose: new head j = current head heads[j]; its units are current units reindexed
     new = {"heads": current["heads"][heads]}
     for part in ("qk", "vo"):
