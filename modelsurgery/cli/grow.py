@@ -35,6 +35,8 @@ def grow_command(
     compute: str = typer.Option(None, "--compute", help="--plan: target compute in FLOPs (instead of --tokens)."),
     model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
+    no_input_hash: bool = typer.Option(False, "--no-input-hash", help="Record input paths in the provenance "
+                                       "without their sha256 (saves a full read of multi-GB inputs)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -71,7 +73,7 @@ def grow_command(
         options = GrowOptions(
             method=method, factor=factor, layers=layers, every=every, split=split, init_scale=init_scale,
             coef_scale=coef_scale, num_templates=templates, seed=seed, model=model,
-            max_shard_size=max_shard_size, force=force,
+            max_shard_size=max_shard_size, force=force, hash_inputs=not no_input_hash,
         )
         with progress_bar(quiet or json_out) as progress:
             report = grow(inputs, output, options, progress)

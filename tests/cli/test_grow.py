@@ -62,3 +62,21 @@ def test_plan_cli():
     assert abs(plan["growth_tokens"] / 2.0479e10 - 1) < 2e-4  # hand computation in tests/ops/grow/test_plan.py
     r = runner.invoke(app, ["grow", "--plan", "--params", "7B", "--tokens", "300B"])
     assert "2.048e+10" in r.stdout and "--factor 4" in r.stdout
+
+
+def test_provenance_hash_and_no_input_hash(tmp_path):
+    import hashlib
+
+    from modelsurgery.checkpoint import Checkpoint
+
+    src = save_mlp(tmp_path / "mlp.safetensors")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    for flag, out in [([], tmp_path / "a.safetensors"), (["--no-input-hash"], tmp_path / "b.safetensors")]:
+        r = runner.invoke(app, ["grow", str(src), "-o", str(out), "--method", "width", *flag])
+        assert r.exit_code == 0, r.output
+        record = json.loads(Checkpoint.open(out).metadata["modelsurgery"])
+        assert record["operation"] == "grow.width"
+        if flag:
+            assert record["sources"] == [] and record["parameters"]["inputs_unhashed"] == [str(src)]
+        else:
+            assert record["sources"][0]["sha256"] == digest

@@ -84,8 +84,12 @@ def write_grown(
     config: dict | None,
 ) -> GrowReport:
     """Write the planned tensors (config and the first input's extra files carried along) and finish the report."""
-    sources = [f for c in ckpts for f in c.source_files] if options.hash_inputs else []
-    provenance = Provenance(f"grow.{options.method}", options.parameters(), sources)
+    sources = [f for c in ckpts for f in c.source_files]
+    params = options.parameters()
+    if not options.hash_inputs:  # the digest is a full read of every input: skippable for multi-GB inputs
+        params["inputs_unhashed"] = [str(f) for f in sources]
+        sources = []
+    provenance = Provenance(f"grow.{options.method}", params, sources)
     # descriptive metadata (activation, CNN arch, input shape) still holds; quantization and provenance don't
     metadata = {k: v for k, v in ckpts[0].metadata.items()
                 if k.startswith("modelsurgery.") and k != "modelsurgery.quantization"}
