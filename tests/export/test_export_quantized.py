@@ -142,3 +142,22 @@ def test_gpt2_rows_as_stored(tmp_path):
     feeds = token_inputs(2, 7)
     got = ort_session(tmp_path / "q.onnx").run(None, feeds)[0]
     assert np.abs(got - transformers_output(reference, feeds)).max() < 1e-4
+
+
+def test_fp16_packed_export(tmp_path):
+    folder = SAVERS["llama"](tmp_path / "float")
+    packed, deq = write_packed(Checkpoint.open(folder).state_dict(), linear_weights(folder), tmp_path / "packed",
+                               4, 16, config_from=folder)
+    with pytest.raises(SurgeryError, match=r"float16 scales in DequantizeLinear need --opset 19 or newer"):
+        export_checkpoint(packed, tmp_path / "h.onnx", ExportOptions(dtype="fp16", opset=17))
+    assert not (tmp_path / "h.onnx").exists()
+    report = export_checkpoint(packed, tmp_path / "h.onnx", ExportOptions(dtype="fp16"))
+    assert report.check.passed and report.quantization["float_weights"] == []
+    scales = [i for i in onnx.load(str(tmp_path / "h.onnx")).graph.initializer if i.name.endswith("_quant.scale")]
+    assert scales and {i.data_type for i in scales} == {onnx.TensorProto.FLOAT16}
+    reference = load_hf(folder)
+    reference.load_state_dict(deq, strict=False)
+    feeds = token_inputs(2, 9)
+    got = ort_session(tmp_path / "h.onnx").run(None, feeds)[0]
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - transformers_output(reference, feeds)).max() < 5e-2
