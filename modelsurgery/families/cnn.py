@@ -354,10 +354,11 @@ class CNNFamily(Family):
 
     def spatial_positions(self, linear: str) -> int:
         """Spatial positions per channel in the flattened input of ``linear`` (1 after a global pool).
-        Feature j of the linear's input is channel j // positions (channel-major flatten)."""
+        Feature j of the linear's input is channel j // positions (channel-major flatten). A conv
+        layer's input axis has one position per channel (1)."""
         steps = self.steps()
-        if not any(s.kind == "linear" and s.name == linear for s in steps):
-            raise SurgeryError(f"{self.ckpt.path}: '{linear}' is not a linear layer of this CNN")
+        if not any(s.kind in ("linear", "conv") and s.name == linear for s in steps):
+            raise SurgeryError(f"{self.ckpt.path}: '{linear}' is not a conv or linear layer of this CNN")
         first = next((s.name for s in steps if s.kind == "linear"), None)
         if linear != first:
             return 1

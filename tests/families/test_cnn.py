@@ -144,8 +144,9 @@ def test_flatten_is_channel_major():
     fam = detect_family(Checkpoint.from_state_dict(model.state_dict()))
     pos = fam.spatial_positions("4")
     assert pos == 16
-    with pytest.raises(SurgeryError, match="not a linear layer"):
-        fam.spatial_positions("3")
+    assert fam.spatial_positions("0") == 1  # a conv's input: one position per channel
+    with pytest.raises(SurgeryError, match="not a conv or linear layer"):
+        fam.spatial_positions("3")  # the Flatten
     perm = torch.randperm(6)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     for k in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
