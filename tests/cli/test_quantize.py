@@ -1,0 +1,69 @@
+"""`surgery quantize` through the CLI: --json is one object, errors are one line with exit 1, help has examples."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from modelsurgery.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[2]
+MLP = ROOT / "fixtures" / "digits" / "mlp_seed0.safetensors"
+CALIB = ROOT / "fixtures" / "data" / "digits_calib.safetensors"
+EVAL = ROOT / "fixtures" / "data" / "digits_eval.safetensors"
+runner = CliRunner()
+
+
+def test_json_output_and_inspect(tmp_path):
+    out = tmp_path / "q.safetensors"
+    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(out), "--bits", "4", "--method", "flexround",
+                            "--calib", str(CALIB), "--samples", "64", "--steps", "10", "--format", "packed",
+                            "--eval", str(EVAL), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["options"]["method"] == "flexround" and report["options"]["bits"] == 4
+    assert set(report["layers"]) == {"0.weight", "2.weight"} and report["skipped"] == ["4.weight"]
+    assert 0 < report["evaluation"]["quantized"]["accuracy"] <= 1
+    assert report["bytes_out"] < report["bytes_in"]
+    shown = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)
+    assert shown["quantization"]["format"] == "packed" and shown["quantization"]["bits"] == 4
+    assert "0.weight.qweight" in [t["name"] for t in shown["tensors"]]
+
+
+def test_human_output(tmp_path):
+    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(tmp_path / "q.safetensors"), "--method", "rtn",
+                            "--bits", "3", "--calib", str(CALIB), "--eval", str(EVAL), "--no-default-skips"])
+    assert r.exit_code == 0, r.output
+    assert "rtn 3-bit channel symmetric, 3 weights quantized" in " ".join(r.stdout.split())
+    assert "accuracy" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bits", "12", "--method", "rtn"], "error: --bits 12: expected a bit width from 2 to 8"),
+    (["--method", "rtn", "--granularity", "group", "--group-size", "5"], "does not divide its row length 64"),
+    (["--calib", "missing.txt"], "missing.txt: no such file"),
+])
+def test_errors_are_one_line_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "q.safetensors"
+    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(out), *args])
+    assert r.exit_code == 1
+    assert message in " ".join(r.stderr.split())
+    assert "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_has_examples():
+    r = runner.invoke(app, ["quantize", "--help"])
+    assert r.exit_code == 0
+    for text in ("--calib", "--granularity", "--format", "Examples", "--no-default-skips"):
+        assert text in r.stdout
+
+
+@pytest.mark.slow
+def test_demo_step(tmp_path):
+    from modelsurgery.cli.quantize import demo_step
+
+    result = demo_step(ROOT / "fixtures", tmp_path, quiet=True)
+    assert set(result) == {"rtn", "flexround"}
+    assert result["flexround"]["output_cosine"] > result["rtn"]["output_cosine"]
