@@ -147,7 +147,7 @@ def test_gpt2_rows_as_stored(tmp_path):
 def test_fp16_packed_export(tmp_path):
     folder = SAVERS["llama"](tmp_path / "float")
     packed, deq = write_packed(Checkpoint.open(folder).state_dict(), linear_weights(folder), tmp_path / "packed",
-                               4, 16, config_from=folder)
+                               8, None, config_from=folder)
     with pytest.raises(SurgeryError, match=r"float16 scales in DequantizeLinear need --opset 19 or newer"):
         export_checkpoint(packed, tmp_path / "h.onnx", ExportOptions(dtype="fp16", opset=17))
     assert not (tmp_path / "h.onnx").exists()
