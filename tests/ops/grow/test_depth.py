@@ -151,3 +151,19 @@ def test_existing_output_refused(tmp_path):
     with pytest.raises(SurgeryError, match="already exists"):
         grow([src], out, GrowOptions(method="stack", factor=2))
     assert list(out.iterdir()) == []
+
+
+def test_sharded_input_and_output_byte_copies(tmp_path):
+    """Raw byte copies read the right offsets from every shard, and the writer shards the output."""
+    from modelsurgery.checkpoint import plan_copy, write_checkpoint
+
+    src = hf_folder(tmp_path, "llama")
+    ckpt = Checkpoint.open(src)
+    sharded = tmp_path / "sharded"
+    write_checkpoint(sharded, [plan_copy(ckpt, n) for n in ckpt.keys()], config=ckpt.config,
+                     max_shard_size=20_000)
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    out = tmp_path / "grown"
+    report = grow([sharded], out, GrowOptions(method="stack", factor=2, max_shard_size=30_000))
+    assert len(list(out.glob("*.safetensors"))) > 3 and (out / "model.safetensors.index.json").is_file()
+    check_layout(src, out, report.layout)
