@@ -79,9 +79,30 @@ def trace_module(module: nn.Module, inputs: dict[str, torch.Tensor], output_name
                 raise SurgeryError(f"{source}: torch could not export the model to ONNX ({e})") from e
         model = onnx.load(str(path), load_external_data=True)
     if opset > trace_opset:
-        try:
-            model = version_converter.convert_version(model, opset)
-        except Exception as e:
-            raise SurgeryError(f"{source}: cannot convert the exported graph to opset {opset} ({e})") from e
-        del model.graph.value_info[:]  # the converter's inferred shapes: bulk in the file, unused by runtimes
+        model = convert_opset(model, opset, source)
     return model
+
+
+def convert_opset(model: onnx.ModelProto, opset: int, source: str) -> onnx.ModelProto:
+    """ONNX's version converter on the graph alone: weight bytes are set aside while it runs, since
+    it serialises the model (a protobuf message cannot pass 2 GiB) and never changes initializers."""
+    stash = {}
+    for init in model.graph.initializer:
+        if len(init.raw_data) > 1024:
+            stash[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    try:
+        converted = version_converter.convert_version(model, opset)
+    except Exception as e:
+        raise SurgeryError(f"{source}: cannot convert the exported graph to opset {opset} ({e})") from e
+    finally:
+        for init in model.graph.initializer:
+            if init.name in stash:
+                init.raw_data = stash[init.name]
+    for init in converted.graph.initializer:
+        if init.name in stash:
+            init.raw_data = stash.pop(init.name)
+    if stash:
+        raise SurgeryError(f"{source}: converting to opset {opset} lost initializer '{next(iter(stash))}'")
+    del converted.graph.value_info[:]  # the converter's inferred shapes: bulk in the file, unused by runtimes
+    return converted
