@@ -29,7 +29,7 @@ def merge_command(
     device: str = typer.Option("cpu", "--device", help="Device for similarities and the torch solver (cpu, cuda)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random group order of weight matching."),
     model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
-    eval_data: Path = typer.Option(None, "--eval", help="Data (.safetensors: inputs+labels, or input_ids) to "
+    eval_data: Path = typer.Option(None, "--eval", help="Data (.safetensors/.pt/.npz with inputs+labels or input_ids, or a text file) to "
                                    "evaluate along the interpolation path."),
     points: int = typer.Option(11, "--points", help="Number of alpha values on the path (with --eval)."),
     repair: bool = typer.Option(False, "--repair", help="Reset BatchNorm statistics / REPAIR rescaling on --eval data."),
@@ -78,24 +78,25 @@ def render_merge(r: dict) -> None:
     ev = r.get("evaluation")
     if not ev:
         return
+    metric = ev["metric"]
     table = Table(title=f"evaluation on {ev['data']}" + (" (repaired)" if ev["repair"] else ""), show_edge=False)
     table.add_column("alpha", justify="right")
     curves = [c for c in ("naive", "matched") if c in ev]
     for c in curves:
         table.add_column(f"{c} loss", justify="right")
-        table.add_column(f"{c} acc", justify="right")
+        table.add_column(f"{c} {metric}", justify="right")
     for i, p in enumerate(ev.get("naive", [])):
         row = [f"{p['alpha']:.2f}"]
         for c in curves:
-            row += [f"{ev[c][i]['loss']:.4f}", f"{ev[c][i]['accuracy']:.4f}"]
+            row += [f"{ev[c][i]['loss']:.4f}", f"{ev[c][i][metric]:.4f}"]
         table.add_row(*row)
     if curves:
         out_console.print(table)
         for c in curves:
-            out_console.print(f"{c} barrier: loss {ev[c + '_barrier']:.4f}, accuracy {ev[c + '_accuracy_barrier']:.4f}")
-    ends = ", ".join(f"{e['accuracy']:.4f}" for e in ev["endpoints"])
-    out_console.print(f"endpoints accuracy: {ends}; merged output: loss {ev['merged']['loss']:.4f}, "
-                      f"accuracy {ev['merged']['accuracy']:.4f}")
+            out_console.print(f"{c} barrier: loss {ev[c + '_barrier']:.4f}, {metric} {ev[f'{c}_{metric}_barrier']:.4f}")
+    ends = ", ".join(f"{e[metric]:.4f}" for e in ev["endpoints"])
+    out_console.print(f"endpoints {metric}: {ends}; merged output: loss {ev['merged']['loss']:.4f}, "
+                      f"{metric} {ev['merged'][metric]:.4f}")
 
 
 def analyze_command(

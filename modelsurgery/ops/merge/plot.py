@@ -27,9 +27,9 @@ def plot_path(evaluation: dict, out: Path) -> Path:
         curve = evaluation[label]
         xs = [p["alpha"] for p in curve]
         axes[0].plot(xs, [p["loss"] for p in curve], marker="o", label=label)
-        axes[1].plot(xs, [p["accuracy"] for p in curve], marker="o", label=label)
+        axes[1].plot(xs, [p[evaluation["metric"]] for p in curve], marker="o", label=label)
     axes[0].set_ylabel("loss")
-    axes[1].set_ylabel("accuracy")
+    axes[1].set_ylabel(evaluation["metric"])
     for ax in axes:
         ax.set_xlabel("alpha (0 = first model, 1 = second)")
         ax.grid(alpha=0.3)

@@ -13,7 +13,8 @@ from modelsurgery.families import detect_family
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import apply_permutation, random_perms
 from modelsurgery.ops.merge.merge import MergeOptions, merge_checkpoints
-from modelsurgery.ops.merge.path import evaluate_state, load_eval_data
+from modelsurgery.data import load_data
+from modelsurgery.ops.evaluate import evaluate
 
 
 def mlp(fixtures_dir, i):
@@ -23,7 +24,7 @@ def mlp(fixtures_dir, i):
 def accuracy(path, data_path):
     ckpt = Checkpoint.open(path)
     family = detect_family(ckpt)
-    return evaluate_state(family.build_module(), load_eval_data(data_path, family))["accuracy"]
+    return evaluate(family.build_module(), family, load_data(data_path))["accuracy"]
 
 
 def test_two_model_match_beats_naive_and_keeps_layout(fixtures_dir, tmp_path):
