@@ -164,3 +164,24 @@ def test_existing_output_refused(fixtures_dir, tmp_path):
     assert out.read_bytes() == b"keep"
 
 
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_transformer_folder_merge_undoes_a_shuffle(tmp_path, name):
+    from tests.hf_tiny import save_tiny_gpt2, save_tiny_llama
+
+    src = (save_tiny_gpt2 if name == "gpt2" else save_tiny_llama)(tmp_path / "a")
+    ckpt = Checkpoint.open(src)
+    spec = permutation_spec(detect_family(ckpt))
+    shuffled = tmp_path / "b"
+    shuffled.mkdir()
+    (shuffled / "config.json").write_text((src / "config.json").read_text())
+    state = apply_permutation(ckpt.state_dict(), spec, random_perms(spec, torch.Generator().manual_seed(1)))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(shuffled / "model.safetensors"))
+    out = tmp_path / "merged"
+    r = merge_checkpoints([src, shuffled], out, MergeOptions())
+    assert r.family == name and (out / "config.json").is_file()
+    got = Checkpoint.open(out)
+    assert got.keys() == ckpt.keys()
+    for k in ckpt.keys():
+        torch.testing.assert_close(got.get(k), ckpt.get(k))
