@@ -82,6 +82,7 @@ def weight_matching(
     # fixed point of the exact algorithm whatever phase 1 did.
     phases = ["candidates", "exact"] if fast and device.type == "cpu" else ["exact"]
     for phase in phases:
+        cache.clear()  # each phase starts from exact products
         stale = set(spec.groups)  # groups whose assignment problem may have changed since last solved
         while stale and solves < max_iter * len(spec.groups):
             it += 1
@@ -89,7 +90,7 @@ def weight_matching(
             rng.shuffle(order)
             for g in order:
                 stale.discard(g)
-                new, gain, q = _solve_group(spec, g, A, Bp, perms[g], members[g], backend, phase,
+                new, gain, q = _solve_group(spec, g, A, Bp, perms, members[g], backend, phase,
                                             cache if fast else None, versions)
                 solves += 1
                 if new is None or gain <= 0:
@@ -97,8 +98,8 @@ def weight_matching(
                 perms[g] = new
                 versions[g] += 1
                 for key in [k for k in cache if k[0] == g]:  # own cached similarities: reorder columns
-                    sim, stamp = cache[key]
-                    cache[key] = (sim[:, q], stamp)
+                    sim, stamp, idx = cache[key]
+                    cache[key] = (sim[:, q], stamp, idx)
                 for t, _ in members[g]:
                     Bp[t] = permute_tensor(spec, t, B[t], perms)
                 stale |= neighbours[g]
@@ -122,30 +123,19 @@ def _blocks(spec, g, A, Bp, t, ax):
     return out
 
 
-def _solve_group(spec, g, A, Bp, current, tensors, backend, phase="exact", cache=None, versions=None):
+def _solve_group(spec, g, A, Bp, perms, tensors, backend, phase="exact", cache=None, versions=None):
     """A better assignment for group ``g`` (or None), its gain, and the reordering ``q``.
 
     Bp is B with all groups applied, so similarity columns are in the current order: S[j, k]
-    compares A's unit j with B's unit p[k]; the new p is p[q] for q solving S. A tensor's
-    contribution is cached until a group on its other axes changes."""
+    compares A's unit j with B's unit p[k]; the new p is p[q] for q solving S."""
     grp = spec.groups[g]
+    current = perms[g]
     if grp.kind != "free":
-        new, gain = _solve_heads(spec, g, grp, A, Bp, current, tensors, backend)
+        new, gain = _solve_heads(spec, g, grp, A, Bp, perms, tensors, backend)
         return new, gain, None
     S = None
     for t, ax in tensors:
-        key = (g, t, ax)
-        stamp = tuple(versions[s.group] for segs in spec.axes[t].values() for s in segs if s.group != g) \
-            if versions is not None else None
-        if cache is not None and key in cache and cache[key][1] == stamp:
-            sim = cache[key][0]
-        else:
-            sim = None
-            for seg, a, b in _blocks(spec, g, A, Bp, t, ax):
-                part = a.reshape(grp.size, -1) @ b.reshape(grp.size, -1).T
-                sim = part if sim is None else sim + part
-            if cache is not None:
-                cache[key] = (sim, stamp)
+        sim = _contribution(spec, g, t, ax, A, Bp, perms, cache, versions)
         S = sim if S is None else S + sim
     n = grp.size
     q = candidate_assignment(S) if phase == "candidates" and n > CANDIDATES * 4 else solve_assignment(S, backend)
@@ -155,6 +145,47 @@ def _solve_group(spec, g, A, Bp, current, tensors, backend, phase="exact", cache
     if gain <= 1e-7 * float(current_value.abs()):  # float32 similarities: smaller gains are rounding noise
         return None, 0.0, None
     return {"p": current["p"][q]}, gain, q
+
+
+def _contribution(spec, g, t, ax, A, Bp, perms, cache, versions):
+    """Tensor ``t``'s term of group ``g``'s similarity, sum over the other axes of A_j * Bp_k.
+
+    Cached until a group on another axis of ``t`` changes; then, when that is one axis and few of
+    its positions moved, updated with only the moved columns: S += A[:, D] (Bp_new - Bp_old)[:, D]^T,
+    where Bp_old's column is found in Bp_new through the old and new gather indices."""
+    n = spec.groups[g].size
+    others = [o for o in spec.axes[t] if o != ax]
+    stamp = tuple(versions[s.group] for o in others for s in spec.axes[t][o]) if versions is not None else None
+    hit = cache.get((g, t, ax)) if cache is not None else None
+    if hit is not None and hit[1] == stamp:
+        return hit[0]
+    idx = axis_index(spec, spec.axes[t][others[0]], perms) if len(others) == 1 else None
+    sim = None
+    if hit is not None and idx is not None and hit[2] is not None and len(spec.axes[t][ax]) == 1:
+        sim = _update(hit[0], hit[2], idx, A[t], Bp[t], ax, others[0], n)
+    if sim is None:
+        for seg, a, b in _blocks(spec, g, A, Bp, t, ax):
+            part = a.reshape(n, -1) @ b.reshape(n, -1).T
+            sim = part if sim is None else sim + part
+    if cache is not None:
+        cache[(g, t, ax)] = (sim, stamp, idx)
+    return sim
+
+
+def _update(sim, idx_old, idx_new, At, Bpt, ax, o, n):
+    changed = (idx_old != idx_new).nonzero().flatten()
+    if changed.numel() == 0:
+        return sim
+    if changed.numel() > idx_new.numel() // 3:  # a full product is as cheap
+        return None
+    inv_new = torch.empty_like(idx_new)
+    inv_new[idx_new] = torch.arange(idx_new.numel(), device=idx_new.device)
+    old_pos = inv_new[idx_old[changed]]  # where each moved source column sits now
+    pos = o + 1 if o < ax else o  # axis o after moving ax to the front
+    a = At.movedim(ax, 0).index_select(pos, changed).reshape(n, -1)
+    b = Bpt.movedim(ax, 0)
+    delta = (b.index_select(pos, changed) - b.index_select(pos, old_pos)).reshape(n, -1)
+    return sim + a @ delta.T
 
 
 CANDIDATES = 32
@@ -180,7 +211,8 @@ def candidate_assignment(S: torch.Tensor, k: int = CANDIDATES) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.int64, device=S.device)
 
 
-def _solve_heads(spec, g, grp, A, Bp, current, tensors, backend):
+def _solve_heads(spec, g, grp, A, Bp, perms, tensors, backend):
+    current = perms[g]
     H, G, d = grp.size, grp.q_per_kv, grp.head_dim
     S = {"qk": torch.zeros(H, H, d, d, device=current["heads"].device),
          "vo": torch.zeros(H, H, d, d, device=current["heads"].device)}
