@@ -9,14 +9,21 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-import time
 import resource
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from modelsurgery.checkpoint import Checkpoint, Provenance, check_output, plan_copy, plan_tensor, write_checkpoint
+from modelsurgery.checkpoint import (
+    Checkpoint,
+    Provenance,
+    check_output,
+    plan_copy,
+    plan_tensor,
+    write_checkpoint,
+)
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
@@ -24,7 +31,12 @@ from modelsurgery.ops.quantize.base import method_by_name
 from modelsurgery.ops.quantize.compare import compare_models
 from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
 from modelsurgery.ops.quantize.packing import METADATA_KEY, layer_entry, packed_tensors
-from modelsurgery.ops.quantize.reconstruct import Progress, ReconstructOptions, find_targets, reconstruct_blocks
+from modelsurgery.ops.quantize.reconstruct import (
+    Progress,
+    ReconstructOptions,
+    find_targets,
+    reconstruct_blocks,
+)
 
 FORMATS = ("fake", "packed")
 
@@ -158,7 +170,7 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
 
     layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}
     planned = []
-    for name in ckpt.keys():
+    for name in ckpt:
         qw = result.weights.get(name)
         if qw is None:
             planned.append(plan_copy(ckpt, name))

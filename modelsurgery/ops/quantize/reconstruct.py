@@ -146,8 +146,9 @@ def reconstruct_blocks(float_model: nn.Module, quant_model: nn.Module, targets: 
                        for n, p in local.items()}
                 report.rtn_loss = _block_loss(qblock, rtn, xq, ctxs, yf, masks)
             if method.learned and calib and options.steps > 0:
-                _train(qblock, quantizers, xq, ctxs, yf, masks, options, gen, lambda s, loss: progress(
-                    f"block {i + 1}/{n_blocks}", s, options.steps, {"loss": loss}))
+                task = f"block {i + 1}/{n_blocks}"
+                _train(qblock, quantizers, xq, ctxs, yf, masks, options, gen,
+                       lambda s, loss, task=task: progress(task, s, options.steps, {"loss": loss}))
             for n, q in quantizers.items():
                 qw = q.export()
                 local[n].data.copy_(qw.dequantized.to(local[n].dtype))

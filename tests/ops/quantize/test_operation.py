@@ -29,8 +29,8 @@ def mlp_logits(state: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_fake_and_packed_dequantize_to_the_same_weights(tmp_path):
-    common = dict(bits=3, method="flexround", granularity="group", group_size=16, symmetric=False,
-                  calib=CALIB, samples=64, steps=20, default_skips=False)
+    common = {"bits": 3, "method": "flexround", "granularity": "group", "group_size": 16, "symmetric": False,
+                  "calib": CALIB, "samples": 64, "steps": 20, "default_skips": False}
     fake = quantize_checkpoint(MLP, tmp_path / "fake.safetensors", QuantizeOptions(format="fake", **common))
     packed = quantize_checkpoint(MLP, tmp_path / "packed.safetensors", QuantizeOptions(format="packed", **common))
     assert fake.layers == packed.layers and set(fake.layers) == {"0.weight", "2.weight", "4.weight"}
@@ -113,13 +113,13 @@ def _listing(folder: Path) -> set:
 
 
 @pytest.mark.parametrize("opts,message", [
-    (dict(bits=9, method="rtn"), r"--bits 9: expected a bit width from 2 to 8"),
-    (dict(bits=1, method="rtn"), r"--bits 1"),
-    (dict(bits=4, method="rtn", granularity="group", group_size=7),
+    ({"bits": 9, "method": "rtn"}, r"--bits 9: expected a bit width from 2 to 8"),
+    ({"bits": 1, "method": "rtn"}, r"--bits 1"),
+    ({"bits": 4, "method": "rtn", "granularity": "group", "group_size": 7},
      r"tensor '0.weight': --group-size 7 does not divide its row length 64"),
-    (dict(bits=4, method="flexround"), r"--method flexround learns the rounding from data: pass --calib"),
-    (dict(bits=4, method="nearest"), r"--method nearest: expected one of"),
-    (dict(bits=4, method="rtn", format="int4"), r"--format int4"),
+    ({"bits": 4, "method": "flexround"}, r"--method flexround learns the rounding from data: pass --calib"),
+    ({"bits": 4, "method": "nearest"}, r"--method nearest: expected one of"),
+    ({"bits": 4, "method": "rtn", "format": "int4"}, r"--format int4"),
 ])
 def test_bad_options_write_nothing(tmp_path, opts, message):
     before = _listing(tmp_path)
