@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,3 +150,16 @@ def test_perplexity_is_exp_loss(fixtures_dir):
     for name in ("charlm/gpt2/", "charlm/llama/"):
         doc = documented(fixtures_dir)[name]
         assert doc["eval_perplexity"] == pytest.approx(math.exp(doc["eval_loss"]), abs=2e-3)
+
+
+@pytest.mark.slow
+def test_generator_is_deterministic(tmp_path, fixtures_dir):
+    """Two runs of make_fixtures.py give byte-identical files (about 2 x 2 CPU-minutes)."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        subprocess.run([sys.executable, str(fixtures_dir / "make_fixtures.py"), "--out", str(out)],
+                       check=True, capture_output=True, timeout=1800)
+    files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file())
+    assert len(files) >= 20
+    for rel in files:
+        assert (runs[0] / rel).read_bytes() == (runs[1] / rel).read_bytes(), rel
