@@ -62,17 +62,17 @@ class Dataset:
         ``token_type_ids``/``position_ids`` made from shapes; feature models get ``inputs`` under
         their one input name. Without a family: ``input``, or ``input_ids`` (+ ``attention_mask``).
         """
-        if family is None:
-            names = ["input_ids"] + (["attention_mask"] if self.attention_mask is not None else []) \
-                if self.is_tokens else ["input"]
-        else:
+        if family is not None:
             names = family.input_names()
+        elif not self.is_tokens:
+            names = ["input"]
+        else:
+            names = ["input_ids"] + (["attention_mask"] if self.attention_mask is not None else [])
         takes_tokens = "input_ids" in names
         if takes_tokens != self.is_tokens:
             what = "token ids" if self.is_tokens else "feature inputs"
             wants = "token ids" if takes_tokens else "feature inputs"
-            name = family.name if family is not None else "this"
-            raise SurgeryError(f"{self.source}: holds {what} but the {name} model takes {wants}")
+            raise SurgeryError(f"{self.source}: holds {what} but the {family.name} model takes {wants}")
         out: dict[str, torch.Tensor] = {}
         feature_names = [n for n in names if n not in ("input_ids", "attention_mask", "token_type_ids",
                                                         "position_ids")]
