@@ -2,13 +2,16 @@
 permutation groups, each step a linear assignment on summed weight similarities, until no
 group improves the objective sum_t <W_A[t], P(W_B)[t]>.
 
-Faster than the plain algorithm without changing its fixed points: B is kept fully permuted and
-only the tensors of a changed group are re-gathered; a group whose neighbours (groups sharing a
-tensor with it) did not change since it was last solved is skipped, because its assignment
-problem is the same; the similarity of the current assignment is read off the same matrix, so
-no step is accepted unless it strictly improves. Attention head groups are solved in two
-levels: per pair of heads the best unit assignment (Q/K together, V/O together), then the head
-order (Verma & Elbayad 2024).
+Faster than the plain algorithm, with the same fixed points:
+- B is kept fully permuted; only the tensors of a changed group are re-gathered;
+- a group is re-solved only when a neighbour (a group sharing a tensor) changed since its last
+  solve: otherwise its assignment problem is the same;
+- each tensor's similarity term is cached, and when a neighbour moved only some units, updated
+  with the moved columns only (a rank-|moved| correction instead of a full product);
+- the Jonker-Volgenant solver (lap) by default;
+- a step is accepted only if it strictly improves (gains summed in float64).
+Attention head groups are solved in two levels: per pair of heads the best unit assignment (Q/K
+together, V/O together), then the head order (Verma & Elbayad 2024).
 """
 
 from __future__ import annotations
@@ -41,6 +44,30 @@ def _float(state: dict[str, torch.Tensor], spec: PermutationSpec, device) -> dic
     return {k: state[k].to(device=device, dtype=torch.float32) for k in spec.axes}
 
 
+class _Cache(dict):
+    """Similarity terms, stored while they fit in ``budget`` bytes (big models: at most half of B)."""
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.budget, self.used = budget, 0
+
+    def __setitem__(self, key, value):
+        size = value[0].numel() * value[0].element_size()
+        old = self.get(key)
+        freed = old[0].numel() * old[0].element_size() if old is not None else 0
+        if self.used - freed + size > self.budget:
+            if old is not None:
+                del self[key]
+                self.used -= freed
+            return
+        super().__setitem__(key, value)
+        self.used += size - freed
+
+    def clear(self):
+        super().clear()
+        self.used = 0
+
+
 def objective(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(sum((a[k] * b[k]).sum() for k in a))
 
@@ -60,7 +87,7 @@ def weight_matching(
 ) -> MatchResult:
     """Permutations taking B into A's basis (apply them to B with ``apply_permutation``).
 
-    ``fast=False`` is the plain algorithm (every solve dense, every similarity recomputed)."""
+    ``fast=False`` recomputes every similarity product (no cache, no incremental updates)."""
     device = torch.device(device)
     rng = random.Random(seed)
     A = _float(state_a, spec, device)
@@ -75,37 +102,30 @@ def weight_matching(
     history = [before]
     solves = 0
     it = 0
-    cache: dict = {}
+    cache = _Cache(sum(t.numel() * t.element_size() for t in B.values()) // 2)
     versions = dict.fromkeys(spec.groups, 0)
-    # phase 1 solves sparse problems (each row's top candidates, plus the current assignment) when
-    # they are cheaper; phase 2 re-solves exactly until no group improves, so the result is a
-    # fixed point of the exact algorithm whatever phase 1 did.
-    phases = ["candidates", "exact"] if fast and device.type == "cpu" else ["exact"]
-    for phase in phases:
-        cache.clear()  # each phase starts from exact products
-        stale = set(spec.groups)  # groups whose assignment problem may have changed since last solved
-        while stale and solves < max_iter * len(spec.groups):
-            it += 1
-            order = [g for g in spec.groups if g in stale]
-            rng.shuffle(order)
-            for g in order:
-                stale.discard(g)
-                new, gain, q = _solve_group(spec, g, A, Bp, perms, members[g], backend, phase,
-                                            cache if fast else None, versions)
-                solves += 1
-                if new is None or gain <= 0:
-                    continue
-                perms[g] = new
-                versions[g] += 1
-                for key in [k for k in cache if k[0] == g]:  # own cached similarities: reorder columns
-                    sim, stamp, idx = cache[key]
-                    cache[key] = (sim[:, q], stamp, idx)
-                for t, _ in members[g]:
-                    Bp[t] = permute_tensor(spec, t, B[t], perms)
-                stale |= neighbours[g]
-                history.append(history[-1] + gain)
-            if progress:
-                progress("weight matching", it, max_iter, {"objective": history[-1]})
+    stale = set(spec.groups)  # groups whose assignment problem may have changed since last solved
+    while stale and solves < max_iter * len(spec.groups):
+        it += 1
+        order = [g for g in spec.groups if g in stale]
+        rng.shuffle(order)
+        for g in order:
+            stale.discard(g)
+            new, gain, q = _solve_group(spec, g, A, Bp, perms, members[g], backend, cache if fast else None, versions)
+            solves += 1
+            if new is None or gain <= 0:
+                continue
+            perms[g] = new
+            versions[g] += 1
+            for key in [k for k in cache if k[0] == g]:  # own cached similarities: reorder columns
+                sim, stamp, idx = cache[key]
+                cache[key] = (sim[:, q], stamp, idx)
+            for t, _ in members[g]:
+                Bp[t] = permute_tensor(spec, t, B[t], perms)
+            stale |= neighbours[g]
+            history.append(history[-1] + gain)
+        if progress:
+            progress("weight matching", it, max_iter, {"objective": history[-1]})
     after = objective(A, Bp)
     return MatchResult(perms, it, before, after, solves, history)
 
@@ -123,7 +143,7 @@ def _blocks(spec, g, A, Bp, t, ax):
     return out
 
 
-def _solve_group(spec, g, A, Bp, perms, tensors, backend, phase="exact", cache=None, versions=None):
+def _solve_group(spec, g, A, Bp, perms, tensors, backend, cache=None, versions=None):
     """A better assignment for group ``g`` (or None), its gain, and the reordering ``q``.
 
     Bp is B with all groups applied, so similarity columns are in the current order: S[j, k]
@@ -138,7 +158,7 @@ def _solve_group(spec, g, A, Bp, perms, tensors, backend, phase="exact", cache=N
         sim = _contribution(spec, g, t, ax, A, Bp, perms, cache, versions)
         S = sim if S is None else S + sim
     n = grp.size
-    q = candidate_assignment(S) if phase == "candidates" and n > CANDIDATES * 4 else solve_assignment(S, backend)
+    q = solve_assignment(S, backend)
     rows = torch.arange(n, device=S.device)
     current_value = S.diagonal().double().sum()
     gain = float(S[rows, q].double().sum() - current_value)
@@ -186,29 +206,6 @@ def _update(sim, idx_old, idx_new, At, Bpt, ax, o, n):
     b = Bpt.movedim(ax, 0)
     delta = (b.index_select(pos, changed) - b.index_select(pos, old_pos)).reshape(n, -1)
     return sim + a @ delta.T
-
-
-CANDIDATES = 32
-
-
-def candidate_assignment(S: torch.Tensor, k: int = CANDIDATES) -> torch.Tensor:
-    """Optimal assignment restricted to each row's top-k columns and the current (identity)
-    assignment, which keeps it feasible: an exact sparse solve (scipy's LAPJVsp)."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
-    n = S.shape[0]
-    vals, idx = S.topk(k, dim=1)
-    rows = torch.arange(n, device=S.device)
-    extra = ~(idx == rows[:, None]).any(1)  # rows whose current column is not among their top k
-    r = torch.cat([rows.repeat_interleave(k), rows[extra]])
-    c = torch.cat([idx.flatten(), rows[extra]])
-    v = torch.cat([vals.flatten(), S.diagonal()[extra]]).double()
-    # shifted positive: stored zeros would be read as missing edges; a constant shift keeps the optimum
-    data = (v - v.min() + 1.0).cpu().numpy()
-    M = csr_matrix((data, (r.cpu().numpy(), c.cpu().numpy())), shape=(n, n))
-    _, cols = min_weight_full_bipartite_matching(M, maximize=True)
-    return torch.as_tensor(cols, dtype=torch.int64, device=S.device)
 
 
 def _solve_heads(spec, g, grp, A, Bp, perms, tensors, backend):
