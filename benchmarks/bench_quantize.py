@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500, help="reconstruction steps per block (digits, char LM)")
     ap.add_argument("--bert-steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=32, help="samples per step (digits, char LM)")
+    ap.add_argument("--bert-batch-size", type=int, default=8, help="sentences per step (BERT)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one)), default=float))
@@ -150,7 +152,7 @@ def main() -> None:
     names = {"digits": "accuracy", "charlm": "perplexity", "bert": "sentence cosine"}
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         workdir = Path(tmp)
-        common = {"lr": args.lr, "batch_size": 32}
+        common = {"lr": args.lr, "batch_size": args.batch_size}
         if "digits" in only:
             print("digits MLP 64-128-128-10, every layer quantized (incl. the classifier), per channel, symmetric; "
                   "256 calibration samples, 599 eval", flush=True)
@@ -176,7 +178,7 @@ def main() -> None:
                 print("all-MiniLM-L6-v2 (22M, BertModel): every encoder Linear quantized, per channel, symmetric; "
                       "256 calibration sentences, 256 different held-out sentences; metric: cosine of the "
                       "mean-pooled normalised sentence embeddings to the float model", flush=True)
-                rows += bench("bert", {**common, "model": str(folder), "calib": str(calib), "eval": str(held_out),
+                rows += bench("bert", {**common, "batch_size": args.bert_batch_size, "model": str(folder), "calib": str(calib), "eval": str(held_out),
                                        "samples": 256, "seq_len": 64, "steps": args.bert_steps,
                                        "default_skips": True},
                               [m for m in methods], [int(b) for b in args.bert_bits.split(",")],

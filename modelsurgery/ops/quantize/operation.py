@@ -170,7 +170,7 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
 
     layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}
     planned = []
-    for name in ckpt:
+    for name in ckpt.keys():  # noqa: SIM118 - Checkpoint is not iterable
         qw = result.weights.get(name)
         if qw is None:
             planned.append(plan_copy(ckpt, name))

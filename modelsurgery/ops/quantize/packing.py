@@ -83,7 +83,7 @@ def dequantize_checkpoint(ckpt) -> dict[str, torch.Tensor]:
         raise SurgeryError(f"{ckpt.path}: not a packed quantized checkpoint (no {METADATA_KEY} metadata)")
     layers = scheme["layers"]
     owned = {f"{n}{s}": n for n in layers for s in SUFFIXES}
-    state = {k: ckpt.get(k) for k in ckpt if k not in owned}
+    state = {k: ckpt.get(k) for k in ckpt.keys() if k not in owned}  # noqa: SIM118
     for name, entry in layers.items():
         state[name] = dequantize_packed({f"{name}{s}": ckpt.get(f"{name}{s}") for s in SUFFIXES}, name, entry)
     return state
