@@ -136,13 +136,19 @@ def check_inputs(family: Family, options: ExportOptions, trace_inputs: dict[str,
     return inputs
 
 
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data (ByteSize() wraps around for a single tensor above 2 GiB)."""
+    return (len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data))
+            + 8 * (len(t.int64_data) + len(t.double_data) + len(t.uint64_data)))
+
+
 def save_model(model: onnx.ModelProto, out: Path, threshold: int, force: bool, check: Callable[[Path], None]
                ) -> tuple[list[Path], bool]:
     """Write ``out`` (and ``out.data`` above ``threshold`` bytes) atomically; ``check`` runs on the temporary copy."""
     parent = out.parent if str(out.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
-        size = sum(i.ByteSize() for i in model.graph.initializer)
+        size = sum(tensor_bytes(i) for i in model.graph.initializer)
         external = size > threshold
         data_name = out.name + ".data"
         onnx.save_model(model, str(tmp / out.name), save_as_external_data=external, all_tensors_to_one_file=True,
