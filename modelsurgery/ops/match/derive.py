@@ -36,8 +36,18 @@ def permutation_spec(family: Family, residual: bool = True) -> PermutationSpec:
         )
     if not spec.groups:
         raise SurgeryError(f"{family.ckpt.path}: no permutable hidden units found (model is not permutable)")
+    spec.statistics |= norm_statistics(family)
     spec.validate(family.ckpt.shapes())
     return spec
+
+
+def norm_statistics(family: Family) -> set[str]:
+    """BatchNorm running statistics: permuted with their channels, but data statistics, not
+    weights, so they stay out of the matching objective."""
+    norms = [x for x in (family.layers() if hasattr(family, "layers") else []) if isinstance(x, Norm)]
+    for i in range(family.num_layers):
+        norms += list(family.block_norms(i).values())
+    return {n for norm in norms for n in (norm.running_mean, norm.running_var) if n}
 
 
 def _in_out(lin: Linear) -> tuple[int, int]:

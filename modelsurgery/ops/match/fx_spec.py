@@ -89,6 +89,7 @@ def module_spec(module: nn.Module, inputs: dict[str, torch.Tensor], name: str = 
     groups = _Groups()
     value: dict[torch.fx.Node, tuple[int, int] | None] = {}  # node -> (group, expand)
     members: list[tuple[str, int, int, int]] = []  # (tensor, axis, expand, group)
+    statistics: set[str] = set()
     mods = dict(gm.named_modules())
 
     def shape(node) -> tuple[int, ...] | None:
@@ -115,7 +116,8 @@ def module_spec(module: nn.Module, inputs: dict[str, torch.Tensor], name: str = 
         elif node.op == "get_attr":
             value[node] = fixed_value()
         elif node.op == "call_module":
-            value[node] = _module_rule(node, mods[node.target], inp(node), shape, groups, members, fix_args)
+            value[node] = _module_rule(node, mods[node.target], inp(node), shape, groups, members, fix_args,
+                                       statistics)
         elif node.op in ("call_function", "call_method"):
             value[node] = _function_rule(node, inp(node), value, shape, groups, fix_args)
         else:
@@ -136,10 +138,11 @@ def module_spec(module: nn.Module, inputs: dict[str, torch.Tensor], name: str = 
         gname = spec.add_group(PermGroup(f"{mem[0][0].rsplit('.', 1)[0]}:out", sizes[root].pop()))
         for tensor, axis, expand in mem:
             spec.add_axis(tensor, axis, Segment(gname, expand=expand))
+    spec.statistics = statistics & set(spec.axes)
     return spec
 
 
-def _module_rule(node, mod, x, shape, groups, members, fix_args):
+def _module_rule(node, mod, x, shape, groups, members, fix_args, statistics):
     prefix = node.target
     if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         conv = not isinstance(mod, nn.Linear)
@@ -168,6 +171,7 @@ def _module_rule(node, mod, x, shape, groups, members, fix_args):
         for pname, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if pname != "num_batches_tracked":
                 members.append((f"{prefix}.{pname}", 0, x[1], x[0]))
+        statistics.update(f"{prefix}.{b}" for b in ("running_mean", "running_var") if getattr(mod, b, None) is not None)
         return x
     if isinstance(mod, ELEMENTWISE_MODULES) and x is not None:
         return x

@@ -45,6 +45,12 @@ class PermutationSpec:
     groups: dict[str, PermGroup] = field(default_factory=dict)
     #: tensor name -> {axis: [segments]}
     axes: dict[str, dict[int, list[Segment]]] = field(default_factory=dict)
+    #: tensors permuted along but left out of the matching objective (BatchNorm running statistics)
+    statistics: set[str] = field(default_factory=set)
+
+    def matched(self) -> PermutationSpec:
+        """The spec restricted to the tensors weight matching compares."""
+        return PermutationSpec(self.groups, {k: v for k, v in self.axes.items() if k not in self.statistics})
 
     def add_group(self, group: PermGroup) -> str:
         self.groups[group.name] = group

@@ -90,6 +90,7 @@ def weight_matching(
     ``fast=False`` recomputes every similarity product (no cache, no incremental updates)."""
     device = torch.device(device)
     rng = random.Random(seed)
+    spec = spec.matched()
     A = _float(state_a, spec, device)
     B = _float(state_b, spec, device)
     perms = init or spec.identity(device)
