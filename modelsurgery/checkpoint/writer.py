@@ -15,7 +15,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,23 +68,55 @@ class Provenance:
     parameters: dict = field(default_factory=dict)
     sources: Sequence[Path] = ()
 
-    def to_metadata(self) -> dict[str, str]:
+    def to_metadata(self, digests: Sequence[str] | None = None) -> dict[str, str]:
+        """The ``modelsurgery`` metadata entry; ``digests`` default to hashing the sources now."""
+        if digests is None:
+            digests = [file_digest(p) for p in self.sources]
         record = {
             "tool": "modelsurgery",
             "version": __version__,
             "operation": self.operation,
             "parameters": self.parameters,
-            "sources": [{"file": str(p), "sha256": file_digest(p)} for p in self.sources],
+            "sources": [{"file": str(p), "sha256": d} for p, d in zip(self.sources, digests)],
         }
         return {"modelsurgery": json.dumps(record, default=str, sort_keys=True)}
 
 
-def file_digest(path: Path, chunk: int = 1 << 23) -> str:
+def file_digest(path: Path, chunk: int = 1 << 23, stop: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                return ""
             h.update(block)
     return h.hexdigest()
+
+
+class PendingDigests:
+    """Source digests computed in a background thread while tensors are written (hashlib releases
+    the GIL), so hashing a multi-GB input overlaps the copy instead of preceding it. Headers hold
+    placeholders of the digests' exact length, patched in place once the hashes are known."""
+
+    def __init__(self, sources: Sequence[Path]):
+        self.placeholders = [f"pending-sha256-{i:049d}" for i in range(len(sources))]
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._futures = [self._pool.submit(file_digest, Path(p), stop=self._stop) for p in sources]
+
+    def patch(self, files: Iterable[Path]) -> None:
+        digests = [f.result() for f in self._futures]
+        for path in files:
+            with open(path, "r+b") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = f.read(n)
+                for placeholder, digest in zip(self.placeholders, digests):
+                    header = header.replace(placeholder.encode(), digest.encode())
+                f.seek(8)
+                f.write(header)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def parse_size(text: str | int) -> int:
@@ -267,23 +301,31 @@ def write_checkpoint(
             PlannedTensor(t.name, t.shape, dtype, t.load) if t.dtype.is_floating_point else t for t in tensors
         ]
     md = {"format": "pt", **(metadata or {})}
+    pending = PendingDigests(provenance.sources) if provenance is not None else None
     if provenance is not None:
-        md.update(provenance.to_metadata())
+        md.update(provenance.to_metadata(pending.placeholders))
     total = sum(t.nbytes for t in tensors)
     folder = output_is_folder(out)
-    with atomic_path(out, force, is_dir=folder) as tmp:
-        if not folder and out.name.endswith(".safetensors"):
-            if total > max_bytes:
-                raise SurgeryError(
-                    f"{out}: {total} bytes exceed --max-shard-size {max_bytes}; write to a folder to shard"
-                )
-            write_safetensors(tmp, tensors, md)
-            files = [out]
-        elif not folder:
-            torch.save({t.name: t.load().to(t.dtype) for t in tensors}, tmp)
-            files = [out]
-        else:
-            files = _write_folder(tmp, out, tensors, md, max_bytes, config, extra_files)
+    try:
+        with atomic_path(out, force, is_dir=folder) as tmp:
+            if not folder and out.name.endswith(".safetensors"):
+                if total > max_bytes:
+                    raise SurgeryError(
+                        f"{out}: {total} bytes exceed --max-shard-size {max_bytes}; write to a folder to shard"
+                    )
+                write_safetensors(tmp, tensors, md)
+                files = [out]
+            elif not folder:
+                torch.save({t.name: t.load().to(t.dtype) for t in tensors}, tmp)
+                files = [out]
+            else:
+                files = _write_folder(tmp, out, tensors, md, max_bytes, config, extra_files)
+            if pending is not None:
+                pending.patch(tmp.parent / f.relative_to(out.parent) for f in files
+                              if f.name.endswith(".safetensors"))
+    finally:
+        if pending is not None:
+            pending.close()
     return WriteReport(out, files, len(tensors), total)
 
 
