@@ -5,6 +5,7 @@ as a float initializer: as the [rows, R] matrix of codes (Gemm), reshaped (a Con
 transposed (the exporter's constant-folded MatMul form, GPT-2's Conv1D). Each one is found by its exact bytes and
 replaced by the integer codes, their scales and zero points, and a DequantizeLinear node
 (per tensor, per axis since opset 13, blocked since opset 21 with uint4 storage since opset 21).
+Symmetric weights (zero point 2^(bits-1)) are stored as signed codes (int8/int4) without a zero point.
 
 Graph form. ONNX Runtime's default optimisations fuse DequantizeLinear -> MatMul into its
 MatMulNBits kernel, which at the default accuracy level also quantizes the activations to int8
@@ -56,10 +57,18 @@ def pack_uint4(codes: np.ndarray) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
-def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
+def integer_tensor(name: str, codes: np.ndarray, bits: int, signed: bool = False) -> onnx.TensorProto:
+    """uint8/int8, or uint4/int4 (two's complement nibbles) for 4 bits and fewer."""
     if bits <= 4:
-        return helper.make_tensor(name, TensorProto.UINT4, codes.shape, pack_uint4(codes), raw=True)
-    return numpy_helper.from_array(np.ascontiguousarray(codes, dtype=np.uint8), name)
+        kind = TensorProto.INT4 if signed else TensorProto.UINT4
+        return helper.make_tensor(name, kind, codes.shape, pack_uint4(codes.astype(np.int16) & 0xF), raw=True)
+    return numpy_helper.from_array(np.ascontiguousarray(codes, dtype=np.int8 if signed else np.uint8), name)
+
+
+def symmetric(w: PackedWeight) -> bool:
+    """Zero point 2^(bits-1) everywhere: stored as signed codes q - 2^(bits-1) with no zero point
+    (int4/int8), which saves the zero-point tensor."""
+    return bool(np.all(w.zero_point == 1 << (w.bits - 1)))
 
 
 @dataclass
@@ -125,16 +134,20 @@ def insert_dequantize(model: onnx.ModelProto, weights: list[PackedWeight], value
             scale, zp, attrs = scale.reshape(-1), zp.reshape(-1), {"axis": 0}
         else:
             raise SurgeryError(f"{w.name}: per-group DequantizeLinear needs opset {BLOCKED_OPSET}")
-        new_inits += [
-            integer_tensor(f"{base}.q", w.codes, w.bits),
-            numpy_helper.from_array(np.ascontiguousarray(scale, dtype=values[w.name].dtype), f"{base}.scale"),
-            integer_tensor(f"{base}.zero_point", zp, w.bits),
-        ]
+        dq_inputs = [f"{base}.q", f"{base}.scale"]
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=values[w.name].dtype),
+                                                 f"{base}.scale"))
+        if symmetric(w):
+            new_inits.append(integer_tensor(f"{base}.q", w.codes.astype(np.int16) - (1 << (w.bits - 1)), w.bits,
+                                            signed=True))
+        else:
+            new_inits += [integer_tensor(f"{base}.q", w.codes, w.bits), integer_tensor(f"{base}.zero_point", zp, w.bits)]
+            dq_inputs.append(f"{base}.zero_point")
         target = list(inits[r.initializer].dims)
         direct = r.orientation == "rows"
         dq_out = r.initializer if direct else f"{base}.dq"
-        new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}.q", f"{base}.scale", f"{base}.zero_point"],
-                                          [dq_out], name=f"{base}.DequantizeLinear", **attrs))
+        new_nodes.append(helper.make_node("DequantizeLinear", dq_inputs, [dq_out], name=f"{base}.DequantizeLinear",
+                                          **attrs))
         if r.orientation == "transposed":
             new_nodes.append(helper.make_node("Transpose", [dq_out], [r.initializer], perm=[1, 0],
                                               name=f"{base}.Transpose"))

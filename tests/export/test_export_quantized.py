@@ -161,3 +161,21 @@ def test_fp16_packed_export(tmp_path):
     got = ort_session(tmp_path / "h.onnx").run(None, feeds)[0]
     assert got.dtype == np.float16
     assert np.abs(got.astype(np.float32) - transformers_output(reference, feeds)).max() < 5e-2
+
+
+def test_symmetric_weights_are_signed_without_zero_point(tmp_path):
+    folder = SAVERS["llama"](tmp_path / "float")
+    packed, deq = write_packed(Checkpoint.open(folder).state_dict(), linear_weights(folder), tmp_path / "packed",
+                               4, 16, symmetric=True, config_from=folder)
+    out = tmp_path / "q.onnx"
+    report = export_checkpoint(packed, out)
+    assert report.check.passed and report.quantization["float_weights"] == []
+    assert set(integer_initializers(out).values()) == {onnx.TensorProto.INT4}
+    model = onnx.load(str(out))
+    assert not [i for i in model.graph.initializer if i.name.endswith("_quant.zero_point")]
+    assert {len(n.input) for n in model.graph.node if n.op_type == "DequantizeLinear"} == {2}
+    reference = load_hf(folder)
+    reference.load_state_dict(deq, strict=False)
+    feeds = token_inputs(2, 9)
+    assert np.abs(ort_session(out).run(None, feeds)[0] - transformers_output(reference, feeds)).max() < 1e-4
+    assert "MatMulNBits" not in optimized_ops(out)
