@@ -1,21 +1,23 @@
 """`surgery export` on the bundled fixtures and a real pretrained BERT: export time, file size and
-ONNX Runtime latency per batch for float, int8 per-channel and 4-bit per-group (g=32) exports.
+ONNX Runtime latency per batch for float, int8 per-channel and 4-bit per-group exports.
 
 Baselines measured in the same run: the float ONNX export (size, latency) and the torch eager forward
-of the same module on the same batch. Packed inputs are RTN-quantized and packed by the export tests'
-own contract packer (tests/export/packing.py), since `surgery quantize --format packed` is not in the
-repository yet. Every ONNX Runtime session uses default options (CPU provider, all optimisations).
+of the same module on the same batch. Packed inputs come from `surgery quantize --method rtn --format
+packed` (its library call; embeddings and output heads stay float, its default); the 4-bit group is 32,
+or the largest of 16/8 that divides every row, else per channel. Every ONNX Runtime session uses
+default options (CPU provider, all graph optimisations).
 
-  python benchmarks/bench_export.py               # fixtures + all-MiniLM-L6-v2 when installed
-  python benchmarks/bench_export.py --repeats 50  # more timing runs per median
+  python benchmarks/bench_export.py                # fixtures + all-MiniLM-L6-v2 when installed, 1 thread
+  python benchmarks/bench_export.py --threads 0    # each library's default thread count
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,16 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from modelsurgery.checkpoint import Checkpoint
-from modelsurgery.export import ExportOptions, export_checkpoint, ort_session
-from modelsurgery.families import Linear, detect_family
-from tests.export.packing import write_packed
+from modelsurgery.errors import SurgeryError
+from modelsurgery.export import ExportOptions, export_checkpoint
+from modelsurgery.families import detect_family
+from modelsurgery.ops.quantize.operation import QuantizeOptions, quantize_checkpoint
+from modelsurgery.ops.quantize.packing import METADATA_KEY, dequantize_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
-VARIANTS = [("fp32", None, None), ("int8/channel", 8, None), ("4-bit/g32", 4, 32)]
 
 
 def minilm_folder() -> Path | None:
@@ -58,11 +59,18 @@ def models() -> list[tuple[str, Path, int, int]]:
     return [m for m in found if m[1].exists()]
 
 
-def weight_names(family) -> list[str]:
-    """The linear and conv weights, from the family (blocks of transformers, layers() of the others)."""
-    if family.num_layers and family.block_linears(0):
-        return [lin.weight for i in range(family.num_layers) for lin in family.block_linears(i).values()]
-    return [x.weight for x in family.layers() if isinstance(x, Linear)]
+def quantize(path: Path, out: Path, bits: int, groups: list[int | None]) -> tuple[Path, str]:
+    """RTN-pack ``path`` with the first group size (None: per channel) every row accepts."""
+    for group in groups:
+        opts = QuantizeOptions(bits=bits, method="rtn", granularity="group" if group else "channel",
+                               group_size=group, format="packed")
+        try:
+            quantize_checkpoint(path, out, opts)
+            return out, f"{bits}-bit/{f'g{group}' if group else 'channel'}"
+        except SurgeryError as e:
+            if "does not divide" not in str(e):
+                raise
+    raise SurgeryError(f"{path}: no group size fits")
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -76,59 +84,84 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def bench_model(label: str, path: Path, batch: int, seq: int, repeats: int, tmp: Path) -> list[dict]:
+def session_for(path: Path, threads: int):
+    """ONNX Runtime with default options except the intra-op thread count (0: ONNX Runtime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def bench_model(label: str, path: Path, batch: int, seq: int, repeats: int, tmp: Path, threads: int) -> list[dict]:
     ckpt = Checkpoint.open(path)
     family = detect_family(ckpt)
-    names = weight_names(family)
-    state = ckpt.state_dict()
-    linear_bytes = sum(state[n].numel() * 4 for n in names)
     inputs = family.example_inputs(batch=batch, seq_len=seq or 8, generator=torch.Generator().manual_seed(0))
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    stem = label.split()[-1].strip("()").lower()
+    variants = [(path, "fp32", None)]
+    for bits, groups in ((8, [None]), (4, [32, 16, 8, None])):
+        dest = tmp / (f"{stem}-{bits}.safetensors" if ckpt.folder is None else f"{stem}-{bits}")
+        packed, name = quantize(path, dest, bits, groups)
+        variants.append((packed, name, Checkpoint.open(packed)))
     rows = []
-    for variant, bits, group in VARIANTS:
-        src, module_state = path, None
-        if bits is not None:
-            dest = tmp / f"{label}-{bits}".replace(" ", "_").replace("/", "_")
-            src, module_state = write_packed(state, names, dest if ckpt.folder else dest.with_suffix(".safetensors"),
-                                             bits, group, config_from=ckpt.folder, metadata=ckpt.metadata, fast=True)
-        out = tmp / f"{src.stem}-{variant.replace('/', '_')}.onnx"
+    for src, variant, packed in variants:
+        out = tmp / f"{stem}-{variant.replace('/', '_')}.onnx"
         start = time.perf_counter()
         report = export_checkpoint(src, out, ExportOptions(check=False))
         export_s = time.perf_counter() - start
-        session = ort_session(out)
-        feeds = {k: v.numpy() for k, v in inputs.items()}
-        ort_ms = median_ms(lambda s=session, f=feeds: s.run(None, f), repeats)
-        module = family.build_module(state=module_state)
+        session = session_for(out, threads)
+        ort_ms = median_ms(lambda s=session: s.run(None, feeds), repeats)
+        module = family.build_module(state=dequantize_checkpoint(packed) if packed else None)
         with torch.no_grad():
             torch_ms = median_ms(lambda m=module: m(**inputs), repeats)
             ref = module(**inputs).numpy()
-        diff = float(np.abs(session.run(None, feeds)[0] - ref).max())
+        layers = json.loads(packed.metadata[METADATA_KEY])["layers"] if packed else {}
         rows.append({"model": label, "variant": variant, "export_s": export_s, "bytes": report.file_bytes,
-                     "linear_bytes": linear_bytes, "ort_ms": ort_ms, "torch_ms": torch_ms, "diff": diff,
-                     "shape": "x".join(str(d) for d in next(iter(inputs.values())).shape),
-                     "dq": report.op_counts.get("DequantizeLinear", 0)})
+                     "quantized_bytes": 4 * sum(math.prod(e["shape"]) for e in layers.values()),
+                     "ort_ms": ort_ms, "torch_ms": torch_ms,
+                     "diff": float(np.abs(session.run(None, feeds)[0] - ref).max()),
+                     "shape": "x".join(str(d) for d in next(iter(inputs.values())).shape)})
     return rows
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load: the timings are only as quiet as the machine was."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per median")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and ONNX Runtime intra-op threads (default 1: steadier on a shared machine; "
+                             "0 = each library's default)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ONNX Runtime default session options")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import onnxruntime
+
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} "
+          f"(default session options, intra-op threads {args.threads or 'default'}); load average {load_average()}")
     header = (f"{'model':<24} {'variant':<13} {'batch':>7} {'export s':>8} {'file MB':>8} {'saved/linear':>12} "
               f"{'ORT ms':>8} {'torch ms':>9} {'max|ORT-torch|':>15}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         for label, path, batch, seq in models():
-            rows = bench_model(label, path, batch, seq, args.repeats, Path(tmp))
+            rows = bench_model(label, path, batch, seq, args.repeats, Path(tmp), args.threads)
             float_bytes = rows[0]["bytes"]
             for r in rows:
-                saved = "" if r["variant"] == "fp32" else f"{(float_bytes - r['bytes']) / r['linear_bytes']:.1%}"
+                saved = "" if r["variant"] == "fp32" else f"{(float_bytes - r['bytes']) / r['quantized_bytes']:.1%}"
                 print(f"{r['model']:<24} {r['variant']:<13} {r['shape']:>7} {r['export_s']:>8.2f} "
                       f"{r['bytes'] / 1e6:>8.3f} {saved:>12} {r['ort_ms']:>8.2f} {r['torch_ms']:>9.2f} "
                       f"{r['diff']:>15.2e}")
     print("saved/linear: (float file - quantized file) / fp32 bytes of the quantized weights. torch ms: eager "
           "forward of the same (dequantized) weights; max|ORT-torch| on that batch.")
+    print(f"finished; load average {load_average()}")
 
 
 if __name__ == "__main__":
