@@ -116,7 +116,16 @@ def test_four_bit_export_is_small_and_runs_with_default_options(tmp_path):
     saved = float_report.file_bytes - q_report.file_bytes
     assert saved >= 0.8 * linear_bytes, (saved, linear_bytes)
     session = ort.InferenceSession(str(tmp_path / "q.onnx"))  # default options, nothing set
-    assert session.run(None, token_inputs(2, 6))[0].shape == (2, 6, 97)
+    feeds = token_inputs(2, 6)
+    got = session.run(None, feeds)[0]
+    assert got.shape == (2, 6, 97)
+    # the documented latency setting folds DequantizeLinear into float weights at load, same results
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    options.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    folded = ort.InferenceSession(str(tmp_path / "q.onnx"), options)
+    assert np.abs(folded.run(None, feeds)[0] - got).max() < 1e-4
+    assert "DequantizeLinear" not in {n.op_type for n in onnx.load(str(tmp_path / "folded.onnx")).graph.node}
 
 
 def test_opset_too_old_for_four_bit_writes_nothing(tmp_path):
