@@ -54,10 +54,10 @@ def table(rows: list[list], header: list[str]) -> None:
 def digits(tmp: Path) -> None:
     print("## digits: midpoint accuracy, naive vs weight matching (eval split, 599 samples)\n")
     rows = []
-    for kind, seeds, repair in (("mlp", 3, False), ("cnn", 3, True), ("resnet", 2, True)):
+    for kind, seeds in (("mlp", 3), ("cnn", 3), ("resnet", 2)):
         for i, j in itertools.combinations(range(seeds), 2):
             paths = [FIX / "digits" / f"{kind}_seed{s}.safetensors" for s in (i, j)]
-            for rep in ([False, True] if repair else [False]):
+            for rep in (False, True):
                 r = merge_checkpoints(paths, tmp / "m.safetensors", MergeOptions(eval_data=DATA, points=3, repair=rep),
                                       force=True)
                 ev = r.evaluation
@@ -73,14 +73,16 @@ def digits(tmp: Path) -> None:
 def three(tmp: Path) -> None:
     print("## three-model merges (equal weights), accuracy of the merged model\n")
     rows = []
-    for kind, repair in (("mlp", False), ("cnn", True)):
+    for kind, repair in (("mlp", False), ("mlp", True), ("cnn", True), ("resnet", True)):
         paths = [FIX / "digits" / f"{kind}_seed{s}.safetensors" for s in range(3)]
+        if not all(p.exists() for p in paths):
+            continue
         naive = merge_checkpoints(paths, tmp / "n.safetensors",
                                   MergeOptions(method="linear", eval_data=DATA, repair=repair), force=True)
         matched = merge_checkpoints(paths, tmp / "m.safetensors", MergeOptions(eval_data=DATA, repair=repair),
                                     force=True)
         ends = [e["accuracy"] for e in matched.evaluation["endpoints"]]
-        rows.append([kind + (" +repair" if repair else ""), f"{sum(ends) / 3:.4f}",
+        rows.append([kind + (" +repair" if repair else ""), f"{sum(ends) / len(ends):.4f}",
                      f"{naive.evaluation['merged']['accuracy']:.4f}", f"{matched.evaluation['merged']['accuracy']:.4f}"])
     table(rows, ["models", "endpoints mean", "naive 3-way", "matched 3-way"])
 

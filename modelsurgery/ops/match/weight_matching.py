@@ -44,8 +44,11 @@ def _float(state: dict[str, torch.Tensor], spec: PermutationSpec, device) -> dic
     return {k: state[k].to(device=device, dtype=torch.float32) for k in spec.axes}
 
 
+CACHE_MIN_BYTES = 256 * 2**20
+
+
 class _Cache(dict):
-    """Similarity terms, stored while they fit in ``budget`` bytes (big models: at most half of B)."""
+    """Similarity terms, stored while they fit in ``budget`` bytes (256 MiB, or half of B's size)."""
 
     def __init__(self, budget: int):
         super().__init__()
@@ -103,7 +106,7 @@ def weight_matching(
     history = [before]
     solves = 0
     it = 0
-    cache = _Cache(sum(t.numel() * t.element_size() for t in B.values()) // 2)
+    cache = _Cache(max(CACHE_MIN_BYTES, sum(t.numel() * t.element_size() for t in B.values()) // 2))
     versions = dict.fromkeys(spec.groups, 0)
     stale = set(spec.groups)  # groups whose assignment problem may have changed since last solved
     while stale and solves < max_iter * len(spec.groups):
@@ -197,7 +200,7 @@ def _update(sim, idx_old, idx_new, At, Bpt, ax, o, n):
     changed = (idx_old != idx_new).nonzero().flatten()
     if changed.numel() == 0:
         return sim
-    if changed.numel() > idx_new.numel() // 3:  # a full product is as cheap
+    if changed.numel() > idx_new.numel() // 2:  # a full product is as cheap
         return None
     inv_new = torch.empty_like(idx_new)
     inv_new[idx_new] = torch.arange(idx_new.numel(), device=idx_new.device)
