@@ -67,7 +67,7 @@ def render_export(report: ExportReport) -> None:
     out_console.print(f"[bold]{report.output}[/]: {report.family}, {report.dtype}, opset {report.opset}, "
                       f"{human_bytes(report.file_bytes)}" + (" (external data)" if report.external_data else ""))
     out_console.print(f"inputs {', '.join(report.inputs)} -> {', '.join(report.outputs)}; "
-                      f"exported in {report.export_seconds:.2f} s")
+                      f"{report.export_seconds:.2f} s (export and check)")
     if report.quantization:
         q = report.quantization
         out_console.print(f"integer weights: {q['integer_weights']} ({'/'.join(map(str, q['bits']))} bits, "
