@@ -119,10 +119,9 @@ def analyze_command(
       surgery analyze a.safetensors b.safetensors\n
       surgery analyze a.safetensors b.safetensors --top-k 3 --json
     """
-    with user_errors(debug):
-        with progress_bar(quiet or json_out) as progress:
-            result = analyze_pair(a, b, AnalyzeOptions(top_k=top_k, backend=backend, device=device, model=model),
-                                  progress=progress)
+    with user_errors(debug), progress_bar(quiet or json_out) as progress:
+        result = analyze_pair(a, b, AnalyzeOptions(top_k=top_k, backend=backend, device=device, model=model),
+                              progress=progress)
     if json_out:
         emit_json(result.to_dict())
         return

@@ -234,7 +234,7 @@ def _solve_heads(spec, g, grp, A, Bp, perms, tensors, backend):
         for i in range(H):
             for j in range(H):
                 u[i, j] = solve_assignment(S[part][i, j], backend)
-                value[i, j] += S[part][i, j][torch.arange(d), u[i, j]].sum()
+                value[i, j] += S[part][i, j][torch.arange(d, device=value.device), u[i, j]].sum()
         units[part] = u
     heads = solve_assignment(value, backend)
     rows = torch.arange(H, device=value.device)

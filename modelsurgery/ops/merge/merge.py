@@ -60,8 +60,9 @@ class MergeResult:
 def check_compatible(ckpts: list[Checkpoint]) -> None:
     """Same tensor names and shapes everywhere; names the first incompatible tensor."""
     first = ckpts[0]
+    names = first.keys()
     for other in ckpts[1:]:
-        for name in first.keys():
+        for name in names:
             if name not in other:
                 raise SurgeryError(f"{other.path}: tensor '{name}' of {first.path} is missing (different architecture)")
             if other.shape(name) != first.shape(name):
@@ -69,7 +70,8 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
                     f"{other.path}: tensor '{name}' has shape {tuple(other.shape(name))}, {first.path} has "
                     f"{tuple(first.shape(name))}"
                 )
-        extra = [k for k in other.keys() if k not in first]
+        other_names = other.keys()
+        extra = [k for k in other_names if k not in first]
         if extra:
             raise SurgeryError(f"{other.path}: tensor '{extra[0]}' is not in {first.path} (different architecture)")
 
@@ -158,7 +160,8 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
         evaluation, state_override = evaluate_path(family, ckpts, aligned, spec, merged, weights, options, progress)
 
     planned = []
-    for name in ckpts[0].keys():
+    names = ckpts[0].keys()
+    for name in names:
         info = ckpts[0].info(name)
         if state_override is not None and name in state_override:
             planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: state_override[n]))

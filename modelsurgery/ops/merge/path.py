@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from modelsurgery.data import Dataset, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.evaluate import evaluate
@@ -80,7 +78,8 @@ def evaluate_path(family, ckpts, aligned, spec, merged, weights, options, progre
             report[f"{label}_barrier"] = barrier(curve)
             # accuracy falls below the line (sign -1); perplexity rises above it
             report[f"{label}_{metric}_barrier"] = barrier(curve, metric, -1.0 if metric == "accuracy" else 1.0)
-    out_state = {k: merged(k) for k in ckpts[0].keys()}
+    names = ckpts[0].keys()
+    out_state = {k: merged(k) for k in names}
     module = family.build_module(out_state)
     if options.repair:
         repair(module, [family.build_module(s) for s in matched], weights, inputs)

@@ -60,5 +60,6 @@ def test_merge_with_model_factory_undoes_a_shuffle(tmp_path):
     out = tmp_path / "m.safetensors"
     merge_checkpoints([a, b], out, MergeOptions(model=FACTORY))
     merged = Checkpoint.open(out)
-    for k in ckpt.keys():
+    names = ckpt.keys()
+    for k in names:
         torch.testing.assert_close(merged.get(k), ckpt.get(k))

@@ -140,14 +140,14 @@ def test_weight_matching_recovers_a_hidden_permutation(fixtures_dir):
                                               rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_weight_matching_recovers_heads_and_residual(tmp_path, name):
+@pytest.mark.parametrize("name,backend", [("gpt2", "scipy"), ("llama", "lap"), ("llama", "torch")])
+def test_weight_matching_recovers_heads_and_residual(tmp_path, name, backend):
     folder = HF[name][0](tmp_path / name)
     ckpt = Checkpoint.open(folder)
     spec = permutation_spec(detect_family(ckpt))
     A = ckpt.state_dict()
     B = apply_permutation(A, spec, random_perms(spec, torch.Generator().manual_seed(7)))
-    r = weight_matching(A, B, spec, backend="scipy")
+    r = weight_matching(A, B, spec, backend=backend)
     back = apply_permutation(B, spec, r.perms)
     for k in spec.axes:
         torch.testing.assert_close(back[k], A[k])

@@ -8,13 +8,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.data import load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from modelsurgery.ops.evaluate import evaluate
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import apply_permutation, random_perms
 from modelsurgery.ops.merge.merge import MergeOptions, merge_checkpoints
-from modelsurgery.data import load_data
-from modelsurgery.ops.evaluate import evaluate
 
 
 def mlp(fixtures_dir, i):
@@ -40,8 +40,9 @@ def test_two_model_match_beats_naive_and_keeps_layout(fixtures_dir, tmp_path):
     # the written file is the matched midpoint, with the inputs' names, order and dtypes
     src = Checkpoint.open(mlp(fixtures_dir, 0))
     got = Checkpoint.open(out)
-    assert got.keys() == src.keys()
-    assert all(got.info(k).dtype == src.info(k).dtype and got.shape(k) == src.shape(k) for k in src.keys())
+    names = src.keys()
+    assert got.keys() == names
+    assert all(got.info(k).dtype == src.info(k).dtype and got.shape(k) == src.shape(k) for k in names)
     assert accuracy(out, data) == pytest.approx(ev["matched"][1]["accuracy"])
     prov = json.loads(got.metadata["modelsurgery"])
     assert prov["operation"] == "merge" and prov["parameters"]["method"] == "match"
@@ -58,7 +59,8 @@ def test_merged_tensors_are_the_average_of_aligned_models(fixtures_dir, tmp_path
     out = tmp_path / "m.safetensors"
     merge_checkpoints([mlp(fixtures_dir, 0), b_path], out, MergeOptions(alpha=0.3))
     got = Checkpoint.open(out)
-    for k in a.keys():
+    names = a.keys()
+    for k in names:
         torch.testing.assert_close(got.get(k), a.get(k))
     naive = tmp_path / "n.safetensors"
     merge_checkpoints([mlp(fixtures_dir, 0), b_path], naive, MergeOptions(method="linear", alpha=0.3))
@@ -85,7 +87,8 @@ def test_half_precision_kept(fixtures_dir, tmp_path):
     out = tmp_path / "m.safetensors"
     merge_checkpoints(paths, out, MergeOptions())
     with safe_open(str(out), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        names = f.keys()
+        assert {f.get_tensor(k).dtype for k in names} == {torch.float16}
 
 
 def test_batchnorm_reset_repairs_cnn(fixtures_dir, tmp_path):
@@ -182,6 +185,7 @@ def test_transformer_folder_merge_undoes_a_shuffle(tmp_path, name):
     r = merge_checkpoints([src, shuffled], out, MergeOptions())
     assert r.family == name and (out / "config.json").is_file()
     got = Checkpoint.open(out)
-    assert got.keys() == ckpt.keys()
-    for k in ckpt.keys():
+    names = ckpt.keys()
+    assert got.keys() == names
+    for k in names:
         torch.testing.assert_close(got.get(k), ckpt.get(k))
