@@ -8,8 +8,10 @@ import typer
 from rich.table import Table
 
 from modelsurgery.cli.common import emit_json, out_console, parse_float_list, progress_bar, user_errors
+from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.analyze import AnalyzeOptions, analyze_pair
 from modelsurgery.ops.merge.merge import MergeOptions, merge_checkpoints
+from modelsurgery.ops.merge.plot import check_plot, plot_path
 
 METHOD_HELP = "match (weight matching + average, default), linear, slerp, task-arithmetic, ties."
 
@@ -53,15 +55,13 @@ def merge_command(
             density=density, scale=scale, backend=backend, device=device, seed=seed, model=model,
             eval_data=eval_data, points=points, repair=repair, plot=plot,
         )
-        if plot is not None and eval_data is None:
-            from modelsurgery.errors import SurgeryError
-
-            raise SurgeryError(f"{plot}: --plot needs --eval DATA")
+        if plot is not None:
+            if eval_data is None:
+                raise SurgeryError(f"{plot}: --plot needs --eval DATA")
+            check_plot(plot, len(models), points)
         with progress_bar(quiet or json_out) as progress:
             result = merge_checkpoints(models, output, options, force=force, progress=progress)
         if plot is not None and result.evaluation:
-            from modelsurgery.ops.merge.plot import plot_path
-
             plot_path(result.evaluation, plot)
     if json_out:
         emit_json(result.to_dict())

@@ -40,6 +40,18 @@ def test_merge_error_is_one_line_and_writes_nothing(fixtures_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_plot_refused_before_any_work(fixtures_dir, tmp_path):
+    d = fixtures_dir / "digits"
+    out = tmp_path / "m.safetensors"
+    args = ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"), "-o", str(out)]
+    r = runner.invoke(app, [*args, "--plot", str(tmp_path / "p.gif"), "--eval",
+                            str(fixtures_dir / "data" / "digits_eval.safetensors")])
+    assert r.exit_code == 1 and "--plot needs a .png" in r.output
+    r = runner.invoke(app, [*args, "--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 1 and "--plot needs --eval" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_analyze_json(fixtures_dir):
     d = fixtures_dir / "digits"
     r = runner.invoke(app, ["analyze", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"),

@@ -7,10 +7,20 @@ from pathlib import Path
 from modelsurgery.errors import SurgeryError
 
 
+def check_plot(out: Path, num_models: int, points: int) -> None:
+    """Refuse a plot that cannot be drawn before any work is done."""
+    import importlib.util
+
+    if Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise SurgeryError(f"{out}: --plot needs a .png, .svg or .pdf file name")
+    if num_models != 2 or points < 2:
+        raise SurgeryError(f"{out}: a path plot needs two models and --points >= 2")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SurgeryError("--plot needs matplotlib: pip install matplotlib")
+
+
 def plot_path(evaluation: dict, out: Path) -> Path:
     out = Path(out)
-    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise SurgeryError(f"{out}: --plot needs a .png, .svg or .pdf file name")
     if "naive" not in evaluation:
         raise SurgeryError(f"{out}: a path plot needs two models and --points >= 2")
     try:
