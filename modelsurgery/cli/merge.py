@@ -21,10 +21,12 @@ def merge_command(
     output: Path = typer.Option(..., "-o", "--output", help="Output: .safetensors file or a folder."),
     method: str = typer.Option("match", "--method", help=METHOD_HELP),
     alpha: float = typer.Option(None, "--alpha", help="Two models: (1-alpha)*A + alpha*B (default 0.5)."),
-    weights: str = typer.Option(None, "--weights", help="Comma-separated weight per model (e.g. 0.5,0.3,0.2)."),
+    weights: str = typer.Option(None, "--weights", help="Comma-separated weight per model (e.g. 0.5,0.3,0.2); normalized for "
+                                 "match/linear/slerp, per task vector for task-arithmetic/ties."),
     base: Path = typer.Option(None, "--base", help="Base model for task-arithmetic and ties."),
     align: bool = typer.Option(None, "--align/--no-align",
-                               help="Weight-match every model into the first's basis (default: on for match)."),
+                               help="Weight-match every model into the first's basis (the base's with --base); "
+                               "default: on for match."),
     density: float = typer.Option(0.2, "--density", help="ties: fraction of each task vector kept."),
     scale: float = typer.Option(1.0, "--scale", help="task-arithmetic/ties: lambda, scale of the merged task vector."),
     backend: str = typer.Option("auto", "--backend", help="Assignment solver: auto, lap, scipy, torch."),

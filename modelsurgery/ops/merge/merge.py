@@ -95,12 +95,17 @@ def resolve_weights(options: MergeOptions, n: int) -> list[float]:
 
 
 def align_models(states: list[dict[str, torch.Tensor]], spec: PermutationSpec, options: MergeOptions,
-                 progress: Callable | None = None) -> list[tuple[Perms | None, dict]]:
-    """Permutations taking every model after the first into the first one's basis."""
-    out: list[tuple[Perms | None, dict]] = [(None, {})]
-    for i, state in enumerate(states[1:], start=1):
-        r = weight_matching(states[0], state, spec, max_iter=options.max_iter, seed=options.seed,
-                            backend=options.backend, device=options.device, progress=progress)
+                 progress: Callable | None = None, reference: dict[str, torch.Tensor] | None = None
+                 ) -> list[tuple[Perms | None, dict]]:
+    """Permutations taking every model into the reference's basis: the first model's (which then
+    stays as it is) or, for methods with a base, the base model's."""
+    out: list[tuple[Perms | None, dict]] = []
+    for i, state in enumerate(states):
+        if reference is None and i == 0:
+            out.append((None, {}))
+            continue
+        r = weight_matching(states[0] if reference is None else reference, state, spec, max_iter=options.max_iter,
+                            seed=options.seed, backend=options.backend, device=options.device, progress=progress)
         out.append(({g: {k: v.cpu() for k, v in p.items()} for g, p in r.perms.items()}, {"model": i, **r.to_dict()}))
     return out
 
@@ -133,8 +138,9 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     if align:
         spec = permutation_spec(family)
         states = [c.state_dict() for c in ckpts]
-        aligned = align_models(states, spec, options, progress)
-        matching = [m for _, m in aligned[1:]]
+        reference = base.state_dict() if base is not None else None
+        aligned = align_models(states, spec, options, progress, reference)
+        matching = [m for _, m in aligned if m]
         del states
 
     combine = method.fn if method else get_method("linear").fn

@@ -189,3 +189,24 @@ def test_transformer_folder_merge_undoes_a_shuffle(tmp_path, name):
     assert got.keys() == names
     for k in names:
         torch.testing.assert_close(got.get(k), ckpt.get(k))
+
+
+def test_align_with_base_aligns_into_the_base_basis(fixtures_dir, tmp_path):
+    # fine-tuned models stored in shuffled bases: aligned into the base's basis, task arithmetic
+    # with identical "fine-tunes" of the base returns the base itself
+    base = mlp(fixtures_dir, 0)
+    ckpt = Checkpoint.open(base)
+    spec = permutation_spec(detect_family(ckpt))
+    paths = []
+    for seed in (1, 2):
+        p = tmp_path / f"ft{seed}.safetensors"
+        save_file(apply_permutation(ckpt.state_dict(), spec, random_perms(spec, torch.Generator().manual_seed(seed))),
+                  str(p))
+        paths.append(p)
+    out = tmp_path / "m.safetensors"
+    r = merge_checkpoints(paths, out, MergeOptions(method="task-arithmetic", base=base, align=True))
+    assert len(r.matching) == 2
+    merged = Checkpoint.open(out)
+    names = ckpt.keys()
+    for k in names:
+        torch.testing.assert_close(merged.get(k), ckpt.get(k))
