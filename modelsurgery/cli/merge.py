@@ -129,7 +129,7 @@ def analyze_command(
         return
     table = Table(title=f"{result.family}: {a} vs {b}", show_edge=False)
     for col in ("layer", "shape", "L2 before", "L2 after", f"top-{top_k} align before", f"top-{top_k} align after"):
-        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right", no_wrap=col == "layer")
     for layer in result.layers:
         table.add_row(layer.name, "x".join(map(str, layer.shape)), f"{layer.distance_before:.4g}",
                       f"{layer.distance_after:.4g}", " ".join(f"{x:.2f}" for x in layer.alignment_before),
