@@ -5,9 +5,9 @@ pretrained all-MiniLM-L6-v2 BERT sentence encoder, with the same calibration dat
 Every run is a fresh subprocess, so its time, CPU time and peak RSS are its own; a "float" row
 (build the model and evaluate it, no quantization) is the memory baseline of the same run.
 
-    python benchmarks/bench_quantize.py                 # everything (BERT: 4 bits)
+    python benchmarks/bench_quantize.py --bert-bits 4,3,2   # everything
     python benchmarks/bench_quantize.py --only digits --steps 500
-    python benchmarks/bench_quantize.py --only bert --bits 4,3 --bert-steps 300
+    python benchmarks/bench_quantize.py --only bert --methods rtn,flexround --bert-steps 200
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,adaround,flexround")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--bert-bits", default="4")
-    ap.add_argument("--steps", type=int, default=500, help="reconstruction steps per block (digits, char LM)")
-    ap.add_argument("--bert-steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300, help="reconstruction steps per block (digits, char LM)")
+    ap.add_argument("--bert-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32, help="samples per step (digits, char LM)")
     ap.add_argument("--bert-batch-size", type=int, default=8, help="sentences per step (BERT)")
