@@ -144,6 +144,9 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return list(self.infos)
 
+    def __iter__(self):
+        return iter(self.infos)
+
     def __contains__(self, name: str) -> bool:
         return name in self.infos
 
