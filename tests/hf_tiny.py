@@ -50,7 +50,7 @@ def save_tiny_bert(folder: Path, seed: int = 0, **overrides) -> Path:
 
 def load_hf(folder: Path):
     """transformers' own model for a folder written above (the independent reference)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(folder)
     cls = AutoModel if cfg.model_type == "bert" else AutoModelForCausalLM

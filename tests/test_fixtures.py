@@ -129,7 +129,7 @@ def test_data_files(fixtures_dir):
     assert len(split["train"]) + len(split["eval"]) == 1797
     for d in split.values():
         assert d.inputs.shape[1:] == (64,) and d.inputs.dtype == torch.float32 and d.labels.dtype == torch.int64
-        assert 0 <= d.inputs.min() and d.inputs.max() <= 1
+        assert d.inputs.min() >= 0 and d.inputs.max() <= 1
     share = torch.bincount(split["eval"].labels, minlength=10) / torch.bincount(
         torch.cat([split["train"].labels, split["eval"].labels]), minlength=10)
     assert torch.all((share - 1 / 3).abs() < 0.01), share  # stratified
@@ -138,7 +138,7 @@ def test_data_files(fixtures_dir):
 
     lm = {s: load_data(fixtures_dir / f"data/charlm_{s}.safetensors") for s in ("train", "eval")}
     for d in lm.values():
-        assert d.input_ids.shape[1] == 64 and 0 <= d.input_ids.min() and d.input_ids.max() < 99
+        assert d.input_ids.shape[1] == 64 and d.input_ids.min() >= 0 and d.input_ids.max() < 99
     train_rows = {tuple(r.tolist()) for r in lm["train"].input_ids}
     assert not any(tuple(r.tolist()) in train_rows for r in lm["eval"].input_ids)
     calib = load_data(fixtures_dir / "data/charlm_calib.txt", tokenizer=fixtures_dir / "charlm/gpt2")

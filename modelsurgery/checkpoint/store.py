@@ -33,7 +33,7 @@ class Checkpoint:
     def __init__(
         self,
         path: Path,
-        infos: "OrderedDict[str, TensorInfo]",
+        infos: OrderedDict[str, TensorInfo],
         metadata: dict[str, str],
         config: dict | None = None,
         folder: Path | None = None,
@@ -50,7 +50,7 @@ class Checkpoint:
 
     # ----- construction -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path) -> Checkpoint:
         path = Path(path)
         if not path.exists():
             raise SurgeryError(f"{path}: no such file or directory")
@@ -60,7 +60,7 @@ class Checkpoint:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], path: str | Path = "<memory>",
-                        config: dict | None = None, metadata: dict | None = None) -> "Checkpoint":
+                        config: dict | None = None, metadata: dict | None = None) -> Checkpoint:
         """Wrap tensors already in memory (tests, library users, intermediate results)."""
         p = Path(str(path))
         infos = OrderedDict(
@@ -69,7 +69,7 @@ class Checkpoint:
         return cls(p, infos, dict(metadata or {}), config=config, loaded=dict(state))
 
     @classmethod
-    def _open_file(cls, path: Path, folder: Path | None, config: dict | None) -> "Checkpoint":
+    def _open_file(cls, path: Path, folder: Path | None, config: dict | None) -> Checkpoint:
         name = path.name
         if name.endswith(".index.json"):
             return cls._open_index(path, folder, config)
@@ -91,7 +91,7 @@ class Checkpoint:
         )
 
     @classmethod
-    def _open_index(cls, path: Path, folder: Path | None, config: dict | None) -> "Checkpoint":
+    def _open_index(cls, path: Path, folder: Path | None, config: dict | None) -> Checkpoint:
         weight_map = read_shard_index(path)
         infos: OrderedDict[str, TensorInfo] = OrderedDict()
         metadata: dict[str, str] = {}
@@ -115,7 +115,7 @@ class Checkpoint:
         return cls(path, infos, metadata, config, folder)
 
     @classmethod
-    def _open_folder(cls, folder: Path) -> "Checkpoint":
+    def _open_folder(cls, folder: Path) -> Checkpoint:
         config = None
         cfg_path = folder / "config.json"
         if cfg_path.is_file():

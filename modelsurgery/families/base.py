@@ -107,7 +107,7 @@ class Family:
             return []
         pat = re.compile(self.block_pattern)
         found: dict[int, Block] = {}
-        for name in self.ckpt.keys():
+        for name in self.ckpt:
             m = pat.match(name)
             if m:
                 i = int(m.group(1))

@@ -62,7 +62,7 @@ def _container_rank(prefix: str) -> tuple:
 def param_layers(ckpt: Checkpoint) -> list[tuple[str, str]] | None:
     """(module name, kind) of every parametric layer in forward order; None if one is not conv/bn/linear."""
     members: dict[str, set[str]] = {}
-    for k in ckpt.keys():
+    for k in ckpt:
         if "." not in k:
             return None
         mod, leaf = k.rsplit(".", 1)

@@ -79,7 +79,7 @@ class CustomFamily(Family):
                 try:
                     with torch.device("meta"):
                         module = self.factory(*args)
-                except Exception:  # noqa: BLE001  some factories cannot run on meta tensors; build for real
+                except Exception:  # some factories cannot run on meta tensors; build for real
                     module = self.factory(*args)
             else:
                 module = self.factory(*args)
@@ -99,7 +99,7 @@ class CustomFamily(Family):
                     f"{self.ckpt.path}: tensor '{k}' has shape {tuple(self.ckpt.shape(k))}, --model {self.spec} "
                     f"expects {tuple(v.shape)}"
                 )
-        extra = [k for k in self.ckpt.keys() if k not in own]
+        extra = [k for k in self.ckpt if k not in own]
         if extra:
             raise SurgeryError(f"{self.ckpt.path}: tensor '{extra[0]}' is not part of --model {self.spec}")
 

@@ -24,7 +24,7 @@ def natural_key(name: str) -> list:
 
 def module_prefixes(ckpt: Checkpoint) -> list[str]:
     """Module names owning the tensors, in natural order ('fc1', 'layers.0', '0')."""
-    mods = {k.rsplit(".", 1)[0] if "." in k else "" for k in ckpt.keys()}
+    mods = {k.rsplit(".", 1)[0] if "." in k else "" for k in ckpt}
     return sorted(mods, key=natural_key)
 
 
@@ -88,7 +88,7 @@ class MLPFamily(Family):
         if len(prefixes) < 1 or "" in prefixes:
             return False
         for p in prefixes:
-            names = {k for k in ckpt.keys() if k.rsplit(".", 1)[0] == p}
+            names = {k for k in ckpt if k.rsplit(".", 1)[0] == p}
             w, b = f"{p}.weight", f"{p}.bias"
             if w not in names or names - {w, b} or len(ckpt.shape(w)) != 2:
                 return False

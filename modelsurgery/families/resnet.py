@@ -175,7 +175,7 @@ class ResNetFamily(Family):
         return list(self._res_blocks)
 
     def _read_blocks(self) -> list[ResBlock]:
-        found = sorted({(int(m.group(1)), int(m.group(2))) for k in self.ckpt.keys() if (m := BLOCK_RE.match(k))})
+        found = sorted({(int(m.group(1)), int(m.group(2))) for k in self.ckpt if (m := BLOCK_RE.match(k))})
         out = []
         for i, (s, j) in enumerate(found):
             prefix = f"layer{s}.{j}."
@@ -197,7 +197,7 @@ class ResNetFamily(Family):
     def blocks(self) -> list[Block]:
         blocks = []
         for b in self.res_blocks():
-            blocks.append(Block(b.index, b.prefix, [k for k in self.ckpt.keys() if k.startswith(b.prefix)]))
+            blocks.append(Block(b.index, b.prefix, [k for k in self.ckpt if k.startswith(b.prefix)]))
         return blocks
 
     def block_of(self, name: str) -> tuple[int, str] | None:
@@ -316,7 +316,7 @@ class ResNetFamily(Family):
         return shape
 
     def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
-        biases = {k[: -len(".bias")] for k in self.ckpt.keys() if k.endswith(".bias")}
+        biases = {k[: -len(".bias")] for k in self.ckpt if k.endswith(".bias")}
         stem = self.ckpt.shape("conv1.weight")
         module = ResNetModule((stem[0], stem[1]), self.res_blocks(), self.head,
                               self.ckpt.shape(f"{self.head}.weight"), biases, self.input_shape())

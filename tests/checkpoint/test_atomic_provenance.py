@@ -40,7 +40,7 @@ def test_provenance_digests_match_sha256_of_sources(tmp_path):
     ca, cb = Checkpoint.open(a), Checkpoint.open(b)
     out = tmp_path / "merged.safetensors"
     prov = Provenance("merge", {"alpha": 0.5, "method": "weight_matching"}, ca.source_files + cb.source_files)
-    plans = [plan_tensor(k, (ca.get(k) + cb.get(k)) / 2) for k in ca.keys()]
+    plans = [plan_tensor(k, (ca.get(k) + cb.get(k)) / 2) for k in ca]
     write_checkpoint(out, plans, provenance=prov)
     with safe_open(str(out), framework="pt") as f:  # the reference reader sees the record
         record = json.loads(f.metadata()["modelsurgery"])
@@ -58,7 +58,7 @@ def test_provenance_lists_every_shard_of_a_sharded_source(tmp_path):
     ckpt = Checkpoint.open(src)
     assert len(ckpt.source_files) == 4
     out = tmp_path / "out"
-    write_checkpoint(out, [plan_copy(ckpt, k) for k in ckpt.keys()],
+    write_checkpoint(out, [plan_copy(ckpt, k) for k in ckpt],
                      provenance=Provenance("copy", {}, ckpt.source_files))
     record = json.loads(Checkpoint.open(out).metadata["modelsurgery"])
     assert {s["file"]: s["sha256"] for s in record["sources"]} == {

@@ -104,7 +104,7 @@ def test_hf_folder_round_trip_carries_config_and_tokenizer(tmp_path):
     assert {p.name for p in ckpt.extra_files()} >= {"tokenizer.json", "special_tokens_map.json",
                                                      "generation_config.json"}
     out = tmp_path / "copy"
-    report = write_checkpoint(out, [plan_copy(ckpt, k) for k in ckpt.keys()], config=ckpt.config,
+    report = write_checkpoint(out, [plan_copy(ckpt, k) for k in ckpt], config=ckpt.config,
                               extra_files=ckpt.extra_files())
     assert (out / "config.json").is_file() and out / "model.safetensors" in report.files
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()

@@ -80,7 +80,7 @@ def test_transformers_loads_our_sharded_output(tmp_path):
     src = save_tiny_llama(tmp_path / "src")
     ckpt = Checkpoint.open(src)
     out = tmp_path / "resharded"
-    write_checkpoint(out, [plan_copy(ckpt, k) for k in ckpt.keys()], config=ckpt.config,
+    write_checkpoint(out, [plan_copy(ckpt, k) for k in ckpt], config=ckpt.config,
                      extra_files=ckpt.extra_files(), max_shard_size="30KB")
     assert len(list(out.glob("model-*.safetensors"))) > 1
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))

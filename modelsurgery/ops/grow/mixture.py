@@ -87,9 +87,9 @@ def plain_layers(ckpts: list[Checkpoint], num_templates: int | None) -> list[Tem
     a = ckpts[0]
     for c in ckpts[1:]:
         if a.shapes() != c.shapes():
-            diff = next((k for k in a.keys() if k not in c or a.shape(k) != c.shape(k)), None)
+            diff = next((k for k in a if k not in c or a.shape(k) != c.shape(k)), None)
             if diff is None:
-                diff = next(k for k in c.keys() if k not in a)
+                diff = next(k for k in c if k not in a)
             got = list(c.shape(diff)) if diff in c else "missing"
             want = list(a.shape(diff)) if diff in a else "missing"
             raise SurgeryError(
@@ -114,7 +114,7 @@ def plain_layers(ckpts: list[Checkpoint], num_templates: int | None) -> list[Tem
 def template_form_layers(ckpt: Checkpoint) -> list[TemplateLayer]:
     sets: dict[str, dict[int, str]] = {}
     coefs: dict[str, dict[int, str]] = {}
-    for name in ckpt.keys():
+    for name in ckpt:
         if m := TEMPLATE_RE.match(name):
             sets.setdefault(m.group(1), {})[int(m.group(2))] = name
         elif m := COEF_RE.match(name):
@@ -140,14 +140,14 @@ def template_form_layers(ckpt: Checkpoint) -> list[TemplateLayer]:
     if len({len(x.templates) for x in layers}) != 1:
         raise SurgeryError(f"{ckpt.path}: layers have different numbers of template sets")
     used = {n for p in sets.values() for n in p.values()} | {n for p in coefs.values() for n in p.values()}
-    rest = [n for n in ckpt.keys() if n not in used and not n.endswith(".bias")]
+    rest = [n for n in ckpt if n not in used and not n.endswith(".bias")]
     if rest:
         raise SurgeryError(f"{ckpt.path}: tensor '{rest[0]}' is neither a template set nor a coefficient vector")
     return layers
 
 
 def is_template_form(ckpt: Checkpoint) -> bool:
-    return any(TEMPLATE_RE.match(n) for n in ckpt.keys())
+    return any(TEMPLATE_RE.match(n) for n in ckpt)
 
 
 def grow_layer(layer: TemplateLayer, position: str, coef_scale: float, gen: torch.Generator

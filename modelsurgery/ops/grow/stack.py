@@ -68,7 +68,7 @@ def plan_depth(family: Family, layout: list[int], identity: set[int] | None = No
     blocks = {b.index: b for b in family.blocks()}
     template = family.blocks()[0].prefix
     position = {n: i for i, n in enumerate(ckpt.keys())}
-    outside = [n for n in ckpt.keys() if family.block_of(n) is None]
+    outside = [n for n in ckpt if family.block_of(n) is None]
     first_block_pos = min(position[b.names[0]] for b in blocks.values())
     before = [n for n in outside if position[n] < first_block_pos]
     after = [n for n in outside if position[n] >= first_block_pos]

@@ -149,7 +149,7 @@ class WidthPlan:
 
     def planned(self) -> list[PlannedTensor]:
         out = []
-        for name in self.ckpt.keys():
+        for name in self.ckpt:
             if name in self.changed:
                 shape, fn = self.changed[name]
                 out.append(PlannedTensor(name, shape, self.ckpt.info(name).dtype, fn))

@@ -48,7 +48,7 @@ def solve_assignment(similarity: torch.Tensor | np.ndarray, backend: str = "auto
 
 def _has_lap() -> bool:
     try:
-        import lap  # noqa: F401
+        import lap  # noqa: F401  (availability check)
     except ImportError:
         return False
     return True

@@ -160,7 +160,7 @@ def test_sharded_input_and_output_byte_copies(tmp_path):
     src = hf_folder(tmp_path, "llama")
     ckpt = Checkpoint.open(src)
     sharded = tmp_path / "sharded"
-    write_checkpoint(sharded, [plan_copy(ckpt, n) for n in ckpt.keys()], config=ckpt.config,
+    write_checkpoint(sharded, [plan_copy(ckpt, n) for n in ckpt], config=ckpt.config,
                      max_shard_size=20_000)
     assert len(list(sharded.glob("*.safetensors"))) > 3
     out = tmp_path / "grown"
