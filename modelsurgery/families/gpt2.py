@@ -138,11 +138,6 @@ class GPT2Family(TransformerFamily):
     def hidden_size(self) -> int:
         return self.ckpt.shape(f"{self.prefix}wte.weight")[1]
 
-    @property
-    def tied_head(self) -> bool:
-        """True when logits use the token embedding (no ``lm_head.weight`` in the checkpoint)."""
-        return "lm_head.weight" not in self.ckpt
-
     def config_for_layers(self, num_layers: int) -> dict | None:
         return self.layer_count_config(num_layers, "n_layer")
 

@@ -144,11 +144,6 @@ class LlamaFamily(TransformerFamily):
     def hidden_size(self) -> int:
         return self.ckpt.shape("model.embed_tokens.weight")[1]
 
-    @property
-    def tied_head(self) -> bool:
-        """True when logits use the token embedding (no ``lm_head.weight``)."""
-        return "lm_head.weight" not in self.ckpt
-
     def config_for_layers(self, num_layers: int) -> dict | None:
         return self.layer_count_config(num_layers, "num_hidden_layers")
 

@@ -217,6 +217,11 @@ class TransformerFamily(Family):
         return name if name in self.ckpt else None
 
     @property
+    def tied_head(self) -> bool:
+        """True when logits use the token embedding (no ``lm_head.weight`` in the checkpoint)."""
+        return "lm_head.weight" not in self.ckpt
+
+    @property
     def vocab_size(self) -> int:
         return self.ckpt.shape(self.embedding_names()[0])[0]
 
