@@ -240,8 +240,9 @@ def test_rotary_scores_depend_only_on_relative_position(m, n, shift, seed):
     def rot(x, p):
         return apply_rotary(x, cos[0, 0, p], sin[0, 0, p])
 
-    assert torch.allclose(rot(q, m) @ rot(k, n), rot(q, m + shift) @ rot(k, n + shift), atol=1e-9)
-    assert torch.allclose(rot(q, m).norm(), q.norm(), atol=1e-9)
+    # the tables hold float32 angles (as LLaMA computes them), so the property holds to float32 precision
+    assert torch.allclose(rot(q, m) @ rot(k, n), rot(q, m + shift) @ rot(k, n + shift), atol=1e-5)
+    assert torch.allclose(rot(q, m).norm(), q.norm(), atol=1e-5)
 
 
 @settings(max_examples=20, deadline=None)
