@@ -6,7 +6,6 @@ Writes fake-quantized float weights under the same names, or the packed format (
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import json
 import resource
@@ -114,7 +113,7 @@ def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_
     try:
         with torch.no_grad():
             module(**first)
-    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
+    except Exception as e:
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in first.items())
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SurgeryError(f"{path}: data ({shapes}) does not fit the {family.name} model: {msg}") from None
@@ -162,9 +161,8 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
     if opts.eval is not None:
         eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
 
-    float_model = copy.deepcopy(model)
     result = reconstruct_blocks(
-        float_model, model, targets, calib, scheme, method,
+        model, targets, calib, scheme, method,
         ReconstructOptions(steps=opts.steps, lr=opts.lr, grid=opts.grid, seed=opts.seed), progress)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak (Linux: KiB)
 
@@ -185,7 +183,9 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
                   **_scheme_metadata(opts, layers)},
         config=ckpt.config, extra_files=ckpt.extra_files(), force=opts.force,
     )
-    evaluation = compare_models(float_model, model, family, eval_data) if eval_data is not None else None
+    evaluation = None
+    if eval_data is not None:  # the float side is built again: calibration never holds two models
+        evaluation = compare_models(family.build_module(), model, family, eval_data)
     return QuantizeResult(
         output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
                                                       **scheme.to_dict(), "steps": opts.steps, "lr": opts.lr,

