@@ -73,7 +73,8 @@ class WeightQuantizer(nn.Module):
         matrix = to_matrix(weight.detach().float(), transposed)
         self.rows, self.row_length = matrix.shape
         self.group = group_size_for(scheme, self.row_length, tensor_name)
-        self.register_buffer("w", grouped(matrix, self.group).clone())
+        # a view of a float32 weight (never written while its quantizer lives): no second copy
+        self.register_buffer("w", grouped(matrix, self.group).contiguous())
         init = make_grid(matrix, scheme, self.group, grid or self.default_grid)
         self.register_buffer("scale0", init.scale)
         self.register_buffer("zero", init.zero)

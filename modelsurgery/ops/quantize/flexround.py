@@ -6,6 +6,11 @@ in log space (initialised to S2 = s3 = s4 = 1 and s1 from the grid search); roun
 gradient straight through. Division lets each weight's effective grid move in proportion to its
 magnitude. As in the official code, the integer zero point of an asymmetric grid is fixed at
 initialisation: q = clamp(round(W / div) + z, 0, 2^b - 1) and W_q = (q - z) * s1.
+
+The fake-quantized weight is one autograd node (``FlexRoundFakeQuant``) that saves nothing but the
+tensors it was given and recomputes W / div in backward: the composed ops would keep four
+weight-sized intermediates per weight alive until backward, which is most of a block's training
+memory.
 """
 
 from __future__ import annotations
@@ -17,6 +22,53 @@ from torch import nn
 
 from modelsurgery.ops.quantize.base import WeightQuantizer, register
 from modelsurgery.ops.quantize.grids import Grid, round_ste
+
+
+def _scaled(w, log_s1, log_s2, log_s3, log_s4) -> torch.Tensor:
+    """W / (s1 * S2 * s3 [* s4]) in one fresh weight-sized tensor."""
+    t = log_s1 + log_s2
+    t.add_(log_s3)
+    if log_s4 is not None:
+        t.add_(log_s4)
+    return torch.div(w, t.exp_(), out=t)
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` summed down to ``shape``, always a new tensor (sum_to_size returns ``t`` itself when
+    the shapes agree, and a gradient must not share storage with another)."""
+    return t.sum_to_size(shape) if t.shape != shape else t.clone()
+
+
+class FlexRoundFakeQuant(torch.autograd.Function):
+    """(q - z) * s1 with q = clamp(round(x) + z, 0, qmax), x = W / exp(log s1 + log S2 + log s3 [+ log s4]).
+
+    Gradients (round is straight-through, clamp passes where round(x) + z lies in [0, qmax]):
+    dL/dx = g * s1 * inside; every log-scale enters x as x = W * exp(-log_div), so its gradient
+    is -dL/dx * x summed over the dimensions it is broadcast along; s1 also scales the output
+    directly, adding g * (q - z) * s1.
+    """
+
+    @staticmethod
+    def forward(ctx, w, log_s1, log_s2, log_s3, log_s4, zero, qmax):
+        ctx.save_for_backward(w, log_s1, log_s2, log_s3, log_s4, zero)
+        ctx.qmax = qmax
+        x = _scaled(w, log_s1, log_s2, log_s3, log_s4)
+        return x.round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(log_s1.exp())
+
+    @staticmethod
+    def backward(ctx, g):
+        w, log_s1, log_s2, log_s3, log_s4, zero = ctx.saved_tensors
+        s1 = log_s1.exp()
+        x = _scaled(w, log_s1, log_s2, log_s3, log_s4)
+        v = torch.round(x).add_(zero)
+        inside = (v >= 0).logical_and_(v <= ctx.qmax)
+        direct = _sum_to(v.clamp_(0, ctx.qmax).sub_(zero).mul_(g), log_s1.shape).mul_(s1)
+        grad = torch.mul(g, s1, out=v).mul_(inside).mul_(x).neg_()  # dL/d(log_div), reusing v
+        del x, inside
+        g_s1 = _sum_to(grad, log_s1.shape).add_(direct)
+        g_s3 = _sum_to(grad, log_s3.shape)
+        g_s4 = _sum_to(grad, log_s4.shape) if log_s4 is not None else None
+        return None, g_s1, grad, g_s3, g_s4, None, None
 
 
 @register
@@ -37,14 +89,25 @@ class FlexRoundQuantizer(WeightQuantizer):
     def grid(self) -> Grid:
         return Grid(self.log_s1.exp(), self.zero)
 
+    def _log_s4(self) -> torch.Tensor | None:
+        """s4 laid out along the grouped row [1, n_groups, G] (each input channel covers a kernel)."""
+        if self.log_s4 is None:
+            return None
+        return self.log_s4.repeat_interleave(self.kernel).reshape(1, *self.w.shape[1:])
+
     def divisor(self) -> torch.Tensor:
         log_div = self.log_s1 + self.log_s2 + self.log_s3
         if self.log_s4 is not None:
-            log_div = log_div + self.log_s4.repeat_interleave(self.kernel).reshape(1, *self.w.shape[1:])
+            log_div = log_div + self._log_s4()
         return log_div.exp()
 
     def soft_codes(self) -> torch.Tensor:
+        """The composed form (autograd through every op); ``forward`` computes the same in one node."""
         return torch.clamp(round_ste(self.w / self.divisor()) + self.zero, 0, self.scheme.qmax)
 
     def hard_codes(self) -> torch.Tensor:
         return torch.clamp(torch.round(self.w / self.divisor()) + self.zero, 0, self.scheme.qmax)
+
+    def forward(self) -> torch.Tensor:
+        return self.to_stored(FlexRoundFakeQuant.apply(
+            self.w, self.log_s1, self.log_s2, self.log_s3, self._log_s4(), self.zero, self.scheme.qmax))

@@ -27,6 +27,36 @@ def test_flexround_gradients_reach_every_scale(shape, transposed):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("shape,transposed,scheme", [
+    ((6, 8), False, QuantScheme(3, "channel", None, False)),
+    ((5, 4, 3, 3), False, QuantScheme(4, "channel")),
+    ((8, 6), True, QuantScheme(2, "tensor", None, False)),
+    ((4, 12), False, QuantScheme(3, "group", 4, False)),
+    ((4, 12), False, QuantScheme(4, "group", 1)),  # one weight per group: s1 has W's shape
+    ((3, 1), False, QuantScheme(2, "channel", None, False)),  # one weight per row: s3 has W's shape
+])
+def test_flexround_fused_node_matches_the_composed_formula(shape, transposed, scheme):
+    """The one-node fake quantizer gives the output and every gradient that autograd computes
+    through the written-out formula clamp(round_ste(W / (s1 S2 s3 s4)) + z, 0, qmax) - z) * s1."""
+    torch.manual_seed(1)
+    w = torch.randn(shape)
+    q = FlexRoundQuantizer(w, scheme, transposed)
+    with torch.no_grad():  # move every scale off its initial value, some weights out of range
+        for p in q.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    target = torch.randn(shape)
+    (q() - target).pow(2).sum().backward()
+    fused = {n: p.grad.clone() for n, p in q.named_parameters()}
+    out = q().detach()
+    q.zero_grad()
+    composed = q.to_stored((q.soft_codes() - q.zero) * q.log_s1.exp())
+    assert torch.allclose(out, composed.detach(), atol=1e-6)
+    (composed - target).pow(2).sum().backward()
+    for n, p in q.named_parameters():
+        assert torch.allclose(fused[n], p.grad, rtol=1e-4, atol=1e-5), n
+        assert fused[n].data_ptr() not in {o.data_ptr() for m, o in fused.items() if m != n}
+
+
 def test_flexround_starts_as_rtn_on_its_grid():
     torch.manual_seed(0)
     w = torch.randn(8, 16)
