@@ -179,6 +179,11 @@ class Checkpoint:
             self._handles[info.file] = handle
         return handle.get_tensor(name)
 
+    def close(self) -> None:
+        """Unmap the files read so far (their pages count as resident memory while mapped); later
+        reads open them again."""
+        self._handles.clear()
+
     def byte_range(self, name: str) -> tuple[Path, int, int] | None:
         """(file, absolute offset, length) of a tensor's bytes in its safetensors file; None when it is
         not stored that way (pickles, tensors in memory). The header was validated when opened."""

@@ -177,18 +177,24 @@ class Family:
         )
 
     def load_state(self, module: nn.Module, state: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> nn.Module:
-        """Load ``state`` (or the checkpoint) into ``module`` strictly, naming the first mismatch."""
-        state = self.ckpt.state_dict() if state is None else state
+        """Load ``state`` (default: the checkpoint, read one tensor at a time so that loading holds
+        the module and one tensor, never a second model) into ``module`` strictly, naming the
+        first mismatch."""
         own = module.state_dict()
         for k, v in own.items():
-            if k not in state:
+            if k not in (self.ckpt if state is None else state):
                 raise SurgeryError(f"{self.ckpt.path}: tensor '{k}' needed by the {self.name} model is missing")
-            if tuple(state[k].shape) != tuple(v.shape):
+            shape = self.ckpt.shape(k) if state is None else state[k].shape
+            if tuple(shape) != tuple(v.shape):
                 raise SurgeryError(
-                    f"{self.ckpt.path}: tensor '{k}' has shape {tuple(state[k].shape)}, the {self.name} model "
+                    f"{self.ckpt.path}: tensor '{k}' has shape {tuple(shape)}, the {self.name} model "
                     f"expects {tuple(v.shape)}"
                 )
-        module.load_state_dict({k: state[k] for k in own}, strict=True)
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(self.ckpt.get(k) if state is None else state[k])
+        if state is None:
+            self.ckpt.close()  # the module holds the weights now; the mapped file need not stay resident
         return module.to(dtype).eval()
 
     def input_names(self) -> list[str]:

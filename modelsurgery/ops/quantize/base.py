@@ -45,15 +45,28 @@ def method_by_name(name: str) -> type[WeightQuantizer]:
 
 @dataclass
 class QuantizedWeight:
-    """The result for one weight: codes [out, R] uint8, scale float32 and zero_point uint8 of shape
-    [rows, n_groups] (rows = 1 per tensor), and the dequantized weight in the stored layout."""
+    """The result for one weight: scale float32 and zero_point uint8 of shape [rows, n_groups]
+    (rows = 1 per tensor), the dequantized float32 weight in the stored layout, and the integer
+    codes [out, R] (``codes``)."""
 
-    codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
     dequantized: torch.Tensor
     group_size: int
     transposed: bool
+    #: uint8 codes as exported; None once dropped to save memory (``codes`` recomputes them)
+    stored_codes: torch.Tensor | None = None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """uint8 codes [out, R]. Recomputed when not stored: round(W_q / s) + z gives the codes back
+        exactly, since W_q = (q - z) * s in float32 is within one part in 2^23 of the integer
+        multiple and |q - z| < 256."""
+        if self.stored_codes is not None:
+            return self.stored_codes
+        matrix = to_matrix(self.dequantized.float(), self.transposed)
+        q = torch.round(grouped(matrix, self.group_size) / self.scale[..., None]) + self.zero_point[..., None]
+        return q.reshape(matrix.shape).to(torch.uint8)
 
 
 class WeightQuantizer(nn.Module):
@@ -106,7 +119,7 @@ class WeightQuantizer(nn.Module):
         grid = Grid(self.grid().scale.detach().float(), self.zero)
         q = self.hard_codes()
         return QuantizedWeight(
-            codes=q.reshape(self.rows, self.row_length).to(torch.uint8),
+            stored_codes=q.reshape(self.rows, self.row_length).to(torch.uint8),
             scale=grid.scale.squeeze(-1).contiguous(),
             zero_point=grid.zero.squeeze(-1).to(torch.uint8).contiguous(),
             dequantized=self.to_stored(dequantize(q, grid)).contiguous(),

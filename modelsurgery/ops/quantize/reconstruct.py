@@ -3,12 +3,14 @@ quantized weights are learned so that the block, fed the output of the already-q
 blocks, reproduces the float model's output of that block on calibration data.
 
 Only the current block's activations are cached: its quantized input and its float target (the
-float input is replaced by the target batch by batch). No float copy of the model is kept: a block's
+float input is replaced by the target batch by batch), each in one tensor for all calibration
+batches (``BatchCache``). No float copy of the model is kept: a block's
 float target is computed with its own weights before they are quantized, and each quantized weight
 is held once, by the model (``QuantizedWeight.dequantized`` shares the parameter's storage).
 Loss: squared error summed over each sample's features, averaged over the batch; Adam with cosine
 learning-rate decay. Weights are found through the built module's own parameters and mapped to
-checkpoint names by identity.
+checkpoint names by identity. The integer codes are not kept either: they are recomputed from the
+float32 weight when the packed output is written.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from modelsurgery.memory import map_large_allocations, release_freed_memory
 from modelsurgery.ops.quantize.base import QuantizedWeight, WeightQuantizer
 from modelsurgery.ops.quantize.grids import QuantScheme
 from modelsurgery.ops.quantize.rtn import RTNQuantizer
 
 Progress = Callable[[str, int, int, dict], None]
+#: allocations from this size on get their own mapping while blocks are trained (``memory.py``)
+MAP_FROM_BYTES = 1 << 20
 
 
 @dataclass
@@ -95,12 +100,56 @@ def rec_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None 
     return err.reshape(out.shape[0], -1).sum(1).mean()
 
 
+class BatchCache:
+    """The activations of every calibration batch in one tensor [samples, ...], seen batch by batch.
+
+    One allocation for the whole cache, rewritten in place while a block keeps the shape, instead
+    of one tensor per batch: per-batch tensors freed and reallocated between the forward and
+    backward transients fragment the C allocator's heap, which then holds its holes (on BERT the
+    calibration's resident memory grew by half again over what was live)."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+        self.starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        self.data: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, sizes: list[int], fn: Callable[[int], torch.Tensor]) -> BatchCache:
+        cache = cls(sizes)
+        cache.map_(lambda j, _: fn(j))
+        return cache
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.data.narrow(0, self.starts[j], self.sizes[j])
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+    def map_(self, fn: Callable[[int, torch.Tensor | None], torch.Tensor]) -> None:
+        """Replace batch j by ``fn(j, batch j)`` for every j: in place when the shape is kept,
+        else into one new tensor (the old one is freed at the end)."""
+        out = None
+        for j in range(len(self)):
+            y = fn(j, self[j] if self.data is not None else None)
+            if out is None:
+                same = self.data is not None and self.data.shape[1:] == y.shape[1:] and self.data.dtype == y.dtype
+                out = self.data if same else y.new_empty((sum(self.sizes), *y.shape[1:]))
+            out.narrow(0, self.starts[j], self.sizes[j]).copy_(y)
+            del y
+        self.data = out
+
+
 def _nbytes(*trees) -> int:
     """Bytes of the distinct tensors in nested lists/tuples/dicts (a view counts its own size)."""
     seen: dict[tuple[int, int], int] = {}
     stack = list(trees)
     while stack:
         x = stack.pop()
+        if isinstance(x, BatchCache):
+            x = x.data
         if isinstance(x, torch.Tensor):
             seen[(x.data_ptr(), x.nbytes)] = x.nbytes
         elif isinstance(x, dict):
@@ -123,6 +172,7 @@ def _store(param: nn.Parameter, qw: QuantizedWeight) -> None:
     param.data.copy_(qw.dequantized.to(param.dtype))
     if param.dtype == qw.dequantized.dtype and param.is_contiguous():
         qw.dequantized = param.data
+        qw.stored_codes = None  # exactly recoverable from the float32 weight (``QuantizedWeight.codes``)
 
 
 def quantize_outside_blocks(model: nn.Module, targets: dict[int, Target], scheme: QuantScheme,
@@ -145,29 +195,36 @@ def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list
     """Quantize ``targets`` (ids of ``model`` parameters) block by block; ``model`` is updated in
     place with the dequantized weights."""
     progress = progress or (lambda *a, **k: None)
+    release_freed_memory()  # what reading and tokenizing the data left behind
     model.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(options.seed)
     stages = model.stages()
     result = ReconstructResult()
+    sizes = [next(iter(b.values())).shape[0] for b in calib]
+    ctxs: list[dict] = [{} for _ in calib]
+
+    def embed(j: int, keep_context: bool = False) -> torch.Tensor:
+        h, ctx = stages.embed(**calib[j])
+        if keep_context:  # masks, attention biases, rotary tables: from the float model
+            ctxs[j] = ctx
+        return h
+
     with torch.no_grad():  # float embeddings: before any weight outside the blocks is rounded
-        embedded = [stages.embed(**b) for b in calib]
-    yf = [h for h, _ in embedded]  # then each block's float target, replaced batch by batch
-    ctxs = [c for _, c in embedded]
-    del embedded
+        yf = BatchCache.build(sizes, lambda j: embed(j, True))  # then each block's float target, in place
     in_block = {id(p) for b in stages.blocks for p in b.parameters()}
     result.weights.update(quantize_outside_blocks(
         model, {k: t for k, t in targets.items() if k not in in_block}, scheme, method, options.grid))
     with torch.no_grad():
-        xq = [stages.embed(**b)[0] for b in calib]
+        xq = BatchCache.build(sizes, embed)
     masks = [b.get("attention_mask") for b in calib]
     n_blocks = len(stages.blocks)
     for i, qblock in enumerate(stages.blocks):
         start = time.perf_counter()
+        release_freed_memory()  # the previous block's training state
         local = {n: p for n, p in qblock.named_parameters() if id(p) in targets}
         report = BlockReport(i, [targets[id(p)].name for p in local.values()])
         with torch.no_grad():  # float target: this block's weights are not quantized yet
-            for j, c in enumerate(ctxs):
-                yf[j] = qblock(yf[j], **c)
+            yf.map_(lambda j, h, block=qblock: block(h, **ctxs[j]))
         report.cached_bytes = _nbytes(xq, yf, ctxs, masks)
         if local:
             quantizers = {n: method(p, scheme, targets[id(p)].transposed, options.grid, targets[id(p)].name)
@@ -177,6 +234,7 @@ def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list
                     n: RTNQuantizer(p, scheme, targets[id(p)].transposed, options.grid or method.default_grid,
                                     targets[id(p)].name)() for n, p in local.items()}, xq, ctxs, yf, masks)
             if method.learned and calib and options.steps > 0:
+                map_large_allocations(MAP_FROM_BYTES)
                 task = f"block {i + 1}/{n_blocks}"
                 _train(qblock, quantizers, xq, ctxs, yf, masks, options, gen,
                        lambda s, loss, task=task: progress(task, s, options.steps, {"loss": loss}))
@@ -188,8 +246,7 @@ def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list
             if calib:
                 report.loss = _block_loss(qblock, {}, xq, ctxs, yf, masks)
         with torch.no_grad():  # the next block's quantized input, batch by batch in place
-            for j, c in enumerate(ctxs):
-                xq[j] = qblock(xq[j], **c)
+            xq.map_(lambda j, h, block=qblock: block(h, **ctxs[j]))
         report.seconds = time.perf_counter() - start
         result.blocks.append(report)
         progress("blocks", i + 1, n_blocks, {"loss": report.loss if report.loss is not None else float("nan")})
@@ -213,5 +270,6 @@ def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, y
             (loss + reg).backward()
         opt.step()
         sched.step()
+        release_freed_memory()  # the step's transients: the next step reuses their pages or not at all
         if step % every == 0 or step == options.steps - 1:
             report(step + 1, loss.item())

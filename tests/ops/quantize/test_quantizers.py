@@ -1,6 +1,8 @@
 """Quantizers: every learned scale receives gradient, exports lie on their grid, Conv1D rows are
 output channels, and every method shares the same test matrix (a new method inherits it)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -122,3 +124,21 @@ def test_conv1d_rows_are_output_channels():
     assert qw.scale.shape == (3, 1) and qw.codes.shape == (3, 16)
     rel = (qw.dequantized - w).abs().amax(0) / w.abs().amax(0)
     assert torch.all(rel < 0.1)  # the small column is not flattened to zero by the large one's grid
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("shape,transposed,scheme", [
+    ((6, 8), False, QuantScheme(8, "channel", None, False)),
+    ((8, 6), True, QuantScheme(4, "channel")),
+    ((5, 4, 3, 3), False, QuantScheme(3, "group", 9, False)),
+    ((6, 8), False, QuantScheme(2, "tensor")),
+])
+def test_codes_are_recovered_from_the_dequantized_weight(method, shape, transposed, scheme):
+    """Reconstruction drops the stored codes once the model holds W_q; the codes recomputed from
+    the float32 W_q must be the exported ones, bit for bit, whatever the scale's magnitude."""
+    torch.manual_seed(2)
+    for magnitude in (1e-4, 1.0, 300.0):
+        w = torch.randn(shape) * magnitude
+        qw = METHODS[method](w, scheme, transposed).export()
+        assert qw.stored_codes is not None
+        assert torch.equal(dataclasses.replace(qw, stored_codes=None).codes, qw.stored_codes)
