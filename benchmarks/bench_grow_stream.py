@@ -1,8 +1,9 @@
 """Streaming depth growth: `surgery grow --method stack --factor 2` on a ~1.7 GB bf16 LLaMA-shaped checkpoint
 against a plain copy of the same number of bytes (input read, output written), measured in the same run.
 
-Prints wall times (each run followed by a sync, so writing to disk is paid by every run), the ratio, and the peak RSS of each child process (os.wait4: the child's own rusage,
-the per-process form of getrusage(RUSAGE_CHILDREN)). Touched mmap pages would count in RSS, which is
+Prints wall times (each run followed by a sync, so writing to disk is paid by every run), the ratio, and the
+peak RSS of each child process (os.wait4: the child's own rusage, the per-process form of
+getrusage(RUSAGE_CHILDREN)). Touched mmap pages would count in RSS, which is
 why the stack writer copies bytes file to file instead of mapping the input. The provenance record
 hashes the input (one extra full read); its cost is measured separately and the stack is also timed
 without it (--no-input-hash). Everything is written under --workdir and removed at the end.
@@ -130,7 +131,8 @@ def main() -> None:
         os.sync()
         weights = src / "model.safetensors"
         in_bytes = weights.stat().st_size
-        print(f"input: {args.layers} layers, {in_bytes / 1e9:.3f} GB bf16 (written in {time.perf_counter() - t0:.1f} s)")
+        print(f"input: {args.layers} layers, {in_bytes / 1e9:.3f} GB bf16 "
+              f"(written in {time.perf_counter() - t0:.1f} s)")
         t0 = time.perf_counter()
         digest = hashlib.sha256()
         with open(weights, "rb") as f:  # what Provenance does: sha256 in 8 MB reads
@@ -139,7 +141,7 @@ def main() -> None:
         hash_s = time.perf_counter() - t0
         rows: dict[str, list[tuple[float, float]]] = {}
         out_bytes = None
-        for rep in range(args.repeats):
+        for _rep in range(args.repeats):
             out = root / "stacked"
             wall, rss, stdout = measure(["surgery", "grow", str(src), "-o", str(out), "--method", "stack",
                                          "--factor", "2", "--json", "--force"])

@@ -83,7 +83,8 @@ def three(tmp: Path) -> None:
                                     force=True)
         ends = [e["accuracy"] for e in matched.evaluation["endpoints"]]
         rows.append([kind + (" +repair" if repair else ""), f"{sum(ends) / len(ends):.4f}",
-                     f"{naive.evaluation['merged']['accuracy']:.4f}", f"{matched.evaluation['merged']['accuracy']:.4f}"])
+                     f"{naive.evaluation['merged']['accuracy']:.4f}",
+                     f"{matched.evaluation['merged']['accuracy']:.4f}"])
     table(rows, ["models", "endpoints mean", "naive 3-way", "matched 3-way"])
 
 

@@ -178,10 +178,11 @@ def main() -> None:
                 print("all-MiniLM-L6-v2 (22M, BertModel): every encoder Linear quantized, per channel, symmetric; "
                       "256 calibration sentences, 256 different held-out sentences; metric: cosine of the "
                       "mean-pooled normalised sentence embeddings to the float model", flush=True)
-                rows += bench("bert", {**common, "batch_size": args.bert_batch_size, "model": str(folder), "calib": str(calib), "eval": str(held_out),
+                rows += bench("bert", {**common, "batch_size": args.bert_batch_size, "model": str(folder),
+                                       "calib": str(calib), "eval": str(held_out),
                                        "samples": 256, "seq_len": 64, "steps": args.bert_steps,
                                        "default_skips": True},
-                              [m for m in methods], [int(b) for b in args.bert_bits.split(",")],
+                              list(methods), [int(b) for b in args.bert_bits.split(",")],
                               "sentence_cosine", workdir)
     print()
     print(table(rows, names))

@@ -13,8 +13,8 @@ import torch
 def save_tiny_gpt2(folder: Path, seed: int = 0, **overrides) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=3, n_head=4, resid_pdrop=0.0,
-               embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = {"vocab_size": 97, "n_positions": 64, "n_embd": 32, "n_layer": 3, "n_head": 4, "resid_pdrop": 0.0,
+           "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 0, "eos_token_id": 0}
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**cfg)).eval()
@@ -25,9 +25,9 @@ def save_tiny_gpt2(folder: Path, seed: int = 0, **overrides) -> Path:
 def save_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-               tie_word_embeddings=False)
+    cfg = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 56, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+           "tie_word_embeddings": False}
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
@@ -38,9 +38,9 @@ def save_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
 def save_tiny_bert(folder: Path, seed: int = 0, **overrides) -> Path:
     from transformers import BertConfig, BertModel
 
-    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-               intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
-               attention_probs_dropout_prob=0.0)
+    cfg = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+           "intermediate_size": 48, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+           "attention_probs_dropout_prob": 0.0}
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = BertModel(BertConfig(**cfg)).eval()

@@ -151,12 +151,15 @@ def test_missing_file_and_folder(tmp_path):
 
 @pytest.mark.parametrize("tensors, message", [
     ({"x": torch.zeros(2, 3)}, r"holds no 'inputs' or 'input_ids' tensor \(found: x\)"),
-    ({"inputs": torch.zeros(2, 3), "input_ids": torch.zeros(2, 3, dtype=torch.long)}, "holds both 'inputs' and 'input_ids'"),
+    ({"inputs": torch.zeros(2, 3), "input_ids": torch.zeros(2, 3, dtype=torch.long)},
+     "holds both 'inputs' and 'input_ids'"),
     ({"input_ids": torch.zeros(2, 3)}, "tensor 'input_ids' must be integer"),
     ({"inputs": torch.zeros(3)}, r"tensor 'inputs' has shape \[3\]"),
     ({"inputs": torch.zeros(2, 3), "labels": torch.zeros(2)}, "tensor 'labels' must hold integer class indices"),
-    ({"inputs": torch.zeros(2, 3), "labels": torch.zeros(3, dtype=torch.long)}, r"tensor 'labels' has \[3\], expected 2 samples"),
-    ({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 4)}, "tensor 'attention_mask' has shape"),
+    ({"inputs": torch.zeros(2, 3), "labels": torch.zeros(3, dtype=torch.long)},
+     r"tensor 'labels' has \[3\], expected 2 samples"),
+    ({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 4)},
+     "tensor 'attention_mask' has shape"),
 ])
 def test_bad_tensors(tmp_path, tensors, message):
     path = write(tmp_path / "bad.safetensors", tensors)

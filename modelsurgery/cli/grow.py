@@ -156,6 +156,7 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
         if not quiet:
             out_console.print(
                 f"{name}: {src.name} -> {dst.name}: {report.params_before:,} -> {report.params_after:,} "
-                f"parameters; runs, output {list(b.shape)}, max change vs input {results[name]['max_output_change']:.3g}"
+                f"parameters; runs, output {list(b.shape)}, "
+                f"max change vs input {results[name]['max_output_change']:.3g}"
             )
     return results

@@ -21,8 +21,9 @@ def merge_command(
     output: Path = typer.Option(..., "-o", "--output", help="Output: .safetensors file or a folder."),
     method: str = typer.Option("match", "--method", help=METHOD_HELP),
     alpha: float = typer.Option(None, "--alpha", help="Two models: (1-alpha)*A + alpha*B (default 0.5)."),
-    weights: str = typer.Option(None, "--weights", help="Comma-separated weight per model (e.g. 0.5,0.3,0.2); normalized for "
-                                 "match/linear/slerp, per task vector for task-arithmetic/ties."),
+    weights: str = typer.Option(None, "--weights",
+                                help="Comma-separated weight per model (e.g. 0.5,0.3,0.2); normalized for "
+                                "match/linear/slerp, per task vector for task-arithmetic/ties."),
     base: Path = typer.Option(None, "--base", help="Base model for task-arithmetic and ties."),
     align: bool = typer.Option(None, "--align/--no-align",
                                help="Weight-match every model into the first's basis (the base's with --base); "
@@ -33,10 +34,12 @@ def merge_command(
     device: str = typer.Option("cpu", "--device", help="Device for similarities and the torch solver (cpu, cuda)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random group order of weight matching."),
     model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
-    eval_data: Path = typer.Option(None, "--eval", help="Data (.safetensors/.pt/.npz with inputs+labels or input_ids, or a text file) to "
-                                   "evaluate along the interpolation path."),
+    eval_data: Path = typer.Option(None, "--eval",
+                                   help="Data (.safetensors/.pt/.npz with inputs+labels or input_ids, or a text file) "
+                                   "to evaluate along the interpolation path."),
     points: int = typer.Option(11, "--points", help="Number of alpha values on the path (with --eval)."),
-    repair: bool = typer.Option(False, "--repair", help="Reset BatchNorm statistics / REPAIR rescaling on --eval data."),
+    repair: bool = typer.Option(False, "--repair",
+                                help="Reset BatchNorm statistics / REPAIR rescaling on --eval data."),
     plot: Path = typer.Option(None, "--plot", help="Write the loss/accuracy path to a PNG or SVG file."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),

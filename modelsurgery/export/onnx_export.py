@@ -164,7 +164,7 @@ def save_model(model: onnx.ModelProto, out: Path, threshold: int, force: bool, c
         elif (parent / data_name).exists() and force:
             (parent / data_name).unlink()  # stale external data of a replaced export
         os.replace(tmp / out.name, out)
-        return [out] + written, external
+        return [out, *written], external
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

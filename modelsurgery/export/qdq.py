@@ -141,7 +141,8 @@ def insert_dequantize(model: onnx.ModelProto, weights: list[PackedWeight], value
             new_inits.append(integer_tensor(f"{base}.q", w.codes.astype(np.int16) - (1 << (w.bits - 1)), w.bits,
                                             signed=True))
         else:
-            new_inits += [integer_tensor(f"{base}.q", w.codes, w.bits), integer_tensor(f"{base}.zero_point", zp, w.bits)]
+            new_inits += [integer_tensor(f"{base}.q", w.codes, w.bits),
+                          integer_tensor(f"{base}.zero_point", zp, w.bits)]
             dq_inputs.append(f"{base}.zero_point")
         target = list(inits[r.initializer].dims)
         direct = r.orientation == "rows"

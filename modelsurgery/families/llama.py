@@ -173,7 +173,8 @@ class LlamaFamily(TransformerFamily):
         heads = int(heads)
         head_dim = int(self.cfg("head_dim", default=self.hidden_size // heads))
         # without num_key_value_heads (older configs) the key projection's rows tell it
-        kv = self.cfg("num_key_value_heads", default=self.ckpt.shape(self._p(0, "self_attn.k_proj.weight"))[0] // head_dim)
+        kv = self.cfg("num_key_value_heads",
+                      default=self.ckpt.shape(self._p(0, "self_attn.k_proj.weight"))[0] // head_dim)
         return Attention(heads, int(kv), head_dim)
 
     def embedding_names(self) -> list[str]:

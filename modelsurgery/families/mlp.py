@@ -7,6 +7,7 @@ The activation can be named in safetensors metadata (``modelsurgery.activation``
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -95,7 +96,7 @@ class MLPFamily(Family):
             if b in names and ckpt.shape(b) != ckpt.shape(w)[:1]:
                 return False
         shapes = [ckpt.shape(f"{p}.weight") for p in prefixes]
-        return all(a[0] == b[1] for a, b in zip(shapes, shapes[1:]))
+        return all(a[0] == b[1] for a, b in pairwise(shapes))
 
     def layers(self) -> list[Linear]:
         """The linear layers in forward order."""

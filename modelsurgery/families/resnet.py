@@ -262,7 +262,7 @@ class ResNetFamily(Family):
                     self._conv(b.prefix + "conv2"), self._bn(b.prefix + "bn2")]
             if b.shortcut:
                 out += [self._conv(b.shortcut + ".0"), self._bn(b.shortcut + ".1")]
-        return out + [self._conv(self.head)]
+        return [*out, self._conv(self.head)]
 
     def residual_groups(self) -> list[ChannelGroup]:
         """One group per residual stream. A stream spans the stem (when layer1 keeps its width) and

@@ -214,7 +214,7 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
         raise SurgeryError(f"--norm {options.norm}: expected 1 or 2")
     ckpt = Checkpoint.open(path)
     if out is not None:
-        check_output(Path(out), options.force, ckpt.source_files + [Path(path)])
+        check_output(Path(out), options.force, [*ckpt.source_files, Path(path)])
     family = detect_family(ckpt, options.model)
     lin = find_classifier(family, options.layer)
     weight = ckpt.get(lin.weight)

@@ -85,8 +85,9 @@ def evaluate(module: nn.Module, family, dataset: Dataset, batch_size: int = 64,
                 kind = "classifier"
                 targets = part.labels
             else:
+                labels = "labels " + str(list(part.labels.shape)) if part.labels is not None else "no labels"
                 raise SurgeryError(f"{dataset.source}: cannot score outputs of shape {list(logits.shape)} against "
-                                   f"{'labels ' + str(list(part.labels.shape)) if part.labels is not None else 'no labels'}")
+                                   f"{labels}")
             if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[-1]):
                 bad = int(targets.min()) if int(targets.min()) < 0 else int(targets.max())
                 raise SurgeryError(f"{dataset.source}: label {bad} is outside the model's {logits.shape[-1]} outputs")

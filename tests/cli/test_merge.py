@@ -24,7 +24,8 @@ def test_merge_json_eval_and_plot(fixtures_dir, tmp_path):
     assert report["evaluation"]["matched_barrier"] < report["evaluation"]["naive_barrier"]
     assert out.exists() and plot.read_text().lstrip().startswith("<?xml")
     # table output, existing output refused without --force
-    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"), "-o", str(out)])
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"),
+                            "-o", str(out)])
     assert r.exit_code == 1 and "already exists" in r.output
     r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"), "-o", str(out),
                             "--force", "--method", "slerp", "--alpha", "0.25"])
@@ -34,7 +35,8 @@ def test_merge_json_eval_and_plot(fixtures_dir, tmp_path):
 def test_merge_error_is_one_line_and_writes_nothing(fixtures_dir, tmp_path):
     d = fixtures_dir / "digits"
     out = tmp_path / "m.safetensors"
-    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "resnet_seed0.safetensors"), "-o", str(out)])
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "resnet_seed0.safetensors"),
+                            "-o", str(out)])
     assert r.exit_code == 1
     assert "error:" in r.output and "tensor '" in r.output and len(r.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,8 @@ def assert_nothing_written(folder, expected: set[str]):
 def test_unknown_family_without_model(tmp_path):
     src = tmp_path / "odd.safetensors"
     save_file({"encoder.blob": torch.randn(3, 4, 5), "scalar": torch.tensor(1.0)}, str(src))
-    with pytest.raises(SurgeryError, match=r"odd\.safetensors: no known model family.*--model package\.module:function"):
+    with pytest.raises(SurgeryError,
+                       match=r"odd\.safetensors: no known model family.*--model package\.module:function"):
         export_checkpoint(src, tmp_path / "o.onnx")
     assert_nothing_written(tmp_path, {"odd.safetensors"})
 

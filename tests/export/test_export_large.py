@@ -15,7 +15,8 @@ from modelsurgery.export import ExportOptions, export_checkpoint, ort_session
 def test_export_above_two_gigabytes(tmp_path):
     # 23200 x 23200 float32 = 2.15 GB of weights: more than one protobuf message can hold
     g = torch.Generator().manual_seed(0)
-    state = {"0.weight": torch.randn(23200, 23200, generator=g) * 1e-2, "1.weight": torch.randn(8, 23200, generator=g) * 1e-2}
+    state = {"0.weight": torch.randn(23200, 23200, generator=g) * 1e-2,
+             "1.weight": torch.randn(8, 23200, generator=g) * 1e-2}
     save_file(state, str(tmp_path / "big.safetensors"))
     del state
     out = tmp_path / "big.onnx"

@@ -183,7 +183,7 @@ def test_build_with_other_dtype_and_state():
     (["conv", "bn", "relu", "maxpool", "conv", "bn", "relu", "avgpool", "flatten"], None, "'9.weight' is not placed"),
     (["conv", "bn", "wobble"], None, "unknown layer kind 'wobble'"),
     ("{not json", None, "not JSON"),
-    (ARCH[:-3] + ["flatten", "flatten", "linear"], [1, 8, 8], "'9.weight' expects 16 input features"),
+    ([*ARCH[:-3], "flatten", "flatten", "linear"], [1, 8, 8], "'9.weight' expects 16 input features"),
     (ARCH, "[1, 8]", "not [C, H, W]"),
 ])
 def test_bad_metadata_is_a_named_error(arch, input_shape, words):

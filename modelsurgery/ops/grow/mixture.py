@@ -163,7 +163,7 @@ def grow_layer(layer: TemplateLayer, position: str, coef_scale: float, gen: torc
         w = torch.cat(members, 1) / k
         b = torch.stack(layer.biases).mean(0) if layer.biases else None
         return w, b, 0, 0
-    existing = [c for c in layer.coefs]
+    existing = list(layer.coefs)
     scale = coef_scale * float(torch.stack([c.norm() for c in layer.coefs]).mean())
     rows, new, ortho = [], 0, 0
     for r in range(k):

@@ -4,8 +4,8 @@ from Different Initializations").
 
 No tensor name is written here: MLPs and sequential CNNs use ``layers()``; ResNets use
 ``residual_groups()``/``inner_groups()``; transformers use ``block_linears()``,
-``block_norms()``, ``attention``, ``embedding_names()`` and ``head_names()``; every other runnable family (a user's ``--model``
-module) is traced with torch.fx (``fx_spec``).
+``block_norms()``, ``attention``, ``embedding_names()`` and ``head_names()``; every other runnable family (a
+user's ``--model`` module) is traced with torch.fx (``fx_spec``).
 """
 
 from __future__ import annotations

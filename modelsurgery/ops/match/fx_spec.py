@@ -193,7 +193,8 @@ def _function_rule(node, x, value, shape, groups, fix_args):
     target = node.target
     if node.op == "call_method" and target in NO_TENSOR_METHODS:
         return None
-    is_binary = (node.op == "call_function" and target in BINARY) or (node.op == "call_method" and target in BINARY_METHODS)
+    is_binary = ((node.op == "call_function" and target in BINARY)
+                 or (node.op == "call_method" and target in BINARY_METHODS))
     if is_binary and len(node.args) >= 2:
         a, b = node.args[0], node.args[1]
         va = value.get(a) if isinstance(a, torch.fx.Node) else None

@@ -188,7 +188,7 @@ def _contribution(spec, g, t, ax, A, Bp, perms, cache, versions):
     if hit is not None and idx is not None and hit[2] is not None and len(spec.axes[t][ax]) == 1:
         sim = _update(hit[0], hit[2], idx, A[t], Bp[t], ax, others[0], n)
     if sim is None:
-        for seg, a, b in _blocks(spec, g, A, Bp, t, ax):
+        for _seg, a, b in _blocks(spec, g, A, Bp, t, ax):
             part = a.reshape(n, -1) @ b.reshape(n, -1).T
             sim = part if sim is None else sim + part
     if cache is not None:

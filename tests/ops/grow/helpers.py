@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def save_mlp(path: Path, sizes=(6, 10, 12, 3), seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+    for i, (a, b) in enumerate(pairwise(sizes)):
         state[f"{2 * i}.weight"] = torch.randn(b, a, generator=g)
         state[f"{2 * i}.bias"] = torch.randn(b, generator=g)
     save_file(state, path)

@@ -113,7 +113,8 @@ def test_different_shapes_refused(tmp_path):
     a = save_mlp(tmp_path / "a.safetensors", sizes=SIZES)
     b = save_mlp(tmp_path / "b.safetensors", sizes=(6, 11, 12, 3))
     out = tmp_path / "mix.safetensors"
-    with pytest.raises(SurgeryError, match=r"different shapes: tensor '0.bias' is \[10\] in .*a.safetensors and \[11\] in .*b.safetensors"):
+    with pytest.raises(SurgeryError, match=r"different shapes: tensor '0.bias' is \[10\] in .*a.safetensors "
+                                           r"and \[11\] in .*b.safetensors"):
         grow([a, b], out, GrowOptions(method="mixture"))
     assert not out.exists()
 
