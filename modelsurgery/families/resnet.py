@@ -3,7 +3,9 @@
 Tensors: stem ``conv1``/``bn1``; blocks ``layer{s}.{j}.conv1/bn1/conv2/bn2`` (BasicBlock:
 ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``) with an optional projection shortcut
 ``shortcut.0`` (1x1 conv) / ``shortcut.1`` (BN) (``downsample.0/1`` also accepted); global average
-pool; head ``linear`` or ``fc``. Any number of stages, blocks per stage and widths.
+pool; head ``linear`` or ``fc``. Any number of stages, blocks per stage and widths; a block's inner width
+(conv1's outputs = conv2's inputs) is read from its tensors and may differ from its stage's width (width
+growth widens it).
 
 Geometry not stored in a state dict follows the paper: 3x3 convolutions with padding 1; a block's
 first convolution (and its projection shortcut) has stride 2 when the block changes the channel count,
@@ -66,6 +68,7 @@ class ResBlock:
     prefix: str
     in_channels: int
     out_channels: int
+    inner_channels: int  # conv1's outputs, conv2's inputs
     stride: int
     shortcut: str | None  # module name of the projection shortcut, or None
 
@@ -75,11 +78,11 @@ class ResBlock:
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_c: int, out_c: int, stride: int, biases: set[str], shortcut: str | None):
+    def __init__(self, in_c: int, out_c: int, stride: int, biases: set[str], shortcut: str | None, inner_c: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_c, out_c, 3, stride=stride, padding=1, bias="conv1" in biases)
-        self.bn1 = nn.BatchNorm2d(out_c)
-        self.conv2 = nn.Conv2d(out_c, out_c, 3, stride=1, padding=1, bias="conv2" in biases)
+        self.conv1 = nn.Conv2d(in_c, inner_c, 3, stride=stride, padding=1, bias="conv1" in biases)
+        self.bn1 = nn.BatchNorm2d(inner_c)
+        self.conv2 = nn.Conv2d(inner_c, out_c, 3, stride=1, padding=1, bias="conv2" in biases)
         self.bn2 = nn.BatchNorm2d(out_c)
         self.shortcut_name = shortcut
         self.pad = (0, 0) if shortcut or in_c == out_c else ((out_c - in_c) // 2, out_c - in_c - (out_c - in_c) // 2)
@@ -114,7 +117,7 @@ class ResNetModule(nn.Module):
         for b in blocks:
             local = {n[len(b.prefix):] for n in biases if n.startswith(b.prefix)}
             block = BasicBlock(b.in_channels, b.out_channels, b.stride, local,
-                               b.shortcut[len(b.prefix):] if b.shortcut else None)
+                               b.shortcut[len(b.prefix):] if b.shortcut else None, b.inner_channels)
             set_submodule(self, b.prefix.rstrip("."), block)
             self._blocks.append(block)
         self._head_name = head
@@ -189,7 +192,7 @@ class ResNetFamily(Family):
                 raise SurgeryError(f"{self.ckpt.path}: block '{prefix[:-1]}' is not a 3x3 BasicBlock")
             if out_c < in_c and shortcut is None:
                 raise SurgeryError(f"{self.ckpt.path}: block '{prefix[:-1]}' narrows channels without a shortcut")
-            out.append(ResBlock(i, s, j, prefix, in_c, out_c, 2 if in_c != out_c else 1, shortcut))
+            out.append(ResBlock(i, s, j, prefix, in_c, out_c, w1[0], 2 if in_c != out_c else 1, shortcut))
         if not out:
             raise SurgeryError(f"{self.ckpt.path}: no residual blocks (layer1.0.*)")
         return out
@@ -291,7 +294,7 @@ class ResNetFamily(Family):
     def inner_groups(self) -> list[ChannelGroup]:
         """The channels between conv1 and conv2 of each block (free to permute independently)."""
         return [
-            ChannelGroup(f"{b.prefix}inner", b.out_channels, self._out_names(b.prefix + "conv1", b.prefix + "bn1"),
+            ChannelGroup(f"{b.prefix}inner", b.inner_channels, self._out_names(b.prefix + "conv1", b.prefix + "bn1"),
                          [f"{b.prefix}conv2.weight"], [b.stage])
             for b in self.res_blocks()
         ]
@@ -330,5 +333,6 @@ class ResNetFamily(Family):
         blocks = self.res_blocks()
         d["stages"] = [len(s) for s in self.stage_blocks()]
         d["widths"] = [self.hidden_size] + [blocks[s[-1]].out_channels for s in self.stage_blocks()]
+        d["inner_widths"] = [b.inner_channels for b in blocks]
         d["input_shape"] = list(self.input_shape())
         return d

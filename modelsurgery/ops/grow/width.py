@@ -1,6 +1,7 @@
 """Function-preserving width growth (Chen et al. 2016, "Net2Net: Accelerating Learning via Knowledge
-Transfer", Sec. 2.1 Net2WiderNet): hidden units of MLPs, channels of sequential CNNs, and the MLP
-intermediate size of transformer blocks grow by ``factor``.
+Transfer", Sec. 2.1 Net2WiderNet): hidden units of MLPs, channels of sequential CNNs, the inner width of
+residual blocks (conv1 -> bn1 -> conv2; the residual stream keeps its width) and the MLP intermediate size
+of transformer blocks grow by ``factor``.
 
 Default: new units get small random fan-in weights (std = init_scale x the layer's std) and zero
 fan-out weights, so they add nothing until trained. ``split``: Net2WiderNet; a new unit copies the
@@ -202,6 +203,20 @@ def plan_transformer(family: Family, plan: WidthPlan, factor: float, split: bool
     return inner
 
 
+def plan_resnet(family: Family, plan: WidthPlan, factor: float, split: bool, gen: torch.Generator, report
+                ) -> None:
+    """Residual blocks: conv1's outputs (and bn1) grow, conv2's inputs follow. The residual stream, whose
+    channels every block, shortcut and the head share, keeps its width, so shortcuts stay valid."""
+    for i, block in enumerate(family.blocks()):
+        lin = family.block_linears(i)
+        g = plan_units(family.ckpt.shape(lin["conv1"].weight)[0], factor, split, gen)
+        plan.linear(lin["conv1"], g, None)
+        plan.norm(family.block_norms(i)["bn1"], g)
+        plan.linear(lin["conv2"], None, g)
+        report.width_before[f"{block.prefix}inner"] = g.old
+        report.width_after[f"{block.prefix}inner"] = g.new
+
+
 def config_for_width(family: Family, inner: int) -> dict | None:
     cfg = family.ckpt.config
     if cfg is None:
@@ -230,12 +245,15 @@ def grow_width(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progres
     config = ckpt.config
     if family.name in CHAIN_FAMILIES:
         plan_chain(family, plan, factor, options.split, gen, report)
+    elif family.name == "resnet":
+        plan_resnet(family, plan, factor, options.split, gen, report)
     elif family.num_layers and {"up", "down"} <= set(family.block_linears(0)):
         config = config_for_width(family, plan_transformer(family, plan, factor, options.split, gen, report))
     else:
         raise SurgeryError(
             f"{ckpt.path}: family '{family.name}' has no hidden units that width growth knows how to grow "
-            "(supported: MLPs, sequential CNNs, transformer blocks with up/down MLP projections)"
+            "(supported: MLPs, sequential CNNs, ResNets (block inner width), transformer blocks with up/down MLP "
+            "projections)"
         )
     check_output(out, options.force, [ckpt.path])
     report.function_preserving = True
