@@ -267,6 +267,7 @@ def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, y
             loss = rec_loss(out, ys[b], masks[b])
             reg = sum(q.regularizer(step / options.steps) for q in quantizers.values())
             opt.zero_grad(set_to_none=True)
+            release_freed_memory()  # the forward pass's temporaries, before backward allocates
             (loss + reg).backward()
         opt.step()
         sched.step()
