@@ -4,16 +4,19 @@ blocks, reproduces the float model's output of that block on calibration data.
 
 Only the current block's activations are cached: its quantized input and its float target (the
 float input is replaced by the target batch by batch), each in one tensor for all calibration
-batches (``BatchCache``). No float copy of the model is kept: a block's
-float target is computed with its own weights before they are quantized, and each quantized weight
-is held once, by the model (``QuantizedWeight.dequantized`` shares the parameter's storage).
+batches (``BatchCache``). No float copy of the model is kept: a block's float target is computed
+with its own weights before they are quantized, and each quantized weight is held once, by the
+model (``QuantizedWeight.dequantized`` shares the parameter's storage). The integer codes are not
+kept either: they are recomputed from the float32 weight when the packed output is written.
+
 While a block trains, the C allocator's free pages are handed back to the OS after every step and
-before every backward pass, and allocations from 1 MB get their own mapping (``memory.py``): without
-that, glibc keeps the holes that one step's transients leave in its heap, and resident memory
-grows by half again over what is live. Loss: squared error summed over each sample's features, averaged over the batch; Adam with cosine
-learning-rate decay. Weights are found through the built module's own parameters and mapped to
-checkpoint names by identity. The integer codes are not kept either: they are recomputed from the
-float32 weight when the packed output is written.
+before every backward pass, and allocations from 1 MB get their own mapping (``memory.py``):
+without that, glibc keeps the holes that one step's transients leave in its heap, and resident
+memory grows by half again over what is live.
+
+Loss: squared error summed over each sample's features (padding positions left out), averaged over
+the batch; Adam with cosine learning-rate decay. Weights are found through the built module's own
+parameters and mapped to checkpoint names by identity.
 """
 
 from __future__ import annotations
