@@ -38,6 +38,9 @@ def quantize_command(
     eval_data: Path = typer.Option(None, "--eval", help="Evaluate float vs quantized on this data file."),
     model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
     seed: int = typer.Option(0, "--seed", help="Random seed for batch order."),
+    low_memory: bool = typer.Option(True, "--low-memory/--fast", help="While blocks train, return freed memory "
+                                    "to the OS every step (peak memory within twice the model plus one block's "
+                                    "activations), or skip that for speed (page faults cost time on small blocks)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -60,7 +63,7 @@ def quantize_command(
             bits=bits, method=method, granularity=granularity, group_size=group_size, symmetric=symmetric,
             skip=list(skip), default_skips=not no_default_skips, calib=calib, samples=samples, seq_len=seq_len,
             batch_size=batch_size, steps=steps, lr=lr, grid=grid, format=fmt, eval=eval_data, model=model,
-            seed=seed, force=force,
+            seed=seed, low_memory=low_memory, force=force,
         )
         with progress_bar(quiet or json_out) as progress:
             result = quantize_checkpoint(input, output, options, progress)

@@ -67,3 +67,21 @@ def test_demo_step(tmp_path):
     result = demo_step(ROOT / "fixtures", tmp_path, quiet=True)
     assert set(result) == {"rtn", "flexround"}
     assert result["flexround"]["output_cosine"] > result["rtn"]["output_cosine"]
+
+
+@pytest.mark.parametrize("method", ["flexround", "adaround"])
+def test_fast_mode_gives_the_same_weights(tmp_path, method):
+    """--fast only skips the allocator handling of --low-memory: the learned weights are identical."""
+    from safetensors.torch import load_file
+
+    outs = []
+    for mode in ("--low-memory", "--fast"):
+        out = tmp_path / f"{mode[2:]}.safetensors"
+        r = runner.invoke(app, ["quantize", str(MLP), "-o", str(out), "--bits", "3", "--method", method,
+                                "--calib", str(CALIB), "--samples", "64", "--steps", "20", "--batch-size", "16",
+                                mode, "--quiet"])
+        assert r.exit_code == 0, r.output
+        outs.append(load_file(out))
+    assert outs[0].keys() == outs[1].keys()
+    for name in outs[0]:
+        assert outs[0][name].equal(outs[1][name]), name

@@ -60,6 +60,7 @@ class QuantizeOptions:
     eval: Path | None = None
     model: str | None = None
     seed: int = 0
+    low_memory: bool = True
     force: bool = False
 
     @property
@@ -163,7 +164,8 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
 
     result = reconstruct_blocks(
         model, targets, calib, scheme, method,
-        ReconstructOptions(steps=opts.steps, lr=opts.lr, grid=opts.grid, seed=opts.seed), progress)
+        ReconstructOptions(steps=opts.steps, lr=opts.lr, grid=opts.grid, seed=opts.seed,
+                           low_memory=opts.low_memory), progress)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak (Linux: KiB)
 
     layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}

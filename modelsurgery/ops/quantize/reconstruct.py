@@ -9,10 +9,11 @@ with its own weights before they are quantized, and each quantized weight is hel
 model (``QuantizedWeight.dequantized`` shares the parameter's storage). The integer codes are not
 kept either: they are recomputed from the float32 weight when the packed output is written.
 
-While a block trains, the C allocator's free pages are handed back to the OS after every step and
-before every backward pass, and allocations from 1 MB get their own mapping (``memory.py``):
-without that, glibc keeps the holes that one step's transients leave in its heap, and resident
-memory grows by half again over what is live.
+With ``low_memory`` (the default), while a block trains, the C allocator's free pages are handed
+back to the OS after every step and before every backward pass, and allocations from 1 MB get their
+own mapping (``memory.py``): without that, glibc keeps the holes that one step's transients leave
+in its heap, and resident memory grows by half again over what is live. The price is page faults
+on every step's allocations, which on small blocks can double the training time.
 
 Loss: squared error summed over each sample's features (padding positions left out), averaged over
 the batch; Adam with cosine learning-rate decay. Weights are found through the built module's own
@@ -70,6 +71,8 @@ class ReconstructOptions:
     lr: float = 1e-3
     grid: str | None = None
     seed: int = 0
+    #: return freed memory to the OS at every step, and map allocations from MAP_FROM_BYTES
+    low_memory: bool = True
 
 
 @dataclass
@@ -240,7 +243,8 @@ def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list
                     n: RTNQuantizer(p, scheme, targets[id(p)].transposed, options.grid or method.default_grid,
                                     targets[id(p)].name)() for n, p in local.items()}, xq, ctxs, yf, masks)
             if method.learned and calib and options.steps > 0:
-                map_large_allocations(MAP_FROM_BYTES)
+                if options.low_memory:
+                    map_large_allocations(MAP_FROM_BYTES)
                 task = f"block {i + 1}/{n_blocks}"
                 _train(qblock, quantizers, xq, ctxs, yf, masks, options, gen,
                        lambda s, loss, task=task: progress(task, s, options.steps, {"loss": loss}))
@@ -273,10 +277,12 @@ def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, y
             loss = rec_loss(out, ys[b], masks[b])
             reg = sum(q.regularizer(step / options.steps) for q in quantizers.values())
             opt.zero_grad(set_to_none=True)
-            release_freed_memory()  # the forward pass's temporaries, before backward allocates
+            if options.low_memory:
+                release_freed_memory()  # the forward pass's temporaries, before backward allocates
             (loss + reg).backward()
         opt.step()
         sched.step()
-        release_freed_memory()  # the step's transients: the next step reuses their pages or not at all
+        if options.low_memory:
+            release_freed_memory()  # the step's transients: the next step reuses their pages or not at all
         if step % every == 0 or step == options.steps - 1:
             report(step + 1, loss.item())
