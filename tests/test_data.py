@@ -3,6 +3,7 @@ tokenizer), the Dataset helpers, check_fits, and each bad input with its message
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -98,12 +99,18 @@ def test_text_truncates_and_pads_to_seq_len(tmp_path, charlm):
     assert data.input_ids[1, 2:].tolist() == [pad] * 3
 
 
+CHAR_TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "charlm" / "llama" / "tokenizer.json"
+ADDED_TOKENS = [t["content"] for t in json.loads(CHAR_TOKENIZER.read_text())["added_tokens"]]  # [PAD], [UNK]
+
+
 @settings(max_examples=40, deadline=None)
 @given(lines=st.lists(st.text(string.printable.replace("\r", "").replace("\x0b", "").replace("\x0c", ""),
-                        min_size=1, max_size=30).filter(lambda s: s.strip() and "\n" not in s),
+                        min_size=1, max_size=30).filter(
+                            lambda s: s.strip() and "\n" not in s and not any(t in s for t in ADDED_TOKENS)),
                 min_size=1, max_size=6))
 def test_text_round_trip_property(lines, tmp_path_factory):
-    """Character tokenizer: the kept tokens of each row decode back to the line."""
+    """Character tokenizer: the kept tokens of each row decode back to the line. Lines that hold an
+    added token ("[PAD]") are left out: the tokenizer matches those whole, as it should."""
     from tokenizers import Tokenizer
 
     folder = Path(__file__).resolve().parents[1] / "fixtures" / "charlm" / "llama"
