@@ -91,8 +91,9 @@ def run_one(cfg: dict) -> dict:
     return result
 
 
-def spawn(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
+def spawn(cfg: dict, script: str = __file__) -> dict:
+    """Run ``script --one CFG`` in a fresh process; its last stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, script, "--one", json.dumps(cfg)], capture_output=True, text=True,
                           cwd=ROOT, check=False)
     if proc.returncode:
         raise RuntimeError(f"{cfg['method']} {cfg.get('bits')} failed:\n{proc.stderr[-3000:]}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import FIX, ROOT, bert_folder, write_sentences
+from bench_quantize import FIX, bert_folder, spawn, write_sentences
 
 
 def anon() -> int:
@@ -131,14 +130,6 @@ def run_one(cfg: dict) -> dict:
             "process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def spawn(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
-                          cwd=ROOT, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"{cfg['method']} {cfg['bits']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def mb(x: float) -> str:
     return f"{x / 2**20:.1f}"
 
@@ -180,7 +171,7 @@ def main() -> None:
             for m, low_memory in runs:
                 cfg = {**base, "method": m, "bits": args.bits, "out": str(workdir / f"{name}-{m}.safetensors"),
                        "steps": 0 if m == "rtn" else base["steps"], "low_memory": low_memory}
-                r = spawn(cfg)
+                r = spawn(cfg, __file__)
                 m = m if low_memory else f"{m} --fast"
                 rows.append((name, m, r))
                 print(f"  {name:7s} {m:10s} calibration {r['seconds']:.1f} s: peak {mb(r['peak'])} MB above the "
