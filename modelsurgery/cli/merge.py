@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -10,6 +12,7 @@ from rich.table import Table
 from modelsurgery.cli.common import emit_json, out_console, parse_float_list, progress_bar, user_errors
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.analyze import AnalyzeOptions, analyze_pair
+from modelsurgery.ops.merge import all_methods
 from modelsurgery.ops.merge.merge import MergeOptions, merge_checkpoints
 from modelsurgery.ops.merge.plot import check_plot, plot_path
 
@@ -28,8 +31,6 @@ def merge_command(
     align: bool = typer.Option(None, "--align/--no-align",
                                help="Weight-match every model into the first's basis (the base's with --base); "
                                "default: on for match."),
-    density: float = typer.Option(0.2, "--density", help="ties: fraction of each task vector kept."),
-    scale: float = typer.Option(1.0, "--scale", help="task-arithmetic/ties: lambda, scale of the merged task vector."),
     backend: str = typer.Option("auto", "--backend", help="Assignment solver: auto, lap, scipy, torch."),
     device: str = typer.Option("cpu", "--device", help="Device for similarities and the torch solver (cpu, cuda)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random group order of weight matching."),
@@ -45,6 +46,7 @@ def merge_command(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    **method_params: Any,
 ) -> None:
     """Merge models: permute every model after the first into its basis (weight matching), then average.
 
@@ -57,7 +59,7 @@ def merge_command(
     with user_errors(debug):
         options = MergeOptions(
             method=method, alpha=alpha, weights=parse_float_list(weights, "--weights"), base=base, align=align,
-            density=density, scale=scale, backend=backend, device=device, seed=seed, model=model,
+            params=given_params(method_params), backend=backend, device=device, seed=seed, model=model,
             eval_data=eval_data, points=points, repair=repair, plot=plot,
         )
         if plot is not None:
@@ -72,6 +74,52 @@ def merge_command(
         emit_json(result.to_dict())
         return
     render_merge(result.to_dict())
+
+
+def method_flags() -> dict[str, list]:
+    """Every parameter declared by a merge method, by name, with the methods declaring it."""
+    flags: dict[str, list] = {}
+    for m in all_methods().values():
+        for p in m.params:
+            flags.setdefault(p.name, []).append((m.name, p))
+    return flags
+
+
+def given_params(values: dict[str, Any]) -> dict[str, Any]:
+    """The method flags given on the command line (the operation checks them against the method)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _add_method_flags(command):
+    """Give ``command`` one option per declared method parameter (so --help lists them with defaults)."""
+    sig = inspect.signature(command)
+    fixed = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in fixed}
+    extra = []
+    for name, decls in method_flags().items():
+        if name in names:
+            raise RuntimeError(f"merge method parameter '{name}' clashes with a merge option")
+        kind = decls[0][1].type
+        decl = f"--{name}/--no-{name}" if kind is bool else f"--{name}"
+        helps = "; ".join(f"{m}: {p.help} (default {p.default}; {p.paper})" if p.paper else
+                          f"{m}: {p.help} (default {p.default})" for m, p in decls)
+        extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                       default=typer.Option(None, decl, help=helps, show_default=False)))
+    hints = dict(getattr(command, "__annotations__", {}))
+
+    def wrapper(**kwargs: Any) -> None:
+        params = {e.name: kwargs.pop(e.name) for e in extra}
+        command(**kwargs, **params)
+
+    wrapper.__doc__ = command.__doc__
+    wrapper.__name__ = command.__name__
+    wrapper.__signature__ = sig.replace(parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in fixed]
+                                        + extra)
+    wrapper.__annotations__ = {**hints, **{e.name: e.annotation for e in extra}}
+    return wrapper
+
+
+merge_command = _add_method_flags(merge_command)
 
 
 def render_merge(r: dict) -> None:

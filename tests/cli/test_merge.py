@@ -42,6 +42,29 @@ def test_merge_error_is_one_line_and_writes_nothing(fixtures_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_method_flags_come_from_the_declarations(fixtures_dir, tmp_path):
+    import typer
+
+    from modelsurgery.ops.merge import all_methods
+
+    options = {o: p for p in typer.main.get_command(app).commands["merge"].params for o in p.opts}
+    for method in all_methods().values():
+        for p in method.params:
+            assert f"{method.name}: {p.help} (default {p.default}" in options[f"--{p.name}"].help
+    d = fixtures_dir / "digits"
+    out = tmp_path / "m.safetensors"
+    args = ["merge", str(d / "mlp_seed1.safetensors"), str(d / "mlp_seed2.safetensors"), "-o", str(out)]
+    r = runner.invoke(app, [*args, "--method", "linear", "--density", "0.5"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "merge method 'linear' has no parameter 'density'" in r.output and not out.exists()
+    r = runner.invoke(app, [*args, "--method", "ties", "--base", str(d / "mlp_seed0.safetensors"),
+                            "--density", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["params"] == {"density": 0.5, "scale": 1.0}
+    prov = json.loads(Checkpoint.open(out).metadata["modelsurgery"])["parameters"]
+    assert (prov["density"], prov["scale"]) == (0.5, 1.0)
+
+
 def test_bad_plot_refused_before_any_work(fixtures_dir, tmp_path):
     d = fixtures_dir / "digits"
     out = tmp_path / "m.safetensors"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from modelsurgery.families import detect_family
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import Perms, PermutationSpec, permute_tensor
 from modelsurgery.ops.match.weight_matching import weight_matching
-from modelsurgery.ops.merge import get_method
+from modelsurgery.ops.merge import Method, get_method
 
 
 @dataclass
@@ -29,8 +30,7 @@ class MergeOptions:
     weights: list[float] | None = None
     base: Path | None = None
     align: bool | None = None  # default: True for match, False otherwise
-    density: float = 0.2
-    scale: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)  # the method's declared parameters (ops.merge.Param)
     backend: str = "auto"
     device: str = "cpu"
     seed: int = 0
@@ -52,6 +52,7 @@ class MergeResult:
     matching: list[dict] = field(default_factory=list)
     evaluation: dict | None = None
     files: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)  # the method's resolved parameters
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +95,15 @@ def resolve_weights(options: MergeOptions, n: int) -> list[float]:
     return [1.0 / n] * n if options.method in ("match", "linear", "slerp") else [1.0] * n
 
 
+def method_params(method: Method, options: MergeOptions, weights: list[float]) -> dict[str, Any]:
+    """The method's declared parameters: its defaults, overridden by ``options.params``. A method
+    with an interpolation position ``t`` (SLERP) takes it from --alpha/--weights when not given."""
+    given = dict(options.params)
+    if method.param("t") is not None and "t" not in given and (options.alpha is not None or options.weights):
+        given["t"] = weights[1] / sum(weights)
+    return method.resolve(given)
+
+
 def align_models(states: list[dict[str, torch.Tensor]], spec: PermutationSpec, options: MergeOptions,
                  progress: Callable | None = None, reference: dict[str, torch.Tensor] | None = None
                  ) -> list[tuple[Perms | None, dict]]:
@@ -125,6 +135,7 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     if method is not None and method.needs_base and options.base is None:
         raise SurgeryError(f"--method {method_name} needs --base (the model the others were fine-tuned from)")
     weights = resolve_weights(options, len(paths))
+    params = method_params(method or get_method("linear"), options, weights)
     ckpts = [Checkpoint.open(p) for p in paths]
     base = Checkpoint.open(options.base) if options.base else None
     check_compatible(ckpts + ([base] if base else []))
@@ -156,7 +167,7 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
             return first
         tensors = [load(name, i) for i in range(len(ckpts))]
         b = base.get(name) if base is not None else None
-        return combine(tensors, weights, b, options).to(first.dtype)
+        return combine(tensors, weights, b, params).to(first.dtype)
 
     state_override = None
     evaluation = None
@@ -173,18 +184,14 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
             planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: state_override[n]))
         else:
             planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: merged(n)))
-    params = {"method": method_name, "weights": weights, "aligned": align, "backend": options.backend,
-              "base": str(options.base) if options.base else None, "repair": options.repair}
-    if method_name == "ties":
-        params["density"] = options.density
-    if method_name in ("ties", "task-arithmetic"):
-        params["scale"] = options.scale
+    recorded = {"method": method_name, "weights": weights, "aligned": align, "backend": options.backend,
+                "base": str(options.base) if options.base else None, "repair": options.repair, **params}
     sources = [f for c in ckpts + ([base] if base else []) for f in c.source_files]
     metadata = {k: v for k, v in ckpts[0].metadata.items() if k not in ("modelsurgery", "format")}
     report = write_checkpoint(
-        out, planned, provenance=Provenance("merge", params, sources), metadata=metadata,
+        out, planned, provenance=Provenance("merge", recorded, sources), metadata=metadata,
         config=ckpts[0].config if ckpts[0].folder is not None else None,
         extra_files=ckpts[0].extra_files(), force=force,
     )
     return MergeResult(str(out), method_name, family.name, len(paths), weights, matching, evaluation,
-                       [str(f) for f in report.files])
+                       [str(f) for f in report.files], params)

@@ -1,16 +1,20 @@
 """Task arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic", Eq. 1):
-theta = base + lambda * sum_i w_i (theta_i - base)."""
+theta = base + lambda * sum_i w_i (theta_i - base). mergekit's ``task_arithmetic`` is the
+case lambda = 1 (its weights play the role of lambda)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-from modelsurgery.ops.merge import Method, register_method
+from modelsurgery.ops.merge import Method, Param, register_method
 
 
-def task_arithmetic(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor, options=None
-                    ) -> torch.Tensor:
-    scale = getattr(options, "scale", 1.0)
+def task_arithmetic(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor,
+                    params: Mapping[str, Any]) -> torch.Tensor:
+    scale = float(params["scale"])
     b = base.to(torch.float32)
     delta = torch.zeros_like(b)
     for t, w in zip(tensors, weights):
@@ -18,4 +22,9 @@ def task_arithmetic(tensors: list[torch.Tensor], weights: list[float], base: tor
     return b + scale * delta
 
 
-register_method(Method("task-arithmetic", task_arithmetic, needs_base=True, paper="Ilharco et al. 2023"))
+PARAMS = (
+    Param("scale", float, 1.0, "lambda: scale of the summed task vectors",
+          paper="Ilharco et al. 2023: lambda chosen on validation data in [0, 1]; mergekit: 1"),
+)
+
+register_method(Method("task-arithmetic", task_arithmetic, PARAMS, needs_base=True, paper="Ilharco et al. 2023"))

@@ -1,38 +1,56 @@
-"""TIES-merging (Yadav et al. 2023, "Resolving interference when merging models", Algorithm 1):
-trim each task vector to its top-k magnitudes, elect a sign per entry by the summed trimmed
-vectors, average only the entries that agree with it (disjoint mean), add to the base."""
+"""TIES-merging (Yadav et al. 2023, "Resolving interference when merging models", Algorithm 1),
+with mergekit's definitions (``ties``: magnitude sparsification, "sum" sign consensus, normalise):
+
+1. trim: each task vector delta_i = theta_i - base keeps exactly int(density * n) entries of
+   largest magnitude (mergekit's ``magnitude``), the rest set to 0;
+2. elect: the sign of sum_i w_i * delta_i per entry, where a zero sum counts as + (mergekit:
+   ``sum >= 0`` gives +1, so no entry is left without a sign);
+3. disjoint mean: sum of the weighted deltas whose sign equals the elected one, divided by the sum
+   of their weights (1 where none agrees); theta = base + lambda * that.
+"""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from modelsurgery.ops.merge import Method, register_method
+from modelsurgery.ops.merge import Method, Param, register_method
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ceil(density * n) largest magnitudes (ties at the threshold kept), zero the rest."""
-    k = math.ceil(density * delta.numel())
-    if k >= delta.numel():
+    """Keep exactly int(density * n) largest magnitudes (ties at the threshold broken by position), zero the rest."""
+    if density >= 1:
         return delta
+    k = int(density * delta.numel())
     if k <= 0:
         return torch.zeros_like(delta)
-    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+    flat = delta.flatten()
+    keep = torch.topk(flat.abs(), k, sorted=False).indices
+    out = torch.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.view_as(delta)
 
 
-def ties(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor, options=None) -> torch.Tensor:
-    density = getattr(options, "density", 0.2)
-    scale = getattr(options, "scale", 1.0)
+def ties(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor,
+         params: Mapping[str, Any]) -> torch.Tensor:
     b = base.to(torch.float32)
-    deltas = torch.stack([w * trim(t.to(torch.float32) - b, density) for t, w in zip(tensors, weights)])
-    sign = torch.sign(deltas.sum(0))
-    agree = (torch.sign(deltas) == sign) & (deltas != 0)
-    w = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * b.ndim).expand_as(deltas)
-    count = (agree * w).sum(0)
-    merged = (deltas * agree).sum(0) / count.clamp_min(1e-12)
-    return b + scale * torch.where(count > 0, merged, torch.zeros_like(merged))
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * b.ndim)
+    deltas = torch.stack([trim(t.to(torch.float32) - b, float(params["density"])) for t in tensors]) * w
+    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(deltas) == elected  # a trimmed (zero) entry has sign 0 and never agrees
+    divisor = (w * agree).sum(0)
+    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    merged = (deltas * agree).sum(0) / divisor
+    return b + float(params["scale"]) * merged
 
 
-register_method(Method("ties", ties, needs_base=True, paper="Yadav et al. 2023"))
+PARAMS = (
+    Param("density", float, 0.2, "fraction of each task vector kept (by magnitude)",
+          paper="Yadav et al. 2023: top-k 20%", low=0.0, high=1.0),
+    Param("scale", float, 1.0, "lambda: scale of the merged task vector",
+          paper="Yadav et al. 2023: lambda = 1 without validation data; mergekit: 1"),
+)
+
+register_method(Method("ties", ties, PARAMS, needs_base=True, paper="Yadav et al. 2023"))

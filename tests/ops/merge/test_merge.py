@@ -100,14 +100,37 @@ def test_batchnorm_reset_repairs_cnn(fixtures_dir, tmp_path):
     assert accuracy(tmp_path / "b.safetensors", data) == pytest.approx(fixed.evaluation["merged"]["accuracy"])
 
 
-def test_ties_with_base_matches_method(fixtures_dir, tmp_path):
+def test_task_arithmetic_with_base_records_its_parameters(fixtures_dir, tmp_path):
     paths = [mlp(fixtures_dir, 1), mlp(fixtures_dir, 2)]
     out = tmp_path / "t.safetensors"
-    merge_checkpoints(paths, out, MergeOptions(method="task-arithmetic", base=mlp(fixtures_dir, 0), scale=0.5))
+    result = merge_checkpoints(paths, out, MergeOptions(method="task-arithmetic", base=mlp(fixtures_dir, 0),
+                                                        params={"scale": 0.5}))
     a, b, c = (Checkpoint.open(p) for p in (mlp(fixtures_dir, 0), *paths))
     k = "0.weight"
     want = a.get(k) + 0.5 * ((b.get(k) - a.get(k)) + (c.get(k) - a.get(k)))
     torch.testing.assert_close(Checkpoint.open(out).get(k), want)
+    assert result.params == {"scale": 0.5}
+    assert json.loads(Checkpoint.open(out).metadata["modelsurgery"])["parameters"]["scale"] == 0.5
+
+
+def test_ties_provenance_records_declared_defaults(fixtures_dir, tmp_path):
+    out = tmp_path / "t.safetensors"
+    merge_checkpoints([mlp(fixtures_dir, 1), mlp(fixtures_dir, 2)], out,
+                      MergeOptions(method="ties", base=mlp(fixtures_dir, 0)))
+    params = json.loads(Checkpoint.open(out).metadata["modelsurgery"])["parameters"]
+    assert (params["density"], params["scale"]) == (0.2, 1.0)  # TIES paper: top-20%, lambda = 1
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"density": 0.5}, "merge method 'linear' has no parameter 'density'"),
+    ({"t": 1.5}, "parameter 't' = 1.5: expected a value in"),
+])
+def test_undeclared_or_bad_parameter_refused(fixtures_dir, tmp_path, params, message):
+    method = "slerp" if "t" in params else "linear"
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(SurgeryError, match=message):
+        merge_checkpoints([mlp(fixtures_dir, 1), mlp(fixtures_dir, 2)], out, MergeOptions(method=method, params=params))
+    assert not out.exists()
 
 
 def _bad(tmp_path, tensors):

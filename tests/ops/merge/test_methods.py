@@ -1,64 +1,134 @@
-"""Every classic merge method against results computed by hand."""
+"""Every classic merge method against hand computations of mergekit's documented definitions
+(mergekit/merge_methods: linear, slerp, task_arithmetic, ties = magnitude sparsification +
+"sum" sign consensus + normalise). The expected values are worked out in the comments."""
 
 import math
 
 import pytest
 import torch
 
-from modelsurgery.ops.merge import get_method
-from modelsurgery.ops.merge.merge import MergeOptions
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.merge import all_methods, get_method
+from modelsurgery.ops.merge.ties import trim
 
 
 def t(*v):
     return torch.tensor(v, dtype=torch.float32)
 
 
+def run(name, tensors, weights, base=None, **params):
+    method = get_method(name)
+    return method.fn(tensors, weights, base, method.resolve(params))
+
+
 def test_linear_weighted_and_normalised():
-    out = get_method("linear").fn([t(1, 2), t(3, 6)], [1.0, 3.0], None, None)
-    torch.testing.assert_close(out, t(2.5, 5.0))  # (1*1 + 3*3)/4, (2 + 18)/4
+    torch.testing.assert_close(run("linear", [t(1, 2), t(3, 6)], [1.0, 3.0]), t(2.5, 5.0))  # (1+9)/4, (2+18)/4
+    # mergekit's normalize: false is the plain weighted sum
+    torch.testing.assert_close(run("linear", [t(1, 2), t(3, 6)], [1.0, 3.0], normalize=False), t(10, 20))
 
 
 def test_slerp_quarter_circle():
     a, b = t(1, 0), t(0, 1)
-    out = get_method("slerp").fn([a, b], [0.5, 0.5], None, None)
-    torch.testing.assert_close(out, t(math.sqrt(0.5), math.sqrt(0.5)))
-    out = get_method("slerp").fn([a, b], [2 / 3, 1 / 3], None, None)  # t = 1/3 -> 30 degrees
+    torch.testing.assert_close(run("slerp", [a, b], [0.5, 0.5]), t(math.sqrt(0.5), math.sqrt(0.5)))
+    out = run("slerp", [a, b], [0.5, 0.5], t=1 / 3)  # 30 degrees from a
     torch.testing.assert_close(out, t(math.cos(math.pi / 6), math.sin(math.pi / 6)))
 
 
-def test_slerp_parallel_falls_back_to_lerp():
-    out = get_method("slerp").fn([t(1, 1), t(2, 2)], [0.5, 0.5], None, None)
-    torch.testing.assert_close(out, t(1.5, 1.5))
+def test_slerp_keeps_the_norms_as_mergekit():
+    # mergekit interpolates the un-normalised tensors with the angle's coefficients:
+    # a = (2, 0), b = (0, 1), W = pi/2, t = 1/2: sin(pi/4) * a + sin(pi/4) * b
+    s = math.sin(math.pi / 4)
+    torch.testing.assert_close(run("slerp", [t(2, 0), t(0, 1)], [0.5, 0.5]), t(2 * s, s))
+
+
+def test_slerp_colinear_threshold_is_mergekits():
+    a = t(1, 0)
+    # cos W = 0.9997 > 0.9995: lerp, (1-t) a + t b
+    b = t(0.9997, math.sqrt(1 - 0.9997 ** 2))
+    torch.testing.assert_close(run("slerp", [a, b], [0.5, 0.5], t=0.3), 0.7 * a + 0.3 * b)
+    # cos W = 0.999 < 0.9995: the spherical formula (a plain lerp would differ in the 4th digit)
+    b = t(0.999, math.sqrt(1 - 0.999 ** 2))
+    w = math.acos(0.999)
+    want = a * math.sin(0.7 * w) / math.sin(w) + b * math.sin(0.3 * w) / math.sin(w)
+    torch.testing.assert_close(run("slerp", [a, b], [0.5, 0.5], t=0.3), want, rtol=0, atol=1e-6)
+    assert not torch.allclose(want, 0.7 * a + 0.3 * b, rtol=0, atol=1e-6)
+
+
+def test_slerp_zero_tensor_as_mergekit():
+    # mergekit leaves a tensor of norm <= 1e-8 un-normalised, so its cosine with anything is 0 and
+    # the angle pi/2: t = 1/4 gives sin(pi/8) * b (a plain lerp would give b/4)
+    out = run("slerp", [t(0, 0), t(1, 2)], [0.5, 0.5], t=0.25)
+    torch.testing.assert_close(out, math.sin(math.pi / 8) * t(1, 2))
 
 
 def test_task_arithmetic():
     base, m1, m2 = t(1, 1, 1), t(2, 1, 0), t(1, 3, 1)
-    out = get_method("task-arithmetic").fn([m1, m2], [1.0, 0.5], base, MergeOptions(scale=2.0))
+    out = run("task-arithmetic", [m1, m2], [1.0, 0.5], base, scale=2.0)
     # deltas (1,0,-1) and (0,2,0); sum 1*(1,0,-1) + 0.5*(0,2,0) = (1,1,-1); base + 2*that
     torch.testing.assert_close(out, t(3, 3, -1))
 
 
+def test_ties_trim_keeps_exactly_int_density_n():
+    # mergekit's magnitude(): k = int(density * n); 5 entries at density 0.5 keep 2 (not ceil = 3)
+    kept = trim(t(5, -4, 3, 2, 1), 0.5)
+    torch.testing.assert_close(kept, t(5, -4, 0, 0, 0))
+    # ties at the threshold are not all kept: |1| three times, k = 2 keeps 3 and one of the ones
+    kept = trim(t(3, 1, -1, 1), 0.5)
+    assert int((kept != 0).sum()) == 2 and kept[0] == 3
+    assert int((trim(torch.randn(1000), 0.2) != 0).sum()) == 200
+    torch.testing.assert_close(trim(t(1, 2), 1.0), t(1, 2))
+
+
 def test_ties_trim_elect_disjoint_mean():
     base = torch.zeros(4)
-    m1 = t(4, -1, 2, 0.5)   # density 0.5 keeps 4 and 2
-    m2 = t(2, 3, -3, 0.1)   # keeps 3 and -3
-    m3 = t(-1, 0.2, 1, 0)   # keeps -1 and 1 (ties at |1|: 1 and -1 both kept -> 2 of 4)
-    out = get_method("ties").fn([m1, m2, m3], [1.0, 1.0, 1.0], base, MergeOptions(density=0.5))
-    # trimmed: (4,0,2,0), (0,3,-3,0), (-1,0,1,0); sums (3,3,0,0) -> signs (+,+,0,0)
-    # entry 0: agreeing 4 -> 4; entry 1: 3; entry 2: sign 0, nothing agrees -> 0; entry 3: 0
-    torch.testing.assert_close(out, t(4, 3, 0, 0))
+    m1 = t(4, -1, 2, 0.5)    # density 0.5 keeps 4 and 2
+    m2 = t(2, 3, -3, 0.1)    # keeps 3 and -3
+    m3 = t(-1, 0.2, 1.5, 0)  # keeps 1.5 and -1
+    out = run("ties", [m1, m2, m3], [1.0, 1.0, 1.0], base, density=0.5)
+    # trimmed: (4,0,2,0), (0,3,-3,0), (-1,0,1.5,0); sums (3,3,0.5,0) -> elected (+,+,+,+) (0 counts as +)
+    # entry 0: 4 agrees -> 4; entry 1: 3; entry 2: 2 and 1.5 agree -> 3.5/2; entry 3: no nonzero entry -> 0
+    torch.testing.assert_close(out, t(4, 3, 1.75, 0))
+
+
+def test_ties_zero_summed_sign_counts_as_positive():
+    # mergekit get_mask(method="sum"): majority sign = +1 where the weighted sum is >= 0
+    base = torch.zeros(2)
+    out = run("ties", [t(2, 1), t(-2, -3)], [1.0, 1.0], base, density=1.0)
+    # sums (0, -2): elected (+, -); entry 0: only +2 agrees -> 2/1; entry 1: 1 disagrees, -3 -> -3/1
+    torch.testing.assert_close(out, t(2, -3))
+    # the sign is elected on the weighted deltas: 2*(+1) + 1*(-2) = 0 -> +, mean of the agreeing
+    # weighted delta over its weight: 2*1/2 = 1
+    torch.testing.assert_close(run("ties", [t(1.0), t(-2.0)], [2.0, 1.0], torch.zeros(1), density=1.0), t(1.0))
 
 
 def test_ties_weights_and_scale():
     base = t(1, 1)
-    out = get_method("ties").fn([t(3, 1), t(2, 0)], [1.0, 3.0], base, MergeOptions(density=1.0, scale=0.5))
+    out = run("ties", [t(3, 1), t(2, 0)], [1.0, 3.0], base, density=1.0, scale=0.5)
     # deltas (2,0)*1 and (1,-1)*3 = (3,-3); sums (5,-3): signs (+,-); entry 0: (2+3)/(1+3) = 1.25
     # entry 1: only model 2 agrees: -3/3 = -1; base + 0.5 * (1.25, -1)
     torch.testing.assert_close(out, t(1.625, 0.5))
 
 
-def test_unknown_method():
-    from modelsurgery.errors import SurgeryError
+def test_every_method_declares_its_parameters():
+    for method in all_methods().values():
+        for p in method.params:
+            assert p.name and p.help and p.type in (float, int, bool)
+            assert p.check(p.default, method.name) == p.default  # the default passes its own validation
+        assert method.resolve({}) == method.defaults()
+    assert get_method("ties").defaults() == {"density": 0.2, "scale": 1.0}  # TIES paper: top-20%, lambda = 1
 
+
+@pytest.mark.parametrize("name,params,message", [
+    ("ties", {"alpha": 1.0}, "merge method 'ties' has no parameter 'alpha' \\(its parameters: density, scale\\)"),
+    ("ties", {"density": 1.5}, "parameter 'density' = 1.5: expected a value in \\[0.0, 1.0\\]"),
+    ("ties", {"density": "dense"}, "parameter 'density' is a number"),
+    ("linear", {"normalize": 1}, "parameter 'normalize' is true or false"),
+])
+def test_resolve_refuses_in_one_line(name, params, message):
+    with pytest.raises(SurgeryError, match=message):
+        get_method(name).resolve(params)
+
+
+def test_unknown_method():
     with pytest.raises(SurgeryError, match="merge method 'nope'"):
         get_method("nope")
