@@ -1,13 +1,13 @@
 """Checkpoint I/O used by every command: lazy reading, streaming atomic writing, provenance."""
 
-from modelsurgery.checkpoint.formats import TensorInfo, read_safetensors_header
+from modelsurgery.checkpoint.formats import TensorInfo, check_finite, read_safetensors_header
+from modelsurgery.checkpoint.output import atomic_path, check_output
 from modelsurgery.checkpoint.store import Checkpoint, open_checkpoint
 from modelsurgery.checkpoint.writer import (
     DEFAULT_MAX_SHARD,
     PlannedTensor,
     Provenance,
     WriteReport,
-    check_output,
     parse_size,
     plan_copy,
     plan_tensor,
@@ -21,6 +21,8 @@ __all__ = [
     "Provenance",
     "TensorInfo",
     "WriteReport",
+    "atomic_path",
+    "check_finite",
     "check_output",
     "open_checkpoint",
     "parse_size",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,10 +19,11 @@ from safetensors import safe_open
 from modelsurgery.checkpoint.formats import (
     TensorInfo,
     load_torch_pickle,
+    read_json_object,
     read_safetensors_header,
     read_shard_index,
 )
-from modelsurgery.errors import SurgeryError
+from modelsurgery.errors import SurgeryError, SurgeryWarning
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -98,7 +100,9 @@ class Checkpoint:
         if path.name.startswith("pytorch_model"):
             loaded: dict[str, torch.Tensor] = {}
             for shard in dict.fromkeys(weight_map.values()):
-                loaded.update(load_torch_pickle(shard))
+                state = load_torch_pickle(shard)
+                _refuse_unlisted(path, shard, state, weight_map)
+                loaded.update(state)
             for k in weight_map:
                 if k not in loaded:
                     raise SurgeryError(f"{path}: tensor '{k}' is listed but missing from its shard")
@@ -107,6 +111,7 @@ class Checkpoint:
         shard_infos: dict[Path, dict[str, TensorInfo]] = {}
         for shard in dict.fromkeys(weight_map.values()):
             shard_infos[shard], md = read_safetensors_header(shard)
+            _refuse_unlisted(path, shard, shard_infos[shard], weight_map)
             metadata = metadata or md
         for k, shard in weight_map.items():
             if k not in shard_infos[shard]:
@@ -118,13 +123,10 @@ class Checkpoint:
     def _open_folder(cls, folder: Path) -> Checkpoint:
         config = None
         cfg_path = folder / "config.json"
-        if cfg_path.is_file():
-            try:
-                config = json.loads(cfg_path.read_text())
-            except (OSError, ValueError) as e:
-                raise SurgeryError(f"{cfg_path}: malformed config.json ({e})") from e
+        if cfg_path.exists():
+            config = read_json_object(cfg_path, "config.json")
         for index in INDEX_NAMES:
-            if (folder / index).is_file():
+            if (folder / index).exists():
                 return cls._open_file(folder / index, folder, config)
         st = sorted(folder.glob("*.safetensors"))
         if len(st) == 1:
@@ -218,16 +220,31 @@ class Checkpoint:
         files = list(dict.fromkeys(i.file for i in self.infos.values()))
         return [f for f in files if f.exists()]
 
+    def input_paths(self) -> list[Path]:
+        """What this checkpoint was read from (its folder, index and weight files): outputs never go there."""
+        return list(dict.fromkeys([*([self.folder] if self.folder is not None else []), self.path,
+                                   *self.source_files]))
+
     def extra_files(self) -> list[Path]:
-        """Non-weight files of a folder checkpoint (tokenizer, generation config...) to carry along."""
+        """Non-weight files of a folder checkpoint (tokenizer, generation config...) to carry along:
+        only regular files that resolve inside the folder; others are skipped with a SurgeryWarning."""
         if self.folder is None:
             return []
         weights = set(self.source_files) | {self.path}
+        root = self.folder.resolve()
         out = []
         for p in sorted(self.folder.iterdir()):
-            if not p.is_file() or p in weights or p.name == "config.json":
+            if p in weights or p.name == "config.json" or p.is_dir():
                 continue
             if p.name.endswith((".safetensors", ".index.json")) or p.name.endswith(PICKLE_SUFFIXES):
+                continue
+            if p.is_symlink() and root not in p.resolve().parents:
+                warnings.warn(SurgeryWarning(f"{p}: not carried into the output: a link to a file outside "
+                                             f"the checkpoint folder"), stacklevel=2)
+                continue
+            if not p.is_file():
+                warnings.warn(SurgeryWarning(f"{p}: not carried into the output: not a regular file"),
+                              stacklevel=2)
                 continue
             out.append(p)
         return out
@@ -242,6 +259,15 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def _refuse_unlisted(index: Path, shard: Path, names, weight_map: dict[str, Path]) -> None:
+    """A tensor in a shard that the index does not list would be silently dropped: refuse instead."""
+    unlisted = [k for k in names if k not in weight_map]
+    if unlisted:
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        raise SurgeryError(f"{index}: tensor '{unlisted[0][:200]}' is in {shard.name} but not in the index"
+                           f"{more}; the index is incomplete (add it to weight_map or remove it from the shard)")
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -14,11 +14,10 @@ import math
 import os
 import re
 import shutil
-import tempfile
+import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from modelsurgery import __version__
 from modelsurgery.checkpoint.formats import TORCH_TO_ST, dtype_size
+from modelsurgery.checkpoint.output import FILES_KEY, atomic_path, output_is_folder
 from modelsurgery.errors import SurgeryError
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
@@ -121,54 +121,19 @@ class PendingDigests:
 
 def parse_size(text: str | int) -> int:
     """'5GB', '500MB', '2GiB', '1000' -> bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 1:
+            raise SurgeryError(f"max shard size {text}: must be at least 1 byte (e.g. 5GB)")
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
     if not m:
         raise SurgeryError(f"max shard size '{text}': expected a size such as 5GB, 500MB or 1000000")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     base = 1024 if binary else 1000
-    return int(number * base ** " KMGT".index(unit or " "))
-
-
-# ----- atomic output ---------------------------------------------------------------------------
-def check_output(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
-    """Refuse before any work is done: an existing output without force, or an output that is an input."""
-    out = Path(out)
-    out_r = out.resolve()
-    for p in inputs:
-        p_r = Path(p).resolve()
-        if out_r == p_r or out_r in p_r.parents:
-            raise SurgeryError(f"{out}: output would overwrite the input {p}; choose another path")
-    if out.exists() and not force:
-        raise SurgeryError(f"{out}: already exists (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise SurgeryError(f"{parent}: output folder does not exist")
-
-
-@contextmanager
-def atomic_path(out: Path, force: bool, is_dir: bool):
-    """Yield a temporary path beside ``out``; on success move it into place."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise SurgeryError(f"{out}: already exists (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise SurgeryError(f"{parent}: output folder does not exist")
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    tmp = tmp_root / out.name
-    if is_dir:
-        tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = tmp_root / (out.name + ".old")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+    size = int(number * base ** " KMGT".index(unit or " "))
+    if size < 1:
+        raise SurgeryError(f"max shard size '{text}': must be at least 1 byte (e.g. 5GB)")
+    return size
 
 
 # ----- safetensors streaming -------------------------------------------------------------------
@@ -276,10 +241,6 @@ class WriteReport:
         }
 
 
-def output_is_folder(out: Path) -> bool:
-    return not out.name.endswith((".safetensors", ".pt", ".pth", ".bin"))
-
-
 def write_checkpoint(
     out: str | Path,
     tensors: Sequence[PlannedTensor],
@@ -329,8 +290,32 @@ def write_checkpoint(
     return WriteReport(out, files, len(tensors), total)
 
 
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Copy a carried file, only when it is a regular file (a FIFO or device is refused, never read);
+    where links may point is the reader's business (``Checkpoint.extra_files``)."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise SurgeryError(f"{src}: cannot carry this file into the output ({e.strerror})") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SurgeryError(f"{src}: not a regular file; refusing to carry it into the output")
+        with open(dst, "wb") as g:
+            shutil.copyfileobj(f, g)
+
+
 def _write_folder(tmp: Path, out: Path, tensors, md, max_bytes, config, extra_files) -> list[Path]:
     shards = split_shards(tensors, max_bytes)
+    extra_files = [Path(p) for p in extra_files]
+    names = _shard_names(len(shards)) + (["model.safetensors.index.json"] if len(shards) > 1 else [])
+    names += (["config.json"] if config is not None else []) + [p.name for p in extra_files]
+    md = {**md, FILES_KEY: json.dumps(names)}
     files = []
     if len(shards) == 1:
         write_safetensors(tmp / "model.safetensors", shards[0], md)
@@ -349,6 +334,6 @@ def _write_folder(tmp: Path, out: Path, tensors, md, max_bytes, config, extra_fi
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files.append(out / "config.json")
     for src in extra_files:
-        shutil.copy2(src, tmp / Path(src).name)
-        files.append(out / Path(src).name)
+        _carry(src, tmp / src.name)
+        files.append(out / src.name)
     return files

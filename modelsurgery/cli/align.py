@@ -7,7 +7,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, err_console, out_console, progress_bar, user_errors
+from modelsurgery.cli.common import (
+    check_choice,
+    check_range,
+    emit_json,
+    out_console,
+    progress_bar,
+    safe,
+    user_errors,
+    warn,
+)
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.align import AlignOptions, AlignReport, align_checkpoint, parse_class_groups
 
@@ -48,6 +57,9 @@ def align_command(
       surgery align model.safetensors --old-classes 5 --json   (report only)
     """
     with user_errors(debug):
+        check_range(old_classes, "--old-classes", 1, integer=True)
+        check_choice(norm, "--norm", (1, 2))
+        check_choice(bias, "--bias", ("scale", "keep"))
         options = AlignOptions(
             old_classes=old_classes, groups=parse_class_groups(classes) if classes is not None else None,
             layer=layer, norm=norm, bias=bias, clamp=clamp, eval_data=eval_data, model=model, force=force,
@@ -55,7 +67,7 @@ def align_command(
         with progress_bar(quiet or json_out) as progress:
             report = align_checkpoint(path, output, options, progress)
     for w in report.warnings:
-        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        warn(w)
     if json_out:
         emit_json(report.to_dict())
         return
@@ -63,9 +75,9 @@ def align_command(
 
 
 def render_align(report: AlignReport) -> None:
-    out_console.print(f"[bold]{report.input}[/]: classifier [cyan]{report.layer}[/] "
-                      f"({len(report.norms_before)} classes, family {report.family}), L{report.norm} norms, "
-                      f"bias {report.bias if report.bias_name else 'none'}")
+    out_console.print(f"[bold]{safe(report.input)}[/]: classifier [cyan]{safe(report.layer)}[/] "
+                      f"({len(report.norms_before)} classes, family {safe(report.family)}), L{report.norm} norms, "
+                      f"bias {safe(report.bias) if report.bias_name else 'none'}")
     table = Table(show_edge=False)
     for col in ("classes", "mean norm before", "mean norm after", "gamma", "capped"):
         table.add_column(col, justify="left" if col == "classes" else "right")
@@ -80,7 +92,7 @@ def render_align(report: AlignReport) -> None:
     if report.eval:
         render_eval(report.eval)
     if report.output:
-        out_console.print(f"wrote {report.output}" + ("" if report.changed else " (unchanged: nothing to align)"))
+        out_console.print(f"wrote {safe(report.output)}" + ("" if report.changed else " (unchanged: nothing to align)"))
     else:
         out_console.print("report only: nothing written (pass -o OUT to write the aligned model)")
 
@@ -132,7 +144,7 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
               "new_prediction_share_before": before["new_prediction_share"],
               "new_prediction_share_after": after["new_prediction_share"]}
     if not quiet:
-        out_console.print(f"aligned {src.name}: gamma {result['gamma']:.3f}, accuracy "
+        out_console.print(f"aligned {safe(src.name)}: gamma {result['gamma']:.3f}, accuracy "
                           f"{result['accuracy_before']:.3f} -> {result['accuracy_after']:.3f}, predicted as new "
                           f"{result['new_prediction_share_before']:.0%} -> {result['new_prediction_share_after']:.0%}")
     return result

@@ -6,6 +6,8 @@ import typer
 
 from modelsurgery import __version__
 from modelsurgery.cli import align, demo, export, grow, inspect, merge, quantize
+from modelsurgery.cli import run as run_cli
+from modelsurgery.cli.common import handle_sigterm
 
 app = typer.Typer(
     name="surgery",
@@ -37,9 +39,11 @@ app.command("align")(align.align_command)
 app.command("quantize")(quantize.quantize_command)
 app.command("export")(export.export_command)
 app.command("demo")(demo.demo_command)
+app.command("run")(run_cli.run_command)
 
 
 def main() -> None:
+    handle_sigterm()
     app()
 
 

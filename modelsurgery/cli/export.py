@@ -8,14 +8,20 @@ import typer
 from rich.table import Table
 
 from modelsurgery.cli.common import (
+    check_choice,
+    check_range,
     emit_json,
-    err_console,
     human_bytes,
     out_console,
     progress_bar,
+    safe,
     user_errors,
+    warn,
 )
 from modelsurgery.export import ExportOptions, ExportReport, export_checkpoint
+
+#: the batch of check inputs is kept small: the check runs the model once in torch and once in ONNX Runtime
+MAX_CHECK_SAMPLES = 4096
 
 
 def export_command(
@@ -53,10 +59,15 @@ def export_command(
       surgery export ./gpt2-folder -o gpt2.onnx --dtype fp16\n
       surgery export gpt2-4bit.safetensors -o gpt2-4bit.onnx --json
     """
-    options = ExportOptions(opset=opset, dtype=dtype, check=check, tolerance=tolerance, model=model, data=data,
-                            samples=samples, seq_len=seq_len, force=force)
-    with user_errors(debug), progress_bar(quiet or json_out) as progress:
-        report = export_checkpoint(path, output, options, progress)
+    with user_errors(debug):
+        check_choice(dtype, "--dtype", ("fp32", "fp16"))
+        check_range(tolerance, "--tolerance", 0, low_open=True)
+        check_range(samples, "--samples", 1, MAX_CHECK_SAMPLES, integer=True)
+        check_range(seq_len, "--seq-len", 1, integer=True)
+        options = ExportOptions(opset=opset, dtype=dtype, check=check, tolerance=tolerance, model=model,
+                                data=data, samples=samples, seq_len=seq_len, force=force)
+        with progress_bar(quiet or json_out) as progress:
+            report = export_checkpoint(path, output, options, progress)
     if json_out:
         emit_json(report.to_dict())
         return
@@ -64,9 +75,9 @@ def export_command(
 
 
 def render_export(report: ExportReport) -> None:
-    out_console.print(f"[bold]{report.output}[/]: {report.family}, {report.dtype}, opset {report.opset}, "
+    out_console.print(f"[bold]{safe(report.output)}[/]: {safe(report.family)}, {report.dtype}, opset {report.opset}, "
                       f"{human_bytes(report.file_bytes)}" + (" (external data)" if report.external_data else ""))
-    out_console.print(f"inputs {', '.join(report.inputs)} -> {', '.join(report.outputs)}; "
+    out_console.print(f"inputs {safe(', '.join(report.inputs))} -> {safe(', '.join(report.outputs))}; "
                       f"{report.export_seconds:.2f} s (export and check)")
     if report.quantization:
         q = report.quantization
@@ -76,17 +87,18 @@ def render_export(report: ExportReport) -> None:
         c = report.check
         out_console.print(f"ONNX Runtime check: max abs diff {c.max_abs_diff:.3g} (tolerance {c.tolerance:g}, "
                           f"|output| up to {c.max_abs_reference:.3g}) on inputs "
-                          f"{', '.join(f'{k} {v}' for k, v in c.input_shapes.items())} [green]ok[/]")
+                          f"{safe(', '.join(f'{k} {v}' for k, v in c.input_shapes.items()))} [green]ok[/]")
     if report.session_config:
-        out_console.print("session config needed: " + ", ".join(f"{k}={v}" for k, v in report.session_config.items()))
+        out_console.print("session config needed: "
+                          + safe(", ".join(f"{k}={v}" for k, v in report.session_config.items())))
     table = Table(show_edge=False, title="operators")
     table.add_column("op")
     table.add_column("count", justify="right")
     for op, n in report.op_counts.items():
-        table.add_row(op, str(n))
+        table.add_row(safe(op), str(n))
     out_console.print(table)
     for w in report.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        warn(w)
 
 
 def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:

@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.cli.common import (
+    check_range,
+    emit_json,
+    human_bytes,
+    out_console,
+    progress_bar,
+    safe,
+    user_errors,
+)
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.grow import METHODS, GrowOptions, grow, plan_growth
 
@@ -70,6 +78,7 @@ def grow_command(
             raise SurgeryError("no input checkpoint given (see surgery grow --help)")
         if output is None:
             raise SurgeryError("no output given: pass -o OUT (a .safetensors file or a folder)")
+        check_grow_options(method, factor, every, init_scale, coef_scale, templates, seed, max_shard_size)
         options = GrowOptions(
             method=method, factor=factor, layers=layers, every=every, split=split, init_scale=init_scale,
             coef_scale=coef_scale, num_templates=templates, seed=seed, model=model,
@@ -81,6 +90,26 @@ def grow_command(
         emit_json(report.to_dict())
         return
     render_report(report)
+
+
+#: the largest growth factor accepted (stack repeats the blocks, width multiplies hidden units)
+MAX_FACTOR = 64
+
+
+def check_grow_options(method, factor, every, init_scale, coef_scale, templates, seed, max_shard_size) -> None:
+    """Range-check grow's options before any work (the allowed range is in each message)."""
+    from modelsurgery.checkpoint import parse_size
+
+    if method == "stack":
+        check_range(factor, "--factor", 1, MAX_FACTOR, integer=True)
+    else:
+        check_range(factor, "--factor", 1, MAX_FACTOR, low_open=True)
+    check_range(every, "--every", 1, integer=True)
+    check_range(init_scale, "--init-scale", 0)
+    check_range(coef_scale, "--coef-scale", 0)
+    check_range(templates, "--templates", 1, integer=True)
+    check_range(seed, "--seed", 0, 2**63 - 1, integer=True)
+    parse_size(max_shard_size)
 
 
 def render_plan(result) -> None:
@@ -105,9 +134,9 @@ def _compact(layout: list[int]) -> str:
 
 def render_report(report) -> None:
     table = Table(show_header=False, show_edge=False)
-    table.add_row("method", report.method)
-    table.add_row("input", ", ".join(report.inputs))
-    table.add_row("family", report.family)
+    table.add_row("method", safe(report.method))
+    table.add_row("input", safe(", ".join(map(str, report.inputs))))
+    table.add_row("family", safe(report.family))
     if report.layers_before is not None:
         table.add_row("blocks", f"{report.layers_before} -> {report.layers_after}")
         table.add_row("layout", _compact(report.layout or []))
@@ -119,8 +148,8 @@ def render_report(report) -> None:
     table.add_row("parameters", f"{report.params_before:,} -> {report.params_after:,}")
     table.add_row("function preserving", "yes" if report.function_preserving else "no")
     for note in report.notes:
-        table.add_row("note", note)
-    table.add_row("output", f"{report.output} ({human_bytes(report.bytes_written)})")
+        table.add_row("note", safe(note))
+    table.add_row("output", f"{safe(report.output)} ({human_bytes(report.bytes_written)})")
     out_console.print(table)
 
 
@@ -155,7 +184,7 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
         }
         if not quiet:
             out_console.print(
-                f"{name}: {src.name} -> {dst.name}: {report.params_before:,} -> {report.params_after:,} "
+                f"{name}: {safe(src.name)} -> {safe(dst.name)}: {report.params_before:,} -> {report.params_after:,} "
                 f"parameters; runs, output {list(b.shape)}, "
                 f"max change vs input {results[name]['max_output_change']:.3g}"
             )

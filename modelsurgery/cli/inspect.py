@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, human_bytes, out_console, user_errors
+from modelsurgery.cli.common import emit_json, human_bytes, out_console, safe, user_errors
 from modelsurgery.ops.inspect import inspect_checkpoint
 
 
@@ -36,12 +36,12 @@ def inspect_command(
 
 def render_inspect(report, all_tensors: bool = False) -> None:
     fam = report.family
-    out_console.print(f"[bold]{report.path}[/]")
-    line = f"family [cyan]{fam['family']}[/]"
+    out_console.print(f"[bold]{safe(report.path)}[/]")
+    line = f"family [cyan]{safe(fam['family'])}[/]"
     if fam.get("num_layers"):
-        line += f", {fam['num_layers']} layers"
+        line += f", {safe(fam['num_layers'])} layers"
     if fam.get("hidden_size"):
-        line += f", hidden size {fam['hidden_size']}"
+        line += f", hidden size {safe(fam['hidden_size'])}"
     out_console.print(line)
     table = Table(show_edge=False)
     table.add_column("group / tensor")
@@ -52,11 +52,11 @@ def render_inspect(report, all_tensors: bool = False) -> None:
     for group, tensors in report.groups.items():
         if all_tensors or len(tensors) == 1:
             for t in tensors:
-                table.add_row(t["name"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"],
+                table.add_row(safe(t["name"]), "x".join(map(str, t["shape"])) or "scalar", safe(t["dtype"]),
                               f"{t['parameters']:,}", human_bytes(t["bytes"]))
         else:
             dts = ",".join(sorted({t["dtype"] for t in tensors}))
-            table.add_row(f"{group} ({len(tensors)} tensors)", "", dts,
+            table.add_row(f"{safe(group)} ({len(tensors)} tensors)", "", safe(dts),
                           f"{sum(t['parameters'] for t in tensors):,}",
                           human_bytes(sum(t["bytes"] for t in tensors)))
     out_console.print(table)
@@ -65,13 +65,13 @@ def render_inspect(report, all_tensors: bool = False) -> None:
         f"{human_bytes(report.num_bytes)}"
     )
     if report.quantization:
-        out_console.print(f"quantization: {report.quantization}")
+        out_console.print(f"quantization: {safe(report.quantization)}")
     if report.provenance:
         p = report.provenance
-        out_console.print(f"provenance: {p.get('tool')} {p.get('version')} {p.get('operation')} "
-                          f"{p.get('parameters')}")
+        out_console.print(safe(f"provenance: {p.get('tool')} {p.get('version')} {p.get('operation')} "
+                               f"{p.get('parameters')}"))
     if report.metadata:
-        out_console.print(f"metadata: {report.metadata}")
+        out_console.print(f"metadata: {safe(report.metadata)}")
 
 
 def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
@@ -89,6 +89,6 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
         }
     if not quiet:
         for name, r in found.items():
-            out_console.print(f"{name}: family [cyan]{r['family']}[/], {r['num_parameters']:,} parameters, "
+            out_console.print(f"{safe(name)}: family [cyan]{safe(r['family'])}[/], {r['num_parameters']:,} parameters, "
                               f"{r['num_layers']} layers")
     return found

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import onnx
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, check_output
+from modelsurgery.checkpoint.output import move_into_place, remove_stale_temporaries, temp_name
 from modelsurgery.data import TENSOR_SUFFIXES
 from modelsurgery.errors import SurgeryError
 from modelsurgery.export.ort_check import CheckResult, check_export, op_counts
@@ -144,27 +144,36 @@ def tensor_bytes(t: onnx.TensorProto) -> int:
 
 def save_model(model: onnx.ModelProto, out: Path, threshold: int, force: bool, check: Callable[[Path], None]
                ) -> tuple[list[Path], bool]:
-    """Write ``out`` (and ``out.data`` above ``threshold`` bytes) atomically; ``check`` runs on the temporary copy."""
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    """Write ``out`` (and ``out.data`` above ``threshold`` bytes) atomically; ``check`` runs on the temporary copy.
+    Both files follow the output rules (``checkpoint.output``): no replacement without ``force``, even of a
+    file that appeared during the run."""
+    parent = out.parent
+    data_out = parent / (out.name + ".data")
+    remove_stale_temporaries(parent)
+    tmp = temp_name(out)
+    os.mkdir(tmp)
+    placed: list[Path] = []
     try:
         size = sum(tensor_bytes(i) for i in model.graph.initializer)
         external = size > threshold
-        data_name = out.name + ".data"
+        data_name = data_out.name
         onnx.save_model(model, str(tmp / out.name), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
         onnx.checker.check_model(str(tmp / out.name), full_check=True)
         check(tmp / out.name)
-        if out.exists() and not force:
-            raise SurgeryError(f"{out}: already exists (use --force to replace it)")
-        written = []
+        check_output(out, force, folder=False)
         if external:
-            os.replace(tmp / data_name, parent / data_name)
-            written.append(parent / data_name)
-        elif (parent / data_name).exists() and force:
-            (parent / data_name).unlink()  # stale external data of a replaced export
-        os.replace(tmp / out.name, out)
-        return [out, *written], external
+            move_into_place(tmp / data_name, data_out, force, tmp / (data_name + ".old"))
+            placed.append(data_out)
+        elif os.path.lexists(data_out):  # stale external data of a replaced export (refused earlier without force)
+            check_output(data_out, force, folder=False)
+            os.unlink(data_out)
+        move_into_place(tmp / out.name, out, force, tmp / (out.name + ".old"))
+        return [out, *placed], external
+    except BaseException:
+        for p in placed:  # the .onnx did not land: take its new external data back out
+            p.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -180,7 +189,9 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
     if options.dtype not in DTYPES:
         raise SurgeryError(f"--dtype {options.dtype}: expected one of {', '.join(DTYPES)}")
     src = Checkpoint.open(path)
-    check_output(out, options.force, [path, *src.source_files])
+    inputs = [path, src, *([options.data] if options.data is not None else [])]
+    check_output(out, options.force, inputs, folder=False)
+    check_output(out.parent / (out.name + ".data"), options.force, inputs, folder=False)
     progress("export", 0, 4, {"stage": "read"})
     weights = read_packed(src)
     opset = resolve_opset(options, weights, str(path))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modelsurgery.checkpoint.output import atomic_path, check_output
 from modelsurgery.errors import SurgeryError
 
 
-def check_plot(out: Path, num_models: int, points: int) -> None:
-    """Refuse a plot that cannot be drawn before any work is done."""
+def check_plot(out: Path, num_models: int, points: int, force: bool = False, inputs=()) -> None:
+    """Refuse a plot that cannot be drawn or written before any work is done (the output rules of
+    ``checkpoint.output``: existing file only with ``force``, never an input, parent folder exists)."""
     import importlib.util
 
+    check_output(Path(out), force, inputs, folder=False)
     if Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise SurgeryError(f"{out}: --plot needs a .png, .svg or .pdf file name")
     if num_models != 2 or points < 2:
@@ -19,7 +22,7 @@ def check_plot(out: Path, num_models: int, points: int) -> None:
         raise SurgeryError("--plot needs matplotlib: pip install matplotlib")
 
 
-def plot_path(evaluation: dict, out: Path) -> Path:
+def plot_path(evaluation: dict, out: Path, force: bool = False) -> Path:
     out = Path(out)
     if "naive" not in evaluation:
         raise SurgeryError(f"{out}: a path plot needs two models and --points >= 2")
@@ -45,6 +48,9 @@ def plot_path(evaluation: dict, out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        with atomic_path(out, force, is_dir=False) as tmp:
+            fig.savefig(tmp, format=out.suffix.lower().lstrip("."))
+    finally:
+        plt.close(fig)
     return out
