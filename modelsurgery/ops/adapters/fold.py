@@ -1,0 +1,218 @@
+"""``surgery fold``: adapters folded into the base weights, tensor by tensor, as PEFT's
+``merge_and_unload()`` folds them (each method's math in its own module: lora, miss, lokr).
+
+Each base tensor is read, updated in float32 when an adapter targets it, cast back to its dtype,
+written and dropped; untouched tensors are copied byte for byte. Several adapters are folded in the
+order given, each onto the weights the previous ones produced (the same as merging the first,
+loading the second onto the merged model, and merging again). ``scale`` s takes the fraction s of each
+adapter's change, W + s * (fold(W) - W): for LoRA that is s * (alpha/r) * B A, for a whole tensor the
+adapter trained (``modules_to_save``, trained biases) the interpolation towards it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, plan_copy, write_checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import detect_family
+from modelsurgery.ops.adapters.peft_format import Adapter, read_adapter
+from modelsurgery.ops.adapters.variants import Site, Variant, variant_for
+
+Progress = Callable[[str, int, int, dict], None]
+
+#: config switches of LoRA variants whose adapters fold differently or not at all: refused, not ignored
+UNSUPPORTED_SWITCHES = ("use_qalora", "alora_invocation_tokens", "target_parameters", "layer_replication",
+                        "trainable_token_indices", "use_bdlora")
+#: LoRA initialisations that leave the saved adapter relative to a changed (residual) base model
+RESIDUAL_INITS = ("pissa", "olora", "corda")
+
+
+def no_progress(task: str, done: int, total: int, info: dict | None = None) -> None:
+    return None
+
+
+@dataclass
+class FoldOptions:
+    #: fraction of each adapter's change to fold (PEFT's merge_and_unload folds all of it: 1.0)
+    scale: float = 1.0
+    max_shard_size: int | str = 5 * 1000**3
+    force: bool = False
+
+
+@dataclass
+class FoldReport:
+    base: str
+    adapters: list[dict]
+    output: str
+    family: str
+    scale: float
+    tensors_updated: int = 0
+    tensors_copied: int = 0
+    bytes_written: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Update:
+    """One adapter's change to one base tensor."""
+
+    adapter: Adapter
+    variant: Variant
+    module: str | None  # None: a whole tensor the adapter stores
+    role: str  # 'weight', 'bias' or 'whole'
+    key: str | None = None  # the adapter's tensor, for 'whole'
+
+
+def resolve_name(name: str, base: Checkpoint, where: str) -> str:
+    """The base tensor an adapter names: the same name, else the one base name it is a dotted suffix
+    of, or that is a dotted suffix of it (an adapter trained on BertForMaskedLM ('bert.encoder...')
+    folds into a BertModel checkpoint ('encoder...'))."""
+    if name in base:
+        return name
+    hits = [k for k in base if k.endswith("." + name) or name.endswith("." + k)]
+    if len(hits) == 1:
+        return hits[0]
+    why = "several" if hits else "no"
+    raise SurgeryError(f"{where}: adapter tensor for '{name}' matches {why} tensor(s) of BASE {base.path}")
+
+
+def check_config(adapter: Adapter) -> None:
+    cfg = adapter.config
+    for switch in UNSUPPORTED_SWITCHES:
+        if cfg.get(switch):
+            raise SurgeryError(f"{adapter.path}: LoRA option '{switch}' is not supported by fold")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise SurgeryError(
+            f"{adapter.path}: init_lora_weights='{init}' adapters are relative to a residual base model; save "
+            "them with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA, then fold that"
+        )
+
+
+def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Variant]) -> dict[str, list[Update]]:
+    """Base tensor name -> the updates to apply to it, in adapter order; shapes of whole tensors checked."""
+    updates: dict[str, list[Update]] = {}
+    for adapter, variant in zip(adapters, variants):
+        where = str(adapter.path)
+        for module, parts in adapter.modules.items():
+            weight = resolve_name(f"{module}.weight", base, where)
+            updates.setdefault(weight, []).append(Update(adapter, variant, module, "weight"))
+            if "lora_B.bias" in parts:
+                bias = weight.removesuffix("weight") + "bias"
+                if bias not in base:
+                    raise SurgeryError(f"{where}: module '{module}' trains a bias (lora_bias) but BASE has no "
+                                       f"tensor '{bias}'")
+                updates.setdefault(bias, []).append(Update(adapter, variant, module, "bias"))
+        for name, key in adapter.whole.items():
+            target = resolve_name(name, base, where)
+            have, want = tuple(adapter.weights.shape(key)), tuple(base.shape(target))
+            if have != want:
+                raise SurgeryError(f"{where}: adapter tensor '{key}' has shape {have}, BASE tensor '{target}' {want}")
+            updates.setdefault(target, []).append(Update(adapter, variant, None, "whole", key))
+    return updates
+
+
+def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
+                  options: FoldOptions | None = None, progress: Progress = no_progress) -> FoldReport:
+    """Fold ``adapter_paths`` (PEFT adapter folders, in order) into ``base_path``; write ``out``."""
+    options = options or FoldOptions()
+    out = Path(out)
+    if not adapter_paths:
+        raise SurgeryError("no adapter given (pass ADAPTER, or --adapter several times)")
+    if options.scale != options.scale:
+        raise SurgeryError("--scale is NaN")
+    base = Checkpoint.open(base_path)
+    family = detect_family(base)
+    transposed = {lin.weight for i in range(family.num_layers) for lin in family.block_linears(i).values()
+                  if lin.transposed}
+    knows_layout = any(family.block_linears(i) for i in range(family.num_layers))
+    adapters, variants = [], []
+    for path in adapter_paths:
+        peft_type = _peek_type(Path(path))
+        variant = variant_for(peft_type, str(path))
+        adapter = read_adapter(path, variant.parameter_names)
+        check_config(adapter)
+        adapters.append(adapter)
+        variants.append(variant)
+    updates = plan_updates(base, adapters, variants)
+    check_output(out, options.force, [base.path, *(a.path for a in adapters)])
+
+    def apply(name: str, value: torch.Tensor, meta: bool = False) -> torch.Tensor:
+        for u in updates[name]:
+            flipped = name in transposed if knows_layout else bool(u.adapter.config.get("fan_in_fan_out"))
+            if u.role == "whole":
+                new = torch.empty_like(value) if meta else u.adapter.tensor(u.key)
+            else:
+                parts = ({p: torch.empty(u.adapter.weights.shape(k), device="meta")
+                          for p, k in u.adapter.modules[u.module].items()} if meta else u.adapter.parts(u.module))
+                site = Site(name, u.module, value, flipped, parts, u.adapter.config, str(u.adapter.path))
+                if u.role == "weight":
+                    new = u.variant.fold_weight(site)
+                else:
+                    new = u.variant.fold_bias(site, value) if u.variant.fold_bias else value
+            if tuple(new.shape) != tuple(value.shape):
+                raise SurgeryError(f"{u.adapter.path}: the folded '{name}' has shape {tuple(new.shape)}, "
+                                   f"BASE {tuple(value.shape)}")
+            value = value + options.scale * (new - value) if options.scale != 1.0 else new
+        return value
+
+    # every shape checked on meta tensors (no data read) before anything is written
+    for name in updates:
+        apply(name, torch.empty(base.shape(name), device="meta"), meta=True)
+
+    names = base.keys()
+    done = [0]
+
+    def fold_one(name: str) -> torch.Tensor:
+        value = apply(name, base.get(name).to(torch.float32))
+        done[0] += 1
+        progress("fold", done[0], len(updates), {})
+        return value.to(base.info(name).dtype)
+
+    plans: list[PlannedTensor] = []
+    for name in names:
+        if name in updates:
+            info = base.info(name)
+            plans.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: fold_one(n)))
+        else:
+            plans.append(plan_copy(base, name, raw=True))
+    provenance = Provenance("fold", {
+        "scale": options.scale,
+        "adapters": [{"path": str(a.path), "peft_type": a.peft_type} for a in adapters],
+    }, [*base.source_files, *(f for a in adapters for f in a.files)])
+    metadata = {k: v for k, v in base.metadata.items()
+                if k.startswith("modelsurgery.") and k != "modelsurgery.quantization"}
+    written = write_checkpoint(out, plans, provenance=provenance, config=base.config, metadata=metadata,
+                               extra_files=base.extra_files(), max_shard_size=options.max_shard_size,
+                               force=options.force)
+    report = FoldReport(
+        base=str(base.path), output=str(out), family=family.name, scale=options.scale,
+        adapters=[{"path": str(a.path), "peft_type": a.peft_type, "modules": len(a.modules),
+                   "whole_tensors": len(a.whole)} for a in adapters],
+        tensors_updated=len(updates), tensors_copied=len(names) - len(updates),
+        bytes_written=written.total_bytes, files=[str(f) for f in written.files],
+    )
+    return report
+
+
+def _peek_type(path: Path) -> str:
+    import json
+
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        raise SurgeryError(f"{path}: no adapter_config.json (not a PEFT adapter folder)")
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError as e:
+        raise SurgeryError(f"{cfg}: malformed JSON ({e})") from e
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise SurgeryError(f"{cfg}: no 'peft_type' (not a PEFT adapter config)")
+    return str(data["peft_type"])
