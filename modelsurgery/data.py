@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modelsurgery.checkpoint.formats import require_regular_file
 from modelsurgery.errors import SurgeryError
 
 TENSOR_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".npz"}
@@ -113,6 +114,7 @@ def load_data(path: str | Path, *, tokenizer: str | Path | None = None, samples:
         raise SurgeryError(f"{path}: no such file")
     if path.is_dir():
         raise SurgeryError(f"{path}: is a folder; pass a data file (.safetensors, .pt, .npz or a text file)")
+    require_regular_file(path, "data file (.safetensors, .pt, .npz or a text file)")
     if samples is not None and samples < 1:
         raise SurgeryError(f"{path}: samples must be at least 1, got {samples}")
     if seq_len is not None and seq_len < 1:
@@ -199,6 +201,7 @@ def tokenizer_path(tokenizer: str | Path) -> Path:
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise SurgeryError(f"{file}: no tokenizer.json here; pass the model folder that holds it")
+    require_regular_file(file, "tokenizer.json")
     return file
 
 

@@ -4,6 +4,7 @@ traceback, and nothing written. Pickled code must never run."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -132,9 +133,95 @@ def make_case(case: str, root: Path) -> Path:
         p = root / "model.pt"
         torch.save({"w": torch.randn(64, 64)}, p)
         p.write_bytes(p.read_bytes()[:300])
+    elif case in HOSTILE_HEADERS:
+        header, data = HOSTILE_HEADERS[case]
+        raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+        p.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    elif case in HOSTILE_INDEXES:
+        p = root / "folder"
+        p.mkdir()
+        save_file({"a": torch.zeros(2)}, p / "s1.safetensors")
+        outside = root / "outside"
+        outside.mkdir()
+        save_file({"a": torch.ones(2)}, outside / "evil.safetensors")
+        (outside / "secret.bin").write_bytes(b"TOPSECRET" * 10)
+        (p / "link.safetensors").symlink_to(outside / "evil.safetensors")
+        raw = HOSTILE_INDEXES[case]
+        raw = raw.replace("OUTSIDE", str(outside)) if isinstance(raw, str) else json.dumps(raw)
+        (p / "model.safetensors.index.json").write_text(raw)
+    elif case == "bin_index_outside":
+        p = root / "folder"
+        p.mkdir()
+        (root / "outside").mkdir()
+        torch.save({"a": torch.ones(2)}, root / "outside" / "w.bin")
+        (p / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "../outside/w.bin"}}))
+    elif case == "index_shard_has_unlisted_tensor":
+        p = root / "folder"
+        p.mkdir()
+        save_file({"a": torch.zeros(2), "lm_head.weight": torch.zeros(2)}, p / "s1.safetensors")
+        (p / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors"}}))
+    elif case in CONFIG_CONFUSION:
+        p = root / "folder"
+        p.mkdir()
+        (p / "config.json").write_text(CONFIG_CONFUSION[case])
+        save_file({"a": torch.zeros(2)}, p / "model.safetensors")
+    elif case in PICKLE_CASES:
+        p = root / "model.pt"
+        torch.save(PICKLE_CASES[case](), p)
+    elif case == "fifo":
+        p = root / "pipe.safetensors"
+        os.mkfifo(p)
+    elif case == "fifo_in_folder":
+        p = root / "folder"
+        p.mkdir()
+        os.mkfifo(p / "model.safetensors")
     else:
         raise AssertionError(case)
     return p
+
+
+def _deep(n):
+    d = {"w": torch.zeros(1)}
+    for _ in range(n):
+        d = {"x": d}
+    return d
+
+
+# header cases the first check let through (issue #14, item 11 and 13): each must be one clean line
+HOSTILE_HEADERS = {
+    "shape_2_pow_70": ({"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b""),
+    "shape_object": ({"a": {"dtype": "F32", "shape": {}, "data_offsets": [0, 4]}}, b"\0" * 4),
+    "shape_bools": ({"a": {"dtype": "F32", "shape": [True, True], "data_offsets": [0, 4]}}, b"\0" * 4),
+    "shape_null": ({"a": {"dtype": "F32", "shape": None, "data_offsets": [0, 4]}}, b"\0" * 4),
+    "shape_int": ({"a": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}, b"\0" * 4),
+    "offsets_bools": ({"a": {"dtype": "BOOL", "shape": [1], "data_offsets": [False, True]}}, b"\0"),
+    "dtype_list": ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+    "dtype_object": ({"a": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+    "metadata_not_strings": ({"__metadata__": {"n": 1}, "a": _entry(0, 8)}, b"\0" * 8),
+    "metadata_list": ({"__metadata__": ["x"], "a": _entry(0, 8)}, b"\0" * 8),
+    "extra_entry_key": ({"a": {**_entry(0, 8), "evil": 1}}, b"\0" * 8),
+    "deep_nesting": (b'{"a": ' + b"[" * 50000 + b"]" * 50000 + b"}", b""),
+    "huge_integer": (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', b"\0" * 4),
+}
+HOSTILE_INDEXES = {
+    "index_parent_path": {"weight_map": {"a": "../outside/evil.safetensors"}},
+    "index_absolute_path": '{"weight_map": {"a": "OUTSIDE/evil.safetensors"}}',
+    "index_symlink_outside": {"weight_map": {"a": "link.safetensors"}},
+    "index_secret_file": '{"weight_map": {"a": "OUTSIDE/secret.bin"}}',
+    "index_value_int": {"weight_map": {"a": 3}},
+    "index_value_null": {"weight_map": {"a": None}},
+    "index_value_list": {"weight_map": {"a": ["s1.safetensors"]}},
+    "index_not_object": [1, 2],
+}
+CONFIG_CONFUSION = {"config_list": "[1, 2]", "config_string": '"llama"', "config_deep": "[" * 50000 + "]" * 50000}
+PICKLE_CASES = {
+    "pickle_ambiguous_names": lambda: {"a.b": torch.zeros(2), "a": {"b": torch.ones(2)}},
+    "pickle_tensor_in_list": lambda: {"w": torch.zeros(2), "blocks": [torch.zeros(2)]},
+    "pickle_meta_tensor": lambda: {"w": torch.empty(2, 2, device="meta")},
+    "pickle_sparse_tensor": lambda: {"w": torch.eye(3).to_sparse()},
+    "pickle_nested_tensor": lambda: {"w": torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])},
+    "pickle_deep_dicts": lambda: _deep(100),
+}
 
 
 CASES = [
@@ -143,6 +230,8 @@ CASES = [
     "negative_shape", "entry_not_object", "text_file", "text_as_safetensors", "text_as_pt", "empty_dir",
     "dir_bad_config", "dir_two_safetensors_no_index", "index_missing_shard", "index_malformed",
     "index_tensor_not_in_shard", "pickle_no_tensors", "pickle_bare_tensor", "pickle_list", "truncated_pickle",
+    *HOSTILE_HEADERS, *HOSTILE_INDEXES, "bin_index_outside", "index_shard_has_unlisted_tensor", *CONFIG_CONFUSION,
+    *PICKLE_CASES, "fifo", "fifo_in_folder",
 ]
 
 
@@ -181,6 +270,47 @@ HEADER_LIES = {
     "empty_dir": "no weights",
     "missing": "no such file",
 }
+
+
+HOSTILE_WORDS = {
+    "shape_2_pow_70": "invalid shape", "shape_object": "invalid shape", "shape_bools": "invalid shape",
+    "shape_null": "invalid shape", "shape_int": "invalid shape", "offsets_bools": "invalid data_offsets",
+    "dtype_list": "unsupported dtype", "dtype_object": "unsupported dtype",
+    "metadata_not_strings": "__metadata__", "metadata_list": "__metadata__", "extra_entry_key": "exactly dtype",
+    "deep_nesting": "malformed", "huge_integer": "malformed",
+    "index_parent_path": "outside the checkpoint folder", "index_absolute_path": "outside the checkpoint folder",
+    "index_symlink_outside": "outside the checkpoint folder", "index_secret_file": "outside the checkpoint folder",
+    "bin_index_outside": "outside the checkpoint folder",
+    "index_value_int": "expected a file name", "index_value_null": "expected a file name",
+    "index_value_list": "expected a file name", "index_not_object": "expected an object",
+    "index_shard_has_unlisted_tensor": "'lm_head.weight' is in s1.safetensors but not in the index",
+    "config_list": "config.json", "config_string": "config.json", "config_deep": "config.json",
+    "pickle_ambiguous_names": "both named 'a.b'", "pickle_tensor_in_list": "'blocks' holds tensors inside a list",
+    "pickle_meta_tensor": "meta tensor", "pickle_sparse_tensor": "sparse", "pickle_nested_tensor": "nested tensor",
+    "pickle_deep_dicts": "nested deeper", "fifo": "not a regular file", "fifo_in_folder": "not a regular file",
+}
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("case,words", sorted(HOSTILE_WORDS.items()))
+def test_hostile_inputs_are_explained(tmp_path, case, words):
+    """Issue #14 items 1, 10, 11, 13, 14: each hostile checkpoint is refused with a line that says why."""
+    path = make_case(case, tmp_path)
+    line = assert_clean_failure(runner.invoke(app, ["inspect", str(path)]), path)
+    assert words in line, line
+    assert "TOPSECRET" not in line
+
+
+def test_no_file_contents_leak_from_a_path_pointed_at_a_secret(tmp_path):
+    """A checkpoint path that is a secret text file: the message names neither its size nor its first
+    bytes (the header length read from them)."""
+    secret = tmp_path / "passwd"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 3)
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(secret)
+    line = assert_clean_failure(runner.invoke(app, ["inspect", str(link)]), link)
+    n = int.from_bytes(secret.read_bytes()[:8], "little")
+    assert str(n) not in line and str(secret.stat().st_size) not in line and "root:x" not in line
 
 
 @pytest.mark.parametrize("case,words", sorted(HEADER_LIES.items()))
