@@ -1,0 +1,92 @@
+"""Deployment formats that serving runtimes load: GGUF (llama.cpp), GPTQ and compressed-tensors
+(transformers, vLLM). One module per format writes and reads it; each converts our quantized
+representation (codes, scale, zero point) without re-quantizing.
+
+``check_scheme`` refuses a scheme a format cannot hold before anything runs; ``storable_scale``
+gives the scale a format stores exactly, so a quantizer can learn on it; ``deploy`` writes a
+quantized model; ``convert_packed`` converts a ``surgery quantize --format packed`` checkpoint;
+``read_deployed`` reads a GPTQ or compressed-tensors folder back into our representation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from modelsurgery.deploy import compressed_tensors, gguf, gptq
+from modelsurgery.deploy.common import DeployReport, DeploySource, open_packed
+from modelsurgery.errors import SurgeryError
+
+#: --format name -> the module that owns it
+FORMATS = {gguf.NAME: gguf, gptq.NAME: gptq, compressed_tensors.NAME: compressed_tensors}
+
+
+def format_module(fmt: str):
+    if fmt not in FORMATS:
+        raise SurgeryError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def check_scheme(fmt: str, scheme) -> None:
+    """One-line refusal of a scheme ``fmt`` cannot hold (call before calibration)."""
+    format_module(fmt).check_scheme(scheme)
+
+
+def check_model(fmt: str, config: dict | None, folder: Path | None, where: str, gguf_tokenizer: str = "auto") -> None:
+    """Model-level checks that need no weights (GGUF: architecture, rope, tokenizer)."""
+    if fmt == gguf.NAME:
+        gguf.check_model(config or {}, where)
+        gguf.check_tokenizer(folder, gguf_tokenizer)
+
+
+def storable_scale(fmt: str, scale: torch.Tensor, zero: torch.Tensor, scheme) -> torch.Tensor:
+    """The scale ``fmt`` stores exactly (fp16; Q4_1 also its fp16 offset -z * s)."""
+    from modelsurgery.deploy.common import storable_scale as fp16_scale
+
+    module = format_module(fmt)
+    if module is compressed_tensors:
+        return scale  # stored in the model's dtype: float32 models keep it as learned
+    return fp16_scale(scale, zero, module.stores_offset(scheme))
+
+
+def deploy(src: DeploySource, out: str | Path, fmt: str, force: bool = False,
+           gguf_tokenizer: str = "auto") -> DeployReport:
+    module = format_module(fmt)
+    module.check_scheme(src.scheme)
+    if module is gguf:
+        return gguf.write_gguf(src, out, force, gguf_tokenizer)
+    if module is gptq:
+        return gptq.write_gptq(src, out, force)
+    return compressed_tensors.write_compressed_tensors(src, out, force)
+
+
+def convert_packed(path: str | Path, out: str | Path, fmt: str, force: bool = False,
+                   gguf_tokenizer: str = "auto") -> DeployReport:
+    """A packed checkpoint (``surgery quantize --format packed``) converted to ``fmt``. Scales are
+    rounded to what the format stores; the report's ``max_scale_rounding_error`` says by how much
+    the weights moved (0 when the checkpoint was quantized for the format)."""
+    format_module(fmt)
+    return deploy(open_packed(path), out, fmt, force, gguf_tokenizer)
+
+
+def read_deployed(ckpt) -> list | None:
+    """The quantized weights of a GPTQ or compressed-tensors folder, or None for any other checkpoint."""
+    if gptq.is_gptq(ckpt.config):
+        return gptq.read_gptq(ckpt)
+    if compressed_tensors.is_compressed_tensors(ckpt.config):
+        return compressed_tensors.read_compressed_tensors(ckpt)
+    return None
+
+
+def deployed_suffixes(ckpt) -> tuple[str, ...]:
+    """Tensor-name suffixes a deployed folder stores in place of ``.weight`` (for dequantized states)."""
+    if gptq.is_gptq(ckpt.config):
+        return gptq.SUFFIXES
+    if compressed_tensors.is_compressed_tensors(ckpt.config):
+        return compressed_tensors.SUFFIXES
+    return ()
+
+
+__all__ = ["FORMATS", "DeployReport", "DeploySource", "check_model", "check_scheme", "convert_packed", "deploy",
+           "deployed_suffixes", "read_deployed", "storable_scale"]

@@ -1,0 +1,142 @@
+"""compressed-tensors ``pack-quantized`` (llm-compressor's format, read by transformers with the
+``compressed-tensors`` package and served by vLLM): writer and reader.
+
+Per quantized Linear ``X``: ``X.weight_packed`` int32 [out, ceil(in * bits / 32)] (the signed
+values q - 2^(b-1), offset back to unsigned, as one dense little-endian bit stream per row),
+``X.weight_scale`` [out, n_groups], ``X.weight_shape`` int64 [2] and, for asymmetric grids,
+``X.weight_zero_point`` packed the same way along the output dimension [ceil(out * bits / 32),
+n_groups]. The value is (q_signed - zp_signed) * scale, which is our (q - z) * s with both shifted
+by 2^(b-1): the stored unsigned codes are our codes. config.json carries ``quantization_config``
+with one config group per scheme (bits, strategy channel/group, symmetry) whose targets are the
+quantized modules by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelsurgery.checkpoint import Checkpoint, plan_copy, plan_tensor
+from modelsurgery.deploy.common import (
+    DeployReport,
+    DeploySource,
+    check_folder_output,
+    max_abs_difference,
+    module_of,
+    pack_words,
+    plain_2d,
+    unpack_words,
+    write_quantized_folder,
+)
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.packing import PackedWeight
+
+NAME = "compressed-tensors"
+QUANT_METHOD = "compressed-tensors"
+FORMAT = "pack-quantized"
+
+
+def check_scheme(scheme) -> None:
+    if scheme.granularity not in ("channel", "group"):
+        raise SurgeryError(f"--format {NAME} ({FORMAT}) stores one scale per output channel or per group: use "
+                           f"--granularity channel or group (got {scheme.granularity})")
+
+
+def scale_dtype_for(src: DeploySource) -> torch.dtype:
+    """Scales in the model's float dtype, as llm-compressor stores them: the decompressor computes
+    (q - zp) * scale in the scale's dtype, so a float32 model dequantizes exactly."""
+    return src.ckpt.dtype()
+
+
+def quantization_config(src: DeploySource) -> dict:
+    s = src.scheme
+    weights = {"num_bits": s.bits, "type": "int", "symmetric": s.symmetric, "strategy": s.granularity,
+               "group_size": s.group_size if s.granularity == "group" else None, "dynamic": False,
+               "actorder": None, "observer": "minmax", "block_structure": None}
+    return {
+        "quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": [module_of(w.name) for w in src.weights], "weights": weights,
+                                      "input_activations": None, "output_activations": None, "format": FORMAT}},
+        "ignore": [], "kv_cache_scheme": None, "sparsity_config": {}, "global_compression_ratio": None,
+    }
+
+
+def compressed_tensors(w: PackedWeight, symmetric: bool, scale_dtype: torch.dtype
+                       ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """The module's stored tensors and the scale they hold (as float32)."""
+    plain_2d(w, NAME)
+    module = module_of(w.name)
+    stored = torch.from_numpy(w.scale).to(scale_dtype)
+    scale = stored.float().numpy()
+    out = {f"{module}.weight_packed": torch.from_numpy(pack_words(w.codes, w.bits).copy()),
+           f"{module}.weight_scale": stored,
+           f"{module}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+    if not symmetric:
+        out[f"{module}.weight_zero_point"] = torch.from_numpy(pack_words(w.zero_point.T, w.bits).T.copy())
+    return out, scale
+
+
+def write_compressed_tensors(src: DeploySource, out: str | Path, force: bool = False) -> DeployReport:
+    out = Path(out)
+    check_folder_output(src, out, NAME)
+    check_scheme(src.scheme)
+    quantized = src.quantized()
+    for w in src.weights:
+        plain_2d(w, NAME)
+        if src.scheme.symmetric and (w.zero_point != 1 << (w.bits - 1)).any():
+            raise SurgeryError(f"tensor '{w.name}': a symmetric scheme needs zero point {1 << (w.bits - 1)}")
+    planned, scales = [], {}
+    scale_dtype = scale_dtype_for(src)
+    for name in src.tensor_names():
+        w = quantized.get(name)
+        if w is None:
+            planned.append(plan_copy(src.ckpt, name))
+            continue
+        tensors, scales[name] = compressed_tensors(w, src.scheme.symmetric, scale_dtype)
+        planned += [plan_tensor(k, v) for k, v in tensors.items()]
+    report = write_quantized_folder(src, out, planned, quantization_config(src), NAME, force)
+    return DeployReport(NAME, str(out), [str(f) for f in report.files], sum(Path(f).stat().st_size
+                        for f in report.files), len(src.weights), src.scheme.to_dict(),
+                        max_abs_difference(src.weights, scales), {"quant_method": QUANT_METHOD, "format": FORMAT})
+
+
+# ----- reader ---------------------------------------------------------------------------------------
+def is_compressed_tensors(config: dict | None) -> bool:
+    qc = (config or {}).get("quantization_config") or {}
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def read_compressed_tensors(ckpt: Checkpoint) -> list[PackedWeight]:
+    """Every pack-quantized weight of a compressed-tensors folder, in our representation."""
+    qc = ckpt.config["quantization_config"]
+    if qc.get("format") != FORMAT:
+        raise SurgeryError(f"{ckpt.path}: compressed-tensors format '{qc.get('format')}' is not read; "
+                           f"'{FORMAT}' is")
+    weights = []
+    for group in qc.get("config_groups", {}).values():
+        args = group.get("weights") or {}
+        bits, strategy = int(args.get("num_bits", 0)), args.get("strategy")
+        if strategy not in ("channel", "group") or args.get("type", "int") != "int":
+            raise SurgeryError(f"{ckpt.path}: compressed-tensors weights of strategy '{strategy}', type "
+                               f"'{args.get('type')}' are not read (int channel and group are)")
+        packed = [n[: -len(".weight_packed")] for n in ckpt.keys() if n.endswith(".weight_packed")]  # noqa: SIM118
+        for module in packed:
+            shape = tuple(int(x) for x in ckpt.get(f"{module}.weight_shape").tolist())
+            rows, length = shape
+            codes = unpack_words(ckpt.get(f"{module}.weight_packed").numpy(), bits, length)
+            scale = ckpt.get(f"{module}.weight_scale").float().numpy().reshape(rows, -1)
+            if f"{module}.weight_zero_point" in ckpt:
+                zp = ckpt.get(f"{module}.weight_zero_point").numpy()
+                zero = unpack_words(zp.T, bits, rows).T.copy()
+            else:
+                zero = np.full(scale.shape, 1 << (bits - 1), np.uint8)
+            group = args.get("group_size") if strategy == "group" else None
+            weights.append(PackedWeight(f"{module}.weight", shape, bits, group, codes,
+                                        np.ascontiguousarray(scale), np.ascontiguousarray(zero)))
+        break  # one group: the modules listed in it are all the packed ones
+    return weights
+
+
+SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")

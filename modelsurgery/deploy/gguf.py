@@ -1,0 +1,367 @@
+"""GGUF, llama.cpp's file format: writer and reader for LLaMA-family models, with the weights in
+the block formats our quantizers learn exactly (ggml-common.h, 32 weights a block):
+
+- Q8_0: fp16 d, 32 int8 q; w = d * q        (our 8-bit symmetric grid, q = code - 128)
+- Q4_0: fp16 d, 16 bytes of nibbles; w = d * (q - 8)   (our 4-bit symmetric grid, zero point 8)
+- Q4_1: fp16 d, fp16 m, 16 bytes of nibbles; w = d * q + m   (our 4-bit asymmetric grid, m = -z * d)
+
+A block's 32 nibbles hold element j in the low half and element j + 16 in the high half of byte j.
+Tensor names, the Q/K row permutation and the metadata keys follow llama.cpp's
+``convert_hf_to_gguf.py`` (``LlamaModel``): names come from the ``gguf`` package's own tensor map,
+q_proj and k_proj rows are reordered from the rotate-half layout to llama.cpp's interleaved pairs,
+and the hyperparameters go under ``llama.*``. The file is written through the ``gguf`` package's
+``GGUFWriter`` one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from modelsurgery.checkpoint import check_output
+from modelsurgery.checkpoint.writer import atomic_path
+from modelsurgery.deploy.common import DeployReport, DeploySource, fp16, max_abs_difference
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.packing import PackedWeight
+
+NAME = "gguf"
+BLOCK = 32
+Q = gguf.GGMLQuantizationType
+
+#: config.json model_type -> (GGUF architecture, reorder q/k rows as the converter's LlamaModel does)
+ARCHITECTURES = {
+    "llama": (gguf.MODEL_ARCH.LLAMA, True),
+    "mistral": (gguf.MODEL_ARCH.LLAMA, True),
+}
+#: (bits, symmetric) -> block type and the GGUF file type the converter writes for it
+TYPES = {(8, True): (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+         (4, True): (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+         (4, False): (Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1)}
+#: tensors the converter leaves out
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ----- scheme ---------------------------------------------------------------------------------------
+def block_type(scheme) -> Q:
+    """The GGUF block type holding ``scheme`` exactly, or a one-line refusal."""
+    found = TYPES.get((scheme.bits, scheme.symmetric))
+    if found is None or scheme.granularity != "group" or scheme.group_size != BLOCK:
+        sym = "symmetric" if scheme.symmetric else "asymmetric"
+        gran = scheme.granularity + (f" {scheme.group_size}" if scheme.granularity == "group" else "")
+        raise SurgeryError(
+            f"--format gguf stores Q8_0 (--bits 8, symmetric), Q4_0 (--bits 4, symmetric) or Q4_1 (--bits 4 "
+            f"--asymmetric), all with --granularity group --group-size 32; got {scheme.bits}-bit {sym} {gran}")
+    return found[0]
+
+
+def check_scheme(scheme) -> None:
+    block_type(scheme)
+
+
+def stores_offset(scheme) -> bool:
+    """Q4_1 stores m = -z * d in fp16: its scales keep fewer significant bits (common.storable_scale)."""
+    return not scheme.symmetric
+
+
+def check_model(config: dict, where: str) -> tuple:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise SurgeryError(f"{where}: --format gguf supports model_type {', '.join(sorted(ARCHITECTURES))} "
+                           f"(llama.cpp's LLaMA tensor layout); this model is '{model_type}'")
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise SurgeryError(f"{where}: rope_type '{rope['rope_type']}' is not written to GGUF yet (default and "
+                           "linear are)")
+    return ARCHITECTURES[model_type]
+
+
+def check_row_lengths(names_rows: dict[str, int]) -> None:
+    for name, length in names_rows.items():
+        if length % BLOCK:
+            raise SurgeryError(f"tensor '{name}': rows of {length} weights do not split into GGUF blocks of 32; "
+                               "keep it in float with --skip")
+
+
+# ----- blocks ---------------------------------------------------------------------------------------
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """[rows, nb, 32] codes < 16 -> [rows, nb, 16] bytes (j low, j + 16 high)."""
+    return (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8).reshape(*x.shape[:-1], 2)
+
+
+def encode(w: PackedWeight, qtype: Q) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """uint8 [rows, n_blocks * block bytes] of ``w`` in ``qtype``, with the stored d (and Q4_1's m) as
+    float32 [rows, n_blocks]. Raises when the grid is not the one the block type holds."""
+    rows, length = w.rows, w.row_length
+    nb = length // BLOCK
+    if (w.group_size or length) != BLOCK or length % BLOCK:
+        raise SurgeryError(f"tensor '{w.name}': GGUF blocks hold 32 weights; it has groups of {w.group_size or length}")
+    codes = w.codes.reshape(rows, nb, BLOCK).astype(np.uint8)
+    zero = w.zero_point.reshape(rows, nb)
+    d = fp16(w.scale.reshape(rows, nb))
+    if qtype in (Q.Q8_0, Q.Q4_0):
+        mid = 128 if qtype == Q.Q8_0 else 8
+        if w.bits != (8 if qtype == Q.Q8_0 else 4) or (zero != mid).any():
+            raise SurgeryError(f"tensor '{w.name}': {qtype.name} needs a symmetric {8 if mid == 128 else 4}-bit grid "
+                               f"(zero point {mid})")
+        qs = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8) if mid == 128 else _nibbles(codes)
+        blocks = np.concatenate([_f16_bytes(d[..., None]), qs], axis=-1)
+        return blocks.reshape(rows, -1), d, None
+    if qtype == Q.Q4_1:
+        if w.bits != 4:
+            raise SurgeryError(f"tensor '{w.name}': Q4_1 needs a 4-bit grid")
+        m = fp16(-zero.astype(np.float32) * d)
+        blocks = np.concatenate([_f16_bytes(d[..., None]), _f16_bytes(m[..., None]), _nibbles(codes)], axis=-1)
+        return blocks.reshape(rows, -1), d, m
+    raise SurgeryError(f"GGUF type {qtype.name} is not written by modelsurgery")
+
+
+def decode(raw: np.ndarray, qtype: Q, rows: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of ``encode``: codes uint8 [rows, length], scale float32 and zero point uint8 [rows, n_blocks]."""
+    nb = length // BLOCK
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, nb, -1)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype == Q.Q8_0:
+        codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        zero = np.full((rows, nb), 128, np.uint8)
+    else:
+        start = 2 if qtype == Q.Q4_0 else 4
+        qs = blocks[..., start:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+        if qtype == Q.Q4_0:
+            zero = np.full((rows, nb), 8, np.uint8)
+        else:
+            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                zero = np.where(d > 0, np.round(-m / d), 0).clip(0, 15).astype(np.uint8)
+    return codes.reshape(rows, length), d, zero
+
+
+# ----- the converter's layout -----------------------------------------------------------------------
+def qk_permutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order llama.cpp's converter gives q_proj/k_proj (``LlamaModel.permute``): within each head,
+    the two rotate-half halves are interleaved pairwise."""
+    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+def _rope(config: dict) -> dict:
+    rope = dict(config.get("rope_parameters") or {})
+    scaling = config.get("rope_scaling") or {}
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    if scaling:
+        rope.setdefault("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        rope.setdefault("factor", scaling.get("factor"))
+    return rope
+
+
+def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
+    """The keys ``TextModel.set_gguf_parameters`` and ``LlamaModel.set_gguf_parameters`` write."""
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    rope = _rope(config)
+    w.add_name(name)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if config.get("head_dim") is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_file_type(int(file_type))
+    w.add_vocab_size(config["vocab_size"])
+    w.add_rope_dimension_count(head_dim)
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def tokenizer_kind(folder: Path | None) -> str:
+    """What llama.cpp's converter makes of the folder's tokenizer: 'llama' (a SentencePiece-style BPE
+    tokenizer.json with byte fallback, ``_set_vocab_llama_hf``) or a reason it refuses."""
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        if folder is not None and (folder / "tokenizer.model").is_file():
+            return "a SentencePiece tokenizer.model (needs the sentencepiece package; not written yet)"
+        return "no tokenizer.json"
+    model = json.loads((folder / "tokenizer.json").read_text()).get("model", {})
+    kind = model.get("type", "?")
+    if kind == "BPE" and model.get("byte_fallback") and not model.get("ignore_merges"):
+        return "llama"
+    if kind == "BPE":
+        return ("a byte-level BPE tokenizer.json (the converter identifies its pre-tokenizer by a hash table "
+                "this writer does not carry)")
+    return f"a {kind} tokenizer.json (llama.cpp's converter refuses it too)"
+
+
+def check_tokenizer(folder: Path | None, tokenizer: str) -> None:
+    """Refuse, in one line and before anything runs, a tokenizer the converter would not convert."""
+    if tokenizer not in ("auto", "none"):
+        raise SurgeryError(f"--gguf-tokenizer {tokenizer}: expected auto or none")
+    kind = tokenizer_kind(folder) if tokenizer == "auto" else "llama"
+    if kind != "llama":
+        raise SurgeryError(f"{folder}: {kind}; GGUF needs a tokenizer llama.cpp can run: pass "
+                           "--gguf-tokenizer none to write token ids only")
+
+
+def write_tokenizer(w: gguf.GGUFWriter, folder: Path | None, vocab_size: int, tokenizer: str) -> str:
+    """Vocabulary, special tokens and chat template, as the converter's ``_set_vocab_llama_hf`` writes
+    them; ``tokenizer='none'`` writes token ids only, as its ``_set_vocab_none``."""
+    check_tokenizer(folder, tokenizer)
+    if tokenizer == "none":
+        w.add_tokenizer_model("none")
+    else:
+        vocab = gguf.LlamaHfVocab(folder)
+        tokens, scores, toktypes = [], [], []
+        for text, score, toktype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            toktypes.append(toktype)
+        if len(tokens) > vocab_size:
+            raise SurgeryError(f"{folder}: the tokenizer has {len(tokens)} tokens, the model {vocab_size}")
+        for i in range(len(tokens), vocab_size):
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(-1000.0)
+            toktypes.append(gguf.TokenType.UNUSED)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(toktypes)
+    if folder is not None:
+        gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+    return tokenizer if tokenizer == "none" else "llama"
+
+
+# ----- writer ---------------------------------------------------------------------------------------
+@dataclass
+class _Planned:
+    name: str
+    shape: tuple[int, ...]  # numpy shape of the data written (bytes for quantized tensors)
+    dtype: np.dtype
+    nbytes: int
+    raw_dtype: Q | None
+    load: object
+
+
+def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenizer: str = "auto") -> DeployReport:
+    """Write ``src`` to one GGUF file (atomic; refuses an existing output without ``force``)."""
+    out = Path(out)
+    config = src.config
+    arch, permute_qk = check_model(config, str(src.ckpt.path))
+    qtype = block_type(src.scheme)
+    file_type = dict(TYPES.values())[qtype]
+    check_tokenizer(src.folder, tokenizer)
+    check_output(out, force, src.ckpt.source_files)
+    n_blocks = config["num_hidden_layers"]
+    tmap = gguf.get_tensor_name_map(arch, n_blocks)
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    quantized = src.quantized()
+    stored_d: dict[str, np.ndarray] = {}
+    stored_m: dict[str, np.ndarray] = {}
+    planned: list[_Planned] = []
+    for name in src.tensor_names():
+        if name.endswith(SKIPPED_SUFFIXES):
+            continue
+        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise SurgeryError(f"tensor '{name}': no GGUF name for it in llama.cpp's {arch.name} tensor map")
+        heads = n_head if gname.endswith("attn_q.weight") else n_kv if gname.endswith("attn_k.weight") else 0
+        w = quantized.get(name)
+        rows = w.rows if w is not None else src.ckpt.shape(name)[0]
+        perm = qk_permutation(rows, heads) if permute_qk and heads else None
+        if w is not None:
+            nbytes = w.rows * (w.row_length // BLOCK) * gguf.GGML_QUANT_SIZES[qtype][1]
+            planned.append(_Planned(gname, (w.rows, nbytes // w.rows), np.dtype(np.uint8), nbytes, qtype,
+                                    _quantized_loader(w, qtype, perm, stored_d, stored_m)))
+        else:
+            info = src.ckpt.info(name)
+            dtype = np.dtype(np.float16) if info.dtype == torch.float16 else np.dtype(np.float32)
+            planned.append(_Planned(gname, tuple(info.shape), dtype, math.prod(info.shape) * dtype.itemsize, None,
+                                    _float_loader(src.ckpt, name, dtype, perm)))
+    with atomic_path(out, force, is_dir=False) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        write_hparams(writer, config, (src.folder or out).name, file_type)
+        tok = write_tokenizer(writer, src.folder, config["vocab_size"], tokenizer)
+        writer.add_string("modelsurgery.quantization", json.dumps(
+            {"format": NAME, "method": src.method, "type": qtype.name, **src.scheme.to_dict()}, sort_keys=True))
+        for p in planned:
+            writer.add_tensor_info(p.name, p.shape, p.dtype, p.nbytes, raw_dtype=p.raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in planned:
+            data = p.load()
+            if data.nbytes != p.nbytes:
+                raise SurgeryError(f"tensor '{p.name}': {data.nbytes} bytes, planned {p.nbytes}")
+            writer.write_tensor_data(data)
+        writer.close()
+    error = max_abs_difference(src.weights, stored_d, stored_m or None)
+    return DeployReport(NAME, str(out), [str(out)], out.stat().st_size, len(src.weights), src.scheme.to_dict(),
+                        error, {"type": qtype.name, "architecture": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tok})
+
+
+def _quantized_loader(w: PackedWeight, qtype: Q, perm, stored_d: dict, stored_m: dict):
+    def load() -> np.ndarray:
+        blocks, d, m = encode(w, qtype)
+        stored_d[w.name] = d
+        if m is not None:
+            stored_m[w.name] = m
+        return blocks[perm] if perm is not None else blocks
+    return load
+
+
+def _float_loader(ckpt, name: str, dtype: np.dtype, perm):
+    def load() -> np.ndarray:
+        t = ckpt.get(name)
+        a = (t.to(torch.float16) if dtype == np.float16 else t.float()).numpy()
+        return np.ascontiguousarray(a[perm] if perm is not None else a)
+    return load
+
+
+# ----- reader ---------------------------------------------------------------------------------------
+def read_gguf(path: str | Path) -> dict:
+    """The GGUF file's metadata (scalars and short arrays) and tensors (name, type, shape), read with
+    the ``gguf`` package's reader; ``modelsurgery.quantization`` parsed when present."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise SurgeryError(f"{path}: not a readable GGUF file ({e})") from None
+    fields = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if isinstance(value, list) and len(value) > 8:
+            value = f"[{len(value)} items]"
+        fields[key] = value
+    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in reversed(t.shape)],
+                "bytes": int(t.n_bytes)} for t in reader.tensors]
+    quant = fields.get("modelsurgery.quantization")
+    return {"metadata": fields, "tensors": tensors, "quantization": json.loads(quant) if quant else None}
+
+
+def read_weight(path: str | Path, gguf_name: str) -> PackedWeight:
+    """One quantized tensor of a GGUF file back in our representation (rows in the file's order)."""
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:
+        if t.name == gguf_name:
+            qtype = Q(t.tensor_type)
+            if qtype not in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+                raise SurgeryError(f"{path}: tensor '{gguf_name}' is {qtype.name}, not Q8_0, Q4_0 or Q4_1")
+            length, rows = int(t.shape[0]), int(math.prod(t.shape[1:]))
+            codes, d, zero = decode(np.asarray(t.data), qtype, rows, length)
+            return PackedWeight(gguf_name, (rows, length), 8 if qtype == Q.Q8_0 else 4, BLOCK, codes, d, zero)
+    raise SurgeryError(f"{path}: no tensor '{gguf_name}'")

@@ -1,0 +1,145 @@
+"""The GPTQ checkpoint layout (AutoGPTQ / GPTQModel ``checkpoint_format: gptq``, read by transformers
+through optimum and GPTQModel, by vLLM, TGI and ExLlama): writer and reader.
+
+Per quantized Linear ``X`` with in_features I, out_features O, G = group size (I for per channel):
+
+- ``X.qweight`` int32 [I * bits / 32, O]: the unsigned codes of each output column as one dense
+  little-endian bit stream along the input dimension (32 / bits codes a word at 2, 4 and 8 bits;
+  3-bit codes cross word boundaries, 32 codes in 3 words);
+- ``X.qzeros`` int32 [I / G, O * bits / 32]: the zero points packed the same way along the output
+  dimension, stored minus one: the v1 convention, which every reader undoes by adding one (so a
+  zero point of 0 cannot be stored, and is refused);
+- ``X.scales`` fp16 [I / G, O]; ``X.g_idx`` int32 [I], the group of each input (i // G; no act-order).
+
+The weight is scales[g_idx[i], o] * (q[i, o] - (qzeros[g_idx[i], o] + 1)): our (q - z) * s with
+the scale rounded to fp16. config.json carries ``quantization_config`` (quant_method gptq, bits,
+group_size, sym, desc_act false, checkpoint_format gptq).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modelsurgery.checkpoint import Checkpoint, plan_copy, plan_tensor
+from modelsurgery.deploy.common import (
+    DeployReport,
+    DeploySource,
+    check_folder_output,
+    fp16,
+    max_abs_difference,
+    module_of,
+    pack_words,
+    plain_2d,
+    unpack_words,
+    write_quantized_folder,
+)
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.packing import PackedWeight
+
+NAME = "gptq"
+SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+BITS = (2, 3, 4, 8)
+
+
+def check_scheme(scheme) -> None:
+    if scheme.bits not in BITS or scheme.granularity not in ("channel", "group"):
+        raise SurgeryError(f"--format gptq stores 2, 3, 4 or 8-bit weights with one scale per output channel or "
+                           f"group (--granularity channel|group); got {scheme.bits}-bit {scheme.granularity}")
+
+
+def stores_offset(scheme) -> bool:
+    return False
+
+
+def min_zero_point(scheme) -> int:
+    """v1 stores zero - 1: an asymmetric grid must keep its zero points at 1 or above."""
+    return 0 if scheme.symmetric else 1
+
+
+def quantization_config(src: DeploySource) -> dict:
+    s = src.scheme
+    return {"quant_method": "gptq", "bits": s.bits, "group_size": s.group_size if s.granularity == "group" else -1,
+            "sym": s.symmetric, "desc_act": False, "checkpoint_format": "gptq", "true_sequential": True,
+            "damp_percent": 0.01, "static_groups": False,
+            "modules_in_block_to_quantize": None, "quantized_by": "modelsurgery"}
+
+
+def gptq_tensors(w: PackedWeight) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """The module's GPTQ tensors and the fp16 scale they hold, [rows, groups] like ours."""
+    plain_2d(w, NAME)
+    out_features, in_features = w.shape
+    if (in_features * w.bits) % 32 or (out_features * w.bits) % 32:
+        raise SurgeryError(f"tensor '{w.name}' {list(w.shape)}: GPTQ packs {w.bits}-bit codes into int32 words; "
+                           f"in and out features times {w.bits} must be multiples of 32")
+    if int(w.zero_point.min(initial=1)) < 1:
+        raise SurgeryError(f"tensor '{w.name}': a zero point of 0 cannot be stored in GPTQ v1 (zeros are stored "
+                           "minus one); quantize with --format gptq so the grid keeps zero points >= 1")
+    group = w.group_size or in_features
+    module = module_of(w.name)
+    scale = fp16(w.scale)
+    mask = (1 << w.bits) - 1
+    tensors = {
+        f"{module}.qweight": torch.from_numpy(pack_words(w.codes, w.bits).T.copy()),
+        f"{module}.qzeros": torch.from_numpy(pack_words(((w.zero_point.astype(np.int64) - 1) & mask).T
+                                                        .astype(np.uint8), w.bits).copy()),
+        f"{module}.scales": torch.from_numpy(scale.T.copy()).to(torch.float16),
+        f"{module}.g_idx": torch.arange(in_features, dtype=torch.int32) // group,
+    }
+    return tensors, scale
+
+
+def write_gptq(src: DeploySource, out: str | Path, force: bool = False) -> DeployReport:
+    out = Path(out)
+    check_folder_output(src, out, NAME)
+    check_scheme(src.scheme)
+    quantized = src.quantized()
+    built = {w.name: gptq_tensors(w) for w in src.weights}  # validates every weight before writing
+    planned, scales = [], {}
+    for name in src.tensor_names():
+        if name not in quantized:
+            planned.append(plan_copy(src.ckpt, name))
+            continue
+        tensors, scales[name] = built.pop(name)
+        planned += [plan_tensor(k, v) for k, v in tensors.items()]
+    report = write_quantized_folder(src, out, planned, quantization_config(src), NAME, force)
+    return DeployReport(NAME, str(out), [str(f) for f in report.files],
+                        sum(Path(f).stat().st_size for f in report.files), len(src.weights), src.scheme.to_dict(),
+                        max_abs_difference(src.weights, scales), {"checkpoint_format": "gptq"})
+
+
+# ----- reader ---------------------------------------------------------------------------------------
+def is_gptq(config: dict | None) -> bool:
+    qc = (config or {}).get("quantization_config") or {}
+    return qc.get("quant_method") == "gptq"
+
+
+def read_gptq(ckpt: Checkpoint) -> list[PackedWeight]:
+    """Every GPTQ weight of a folder in our representation (v1 zeros: stored value + 1)."""
+    qc = ckpt.config["quantization_config"]
+    if qc.get("checkpoint_format", "gptq") != "gptq" or qc.get("desc_act"):
+        raise SurgeryError(f"{ckpt.path}: GPTQ checkpoint_format '{qc.get('checkpoint_format')}' with desc_act "
+                           f"{qc.get('desc_act')} is not read (gptq without act-order is)")
+    bits = int(qc["bits"])
+    weights = []
+    modules = [n[: -len(".qweight")] for n in ckpt.keys() if n.endswith(".qweight")]  # noqa: SIM118
+    for module in modules:
+        scales = ckpt.get(f"{module}.scales").float().numpy()
+        groups, out_features = scales.shape
+        qweight = ckpt.get(f"{module}.qweight").numpy()
+        in_features = qweight.shape[0] * 32 // bits
+        codes = unpack_words(qweight.T, bits, in_features)
+        zeros = unpack_words(ckpt.get(f"{module}.qzeros").numpy(), bits, out_features).astype(np.int64) + 1
+        if (zeros > (1 << bits) - 1).any():
+            raise SurgeryError(f"{ckpt.path}: tensor '{module}.qzeros' holds a zero point of {1 << bits} "
+                               "(stored -1, the v1 overflow): not representable")
+        g_idx = ckpt.get(f"{module}.g_idx").numpy() if f"{module}.g_idx" in ckpt else None
+        group = in_features // groups
+        if g_idx is not None and not (g_idx == np.arange(in_features) // group).all():
+            raise SurgeryError(f"{ckpt.path}: tensor '{module}.g_idx' is not in input order (act-order is not read)")
+        weights.append(PackedWeight(f"{module}.weight", (out_features, in_features), bits,
+                                    group if groups > 1 else None, codes, np.ascontiguousarray(scales.T),
+                                    np.ascontiguousarray(zeros.T.astype(np.uint8))))
+    return weights
