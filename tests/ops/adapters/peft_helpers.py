@@ -11,8 +11,8 @@ from tests.hf_tiny import load_hf, save_tiny_bert, save_tiny_gpt2, save_tiny_lla
 BUILDERS = {"gpt2": save_tiny_gpt2, "llama": save_tiny_llama, "bert": save_tiny_bert}
 
 
-def build(kind: str, folder: Path, seed: int = 0) -> Path:
-    return BUILDERS[kind](folder, seed=seed)
+def build(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    return BUILDERS[kind](folder, seed=seed, **overrides)
 
 
 def make_adapter(base: Path, config, out: Path, seed: int = 0, scale_b: float = 1.0) -> Path:

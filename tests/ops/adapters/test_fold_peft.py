@@ -8,14 +8,12 @@ import json
 
 import pytest
 import torch
+from peft import LoKrConfig, LoraConfig, MissConfig
+from safetensors import safe_open
 
-pytest.importorskip("peft")
-from peft import LoKrConfig, LoraConfig, MissConfig  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from modelsurgery.ops.adapters import FoldOptions, fold_adapters  # noqa: E402
-from tests.hf_tiny import load_hf  # noqa: E402
-from tests.ops.adapters.peft_helpers import build, make_adapter, outputs, peft_merged  # noqa: E402
+from modelsurgery.ops.adapters import FoldOptions, fold_adapters
+from tests.hf_tiny import load_hf
+from tests.ops.adapters.peft_helpers import build, make_adapter, outputs, peft_merged
 
 GPT2_ALL = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

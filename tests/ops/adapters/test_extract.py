@@ -1,0 +1,122 @@
+"""`extract_lora` against PEFT: TUNED = BASE + an exact rank-r update in every block linear; the
+adapter extracted at rank r loads in ``PeftModel.from_pretrained`` and reproduces TUNED within 1e-4.
+Energy fractions are checked against singular values computed here with numpy (an independent SVD)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import detect_family
+from modelsurgery.ops.adapters import ExtractOptions, extract_lora
+from tests.hf_tiny import load_hf
+from tests.ops.adapters.peft_helpers import build, outputs
+
+
+def low_rank_tuned(base, out, rank: int, seed: int = 0, only: str | None = None):
+    """BASE + a random rank-``rank`` delta in each block linear (in its stored layout)."""
+    ckpt = Checkpoint.open(base)
+    family = detect_family(ckpt)
+    model = load_hf(base)
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(family.num_layers):
+        for lin in family.block_linears(i).values():
+            if only and only not in lin.weight:
+                continue
+            rows, cols = state[lin.weight].shape
+            delta = torch.randn(rows, rank, generator=gen) @ torch.randn(rank, cols, generator=gen) * 0.05
+            state[lin.weight] = state[lin.weight] + delta
+    model.load_state_dict(state)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_exact_rank_update_round_trips_through_peft(kind, tmp_path):
+    base = build(kind, tmp_path / "base")
+    tuned = low_rank_tuned(base, tmp_path / "tuned", rank=3)
+    report = extract_lora(base, tuned, tmp_path / "adapter", ExtractOptions(rank=3))
+    assert {layer.rank for layer in report.layers} == {3}
+    assert max(layer.relative_error for layer in report.layers) < 1e-5
+    model = PeftModel.from_pretrained(load_hf(base), tmp_path / "adapter").eval()
+    ours, target = outputs(model), outputs(load_hf(tuned))
+    assert (target - outputs(load_hf(base))).abs().max() > 1e-2
+    assert torch.allclose(ours, target, atol=1e-4, rtol=0), (ours - target).abs().max()
+
+
+def test_lower_rank_error_is_the_eckart_young_tail(tmp_path):
+    """At rank 2 of a rank-5 delta the relative error is sqrt(sum of the dropped s^2 / all s^2),
+    with the singular values from numpy's SVD."""
+    base = build("llama", tmp_path / "base")
+    tuned = low_rank_tuned(base, tmp_path / "tuned", rank=5)
+    report = extract_lora(base, tuned, tmp_path / "adapter", ExtractOptions(rank=2))
+    b, t = Checkpoint.open(base), Checkpoint.open(tuned)
+    for layer in report.layers:
+        d = (t.get(layer.module + ".weight") - b.get(layer.module + ".weight")).double().numpy()
+        s = np.linalg.svd(d, compute_uv=False)
+        assert layer.relative_error == pytest.approx(np.sqrt((s[2:] ** 2).sum() / (s**2).sum()), rel=1e-4)
+
+
+def test_energy_fraction_writes_rank_pattern(tmp_path):
+    base = build("llama", tmp_path / "base")
+    tuned = low_rank_tuned(base, tmp_path / "tuned", rank=6)
+    report = extract_lora(base, tuned, tmp_path / "adapter", ExtractOptions(rank=0.9))
+    b, t = Checkpoint.open(base), Checkpoint.open(tuned)
+    for layer in report.layers:
+        d = (t.get(layer.module + ".weight") - b.get(layer.module + ".weight")).double().numpy()
+        energy = np.cumsum(np.linalg.svd(d, compute_uv=False) ** 2)
+        assert layer.rank == int(np.argmax(energy / energy[-1] >= 0.9)) + 1
+        assert layer.relative_error <= np.sqrt(0.1) + 1e-6
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    ranks = {layer.module: layer.rank for layer in report.layers}
+    for module, r in ranks.items():
+        assert config["rank_pattern"].get(module, config["r"]) == r
+    assert config["alpha_pattern"] == config["rank_pattern"]
+    PeftModel.from_pretrained(load_hf(base), tmp_path / "adapter")  # loads with per-layer ranks
+
+
+def test_lowrank_svd_path_matches_exact(tmp_path):
+    """Randomized SVD (forced with lowrank_above=0) finds the same exact-rank update."""
+    base = build("llama", tmp_path / "base")
+    tuned = low_rank_tuned(base, tmp_path / "tuned", rank=3)
+    report = extract_lora(base, tuned, tmp_path / "adapter", ExtractOptions(rank=3, lowrank_above=0))
+    assert {layer.svd for layer in report.layers} == {"lowrank"}
+    assert max(layer.relative_error for layer in report.layers) < 1e-5
+    report = extract_lora(base, tuned, tmp_path / "adapter2", ExtractOptions(rank=0.99, lowrank_above=0))
+    assert {layer.rank for layer in report.layers} <= {1, 2, 3}
+
+
+def test_targets_and_dtype(tmp_path):
+    base = build("gpt2", tmp_path / "base")
+    tuned = low_rank_tuned(base, tmp_path / "tuned", rank=2)
+    report = extract_lora(base, tuned, tmp_path / "adapter", ExtractOptions(rank=2, targets=["c_attn"],
+                                                                           dtype="bfloat16"))
+    assert {layer.module.rsplit(".", 1)[-1] for layer in report.layers} == {"c_attn"}
+    assert len(report.other_changed) == 9  # the other block linears changed but were not targeted
+    adapter = Checkpoint.open(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {adapter.info(k).dtype for k in adapter} == {torch.bfloat16}
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+
+
+def test_refuses_another_architecture(tmp_path):
+    base = build("llama", tmp_path / "base")
+    other = build("llama", tmp_path / "other", num_hidden_layers=2)
+    gpt2 = build("gpt2", tmp_path / "gpt2")
+    with pytest.raises(SurgeryError, match="model.layers.2.*another architecture"):
+        extract_lora(base, other, tmp_path / "out")
+    with pytest.raises(SurgeryError, match="TUNED is a 'gpt2' model"):
+        extract_lora(base, gpt2, tmp_path / "out")
+    wide = build("llama", tmp_path / "wide", intermediate_size=64)
+    with pytest.raises(SurgeryError, match="mlp.*has shape.*another architecture"):
+        extract_lora(base, wide, tmp_path / "out")
+    with pytest.raises(SurgeryError, match="--rank 2.5"):
+        extract_lora(base, base, tmp_path / "out", ExtractOptions(rank=2.5))
+    assert not (tmp_path / "out").exists()
