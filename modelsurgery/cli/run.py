@@ -1,0 +1,78 @@
+"""`surgery run RECIPE.yml -o OUT`: a mergekit config, or a multi-step recipe of surgery commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from modelsurgery.cli.common import emit_json, err_console, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.recipe import RecipeFailed, RunOptions, run_recipe
+
+
+def _commands() -> dict:
+    """The surgery commands a step may run, with their option declarations (the one schema)."""
+    import typer.main
+
+    from modelsurgery.cli.app import app
+
+    group = typer.main.get_command(app)
+    return {name: cmd for name, cmd in group.commands.items() if name != "run"}
+
+
+def run_command(
+    recipe: Path = typer.Argument(..., help="Recipe: a mergekit config (merge_method: ...) or 'steps:'."),
+    output: Path = typer.Option(..., "-o", "--output", help="mergekit config: the merged model (folder or "
+                                ".safetensors); steps: the folder that holds every step's output."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (steps, inputs with sizes, outputs, "
+                                 "what is cached) and do nothing."),
+    force: bool = typer.Option(False, "--force", help="Rerun every step, replacing existing outputs."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every step's result."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Run a recipe: a mergekit YAML config as it is, or steps chaining surgery commands.
+
+    Step options are the commands' own long options without the dashes; a step skips itself
+    (cached) when its output's record shows the same operation, options and input hashes.
+
+    Examples:\n
+      surgery run slerp.yml -o merged/\n
+      surgery run pipeline.yml -o build/ --dry-run\n
+      surgery run pipeline.yml -o build/ --json
+    """
+    failed = None
+    with user_errors(debug):
+        with progress_bar(quiet or json_out) as progress:
+            try:
+                result = run_recipe(recipe, output, _commands(), RunOptions(dry_run=dry_run, force=force), progress)
+            except RecipeFailed as e:
+                failed, result = e, e.result
+        if failed is not None and not json_out:
+            if result.kind == "steps":  # which steps ran, were cached, or failed
+                render(result.to_dict())
+            raise failed
+    if json_out:
+        emit_json(result.to_dict())
+        if failed is not None:
+            err_console.print(f"[bold red]error:[/] {failed}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        return
+    render(result.to_dict())
+
+
+def render(r: dict) -> None:
+    title = f"{r['recipe']} ({r['kind']}) -> {r['output']}" + (" [dry run]" if r["dry_run"] else "")
+    table = Table(title=title, show_edge=False)
+    for col in ("step", "status", "inputs", "output", "seconds"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for s in r["steps"]:
+        ins = "\n".join(f"{i['path']} ({'step ' + i['from_step'] if i['from_step'] else human_bytes(i['bytes'] or 0)})"
+                        for i in s["inputs"])
+        table.add_row(f"{s['name']} ({s['run']})", s["status"], ins, s["output"],
+                      "" if s["status"] == "planned" else f"{s['seconds']:.2f}")
+    out_console.print(table)
+    if r["dry_run"]:
+        for s in r["steps"]:
+            out_console.print(f"  {s['name']}: {s['command']}", highlight=False, soft_wrap=True)

@@ -1,0 +1,101 @@
+"""Step records: what a recipe step was run with, so an unchanged step can be skipped.
+
+A record sits in ``.surgery-run/`` beside the step's output (outside it, so the output itself is
+exactly what the operation wrote). It holds the operation, its parameters, the sha256 of every
+input file and of every output file. A step is cached when its record matches the operation and
+parameters it would run now, its inputs still hash the same, and its output still hashes as written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from modelsurgery import __version__
+from modelsurgery.checkpoint.writer import file_digest
+
+RECORD_DIR = ".surgery-run"
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def files_of(path: Path) -> list[Path]:
+    """A file, or every file under a folder in sorted order."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path] if path.exists() else []
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) for the rest of the process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = file_digest(Path(path))
+    return _digests[key]
+
+
+def tree_digests(path: Path) -> dict[str, str]:
+    """Relative name -> sha256 for a file or a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return {str(p.relative_to(path)): digest(p) for p in files_of(path)}
+    return {path.name: digest(path)} if path.exists() else {}
+
+
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in files_of(path))
+
+
+def record_path(output: Path) -> Path:
+    output = Path(output)
+    return output.parent / RECORD_DIR / (output.name + ".json")
+
+
+def make_record(operation: str, parameters: dict, inputs: list[Path], output: Path) -> dict:
+    return {
+        "tool": "modelsurgery",
+        "version": __version__,
+        "operation": operation,
+        "parameters": parameters,
+        "inputs": [{"path": str(p), "sha256": tree_digests(p)} for p in inputs],
+        "output": {"path": str(output), "sha256": tree_digests(output)},
+    }
+
+
+def read_record(output: Path) -> dict | None:
+    path = record_path(output)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_cached(operation: str, parameters: dict, inputs: list[Path], output: Path) -> bool:
+    """True when ``output`` was written by this operation, with these parameters, from these inputs."""
+    rec = read_record(output)
+    if rec is None or not Path(output).exists():
+        return False
+    if rec.get("operation") != operation or rec.get("parameters") != _jsonable(parameters):
+        return False
+    if rec.get("version") != __version__:
+        return False
+    if [i.get("path") for i in rec.get("inputs", [])] != [str(p) for p in inputs]:
+        return False
+    if any(i.get("sha256") != tree_digests(p) for i, p in zip(rec["inputs"], inputs)):
+        return False
+    return rec.get("output", {}).get("sha256") == tree_digests(output)
+
+
+def write_record(operation: str, parameters: dict, inputs: list[Path], output: Path) -> None:
+    path = record_path(output)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(make_record(operation, _jsonable(parameters), inputs, output), indent=2,
+                              sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str, sort_keys=True))

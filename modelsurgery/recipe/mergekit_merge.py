@@ -1,0 +1,269 @@
+"""Run a mergekit config tensor by tensor on our merge methods (mergekit ``plan.py`` semantics).
+
+Output tensors come in mergekit's order: the pre-block tensors (embeddings) from the first
+slice's models, then every slice's layers (output layer k counts across slices; its inputs are
+each source's layer ``layer_range[0] + i``), then the post-block tensors (final norm, head) from
+the last slice's models. Parameters are evaluated per tensor: global ones by the output tensor's
+name, per-model ones by that model's input tensor name, at the layer's position t in its slice
+(t = 0 for pre and post tensors). Each merged tensor is computed in float32 from inputs cast to
+``dtype`` and written as ``out_dtype`` (else ``dtype``, else the inputs' dtype).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, write_checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import detect_family
+from modelsurgery.ops.merge import get_method
+from modelsurgery.ops.merge.ties import trim
+from modelsurgery.recipe.mergekit_config import REQUIRED, MergekitConfig, OutSlice
+from modelsurgery.recipe.settings import evaluate_setting, layer_position
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: where its inputs come from and the values of every parameter for it."""
+
+    name: str
+    inputs: list[tuple[str, str]]  # (model, input tensor name), in source order
+    base: str | None
+    global_params: dict[str, Any]
+    model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _lookup(scopes: list[dict], name: str, tensor: str, t: float) -> Any:
+    for scope in scopes:
+        if name in scope:
+            value = evaluate_setting(scope[name], tensor, t)
+            if value is not None:
+                return value
+    return None
+
+
+def _job(cfg: MergekitConfig, out_slice: OutSlice, name: str, inputs: list[tuple[str, str]], t: float) -> TensorJob:
+    base = out_slice.base_model or cfg.base_model
+    global_scopes = [out_slice.parameters, cfg.parameters]
+    gp = {}
+    for p, default in cfg.method.global_params.items():
+        value = _lookup(global_scopes, p, name, t)
+        if value is None and default is REQUIRED:
+            raise SurgeryError(f"merge_method {cfg.method.name}: parameter '{p}' is required (tensor '{name}')")
+        gp[p] = default if value is None else value
+    mp: dict[str, dict[str, Any]] = {}
+    for model, in_name in inputs:
+        src = next(s for s in out_slice.sources if s.model == model)
+        values = {}
+        for p, default in cfg.method.tensor_params.items():
+            value = _lookup([src.parameters] + global_scopes, p, in_name, t)
+            if value is None and default is REQUIRED and model != base:
+                raise SurgeryError(f"merge_method {cfg.method.name}: parameter '{p}' is required for model "
+                                   f"'{model}' (tensor '{in_name}')")
+            values[p] = default if value is None else value
+        mp[model] = values
+    return TensorJob(name, inputs, base, gp, mp)
+
+
+class MergekitPlan:
+    """The tensors a config produces, each with its inputs and parameter values."""
+
+    def __init__(self, cfg: MergekitConfig):
+        self.cfg = cfg
+        self.ckpts: dict[str, Checkpoint] = {}
+        for m in cfg.referenced_models():
+            if not Path(m).exists():
+                raise SurgeryError(f"model '{m}': no such file or folder (surgery run reads local checkpoints; "
+                                   "it does not download)")
+            self.ckpts[m] = Checkpoint.open(m)
+        self.families = {m: detect_family(c) for m, c in self.ckpts.items()}
+        self.donor = cfg.referenced_models()[0]
+        self.jobs: list[TensorJob] = []
+        self.num_layers = 0
+        self._plan()
+
+    def _block_suffixes(self, model: str, index: int) -> list[str]:
+        fam = self.families[model]
+        blocks = fam.blocks()
+        if not blocks:
+            raise SurgeryError(f"model '{model}': family '{fam.name}' has no block stack to slice")
+        if index >= len(blocks):
+            raise SurgeryError(f"model '{model}': layer {index} is out of range (it has {len(blocks)} layers)")
+        return [fam.block_of(n)[1] for n in blocks[index].names]
+
+    def _plan(self) -> None:
+        cfg = self.cfg
+        for s in cfg.slices:
+            for src in s.sources:
+                n = len(self.families[src.model].blocks())
+                if src.layer_range is None:
+                    src.layer_range = (0, n)
+                elif src.layer_range[1] > n:
+                    raise SurgeryError(f"model '{src.model}': layer_range {list(src.layer_range)} is past its "
+                                       f"{n} layers")
+        donor_fam = self.families[self.donor]
+        first, last = cfg.slices[0], cfg.slices[-1]
+        outside = [n for n in self.ckpts[self.donor].keys() if donor_fam.block_of(n) is None]
+        embeds = set(donor_fam.embedding_names())
+        pre = [n for n in outside if n in embeds]
+        post = [n for n in outside if n not in embeds]
+        for name in pre:
+            self.jobs.append(_job(cfg, first, name, self._same_name(first, name), 0.0))
+        out_layer = 0
+        for s in cfg.slices:
+            length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            for i in range(length):
+                t = layer_position(i, length)
+                lead = s.sources[0]
+                for suffix in self._block_suffixes(lead.model, lead.layer_range[0] + i):
+                    inputs = [(src.model, self.families[src.model].block_name(src.layer_range[0] + i, suffix))
+                              for src in s.sources]
+                    self.jobs.append(_job(cfg, s, donor_fam.block_name(out_layer, suffix), inputs, t))
+                out_layer += 1
+        self.num_layers = out_layer
+        for name in post:
+            self.jobs.append(_job(cfg, last, name, self._same_name(last, name), 0.0))
+        for job in self.jobs:
+            for model, in_name in job.inputs:
+                if in_name not in self.ckpts[model]:
+                    raise SurgeryError(f"model '{model}': tensor '{in_name}' is missing (needed for '{job.name}')")
+
+    @staticmethod
+    def _same_name(s: OutSlice, name: str) -> list[tuple[str, str]]:
+        return [(src.model, name) for src in s.sources]
+
+    def source_files(self) -> list[Path]:
+        return [f for c in self.ckpts.values() for f in c.source_files]
+
+    def output_dtype(self, job: TensorJob) -> torch.dtype:
+        model, name = job.inputs[0]
+        return self.cfg.out_dtype or self.cfg.dtype or self.ckpts[model].info(name).dtype
+
+    def compute(self, job: TensorJob) -> torch.Tensor:
+        """The merged tensor for ``job`` (float32 unless passed through as it is)."""
+        cfg = self.cfg
+        tensors = {}
+        for model, name in job.inputs:
+            x = self.ckpts[model].get(name)
+            tensors[model] = x.to(cfg.dtype) if cfg.dtype is not None and x.is_floating_point() else x
+        first = next(iter(tensors.values()))
+        if not first.is_floating_point():
+            return first
+        shapes = {tuple(x.shape) for x in tensors.values()}
+        if len(shapes) != 1:
+            raise SurgeryError(f"tensor '{job.name}': the models' shapes differ: {sorted(shapes)}")
+        return merge_tensor(cfg.method.name, tensors, job)
+
+
+def merge_tensor(method: str, tensors: dict[str, torch.Tensor], job: TensorJob) -> torch.Tensor:
+    """One mergekit method on one tensor, through our per-tensor merge methods."""
+    gp, mp = job.global_params, job.model_params
+    if method == "passthrough":
+        (model, x), = tensors.items()
+        scale = mp[model].get("scale")
+        return x if scale is None else x.to(torch.float32) * float(scale)
+    if method == "slerp":
+        if len(tensors) == 1:
+            return next(iter(tensors.values()))
+        other = next(m for m in tensors if m != job.base)
+        ours = get_method("slerp")
+        return ours.fn([tensors[job.base], tensors[other]], [1.0, 1.0], None, ours.resolve({"t": float(gp["t"])}))
+    if method == "linear":
+        ours = get_method("linear")
+        weights = [float(mp[m]["weight"]) for m in tensors]
+        return ours.fn(list(tensors.values()), weights, None, ours.resolve({"normalize": bool(gp["normalize"])}))
+    # task_arithmetic and ties: task vectors of every model but the base
+    base = tensors[job.base].to(torch.float32)
+    others = [m for m in tensors if m != job.base]
+    if not others:
+        return base
+    weights = [float(mp[m]["weight"]) for m in others]
+    if method == "task_arithmetic":
+        total = sum(weights)
+        if gp["normalize"] and abs(total) >= 1e-8:  # mergekit divides the summed vector by the weight sum
+            weights = [w / total for w in weights]
+        ours = get_method("task-arithmetic")
+        return ours.fn([tensors[m] for m in others], weights, base, ours.resolve({"scale": float(gp["lambda"])}))
+    # ties: each model's own density (and l1 rescale) applied here, since density is per model in mergekit
+    trimmed = []
+    for m in others:
+        delta = tensors[m].to(torch.float32) - base
+        kept = trim(delta, float(mp[m]["density"]))
+        if gp["rescale"]:
+            before, after = delta.abs().sum(), kept.abs().sum()
+            if before >= 1e-7 and after >= 1e-7:
+                kept = kept * (before / after)
+        trimmed.append(base + kept)
+    ours = get_method("ties")
+    return ours.fn(trimmed, weights, base, ours.resolve({"density": 1.0, "scale": float(gp["lambda"])}))
+
+
+@dataclass
+class MergekitResult:
+    output: str
+    merge_method: str
+    num_tensors: int
+    num_layers: int
+    models: list[str]
+    files: list[str]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _tokenizer_files(plan: MergekitPlan) -> list[Path]:
+    """Tagalong files (tokenizer, generation config) from the tokenizer's model (mergekit's donor)."""
+    cfg = plan.cfg
+    donor = cfg.base_model if cfg.tokenizer_source == "base" else plan.donor
+    if cfg.tokenizer_source == "union":
+        ref = _vocabulary(plan.ckpts[plan.donor])
+        for m, c in plan.ckpts.items():
+            if _vocabulary(c) != ref:
+                raise SurgeryError(f"tokenizer_source: union: the vocabulary of '{m}' differs from '{plan.donor}'; "
+                                   "building a union vocabulary is not supported (use tokenizer_source: base)")
+    return plan.ckpts[donor].extra_files()
+
+
+def _vocabulary(ckpt: Checkpoint) -> Any:
+    if ckpt.folder is None or not (ckpt.folder / "tokenizer.json").exists():
+        return None
+    tok = json.loads((ckpt.folder / "tokenizer.json").read_text())
+    return (tok.get("model", {}).get("vocab"), [(a.get("id"), a.get("content")) for a in tok.get("added_tokens", [])])
+
+
+def run_mergekit(cfg: MergekitConfig, out: Path, force: bool = False,
+                 progress: Callable[[str, int, int, dict], None] | None = None) -> MergekitResult:
+    """Write the merge ``cfg`` describes to ``out`` (a folder or a .safetensors file)."""
+    out = Path(out)
+    check_output(out, force, [Path(m) for m in cfg.referenced_models()])
+    plan = MergekitPlan(cfg)
+    extra = _tokenizer_files(plan)
+    done = [0]
+
+    def produce(job: TensorJob) -> torch.Tensor:
+        x = plan.compute(job)
+        done[0] += 1
+        if progress is not None:
+            progress("merge", done[0], len(plan.jobs), {})
+        return x
+
+    planned = []
+    for job in plan.jobs:
+        model, name = job.inputs[0]
+        shape = plan.ckpts[model].info(name).shape
+        planned.append(PlannedTensor(job.name, shape, plan.output_dtype(job), lambda j=job: produce(j)))
+    donor = plan.ckpts[plan.donor]
+    config = None
+    if donor.folder is not None:
+        config = plan.families[plan.donor].config_for_layers(plan.num_layers) or donor.config
+    report = write_checkpoint(out, planned, provenance=Provenance("mergekit", {"config": cfg.raw},
+                                                                  plan.source_files()),
+                              config=config, extra_files=extra, force=force)
+    return MergekitResult(str(out), cfg.method.name, len(planned), plan.num_layers, list(plan.ckpts),
+                          [str(f) for f in report.files])

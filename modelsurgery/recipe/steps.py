@@ -1,0 +1,206 @@
+"""Recipe steps: a ``surgery`` command run with options named as on its command line, or a mergekit config.
+
+A command step reuses the command's own option declarations (the Typer/click parameters): the
+recipe's ``options`` become that command line, click parses and checks it exactly as it parses
+a typed one, and the command runs with ``--json`` so its result is the step's result. There is
+no second vocabulary: ``surgery grow --factor 2`` is ``{run: grow, options: {factor: 2}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelsurgery.errors import SurgeryError
+from modelsurgery.recipe.mergekit_config import MergekitConfig, parse_config
+from modelsurgery.recipe.mergekit_merge import run_mergekit
+
+#: options the runner sets itself
+RUNNER_OPTIONS = ("output", "json_out", "force", "quiet", "debug")
+
+
+@dataclass
+class Step:
+    """One step, resolved: its operation, the command line it amounts to, its inputs and output."""
+
+    name: str
+    run: str
+    output: Path
+    inputs: list[Path]  # every file or folder it reads (hashed for the cache)
+    parameters: dict[str, Any]  # what the cache compares: the parsed options, paths as given
+    argv: list[str] = field(default_factory=list)
+    depends: list[str] = field(default_factory=list)  # earlier steps it reads
+    execute: Callable[[bool], dict] | None = None  # force -> result dict
+
+    def command_line(self) -> str:
+        return " ".join(["surgery", self.run, *(_quote(a) for a in self.argv)])
+
+
+def _quote(a: str) -> str:
+    return a if a and all(c.isalnum() or c in "-_./:=,*" for c in a) else json.dumps(a)
+
+
+def _option_for(command: Any, key: str) -> Any:
+    flag = "--" + str(key).replace("_", "-")
+    for p in command.params:
+        if flag in p.opts or flag in p.secondary_opts:
+            return p
+    return None
+
+
+def _option_args(command: Any, run: str, options: Mapping[str, Any], where: str) -> list[str]:
+    """The command-line words for ``options``; each key is a long option of the command."""
+    argv: list[str] = []
+    for key, value in options.items():
+        p = _option_for(command, key)
+        if p is None or not p.opts or not p.opts[0].startswith("-"):
+            known = sorted(o[2:] for q in command.params for o in q.opts + q.secondary_opts
+                           if o.startswith("--") and q.name not in RUNNER_OPTIONS)
+            raise SurgeryError(f"{where}: '{key}' is not an option of surgery {run} (its options: {', '.join(known)})")
+        if p.name in RUNNER_OPTIONS:
+            raise SurgeryError(f"{where}: option '{key}' is set by surgery run itself (output: and --force)")
+        flag = "--" + str(key).replace("_", "-")
+        long_on = next(o for o in p.opts if o.startswith("--"))
+        if getattr(p, "is_flag", False):
+            if not isinstance(value, bool):
+                raise SurgeryError(f"{where}: option '{key}' is true or false, got {value!r}")
+            if flag in p.secondary_opts:  # e.g. asymmetric: true
+                value = not value
+            if value:
+                argv.append(long_on)
+            elif p.secondary_opts:
+                argv.append(p.secondary_opts[0])
+            continue
+        values = value if isinstance(value, list) and getattr(p, "multiple", False) else [value]
+        for v in values:
+            if isinstance(v, (dict, list)):
+                raise SurgeryError(f"{where}: option '{key}' takes one value, got {v!r}")
+            argv += [long_on, _word(v)]
+    return argv
+
+
+def _word(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def command_step(name: str, run: str, command: Any, inputs: list[str], options: Mapping[str, Any],
+                 output: Path, outputs: Mapping[str, Path], where: str) -> Step:
+    """A step running ``surgery RUN``; ``outputs``: earlier steps' names -> their output paths."""
+    if _option_for(command, "output") is None:
+        raise SurgeryError(f"{where}: surgery {run} writes no output; it cannot be a recipe step")
+    args = [p for p in command.params if not p.opts[0].startswith("-")]
+    opts = _option_args(command, run, options, where)
+    depends: list[str] = []
+
+    def resolve(word: str) -> str:
+        if word in outputs:
+            depends.append(word)
+            return str(outputs[word])
+        return word
+
+    positional = [resolve(str(i)) for i in inputs]
+    if len(args) == 1 and args[0].nargs == 1 and len(positional) != 1:
+        raise SurgeryError(f"{where}: surgery {run} takes one input, the recipe gives {len(positional)}")
+    params = _parse(command, run, positional + ["-o", str(output)] + opts, where)
+    # options that are paths may name an earlier step as well (e.g. merge's base: merged)
+    path_params = {p.name for p in command.params if _is_path(params.get(p.name))}
+    resolved = []
+    i = 0
+    while i < len(opts):
+        word = opts[i]
+        p = _option_for(command, word[2:]) if word.startswith("--") else None
+        if p is not None and p.name in path_params and i + 1 < len(opts) and not getattr(p, "is_flag", False):
+            resolved += [word, resolve(opts[i + 1])]
+            i += 2
+            continue
+        resolved.append(word)
+        i += 1
+    opts = resolved
+    argv = positional + ["-o", str(output)] + opts
+    params = _parse(command, run, argv, where)
+    input_paths = []
+    for key, value in params.items():
+        if key == "output":
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, Path) and (v.exists() or str(v) in {str(o) for o in outputs.values()}):
+                input_paths.append(v)
+    parameters = {k: v for k, v in params.items() if k not in RUNNER_OPTIONS}
+
+    def execute(force: bool) -> dict:
+        return _invoke(command, run, dict(params, json_out=True, quiet=True, debug=True, force=force))
+
+    return Step(name, run, output, list(dict.fromkeys(input_paths)), parameters, argv, list(dict.fromkeys(depends)),
+                execute)
+
+
+def _is_path(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, Path) for v in value)
+    return isinstance(value, Path)
+
+
+def _parse(command: Any, run: str, argv: list[str], where: str) -> dict:
+    try:
+        ctx = command.make_context(run, list(argv))
+    except Exception as e:  # click's usage errors: an unknown option, a value of the wrong type
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        raise SurgeryError(f"{where}: surgery {run}: {msg}") from None
+    return dict(ctx.params)
+
+
+def _invoke(command: Any, run: str, params: dict) -> dict:
+    """Run the command with ``--json`` and return its JSON object (its errors propagate as SurgeryError)."""
+    ctx = command.make_context(run, [], resilient_parsing=True)
+    buffer = io.StringIO()
+    with ctx, contextlib.redirect_stdout(buffer):
+        try:
+            ctx.invoke(command.callback, **params)
+        except SystemExit as e:  # typer.Exit / click's exit with a status
+            if getattr(e, "code", 0):
+                raise SurgeryError(f"surgery {run} exited with status {e.code}") from None
+        except Exception as e:
+            if type(e).__name__ == "Exit" and getattr(e, "exit_code", 0) == 0:
+                pass
+            else:
+                raise
+    text = buffer.getvalue().strip()
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return {"stdout": text}
+
+
+def mergekit_step(name: str, config: Mapping[str, Any], output: Path, outputs: Mapping[str, Path],
+                  where: str) -> Step:
+    """A step running a mergekit config; model references may name earlier steps."""
+    depends: list[str] = []
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: (resolve_model(v) if k in ("model", "base_model") else resolve(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return value
+
+    def resolve_model(v: Any) -> Any:
+        if isinstance(v, str) and v in outputs:
+            depends.append(v)
+            return str(outputs[v])
+        return v
+
+    doc = resolve(dict(config))
+    cfg: MergekitConfig = parse_config(doc, where)
+    inputs = [Path(m) for m in cfg.referenced_models()]
+
+    def execute(force: bool) -> dict:
+        return run_mergekit(parse_config(doc, where), output, force=force).to_dict()
+
+    return Step(name, "mergekit", output, inputs, {"config": doc}, [], list(dict.fromkeys(depends)), execute)

@@ -1,0 +1,255 @@
+"""mergekit configs run as they are: output tensors against mergekit's documented semantics,
+computed in tests/recipe/reference.py (float64 numpy, independently of modelsurgery's code)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from modelsurgery.cli.app import app
+from tests.recipe import reference as ref
+
+runner = CliRunner()
+
+
+def run(tmp_path, config: str, models: dict, out_name: str = "out", extra: tuple = ()):
+    text = config
+    for k, v in models.items():
+        text = re.sub(rf"\b{k}\b(?=[\s,\]}}]|$)", str(v), text)
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(text)
+    out = tmp_path / out_name
+    r = runner.invoke(app, ["run", str(recipe), "-o", str(out), *extra])
+    return r, out
+
+
+def layer_of(name: str):
+    m = re.search(r"(?:layers|h)\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def test_slerp_gradients_and_filters(tmp_path, llamas):
+    """mergekit README's slerp example: t per layer from filtered gradients, default 0.5."""
+    config = """
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 3]
+      - model: b
+        layer_range: [0, 3]
+merge_method: slerp
+base_model: a
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+"""
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 0, r.output
+    a, b, got = ref.load(llamas["a"]), ref.load(llamas["b"]), ref.load(out)
+    assert set(got) == set(a)
+    conds = yaml.safe_load(config)["parameters"]["t"]
+    ts = set()
+    for name in a:
+        i = layer_of(name)
+        t = ref.filtered(conds, name, 0.0 if i is None else i / 2)
+        ts.add(round(t, 6))
+        np.testing.assert_allclose(got[name], ref.slerp(t, a[name], b[name]), atol=1e-5, err_msg=name)
+    # gradient [0, .5, .3, .7, 1] at t = 0, 0.5, 1 gives 0, 0.3, 1; the other 1, 0.7, 0; the rest 0.5
+    assert ts == {0.0, 0.3, 1.0, 0.7, 0.5}
+    assert not np.allclose(got["model.layers.1.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"])
+    assert np.array_equal(got["model.layers.0.self_attn.q_proj.weight"].astype(np.float32),
+                          a["model.layers.0.self_attn.q_proj.weight"].astype(np.float32))  # t = 0: the base
+
+
+def test_passthrough_slices_frankenmerge(tmp_path, llamas):
+    """Depth up-scaling: layers 0-1 of a then 1-2 of b; embeddings from the first slice's model,
+    final norm and head from the last's; config.json counts 4 layers and transformers loads it."""
+    config = """
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 2]
+  - sources:
+      - model: b
+        layer_range: [1, 3]
+merge_method: passthrough
+dtype: float32
+"""
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 0, r.output
+    a, b, got = ref.load(llamas["a"]), ref.load(llamas["b"]), ref.load(out)
+    mapping = {0: (a, 0), 1: (a, 1), 2: (b, 1), 3: (b, 2)}
+    for name, value in got.items():
+        i = layer_of(name)
+        if i is None:
+            src = a if "embed_tokens" in name else b
+            np.testing.assert_array_equal(value, src[name], err_msg=name)
+        else:
+            model, j = mapping[i]
+            np.testing.assert_array_equal(value, model[name.replace(f"layers.{i}.", f"layers.{j}.")], err_msg=name)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+    from tests.hf_tiny import load_hf
+
+    model = load_hf(out)
+    assert len(model.model.layers) == 4
+    torch.testing.assert_close(model.model.layers[2].mlp.down_proj.weight,
+                               torch.from_numpy(b["model.layers.1.mlp.down_proj.weight"]).float())
+
+
+def test_ties_density_weight_gradients_normalize(tmp_path, gpt2s):
+    """TIES on GPT-2 with per-model density and weight (a gradient), normalize and int8_mask
+    (int8_mask changes only the mask's dtype in mergekit, never the result)."""
+    config = """
+models:
+  - model: base
+  - model: ft1
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: ft2
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+merge_method: ties
+base_model: base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float32
+"""
+    r, out = run(tmp_path, config, gpt2s)
+    assert r.exit_code == 0, r.output
+    base, f1, f2, got = (ref.load(gpt2s[k]) for k in ("base", "ft1", "ft2")), None, None, None
+    base, f1, f2 = ref.load(gpt2s["base"]), ref.load(gpt2s["ft1"]), ref.load(gpt2s["ft2"])
+    got = ref.load(out)
+    assert set(got) == set(base)
+    for name in base:
+        i = layer_of(name)
+        t = 0.0 if i is None else i / 2
+        expected = ref.ties(base[name], [f1[name], f2[name]],
+                            [1.0, ref.gradient([0, 0.3, 0.7, 1], t)], [ref.gradient([1, 0.7, 0.1], t), 0.5])
+        np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
+    name = "transformer.h.2.mlp.c_fc.weight"
+    assert not np.allclose(got[name], base[name]) and not np.allclose(got[name], f1[name])
+
+
+def test_task_arithmetic_lambda_out_dtype(tmp_path, llamas):
+    """task_arithmetic: base + lambda * sum w_i (x_i - base), no normalisation by default; written as out_dtype."""
+    config = """
+models:
+  - model: ft1
+    parameters:
+      weight: 0.7
+  - model: ft2
+    parameters:
+      weight: -0.3
+merge_method: task_arithmetic
+base_model: base
+parameters:
+  lambda: 0.8
+dtype: float32
+out_dtype: bfloat16
+"""
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 0, r.output
+    base, f1, f2 = ref.load(llamas["base"]), ref.load(llamas["ft1"]), ref.load(llamas["ft2"])
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for name in base:
+            x = f.get_tensor(name)
+            assert x.dtype == torch.bfloat16
+            expected = base[name] + 0.8 * (0.7 * (f1[name] - base[name]) - 0.3 * (f2[name] - base[name]))
+            want = torch.from_numpy(expected).to(torch.bfloat16)
+            assert torch.equal(x, want) or torch.allclose(x.float(), want.float(), rtol=1e-2, atol=1e-3), name
+
+
+def test_linear_filtered_weights(tmp_path, llamas):
+    """linear: per-model weight as filter-conditioned list, normalised by the weight sum."""
+    config = """
+models:
+  - model: a
+    parameters:
+      weight:
+        - filter: mlp
+          value: 0.8
+        - value: 0.3
+  - model: b
+    parameters:
+      weight: 1.0
+merge_method: linear
+"""
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 0, r.output
+    a, b, got = ref.load(llamas["a"]), ref.load(llamas["b"]), ref.load(out)
+    for name in a:
+        wa = 0.8 if "mlp" in name else 0.3
+        np.testing.assert_allclose(got[name], (wa * a[name] + b[name]) / (wa + 1.0), atol=1e-6, err_msg=name)
+
+
+def test_tokenizer_source_base_and_union(tmp_path, fixtures_dir):
+    import shutil
+
+    base = tmp_path / "m1"
+    shutil.copytree(fixtures_dir / "charlm" / "llama", base)
+    other = tmp_path / "m2"
+    shutil.copytree(fixtures_dir / "charlm" / "llama", other)
+    config = """
+models:
+  - model: first
+    parameters: {weight: 0.5}
+  - model: second
+    parameters: {weight: 0.5}
+merge_method: linear
+base_model: first
+tokenizer_source: union
+"""
+    models = {"first": base, "second": other}
+    r, out = run(tmp_path, config, models)
+    assert r.exit_code == 0, r.output  # same vocabulary: union is the base's tokenizer
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first = next(iter(vocab))
+    vocab["zz-new"] = vocab.pop(first)
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    r, out2 = run(tmp_path, config, models, out_name="out2")
+    assert r.exit_code == 1 and "tokenizer_source: union" in r.output and "m2" in r.output
+    assert not out2.exists()
+    r, out3 = run(tmp_path, config.replace("union", "base"), models, out_name="out3")
+    assert r.exit_code == 0, r.output
+    assert (out3 / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("config, named", [
+    ("models: [{model: a, parameters: {weight: 1}}]\nmerge_method: linear\nchat_template: chatml\n", "chat_template"),
+    ("models: [{model: a}, {model: b}]\nmerge_method: dare_ties\nbase_model: a\n", "dare_ties"),
+    ("models: [{model: a}, {model: b}]\nmerge_method: model_stock\nbase_model: a\n", "model_stock"),
+    ("models: [{model: a, parameters: {weight: 1, gamma: 0.1}}]\nmerge_method: linear\n", "gamma"),
+    ("slices: [{sources: [{model: a, layer_range: [0, 2]}], residual_weight: 0.1}]\nmerge_method: passthrough\n",
+     "residual_weight"),
+    ("modules: {}\nmerge_method: linear\n", "modules"),
+    ("models: [{model: a}, {model: b}]\nmerge_method: slerp\nbase_model: a\n", "'t'"),
+    ("models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\n"
+     "merge_method: linear\ntokenizer_source: a\n", "tokenizer_source"),
+    ("models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\n"
+     "merge_method: ties\nbase_model: a\nparameters: {normalize: false}\n", "normalize"),
+    ("slices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 3]}]}]\n"
+     "merge_method: linear\n", "same number of layers"),
+    ("slices: [{sources: [{model: a, layer_range: [0, 7]}]}]\nmerge_method: passthrough\n", "layer_range"),
+    ("models: [{model: a, parameters: {weight: {value: 1}}}]\nmerge_method: linear\n", "weight"),
+])
+def test_refused_in_one_line(tmp_path, llamas, config, named):
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], r.output
+    assert not out.exists()
