@@ -13,7 +13,7 @@ from modelsurgery.errors import SurgeryError
 from modelsurgery.families.base import Attention, Block, Family, Linear, Norm, Stages
 
 _REGISTRY: dict[str, type[Family]] = {}
-_MODULES = ("mlp", "cnn", "resnet", "gpt2", "llama", "bert", "custom")
+_MODULES = ("mlp", "cnn", "resnet", "gpt2", "decoder_family", "bert", "custom")
 
 
 def register(cls: type[Family]) -> type[Family]:
@@ -36,7 +36,9 @@ def registered() -> dict[str, type[Family]]:
 
 
 class UnknownFamily(Family):
-    """Any checkpoint: pure tensor operations work, forward passes do not."""
+    """Any checkpoint: pure tensor operations work, forward passes do not. A checkpoint whose tensors
+    follow a known decoder layout under another ``model_type`` (OLMo 2 with LLaMA's names) is not run
+    as that family: the refusal names the closest one."""
 
     name = "unknown"
     runnable = False
@@ -44,6 +46,29 @@ class UnknownFamily(Family):
     @classmethod
     def detect(cls, ckpt: Checkpoint) -> bool:
         return True
+
+    @property
+    def closest_family(self) -> str | None:
+        from modelsurgery.families.decoder_family import closest_family
+
+        return closest_family(self.ckpt)
+
+    def build_module(self, state=None, dtype=None):
+        closest = self.closest_family
+        if closest is None:
+            return super().build_module(state, dtype)
+        model_type = self.config.get("model_type") or self.config.get("architectures")
+        raise SurgeryError(
+            f"{self.ckpt.path}: config.json model_type {model_type!r} is not a supported family; its tensor "
+            f"names follow the '{closest}' layout (closest family: {closest}), but an unknown architecture is "
+            "not run as a look-alike"
+        )
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.closest_family:
+            d["closest_family"] = self.closest_family
+        return d
 
 
 def detect_family(ckpt: Checkpoint, model: str | None = None) -> Family:

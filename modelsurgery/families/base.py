@@ -42,6 +42,11 @@ class Norm:
     kind: str = "layernorm"  # layernorm | rmsnorm | batchnorm
     running_mean: str | None = None
     running_var: str | None = None
+    #: the norm scales by (offset + weight): Gemma's RMSNorm has offset 1.0 (a zero weight is scale one)
+    offset: float = 0.0
+    #: weight of head_dim entries shared by every head of q (role q_norm) or k (k_norm), applied per
+    #: head before rotary (Qwen3, Gemma 3): it moves with the within-head units, not the residual stream
+    per_head: bool = False
 
 
 @dataclass

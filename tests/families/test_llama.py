@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -149,14 +150,32 @@ def test_old_style_rope_config_and_missing_kv_heads(llama_dir, hf_llama):
 
 
 @pytest.mark.parametrize("rope", [
-    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
-    {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},  # sequences beyond max_position_embeddings
+    {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8, "rope_theta": 500000.0},
 ])
-def test_scaled_rope_is_refused(llama_dir, rope):
+def test_scaled_rope_matches_transformers(tmp_path, rope):
+    """Each rope scaling shipped LLaMA checkpoints use, against transformers' own model; max_position_embeddings
+    10 puts the 12-token batch past it (dynamic NTK grows its base there)."""
+    folder = save_tiny_llama(tmp_path, seed=4, num_hidden_layers=2, max_position_embeddings=10, rope_parameters=rope)
+    fam = detect_family(Checkpoint.open(folder))
+    assert fam.name == "llama"
+    assert max_diff(fam.build_module(), load_hf(folder), *padded_batch(97, seed=5)) < TOL
+
+
+@pytest.mark.parametrize(("rope", "key"), [
+    ({"rope_parameters": {"rope_type": "ntk-by-parts", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_parameters.rope_type='ntk-by-parts'"),
+    ({"rope_scaling": {"type": "xpos", "factor": 2.0}}, "rope_scaling.type='xpos'"),
+])
+def test_unknown_rope_type_is_refused_naming_the_key(llama_dir, rope, key):
     ckpt = Checkpoint.open(llama_dir)
     cfg = {k: v for k, v in ckpt.config.items() if k != "rope_parameters"} | rope
     fam = detect_family(Checkpoint.from_state_dict(ckpt.state_dict(), path="m.safetensors", config=cfg))
-    with pytest.raises(SurgeryError, match="m.safetensors: rope type '(linear|dynamic)' is not supported"):
+    assert fam.name == "llama"
+    with pytest.raises(SurgeryError, match=rf"^m.safetensors: config.json {re.escape(key)} is not supported"):
         fam.build_module()
 
 
