@@ -4,19 +4,24 @@ A family is described mostly as data (mergekit's lesson): which tensors form blo
 role each tensor plays (query, key, value, attention output, MLP up/gate/down, norms, embeddings,
 head). Operations ask these questions instead of hard-coding tensor names:
 
-- depth operations (grow) use ``blocks()``, ``block_of()`` and ``config_for_layers()``;
-- permutation specs (merge), width growth and function-preserving identity blocks use
-  ``block_linears()``, ``block_norms()`` and the attention geometry;
+- depth operations (grow) use ``blocks()``, ``block_of()``, ``config_for_layout()`` and
+  ``output_projections()`` (identity blocks);
+- permutation specs (merge) use ``chain_layers()`` (MLPs, sequential CNNs), ``channel_groups()``
+  (ResNets) or, for transformers, ``block_linears()``, ``block_norms()``, ``attention`` and ``rotary``;
+- width growth uses ``width_groups()``; Weight Aligning uses ``classifier()``;
 - calibration, evaluation and export use ``build_module()`` and ``example_inputs()``.
 
-A new family is one new file with a subclass registered through ``@register``.
+Operations ask these capability methods and never test a family's name or probe it with
+``hasattr``: the defaults here say "this family has no such structure", so a new family is one new
+file with a subclass registered through ``@register``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import ClassVar
 
 import torch
@@ -28,11 +33,17 @@ from modelsurgery.errors import SurgeryError
 
 @dataclass(frozen=True)
 class Linear:
-    """A linear map stored in the checkpoint. ``transposed``: weight stored (in, out), as GPT-2's Conv1D."""
+    """A linear map stored in the checkpoint. ``transposed``: weight stored (in, out), as GPT-2's Conv1D.
+
+    ``fused``: the roles stacked along the output axis of a fused projection, in order (GPT-2's and
+    Phi-3's ``("q", "k", "v")``, Phi-3's ``("gate", "up")``); ``per_head``: the parts are interleaved
+    head by head ([head, part, head_dim], GPT-NeoX's ``query_key_value``) instead of concatenated."""
 
     weight: str
     bias: str | None = None
     transposed: bool = False
+    fused: tuple[str, ...] = ()
+    per_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,58 @@ class Stages:
     head: Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class ChannelGroup:
+    """Tensors sharing one channel axis: permuting the channels means permuting axis 0 of every name in
+    ``out_axis`` and axis 1 of every name in ``in_axis`` with the same permutation.
+
+    ``padded_from``/``pad_offset``: for an option-A shortcut, the previous residual group's channels
+    reappear zero-padded at ``pad_offset`` in this one (their permutations are then not independent).
+    """
+
+    name: str
+    size: int
+    out_axis: list[str] = field(default_factory=list)
+    in_axis: list[str] = field(default_factory=list)
+    stages: list[int] = field(default_factory=list)
+    padded_from: str | None = None
+    pad_offset: int = 0
+
+
+@dataclass(frozen=True)
+class WidthGroup:
+    """Hidden units that can grow together without touching the rest of the model: the outputs of
+    ``producers`` (a fused producer grows each of its ``fused`` parts), the channels of ``norms`` and
+    the inputs of ``consumers`` (``positions`` consecutive inputs per unit: a conv channel flattened
+    over H*W). ``config_key``: the config.json entry that records the size, if any."""
+
+    name: str
+    size: int
+    producers: tuple[Linear, ...]
+    consumers: tuple[Linear, ...]
+    norms: tuple[Norm, ...] = ()
+    positions: int = 1
+    config_key: str | None = None
+
+
+def chain_width_groups(family: Family, chain: list[Linear | Norm]) -> list[WidthGroup]:
+    """One group per hidden layer of a chain: its outputs, the norms up to the next weight layer, and
+    that layer's inputs (spread over H*W positions after a conv -> flatten -> linear)."""
+    weights = [i for i, x in enumerate(chain) if isinstance(x, Linear)]
+    groups = []
+    for a, b in pairwise(weights):
+        lin, nxt = chain[a], chain[b]
+        positions = (family.spatial_positions(nxt.weight.rsplit(".", 1)[0])
+                     if len(family.ckpt.shape(nxt.weight)) == 2 else 1)
+        norms = tuple(x for x in chain[a + 1: b] if isinstance(x, Norm))
+        groups.append(WidthGroup(lin.weight, family.ckpt.shape(lin.weight)[0], (lin,), (nxt,), norms, positions))
+    return groups
+
+
+#: config.json keys of the MLP's inner width (LLaMA-like, GPT-2, OPT-like)
+INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim")
+
+
 @dataclass(frozen=True)
 class Attention:
     """Attention geometry of the transformer families."""
@@ -95,6 +158,8 @@ class Family:
     output_kind: ClassVar[str] = "logits"
     #: regex with one group: the block index, matched against tensor names (e.g. r"transformer\.h\.(\d+)\.")
     block_pattern: ClassVar[str | None] = None
+    #: True when positions enter as rotary embeddings of q and k (RoPE rotates fixed pairs of head units)
+    rotary: ClassVar[bool] = False
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -141,8 +206,35 @@ class Family:
         return None
 
     def config_for_layers(self, num_layers: int) -> dict | None:
-        """config.json for the same model with ``num_layers`` blocks (None without a config)."""
+        """config.json for the same model with ``num_layers`` blocks (None without a config). Per-layer
+        lists are tiled (block j is block j mod L, as G_stack lays it out); see ``config_for_layout``."""
         return None
+
+    def config_for_layout(self, source_indices: Sequence[int]) -> dict | None:
+        """config.json for a model whose block j is this model's block ``source_indices[j]``: the layer
+        count from ``config_for_layers`` and every per-layer list (``per_layer_config``) carried entry by
+        entry to its output position (a sliced or interleaved Gemma keeps each block's attention type)."""
+        cfg = self.config_for_layers(len(source_indices))
+        return None if cfg is None else self.remap_layer_lists(cfg, source_indices)
+
+    def remap_layer_lists(self, cfg: dict, source_indices: Sequence[int]) -> dict:
+        """``cfg`` with each per-layer list rebuilt as [list[s] for s in source_indices]."""
+        cfg = dict(cfg)
+        for key, values in self.per_layer_config().items():
+            cfg[key] = [values[s] for s in source_indices]
+        return cfg
+
+    #: config.json keys that hold one entry per block (attention type, sliding-window flag, rope on/off)
+    per_layer_keys: ClassVar[tuple[str, ...]] = ("layer_types", "no_rope_layers", "sliding_window_layers",
+                                                 "attention_types_per_layer")
+
+    def per_layer_config(self) -> dict[str, list]:
+        """The config.json lists with one entry per block: ``per_layer_keys`` whose value is a list of
+        ``num_layers`` entries. A family whose per-layer settings are implied (a window pattern) writes
+        them out here, so that regrown configs stay explicit."""
+        n = self.num_layers
+        return {k: list(self.config[k]) for k in self.per_layer_keys
+                if isinstance(self.config.get(k), list) and len(self.config[k]) == n and n}
 
     # ----- roles --------------------------------------------------------------------------------
     def block_linears(self, index: int) -> dict[str, Linear]:
@@ -154,9 +246,67 @@ class Family:
         return {}
 
     def output_projections(self, index: int) -> list[Linear]:
-        """Linears whose zeroing makes block ``index`` an identity on the residual stream."""
+        """Linears whose zeroing makes block ``index`` an identity on the residual stream; [] when no set
+        of zeroed linears does (post-norm blocks, projection shortcuts). On a pre-norm block each branch
+        ends in its output projection, or in a bias-free norm of it (Gemma's post-norms map 0 to 0)."""
         lin = self.block_linears(index)
         return [lin[r] for r in ("o", "down") if r in lin]
+
+    # ----- capabilities (defaults: the family has no such structure) ----------------------------
+    def layers(self) -> list[Linear | Norm]:
+        """Every weight layer (``Linear``; conv weights [out, in, kh, kw]) and norm in forward order,
+        for families that list them (MLPs, CNNs, ResNets); [] otherwise."""
+        return []
+
+    def chain_layers(self) -> list[Linear | Norm]:
+        """The model as one chain, each weight layer feeding the next (MLPs, sequential CNNs), in
+        forward order; [] when it is not one (residual or attention models)."""
+        return []
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Permutation groups given as channel axes (ResNets: residual streams tied across blocks, and
+        each block's inner channels); [] for families described otherwise."""
+        return []
+
+    def spatial_positions(self, layer: str) -> int:
+        """Inputs per channel of layer ``layer`` (module name): H*W for a linear after a conv and a
+        flatten, else 1."""
+        return 1
+
+    def classifier(self) -> Linear | None:
+        """The final fully connected layer (class scores), [classes, features]: the last Linear of
+        ``layers()``, else a 2-D weight of the head; None when there is none."""
+        ckpt = self.ckpt
+        candidates = [x for x in self.layers() if isinstance(x, Linear)]
+        if not candidates:
+            for name in self.head_names():
+                if name.endswith("weight") and len(ckpt.shape(name)) == 2:
+                    bias = name[: -len("weight")] + "bias"
+                    candidates.append(Linear(name, bias if bias in ckpt else None))
+        if candidates and len(ckpt.shape(candidates[-1].weight)) == 2:
+            return candidates[-1]
+        return None
+
+    def width_groups(self) -> list[WidthGroup]:
+        """Hidden units that width growth may add to. Defaults: a chain (``chain_layers()``) grows every
+        hidden layer's outputs (BatchNorms between follow, the next layer's inputs too); transformer
+        blocks grow each MLP's inner units: outputs of up and gate (or a fused gate_up), inputs of down."""
+        chain = self.chain_layers()
+        if chain:
+            return chain_width_groups(self, chain)
+        groups = []
+        key = next((k for k in INTERMEDIATE_KEYS if k in self.config), None)
+        if self.config and key is None and self.num_layers:
+            raise SurgeryError(f"{self.ckpt.path}: config.json names no MLP size ({', '.join(INTERMEDIATE_KEYS)})")
+        for i in range(self.num_layers):
+            lin = self.block_linears(i)
+            producers = [lin[r] for r in ("up", "gate", "gate_up") if r in lin]
+            if not producers or "down" not in lin:
+                return []
+            first = producers[0]
+            rows = self.ckpt.shape(first.weight)[1 if first.transposed else 0] // max(1, len(first.fused))
+            groups.append(WidthGroup(f"block {i} mlp", rows, tuple(producers), (lin["down"],), config_key=key))
+        return groups
 
     @property
     def attention(self) -> Attention | None:
@@ -198,9 +348,7 @@ class Family:
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(self.ckpt.get(k) if state is None else state[k])
-        if state is None:
-            self.ckpt.close()  # the module holds the weights now; the mapped file need not stay resident
-        return module.to(dtype).eval()
+        return module.to(dtype).eval()  # the checkpoint is its opener's to close (Checkpoint.close)
 
     def input_names(self) -> list[str]:
         return ["input"]

@@ -295,6 +295,10 @@ class CNNFamily(Family):
         (as ``Norm``, kind 'batchnorm') in forward order."""
         return [self._norm(n) if k == "bn" else self._linear(n) for n, k in self._layers()]
 
+    def chain_layers(self) -> list[Linear | Norm]:
+        """A sequential CNN is one chain: every layer feeds the next (pools and the flatten between)."""
+        return self.layers()
+
     def weight_layers(self) -> list[Linear]:
         """Only the conv and linear layers, in forward order."""
         return [x for x in self.layers() if isinstance(x, Linear)]

@@ -105,6 +105,10 @@ class MLPFamily(Family):
             for p in module_prefixes(self.ckpt)
         ]
 
+    def chain_layers(self) -> list[Linear]:
+        """An MLP is one chain: every layer feeds the next."""
+        return self.layers()
+
     @property
     def hidden_size(self) -> int | None:
         layers = self.layers()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,30 +32,12 @@ from torch import nn
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import register
-from modelsurgery.families.base import Block, Family, Linear, Norm, Stages
+from modelsurgery.families.base import Block, ChannelGroup, Family, Linear, Norm, Stages, WidthGroup
 from modelsurgery.families.mlp import set_submodule
 
 BLOCK_RE = re.compile(r"layer(\d+)\.(\d+)\.")
 BN_STATS = ("weight", "bias", "running_mean", "running_var")
 DEFAULT_SPATIAL = 8
-
-
-@dataclass
-class ChannelGroup:
-    """Tensors sharing one channel axis: permuting the channels means permuting axis 0 of every name in
-    ``out_axis`` and axis 1 of every name in ``in_axis`` with the same permutation.
-
-    ``padded_from``/``pad_offset``: for an option-A shortcut, the previous residual group's channels
-    reappear zero-padded at ``pad_offset`` in this one (their permutations are then not independent).
-    """
-
-    name: str
-    size: int
-    out_axis: list[str] = field(default_factory=list)
-    in_axis: list[str] = field(default_factory=list)
-    stages: list[int] = field(default_factory=list)
-    padded_from: str | None = None
-    pad_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -290,6 +272,19 @@ class ResNetFamily(Family):
         current.in_axis.append(f"{self.head}.weight")
         groups.append(current)
         return groups
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """The residual streams, then each block's inner channels (the permutation groups)."""
+        return [*self.residual_groups(), *self.inner_groups()]
+
+    def width_groups(self) -> list[WidthGroup]:
+        """Each block's inner width: conv1's outputs and bn1, conv2's inputs. The residual stream, which
+        every block, shortcut and the head share, keeps its width, so shortcuts stay valid."""
+        return [
+            WidthGroup(f"{b.prefix}inner", b.inner_channels, (self._conv(b.prefix + "conv1"),),
+                       (self._conv(b.prefix + "conv2"),), (self._bn(b.prefix + "bn1"),))
+            for b in self.res_blocks()
+        ]
 
     def inner_groups(self) -> list[ChannelGroup]:
         """The channels between conv1 and conv2 of each block (free to permute independently)."""

@@ -138,7 +138,7 @@ def resolve_groups(options: AlignOptions, num_classes: int, layer: str) -> list[
 
 # ----- the classifier --------------------------------------------------------------------------
 def find_classifier(family: Family, layer: str | None = None) -> Linear:
-    """The named layer, else the family's last Linear (``layers()``), else a 2-D tensor of its head."""
+    """The named layer, else the family's ``classifier()``."""
     ckpt = family.ckpt
     if layer is not None:
         weight = layer if layer in ckpt else f"{layer}.weight"
@@ -150,17 +150,9 @@ def find_classifier(family: Family, layer: str | None = None) -> Linear:
         prefix = weight[: -len(".weight")] if weight.endswith(".weight") else None
         bias = f"{prefix}.bias" if prefix is not None and f"{prefix}.bias" in ckpt else None
         return Linear(weight, bias)
-    candidates: list[Linear] = []
-    lister = getattr(family, "weight_layers", None) or getattr(family, "layers", None)
-    if lister is not None:
-        candidates = [x for x in lister() if isinstance(x, Linear)]
-    if not candidates:
-        for name in family.head_names():
-            if name.endswith("weight") and len(ckpt.shape(name)) == 2:
-                bias = name[: -len("weight")] + "bias"
-                candidates.append(Linear(name, bias if bias in ckpt else None))
-    if candidates and len(ckpt.shape(candidates[-1].weight)) == 2:
-        return candidates[-1]
+    found = family.classifier()
+    if found is not None:
+        return found
     raise SurgeryError(f"{ckpt.path}: no Linear classifier found (family '{family.name}'); name it with --layer")
 
 

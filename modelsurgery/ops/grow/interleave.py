@@ -35,11 +35,13 @@ def grow_interleave(ckpts: list[Checkpoint], out: Path, options: GrowOptions, pr
     every = options.every if options.every is not None else 1
     if every < 1 or every > n:
         raise SurgeryError(f"--every {every}: must be between 1 and the number of blocks ({n})")
-    if getattr(family, "norm_placement", "pre") == "post":
-        raise SurgeryError(
-            f"{ckpt.path}: family '{family.name}' normalises after the residual sum (post-LN), so a block "
-            "with zeroed output projections is not an identity; use --method stack"
-        )
     layout, identity = interleave_layout(n, every)
+    for j in sorted(identity):
+        if not family.output_projections(layout[j]):
+            raise SurgeryError(
+                f"{ckpt.path}: block {layout[j]} of family '{family.name}' cannot be copied as an identity (no "
+                "zeroed output projections make it one: post-LN blocks normalise after the residual sum, "
+                "projection shortcuts change the stream); use --method stack"
+            )
     check_output(out, options.force, [ckpt.path])
     return grow_depth(ckpt, out, options, layout, identity, family, "interleave")

@@ -31,7 +31,7 @@ import torch
 
 from modelsurgery.checkpoint import Checkpoint, check_output, plan_tensor
 from modelsurgery.errors import SurgeryError
-from modelsurgery.families import detect_family
+from modelsurgery.families import Linear, detect_family
 from modelsurgery.families.mlp import natural_key
 from modelsurgery.ops.grow.common import (
     GrowOptions,
@@ -82,8 +82,10 @@ def orthogonal_coefficients(existing: torch.Tensor, gen: torch.Generator) -> tup
 def plain_layers(ckpts: list[Checkpoint], num_templates: int | None) -> list[TemplateLayer]:
     families = [detect_family(c) for c in ckpts]
     for c, f in zip(ckpts, families):
-        if f.name != "mlp":
-            raise SurgeryError(f"{c.path}: MixtureGrowth supports MLP checkpoints; this one is '{f.name}'")
+        chain = f.chain_layers()
+        if not chain or not all(isinstance(x, Linear) and len(c.shape(x.weight)) == 2 for x in chain):
+            raise SurgeryError(f"{c.path}: MixtureGrowth supports MLP checkpoints (a chain of linear layers); "
+                               f"this one is '{f.name}'")
     a = ckpts[0]
     for c in ckpts[1:]:
         if a.shapes() != c.shapes():
@@ -100,7 +102,7 @@ def plain_layers(ckpts: list[Checkpoint], num_templates: int | None) -> list[Tem
     if t < 1:
         raise SurgeryError(f"--templates {t}: need at least one template per layer")
     layers = []
-    for lin in families[0].layers():
+    for lin in families[0].chain_layers():
         ws = [c.get(lin.weight).float() for c in ckpts]
         layers.append(TemplateLayer(
             lin.weight,

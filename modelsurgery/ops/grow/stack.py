@@ -108,11 +108,13 @@ def block_rename(family: Family, template: str, index: int, suffix: str) -> str:
     return family.block_name(index, suffix)
 
 
-def config_for_depth(family: Family, num_layers: int) -> dict | None:
-    cfg = family.config_for_layers(num_layers)
+def config_for_depth(family: Family, layout: list[int]) -> dict | None:
+    """config.json for output blocks ``layout``: each block's per-layer entries (attention type, window)
+    go with it to its new position."""
+    cfg = family.config_for_layout(layout)
     if cfg is None and family.ckpt.config is not None:
         raise SurgeryError(
-            f"{family.ckpt.path}: family '{family.name}' cannot update config.json for {num_layers} layers"
+            f"{family.ckpt.path}: family '{family.name}' cannot update config.json for {len(layout)} layers"
         )
     return cfg
 
@@ -126,7 +128,7 @@ def grow_depth(ckpt: Checkpoint, out: Path, options: GrowOptions, layout: list[i
     report.identity_blocks = sorted(identity)
     plans, _ = plan_depth(family, layout, identity)
     report.function_preserving = bool(identity) and len(layout) - len(identity) == family.num_layers
-    return write_grown(out, [ckpt], plans, options, report, config_for_depth(family, len(layout)))
+    return write_grown(out, [ckpt], plans, options, report, config_for_depth(family, layout))
 
 
 def grow_stack(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progress: Progress = no_progress

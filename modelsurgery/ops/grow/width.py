@@ -32,9 +32,6 @@ from modelsurgery.ops.grow.common import (
 )
 from modelsurgery.ops.grow.stack import single_input
 
-CHAIN_FAMILIES = ("mlp", "cnn")
-INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim")
-
 
 @dataclass
 class UnitGrowth:
@@ -99,48 +96,49 @@ def grow_fan_out(w: torch.Tensor, g: UnitGrowth, noise: float, gen: torch.Genera
 
 
 class WidthPlan:
-    """Collects the new value (a closure) of every tensor that changes."""
+    """Collects, per tensor, which groups grow its outputs and its inputs; ``planned()`` streams the
+    result (one weight can be a consumer of one group and the producer of the next)."""
 
     def __init__(self, ckpt: Checkpoint, options: GrowOptions):
         self.ckpt, self.options = ckpt, options
+        self.grows: dict[str, dict] = {}
         self.changed: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = {}
-
-    def std(self, name: str) -> float:
-        w = self.ckpt.get(name).float()
-        return float(w.std()) if w.numel() > 1 else 1.0
 
     def set(self, name: str, shape: tuple[int, ...], fn: Callable[[], torch.Tensor]) -> None:
         self.changed[name] = (tuple(shape), fn)
 
     def linear(self, lin: Linear, fan_in: UnitGrowth | None, fan_out: UnitGrowth | None, positions: int = 1
                ) -> None:
-        """Grow a linear/conv weight: ``fan_in`` grows its outputs (rows), ``fan_out`` its inputs."""
-        ckpt, opts = self.ckpt, self.options
-        shape = list(ckpt.shape(lin.weight))
-        out_dim, in_dim = (1, 0) if lin.transposed else (0, 1)
-
-        def weight(lin=lin, fan_in=fan_in, fan_out=fan_out, positions=positions):
-            w = ckpt.get(lin.weight)
-            w = w.t() if lin.transposed else w
-            std = float(w.float().std())
-            if fan_out is not None:
-                rows = w.shape[0]
-                v = w.reshape(rows, fan_out.old, -1) if positions > 1 or w.dim() == 2 else w
-                if v.dim() == 2:
-                    v = v.unsqueeze(-1)
-                v = grow_fan_out(v, fan_out, opts.init_scale * std * 0.1, tensor_generator(opts.seed, lin.weight))
-                w = v.reshape(rows, -1, *w.shape[2:]) if w.dim() > 2 else v.reshape(rows, -1)
-            if fan_in is not None:
-                w = grow_fan_in(w, fan_in, opts.init_scale * std, tensor_generator(opts.seed + 1, lin.weight))
-            return (w.t() if lin.transposed else w).contiguous()
-
-        if fan_out is not None:
-            shape[in_dim] = shape[in_dim] // fan_out.old * fan_out.new
+        """``fan_in`` grows the weight's outputs (rows; each part of a fused weight), ``fan_out`` its inputs."""
+        entry = self.grows.setdefault(lin.weight, {"lin": lin, "fan_in": None, "fan_out": None, "positions": 1})
         if fan_in is not None:
-            shape[out_dim] = fan_in.new
-        self.set(lin.weight, tuple(shape), weight)
-        if lin.bias and fan_in is not None:
-            self.set(lin.bias, (fan_in.new,), lambda b=lin.bias, g=fan_in: grow_bias(ckpt.get(b), g))
+            entry["fan_in"] = fan_in
+        if fan_out is not None:
+            entry["fan_out"], entry["positions"] = fan_out, positions
+
+    def _weight(self, lin: Linear, fan_in: UnitGrowth | None, fan_out: UnitGrowth | None, positions: int
+                ) -> torch.Tensor:
+        opts = self.options
+        w = self.ckpt.get(lin.weight)
+        w = w.t() if lin.transposed else w
+        std = float(w.float().std())
+        if fan_out is not None:
+            rows = w.shape[0]
+            v = w.reshape(rows, fan_out.old, -1) if positions > 1 or w.dim() == 2 else w
+            if v.dim() == 2:
+                v = v.unsqueeze(-1)
+            v = grow_fan_out(v, fan_out, opts.init_scale * std * 0.1, tensor_generator(opts.seed, lin.weight))
+            w = v.reshape(rows, -1, *w.shape[2:]) if w.dim() > 2 else v.reshape(rows, -1)
+        if fan_in is not None:
+            parts = w.chunk(max(1, len(lin.fused)), 0)
+            w = torch.cat([grow_fan_in(part, fan_in, opts.init_scale * std,
+                                       tensor_generator(opts.seed + 1 + k, lin.weight))
+                           for k, part in enumerate(parts)], 0)
+        return (w.t() if lin.transposed else w).contiguous()
+
+    def _bias(self, lin: Linear, g: UnitGrowth) -> torch.Tensor:
+        parts = self.ckpt.get(lin.bias).chunk(max(1, len(lin.fused)), 0)
+        return torch.cat([grow_bias(b, g) for b in parts], 0)
 
     def norm(self, norm: Norm, g: UnitGrowth) -> None:
         fills = {norm.weight: 1.0, norm.bias: 0.0, norm.running_mean: 0.0, norm.running_var: 1.0}
@@ -149,6 +147,19 @@ class WidthPlan:
                 self.set(name, (g.new,), lambda n=name, f=fill: grow_bias(self.ckpt.get(n), g, f))
 
     def planned(self) -> list[PlannedTensor]:
+        for e in self.grows.values():
+            lin, fan_in, fan_out, positions = e["lin"], e["fan_in"], e["fan_out"], e["positions"]
+            shape = list(self.ckpt.shape(lin.weight))
+            out_dim, in_dim = (1, 0) if lin.transposed else (0, 1)
+            parts = max(1, len(lin.fused))
+            if fan_out is not None:
+                shape[in_dim] = shape[in_dim] // fan_out.old * fan_out.new
+            if fan_in is not None:
+                shape[out_dim] = fan_in.new * parts
+                if lin.bias:
+                    self.set(lin.bias, (fan_in.new * parts,), lambda lin=lin, g=fan_in: self._bias(lin, g))
+            self.set(lin.weight, tuple(shape),
+                     lambda lin=lin, a=fan_in, b=fan_out, p=positions: self._weight(lin, a, b, p))
         out = []
         for name in self.ckpt:
             if name in self.changed:
@@ -159,75 +170,32 @@ class WidthPlan:
         return out
 
 
-def plan_chain(family: Family, plan: WidthPlan, factor: float, split: bool, gen: torch.Generator, report) -> None:
-    """MLP / sequential CNN: every conv or linear output except the last grows; BatchNorms follow."""
-    items = family.layers()
-    weights = [i for i, x in enumerate(items) if isinstance(x, Linear)]
-    if len(weights) < 2:
-        raise SurgeryError(f"{family.ckpt.path}: a single layer has no hidden units to grow")
-    growth: UnitGrowth | None = None
-    for pos, idx in enumerate(weights):
-        lin = items[idx]
-        last = pos == len(weights) - 1
-        is_linear = len(family.ckpt.shape(lin.weight)) == 2
-        positions = family.spatial_positions(lin.weight.rsplit(".", 1)[0]) if (
-            growth is not None and is_linear and hasattr(family, "spatial_positions")) else 1
-        new_growth = None if last else plan_units(family.ckpt.shape(lin.weight)[0], factor, split, gen)
-        plan.linear(lin, new_growth, growth, positions)
-        if new_growth is not None:
-            report.width_before[lin.weight] = new_growth.old
-            report.width_after[lin.weight] = new_growth.new
-            stop = weights[pos + 1]
-            for norm in items[idx + 1: stop]:
-                if isinstance(norm, Norm):
-                    plan.norm(norm, new_growth)
-        growth = new_growth
-
-
-def plan_transformer(family: Family, plan: WidthPlan, factor: float, split: bool, gen: torch.Generator, report
-                     ) -> int:
-    """Transformer blocks: the MLP's up (and gate) outputs grow, its down projection's inputs follow."""
-    inner = None
-    for i in range(family.num_layers):
-        lin = family.block_linears(i)
-        up = lin["up"]
-        size = family.ckpt.shape(up.weight)[1 if up.transposed else 0]
-        g = plan_units(size, factor, split, gen)
-        inner = g.new
-        for role in ("up", "gate"):
-            if role in lin:
-                plan.linear(lin[role], g, None)
-        plan.linear(lin["down"], None, g)
-        report.width_before[f"block {i} mlp"] = g.old
-        report.width_after[f"block {i} mlp"] = g.new
-    return inner
-
-
-def plan_resnet(family: Family, plan: WidthPlan, factor: float, split: bool, gen: torch.Generator, report
-                ) -> None:
-    """Residual blocks: conv1's outputs (and bn1) grow, conv2's inputs follow. The residual stream, whose
-    channels every block, shortcut and the head share, keeps its width, so shortcuts stay valid."""
-    for i, block in enumerate(family.blocks()):
-        lin = family.block_linears(i)
-        g = plan_units(family.ckpt.shape(lin["conv1"].weight)[0], factor, split, gen)
-        plan.linear(lin["conv1"], g, None)
-        plan.norm(family.block_norms(i)["bn1"], g)
-        plan.linear(lin["conv2"], None, g)
-        report.width_before[f"{block.prefix}inner"] = g.old
-        report.width_after[f"{block.prefix}inner"] = g.new
-
-
-def config_for_width(family: Family, inner: int) -> dict | None:
+def plan_groups(family: Family, plan: WidthPlan, factor: float, split: bool, gen: torch.Generator,
+                report: GrowReport) -> dict | None:
+    """Grow every group the family names (``width_groups()``); returns the new config.json."""
+    groups = family.width_groups()
+    if not groups:
+        raise SurgeryError(
+            f"{family.ckpt.path}: family '{family.name}' has no hidden units that width growth knows how to grow "
+            "(supported: MLPs, sequential CNNs, ResNets (block inner width), transformer blocks with up/down MLP "
+            "projections)"
+        )
+    sizes: dict[str, int] = {}
+    for group in groups:
+        g = plan_units(group.size, factor, split, gen)
+        for lin in group.producers:
+            plan.linear(lin, g, None)
+        for norm in group.norms:
+            plan.norm(norm, g)
+        for lin in group.consumers:
+            plan.linear(lin, None, g, group.positions)
+        report.width_before[group.name] = g.old
+        report.width_after[group.name] = g.new
+        if group.config_key and sizes.setdefault(group.config_key, g.new) != g.new:
+            raise SurgeryError(f"{family.ckpt.path}: config.json '{group.config_key}' holds one size, but the "
+                               "grown blocks differ in width")
     cfg = family.ckpt.config
-    if cfg is None:
-        return None
-    cfg = dict(cfg)
-    keys = [k for k in INTERMEDIATE_KEYS if k in cfg]
-    if not keys:
-        raise SurgeryError(f"{family.ckpt.path}: config.json names no MLP size ({', '.join(INTERMEDIATE_KEYS)})")
-    for k in keys:
-        cfg[k] = inner
-    return cfg
+    return None if cfg is None else {**cfg, **sizes}
 
 
 def grow_width(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progress: Progress = no_progress
@@ -242,19 +210,7 @@ def grow_width(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progres
     gen = torch.Generator().manual_seed(options.seed)
     report = new_report("width", [ckpt], out, family)
     plan = WidthPlan(ckpt, options)
-    config = ckpt.config
-    if family.name in CHAIN_FAMILIES:
-        plan_chain(family, plan, factor, options.split, gen, report)
-    elif family.name == "resnet":
-        plan_resnet(family, plan, factor, options.split, gen, report)
-    elif family.num_layers and {"up", "down"} <= set(family.block_linears(0)):
-        config = config_for_width(family, plan_transformer(family, plan, factor, options.split, gen, report))
-    else:
-        raise SurgeryError(
-            f"{ckpt.path}: family '{family.name}' has no hidden units that width growth knows how to grow "
-            "(supported: MLPs, sequential CNNs, ResNets (block inner width), transformer blocks with up/down MLP "
-            "projections)"
-        )
+    config = plan_groups(family, plan, factor, options.split, gen, report)
     check_output(out, options.force, [ckpt.path])
     report.function_preserving = True
     return write_grown(out, [ckpt], plan.planned(), options, report, config)

@@ -2,10 +2,11 @@
 transformer heads and residual stream as in Verma & Elbayad 2024, "Merging Text Transformer Models
 from Different Initializations").
 
-No tensor name is written here: MLPs and sequential CNNs use ``layers()``; ResNets use
-``residual_groups()``/``inner_groups()``; transformers use ``block_linears()``,
-``block_norms()``, ``attention``, ``embedding_names()`` and ``head_names()``; every other runnable family (a
-user's ``--model`` module) is traced with torch.fx (``fx_spec``).
+No tensor name and no family name is written here: chains (MLPs, sequential CNNs) use
+``chain_layers()``; ResNets give ``channel_groups()``; transformers use ``block_linears()`` (fused
+projections permuted per part), ``block_norms()``, ``attention``, ``rotary``, ``embedding_names()`` and
+``head_names()``; every other runnable family (a user's ``--model`` module) is traced with torch.fx
+(``fx_spec``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ def permutation_spec(family: Family, residual: bool = True) -> PermutationSpec:
     ``residual=False`` keeps the transformer residual stream fixed (identity)."""
     if family.attention is not None and family.num_layers > 0:
         spec = transformer_spec(family, residual=residual)
-    elif hasattr(family, "residual_groups") and hasattr(family, "inner_groups"):
-        spec = channel_group_spec(family, [*family.residual_groups(), *family.inner_groups()])
-    elif hasattr(family, "layers") and family.name in ("mlp", "cnn"):
+    elif family.channel_groups():
+        spec = channel_group_spec(family, family.channel_groups())
+    elif family.chain_layers():
         spec = mlp_spec(family)
     elif family.runnable:
         from modelsurgery.ops.match.fx_spec import fx_spec
@@ -44,7 +45,7 @@ def permutation_spec(family: Family, residual: bool = True) -> PermutationSpec:
 def norm_statistics(family: Family) -> set[str]:
     """BatchNorm running statistics: permuted with their channels, but data statistics, not
     weights, so they stay out of the matching objective."""
-    norms = [x for x in (family.layers() if hasattr(family, "layers") else []) if isinstance(x, Norm)]
+    norms = [x for x in family.layers() if isinstance(x, Norm)]
     for i in range(family.num_layers):
         norms += list(family.block_norms(i).values())
     return {n for norm in norms for n in (norm.running_mean, norm.running_var) if n}
@@ -71,7 +72,7 @@ def mlp_spec(family: Family) -> PermutationSpec:
     spec = PermutationSpec()
     ckpt = family.ckpt
     current: str | None = None
-    for layer in family.layers():
+    for layer in family.chain_layers():
         if isinstance(layer, Norm):
             if current is None:
                 raise SurgeryError(f"tensor '{layer.weight}': a norm before any weight layer (not permutable)")
@@ -122,14 +123,15 @@ def channel_group_spec(family: Family, groups: list) -> PermutationSpec:
     return spec
 
 
-def uses_rotary(family: Family) -> bool:
-    if getattr(family, "rotary", None) is not None:
-        return bool(family.rotary)
-    return any("rope" in k for k in family.config) or family.name == "llama"
-
-
 def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
-    """Residual stream (one group for all blocks), attention heads per block, MLP units per block."""
+    """Residual stream (one group for all blocks), attention heads per block, MLP units per block.
+
+    Fused projections are permuted per part: q|k|v concatenated (GPT-2, Phi-3, with grouped-query
+    attention too) as three segments of one axis, gate|up as two segments of the MLP units. Parts laid
+    out head by head (GPT-NeoX's ``query_key_value``) keep the heads in place (the residual stream and
+    the MLP units still permute). Norms of the residual width move with the stream, whatever their
+    formula (a (1 + w) weight is permuted like any other); per-head q/k norms (Qwen3, Gemma 3) are
+    shared by all heads, so whole heads move and the units within a head stay, as under RoPE."""
     spec = PermutationSpec()
     att = family.attention
     ckpt = family.ckpt
@@ -138,18 +140,20 @@ def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
     res = None
     if residual and family.output_kind == "logits" and hidden:
         res = [Segment(spec.add_group(PermGroup("residual", hidden)))]
-    rotary = uses_rotary(family)
     for i in range(family.num_layers):
         lin = family.block_linears(i)
-        heads = spec.add_group(PermGroup(
-            f"block{i}.heads", att.num_kv_heads, kind="heads", head_dim=att.head_dim,
-            q_per_kv=att.num_heads // att.num_kv_heads, rotary=rotary,
-        ))
-        if "qkv" in lin:
-            if att.num_kv_heads != att.num_heads:
-                raise SurgeryError(f"tensor '{lin['qkv'].weight}': fused qkv with grouped-query attention "
-                                   "is not supported")
-            linear_axes(spec, lin["qkv"], res, [Segment(heads, v) for v in ("q", "k", "v")])
+        norms = family.block_norms(i)
+        head_norms = [n for n in norms.values() if n.per_head]
+        fused = lin.get("qkv")
+        heads = None
+        if fused is None or not fused.per_head:
+            heads = spec.add_group(PermGroup(
+                f"block{i}.heads", att.num_kv_heads, kind="heads", head_dim=att.head_dim,
+                q_per_kv=att.num_heads // att.num_kv_heads, rotary=family.rotary or bool(head_norms),
+            ))
+        if fused is not None:
+            parts = [Segment(heads, v) for v in (fused.fused or ("q", "k", "v"))] if heads else None
+            linear_axes(spec, fused, res, parts)
         else:
             for role in ("q", "k", "v"):
                 if role not in lin:
@@ -157,16 +161,19 @@ def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
                 linear_axes(spec, lin[role], res, [Segment(heads, role)])
         if "o" not in lin:
             raise SurgeryError(f"{ckpt.path}: block {i} has no attention output projection (not permutable)")
-        linear_axes(spec, lin["o"], [Segment(heads, "o")], res)
-        if "up" in lin and "down" in lin:
-            up = lin["up"]
-            units = spec.add_group(PermGroup(f"block{i}.mlp", ckpt.shape(up.weight)[_in_out(up)[1]]))
-            for role in ("up", "gate"):
-                if role in lin:
-                    linear_axes(spec, lin[role], res, [Segment(units)])
+        linear_axes(spec, lin["o"], [Segment(heads, "o")] if heads else None, res)
+        producers = [lin[r] for r in ("up", "gate", "gate_up") if r in lin]
+        if producers and "down" in lin:
+            first = producers[0]
+            size = ckpt.shape(first.weight)[_in_out(first)[1]] // max(1, len(first.fused))
+            units = spec.add_group(PermGroup(f"block{i}.mlp", size))
+            for p in producers:
+                linear_axes(spec, p, res, [Segment(units)] * max(1, len(p.fused)))
             linear_axes(spec, lin["down"], [Segment(units)], res)
         if res:
-            for norm in family.block_norms(i).values():
+            for norm in norms.values():
+                if norm in head_norms:
+                    continue
                 for name in (norm.weight, norm.bias):
                     if name:
                         spec.add_axis(name, 0, *res)
