@@ -71,17 +71,20 @@ class Conv1D(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as LLaMA does."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 as LLaMA does. ``offset``
+    1.0 is Gemma's variant: scale by (1 + weight), also in float32, then round to the input dtype."""
 
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size) - offset)
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight.to(torch.float32))).to(dtype)
         return self.weight * h.to(dtype)
 
 
@@ -92,13 +95,18 @@ def positions(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attention_bias(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool,
-                   dtype: torch.dtype) -> torch.Tensor | None:
+                   dtype: torch.dtype, window: int | None = None) -> torch.Tensor | None:
     """Additive attention bias [B or 1, 1, T, T]: 0 where a query may attend, dtype's minimum elsewhere
-    (what transformers' eager attention adds). ``attention_mask`` [B, T]: 1 for tokens, 0 for padding."""
+    (what transformers' eager attention adds). ``attention_mask`` [B, T]: 1 for tokens, 0 for padding.
+    ``window`` (causal only): query i sees keys j with i - window < j <= i (Mistral's sliding window,
+    transformers' ``sliding_window_overlay``)."""
     allowed = None
     if causal:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        allowed = (pos.unsqueeze(0) <= pos.unsqueeze(1)).unsqueeze(0).unsqueeze(0)
+        allowed = pos.unsqueeze(0) <= pos.unsqueeze(1)
+        if window is not None:
+            allowed = allowed & (pos.unsqueeze(1) - pos.unsqueeze(0) < window)
+        allowed = allowed.unsqueeze(0).unsqueeze(0)
     if attention_mask is not None:
         keep = attention_mask.to(torch.bool).unsqueeze(1).unsqueeze(2)
         allowed = keep if allowed is None else allowed & keep
@@ -134,15 +142,18 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scaling: float,
-           softmax_fp32: bool = False) -> torch.Tensor:
+           softmax_fp32: bool = False, softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scaling + bias) v with q [B, H, T, d] and k, v [B, KV, T, d] (KV divides H:
-    grouped-query attention shares each key/value head among H/KV query heads). Returns [B, T, H*d]."""
+    grouped-query attention shares each key/value head among H/KV query heads). Returns [B, T, H*d].
+    ``softcap``: scores become softcap * tanh(scores / softcap) before the bias (Gemma 2)."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         b, kv, t, d = k.shape
         k = k.unsqueeze(2).expand(b, kv, groups, t, d).reshape(b, kv * groups, t, d)
         v = v.unsqueeze(2).expand(b, kv, groups, t, d).reshape(b, kv * groups, t, d)
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias
     if softmax_fp32:
