@@ -15,7 +15,7 @@ import typer
 from modelsurgery.cli.common import emit_json, out_console, user_errors
 from modelsurgery.errors import SurgeryError
 
-STEPS = ("inspect", "merge", "grow", "align", "quantize", "export")
+STEPS = ("inspect", "merge", "grow", "align", "quantize", "export", "fold")
 
 
 def find_fixtures(explicit: Path | None = None) -> Path:
