@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import typer
@@ -9,8 +10,30 @@ from rich.table import Table
 
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, user_errors
 from modelsurgery.ops.quantize import QuantizeOptions, quantize_checkpoint
+from modelsurgery.ops.quantize.base import all_methods
+from modelsurgery.ops.quantize.operation import FORMATS
+from modelsurgery.ops.quantize.params import all_params
 
 
+def with_method_flags(command):
+    """Add one ``--flag`` per parameter the quantization methods declare (``params.py``): the
+    declaration is the only definition; a flag left out takes the chosen method's default, which
+    the help lists per method."""
+    extra = []
+    for name, decls in all_params(all_methods()).items():
+        kind = decls[0][1].type
+        defaults = ", ".join(f"{m}: {p.default:g}" if isinstance(p.default, float) else f"{m}: {p.default}"
+                             for m, p in decls)
+        extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind | None,
+                                       default=typer.Option(None, decls[0][1].flag,
+                                                            help=f"{decls[0][1].help} Default: {defaults}.")))
+    sig = inspect.signature(command)
+    params = list(sig.parameters.values())
+    command.__signature__ = sig.replace(parameters=[p for p in params if p.kind != p.VAR_KEYWORD] + extra)
+    return command
+
+
+@with_method_flags
 def quantize_command(
     input: Path = typer.Argument(..., help="Input checkpoint: .safetensors file or a model folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output: a .safetensors file or a folder."),
@@ -28,13 +51,10 @@ def quantize_command(
                                "folder's tokenizer.json) or .safetensors/.pt/.npz with inputs or input_ids."),
     samples: int = typer.Option(128, "--samples", help="Calibration samples."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per calibration sample."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Samples per reconstruction step."),
-    steps: int = typer.Option(500, "--steps", help="Reconstruction steps per block (learned methods)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (cosine decay to 0)."),
     grid: str = typer.Option(None, "--grid", help="Grid init: minmax, or search (Lp clipping search). "
                              "Default: minmax for rtn, search for learned methods."),
-    fmt: str = typer.Option("fake", "--format", help="fake: float weights with the quantization applied; "
-                            "packed: integer codes, scales and zero points."),
+    fmt: str = typer.Option("fake", "--format", help=f"One of {', '.join(FORMATS)}. fake: float weights with "
+                            "the quantization applied; packed: integer codes, scales and zero points."),
     eval_data: Path = typer.Option(None, "--eval", help="Evaluate float vs quantized on this data file."),
     model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
     seed: int = typer.Option(0, "--seed", help="Random seed for batch order."),
@@ -45,12 +65,16 @@ def quantize_command(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    **method_params,
 ) -> None:
     """Quantize Linear and Conv weights to 2-8 bits, learning the rounding block by block.
 
     FlexRound (learned element-wise division) and AdaRound (learned up/down rounding) reconstruct
     each block's float output on calibration data; RTN rounds to nearest without data.
-    Embeddings and the output head stay float unless --no-default-skips.
+    Embeddings and the output head stay float unless --no-default-skips (embedding tables are then
+    rounded to nearest per row). Each method's flags (--steps, --lr, --batch-size; AdaRound's
+    --reg-weight, --beta-start, --beta-end, --warmup) default to the values of its paper or reference
+    code, and the values used are written to the output's provenance.
 
     Examples:\n
       surgery quantize mlp.safetensors -o q.safetensors --bits 3 --calib calib.safetensors\n
@@ -62,8 +86,8 @@ def quantize_command(
         options = QuantizeOptions(
             bits=bits, method=method, granularity=granularity, group_size=group_size, symmetric=symmetric,
             skip=list(skip), default_skips=not no_default_skips, calib=calib, samples=samples, seq_len=seq_len,
-            batch_size=batch_size, steps=steps, lr=lr, grid=grid, format=fmt, eval=eval_data, model=model,
-            seed=seed, low_memory=low_memory, force=force,
+            params={k: v for k, v in method_params.items() if v is not None}, grid=grid, format=fmt,
+            eval=eval_data, model=model, seed=seed, low_memory=low_memory, force=force,
         )
         with progress_bar(quiet or json_out) as progress:
             result = quantize_checkpoint(input, output, options, progress)
@@ -123,7 +147,8 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
     calib, evald = fixtures / "data" / "digits_calib.safetensors", fixtures / "data" / "digits_eval.safetensors"
     results = {}
     for method in ("rtn", "flexround"):
-        opts = QuantizeOptions(bits=3, method=method, calib=calib, samples=256, steps=300, eval=evald,
+        opts = QuantizeOptions(bits=3, method=method, calib=calib, samples=256, eval=evald,
+                               params={"steps": 300} if method != "rtn" else {},
                                default_skips=False, format="packed" if method == "flexround" else "fake",
                                force=True)
         r = quantize_checkpoint(model, workdir / f"mlp_{method}_3bit.safetensors", opts)

@@ -1,14 +1,20 @@
 """AdaRound (Nagel et al., ICML 2020, eq. 21-24): W_q = s * clamp(floor(W / s) + h(V) + z, 0, 2^b - 1),
 h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1) a rectified sigmoid, with the regulariser
-sum(1 - |2 h(V) - 1|^beta) pushing h to 0 or 1 while beta is annealed from 20 to 2 after a warm-up.
+lambda * sum(1 - |2 h(V) - 1|^beta) pushing h to 0 or 1 while beta is annealed linearly from 20 to 2
+after a warm-up without regulariser.
 
 V starts where h(V) equals the fractional part of W / s (so training starts from the float
 weight); after training h is made hard: up where V >= 0. The grid stays fixed.
 
+Defaults (``params``) are AIMET's ``AdaroundParameters`` (10,000 iterations, reg_param 0.01,
+beta_range (20, 2), warm_start 0.2), which are the paper's; BRECQ's ``block_reconstruction`` uses the
+same regulariser weight, beta range and warm-up with 20,000 iterations. Both train V with Adam at its
+default learning rate 1e-3 and no schedule, on batches of 32 (BRECQ).
+
 The fake-quantized weight and the regulariser are each one autograd node (``AdaRoundFakeQuant``,
 ``AdaRoundRegularizer``) that saves only the tensors it was given and recomputes floor(W / s) and
-h(V) in backward: the composed ops (kept as ``soft_codes`` and ``composed_regularizer``) would keep
-several weight-sized intermediates per weight alive until backward, and floor(W / s) is not stored.
+h(V) in backward: the composed ops would keep several weight-sized intermediates per weight alive
+until backward, and floor(W / s) is not stored.
 """
 
 from __future__ import annotations
@@ -17,11 +23,10 @@ import torch
 from torch import nn
 
 from modelsurgery.ops.quantize.base import WeightQuantizer, register
+from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS, MethodParam
 
 ZETA, GAMMA = 1.1, -0.1
-REG_WEIGHT = 0.01
-WARMUP = 0.2
-BETA_START, BETA_END = 20.0, 2.0
+AIMET = "AIMET AdaroundParameters default (the paper's value)"
 
 
 def _stretched(v: torch.Tensor) -> torch.Tensor:
@@ -63,28 +68,28 @@ class AdaRoundFakeQuant(torch.autograd.Function):
 
 
 class AdaRoundRegularizer(torch.autograd.Function):
-    """REG_WEIGHT * sum(1 - |2 h(V) - 1|^beta), saving only V. With x = 2h - 1:
-    dR/dh = -2 * REG_WEIGHT * beta * |x|^(beta - 1) * sign(x), then through the clip and the sigmoid as above."""
+    """weight * sum(1 - |2 h(V) - 1|^beta), saving only V. With x = 2h - 1:
+    dR/dh = -2 * weight * beta * |x|^(beta - 1) * sign(x), then through the clip and the sigmoid as above."""
 
     @staticmethod
-    def forward(ctx, v, beta):
+    def forward(ctx, v, beta, weight):
         ctx.save_for_backward(v)
-        ctx.beta = beta
+        ctx.beta, ctx.weight = beta, weight
         x = _stretched(v).clamp_(0, 1).mul_(2).sub_(1)
-        return REG_WEIGHT * x.abs_().pow_(beta).neg_().add_(1).sum()
+        return weight * x.abs_().pow_(beta).neg_().add_(1).sum()
 
     @staticmethod
     def backward(ctx, g):
         (v,) = ctx.saved_tensors
-        beta = ctx.beta
+        beta, weight = ctx.beta, ctx.weight
         s = torch.sigmoid(v)
         x = s.mul(ZETA - GAMMA).add_(GAMMA)
         in_h = (x >= 0).logical_and_(x <= 1)
         x.clamp_(0, 1).mul_(2).sub_(1)
         grad = x.sign().mul_(in_h)
         del in_h
-        grad.mul_(x.abs_().pow_(beta - 1).mul_(beta)).mul_(g * REG_WEIGHT * -2)
-        return _sigmoid_grad(grad, s, x), None
+        grad.mul_(x.abs_().pow_(beta - 1).mul_(beta)).mul_(g * weight * -2)
+        return _sigmoid_grad(grad, s, x), None, None
 
 
 @register
@@ -92,9 +97,23 @@ class AdaRoundQuantizer(WeightQuantizer):
     name = "adaround"
     learned = True
     default_grid = "search"
+    lr_schedule = "constant"  # BRECQ and AIMET: Adam on V without a schedule
+    params = (
+        STEPS.with_default(10_000, AIMET + "; BRECQ: 20,000"),
+        LR.with_default(1e-3, "Adam's default, used by AIMET and BRECQ"),
+        BATCH_SIZE.with_default(32, "BRECQ block_reconstruction"),
+        MethodParam("reg_weight", float, 0.01, "AdaRound: weight lambda of the rounding regulariser.", AIMET,
+                    minimum=0.0),
+        MethodParam("beta_start", float, 20.0, "AdaRound: regulariser exponent beta at the end of the warm-up.",
+                    AIMET, minimum=0.0),
+        MethodParam("beta_end", float, 2.0, "AdaRound: regulariser exponent beta at the last step.", AIMET,
+                    minimum=0.0),
+        MethodParam("warmup", float, 0.2, "AdaRound: fraction of the steps trained without the regulariser.",
+                    AIMET, minimum=0.0, maximum=1.0),
+    )
 
-    def __init__(self, weight, scheme, transposed=False, grid=None, tensor_name="weight"):
-        super().__init__(weight, scheme, transposed, grid, tensor_name)
+    def __init__(self, weight, scheme, transposed=False, grid=None, tensor_name="weight", settings=None):
+        super().__init__(weight, scheme, transposed, grid, tensor_name, settings)
         scaled = self.w / self.scale0
         rest = (scaled - torch.floor(scaled)).clamp(0.01, 0.99)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -107,33 +126,22 @@ class AdaRoundQuantizer(WeightQuantizer):
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
-    def soft_codes(self) -> torch.Tensor:
-        """The composed form (autograd through every op); ``forward`` computes the same in one node."""
-        return torch.clamp(self.floor + self.h() + self.zero, 0, self.scheme.qmax)
-
     def hard_codes(self) -> torch.Tensor:
         return torch.clamp(self.floor + (self.v >= 0).float() + self.zero, 0, self.scheme.qmax)
 
     def forward(self) -> torch.Tensor:
         return self.to_stored(AdaRoundFakeQuant.apply(self.w, self.v, self.scale0, self.zero, self.scheme.qmax))
 
-    @staticmethod
-    def beta(progress: float) -> float | None:
+    def beta(self, progress: float) -> float | None:
         """The annealed exponent at ``progress`` (0 to 1) of training; None during the warm-up."""
-        if progress < WARMUP:
+        warmup, start, end = self.settings["warmup"], self.settings["beta_start"], self.settings["beta_end"]
+        if progress < warmup:
             return None
-        t = (progress - WARMUP) / (1 - WARMUP)
-        return BETA_END + (BETA_START - BETA_END) * (1 - t)
-
-    def composed_regularizer(self, progress: float) -> torch.Tensor:
-        """The composed form of ``regularizer`` (autograd through every op)."""
-        beta = self.beta(progress)
-        if beta is None:
-            return self.w.new_zeros(())
-        return REG_WEIGHT * (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+        t = (progress - warmup) / (1 - warmup)
+        return end + (start - end) * (1 - t)
 
     def regularizer(self, progress: float) -> torch.Tensor:
         beta = self.beta(progress)
         if beta is None:
             return self.w.new_zeros(())
-        return AdaRoundRegularizer.apply(self.v, beta)
+        return AdaRoundRegularizer.apply(self.v, beta, self.settings["reg_weight"])

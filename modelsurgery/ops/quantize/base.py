@@ -4,12 +4,17 @@ registered by name (RTN; AdaRound, Nagel et al. 2020; FlexRound, Lee et al. ICML
 A quantizer owns one weight: it builds the initial grid, returns the fake-quantized weight
 (differentiable in its learned parameters) for block reconstruction, and finally exports integer
 codes, the grid and the dequantized weight, which are exactly what the packed and fake outputs hold.
+
+A method declares its parameters (``params``: steps, learning rate, regulariser ...) with their
+defaults from its paper or reference code (``params.py``); the quantizer receives the resolved
+values as ``settings``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +31,7 @@ from modelsurgery.ops.quantize.grids import (
     make_grid,
     to_matrix,
 )
+from modelsurgery.ops.quantize.params import BATCH_SIZE, MethodParam, resolve_params
 
 METHODS: dict[str, type[WeightQuantizer]] = {}
 
@@ -41,6 +47,11 @@ def method_by_name(name: str) -> type[WeightQuantizer]:
     if name not in METHODS:
         raise SurgeryError(f"--method {name}: expected one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def all_methods() -> list[type[WeightQuantizer]]:
+    method_by_name("rtn")  # registration
+    return [METHODS[k] for k in sorted(METHODS)]
 
 
 @dataclass
@@ -75,10 +86,20 @@ class WeightQuantizer(nn.Module):
     learned: ClassVar[bool] = False
     #: grid initialisation when the user does not choose one
     default_grid: ClassVar[str] = "minmax"
+    #: the method's parameters with their defaults (the one definition of each default)
+    params: ClassVar[tuple[MethodParam, ...]] = (BATCH_SIZE,)
+    #: learning-rate schedule over the steps: "constant" or "cosine" (decay to 0)
+    lr_schedule: ClassVar[str] = "constant"
+
+    @classmethod
+    def resolve(cls, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Every declared parameter's value: ``given`` where set, else the method's default."""
+        return resolve_params(cls.name, cls.params, given or {})
 
     def __init__(self, weight: torch.Tensor, scheme: QuantScheme, transposed: bool = False,
-                 grid: str | None = None, tensor_name: str = "weight"):
+                 grid: str | None = None, tensor_name: str = "weight", settings: Mapping[str, Any] | None = None):
         super().__init__()
+        self.settings = self.resolve(settings)
         self.scheme = scheme
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
@@ -96,10 +117,6 @@ class WeightQuantizer(nn.Module):
     def grid(self) -> Grid:
         return Grid(self.scale0, self.zero)
 
-    def soft_codes(self) -> torch.Tensor:
-        """Codes used during training (may carry gradients through an STE or soft rounding)."""
-        return codes(self.w, self.grid(), self.scheme)
-
     def hard_codes(self) -> torch.Tensor:
         return codes(self.w, self.grid(), self.scheme)
 
@@ -111,8 +128,9 @@ class WeightQuantizer(nn.Module):
         return from_matrix(g.reshape(self.rows, self.row_length), self.shape, self.transposed)
 
     def forward(self) -> torch.Tensor:
-        """The fake-quantized weight in the stored layout (float32)."""
-        return self.to_stored(dequantize(self.soft_codes(), self.grid()))
+        """The fake-quantized weight in the stored layout (float32); learned methods make it
+        differentiable in their parameters."""
+        return self.to_stored(dequantize(self.hard_codes(), self.grid()))
 
     @torch.no_grad()
     def export(self) -> QuantizedWeight:

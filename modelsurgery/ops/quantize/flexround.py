@@ -7,6 +7,11 @@ gradient straight through. Division lets each weight's effective grid move in pr
 magnitude. As in the official code, the integer zero point of an asymmetric grid is fixed at
 initialisation: q = clamp(round(W / div) + z, 0, 2^b - 1) and W_q = (q - z) * s1.
 
+Defaults (``params``): 5,000 iterations at learning rate 3e-3 with cosine decay to 0, as the
+official FlexRound/LRQ code's LLaMA-2 scripts (``iters_w=5000``, ``w_lr=3e-3``, Adam with
+``CosineAnnealingLR``); batches of 32 calibration samples as BRECQ, on which its image-model code
+builds (the LLaMA scripts use 1 sequence a step).
+
 The fake-quantized weight is one autograd node (``FlexRoundFakeQuant``) that saves nothing but the
 tensors it was given and recomputes W / div in backward: the composed ops would keep four
 weight-sized intermediates per weight alive until backward, which is most of a block's training
@@ -21,7 +26,8 @@ import torch
 from torch import nn
 
 from modelsurgery.ops.quantize.base import WeightQuantizer, register
-from modelsurgery.ops.quantize.grids import Grid, round_ste
+from modelsurgery.ops.quantize.grids import Grid
+from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS
 
 
 def _scaled(w, log_s1, log_s2, log_s3, log_s4) -> torch.Tensor:
@@ -76,9 +82,15 @@ class FlexRoundQuantizer(WeightQuantizer):
     name = "flexround"
     learned = True
     default_grid = "search"
+    lr_schedule = "cosine"
+    params = (
+        STEPS.with_default(5000, "FlexRound/LRQ reference scripts (iters_w)"),
+        LR.with_default(3e-3, "FlexRound/LRQ reference scripts (w_lr), cosine decay to 0"),
+        BATCH_SIZE.with_default(32, "BRECQ block_reconstruction"),
+    )
 
-    def __init__(self, weight, scheme, transposed=False, grid=None, tensor_name="weight"):
-        super().__init__(weight, scheme, transposed, grid, tensor_name)
+    def __init__(self, weight, scheme, transposed=False, grid=None, tensor_name="weight", settings=None):
+        super().__init__(weight, scheme, transposed, grid, tensor_name, settings)
         self.log_s1 = nn.Parameter(self.scale0.log().clone())
         self.log_s2 = nn.Parameter(torch.zeros_like(self.w))
         self.log_s3 = nn.Parameter(torch.zeros(self.rows, 1, 1))
@@ -100,10 +112,6 @@ class FlexRoundQuantizer(WeightQuantizer):
         if self.log_s4 is not None:
             log_div = log_div + self._log_s4()
         return log_div.exp()
-
-    def soft_codes(self) -> torch.Tensor:
-        """The composed form (autograd through every op); ``forward`` computes the same in one node."""
-        return torch.clamp(round_ste(self.w / self.divisor()) + self.zero, 0, self.scheme.qmax)
 
     def hard_codes(self) -> torch.Tensor:
         return torch.clamp(torch.round(self.w / self.divisor()) + self.zero, 0, self.scheme.qmax)

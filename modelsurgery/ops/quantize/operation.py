@@ -1,17 +1,22 @@
 """`surgery quantize`: post-training weight quantization of a checkpoint with RTN, AdaRound
 (Nagel et al. 2020) or FlexRound (Lee et al., ICML 2023), reconstructed block by block.
 
-Writes fake-quantized float weights under the same names, or the packed format (``packing.py``).
+Writes fake-quantized float weights under the same names, or the packed format (``packing.py``);
+``FORMATS`` maps each output format to the function that turns one quantized weight into the
+tensors written for it. Each method's parameters (steps, learning rate, regulariser ...) come from
+its declaration (``params.py``); ``QuantizeOptions.params`` overrides some of them, and the values
+used are written to the output's provenance.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,10 +31,10 @@ from modelsurgery.checkpoint import (
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
-from modelsurgery.ops.quantize.base import method_by_name
+from modelsurgery.ops.quantize.base import QuantizedWeight, method_by_name
 from modelsurgery.ops.quantize.compare import compare_models
 from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
-from modelsurgery.ops.quantize.packing import METADATA_KEY, layer_entry, packed_tensors
+from modelsurgery.ops.quantize.packing import METADATA_KEY, layer_entry, packed_tensors, scheme_metadata
 from modelsurgery.ops.quantize.reconstruct import (
     Progress,
     ReconstructOptions,
@@ -37,7 +42,21 @@ from modelsurgery.ops.quantize.reconstruct import (
     reconstruct_blocks,
 )
 
-FORMATS = ("fake", "packed")
+
+def fake_tensors(name: str, qw: QuantizedWeight, bits: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The dequantized weight under its own name and dtype."""
+    return {name: qw.dequantized.to(dtype)}
+
+
+def _packed(name: str, qw: QuantizedWeight, bits: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return packed_tensors(name, qw, bits)
+
+
+#: output format -> (name, quantized weight, bits, the checkpoint's dtype) -> tensors to write
+FORMATS: dict[str, Callable[[str, QuantizedWeight, int, torch.dtype], dict[str, torch.Tensor]]] = {
+    "fake": fake_tensors,
+    "packed": _packed,
+}
 
 
 @dataclass
@@ -52,9 +71,9 @@ class QuantizeOptions:
     calib: Path | None = None
     samples: int = 128
     seq_len: int = 128
-    batch_size: int = 32
-    steps: int = 500
-    lr: float = 1e-3
+    #: the method's parameters to override (steps, lr, batch_size, reg_weight ...: ``method.params``);
+    #: any left out, or None, take the method's default
+    params: dict[str, Any] = field(default_factory=dict)
     grid: str | None = None
     format: str = "fake"
     eval: Path | None = None
@@ -90,12 +109,6 @@ def _skipped(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") for p in patterns)
 
 
-def _scheme_metadata(opts: QuantizeOptions, layers: dict[str, dict]) -> dict[str, str]:
-    return {METADATA_KEY: json.dumps({
-        "format": opts.format, "method": opts.method, **opts.scheme.to_dict(), "layers": layers,
-    }, sort_keys=True)}
-
-
 def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_len: int | None,
               module) -> Dataset:
     """Read calibration or evaluation data and check it fits the model (one forward pass)."""
@@ -128,8 +141,9 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
     scheme = opts.scheme
     scheme.validate()
     method = method_by_name(opts.method)
+    settings = method.resolve(opts.params)
     if opts.format not in FORMATS:
-        raise SurgeryError(f"--format {opts.format}: expected fake or packed")
+        raise SurgeryError(f"--format {opts.format}: expected one of {', '.join(FORMATS)}")
     ckpt = Checkpoint.open(path)
     family = detect_family(ckpt, opts.model)
     if not family.runnable:
@@ -139,6 +153,7 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
     check_output(out, opts.force, [path])
 
     model = family.build_module()
+    ckpt.close()  # the module holds the weights: the mapped file need not stay resident
     targets = find_targets(model)
     patterns = list(opts.skip)
     if opts.default_skips:
@@ -152,45 +167,47 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
         rows = shape[1] if t.transposed else shape[0]
         group_size_for(scheme, (int(torch.tensor(shape).prod()) // rows), t.name)
     if not targets:
-        raise SurgeryError(f"{path}: no Linear or Conv weight left to quantize (check --skip)")
+        raise SurgeryError(f"{path}: no Linear, Conv or Embedding weight left to quantize (check --skip)")
 
     calib = []
     if opts.calib is not None:
         data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, opts.seq_len, model)
-        calib = list(data.batches(opts.batch_size, family))
+        calib = list(data.batches(settings["batch_size"], family))
     eval_data = None
     if opts.eval is not None:
         eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
 
     result = reconstruct_blocks(
         model, targets, calib, scheme, method,
-        ReconstructOptions(steps=opts.steps, lr=opts.lr, grid=opts.grid, seed=opts.seed,
-                           low_memory=opts.low_memory), progress)
+        ReconstructOptions(settings=settings, grid=opts.grid, seed=opts.seed, low_memory=opts.low_memory),
+        progress)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak (Linux: KiB)
 
     layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}
     planned = []
+    tensors_for = FORMATS[opts.format]
     for name in ckpt.keys():  # noqa: SIM118 - Checkpoint is not iterable
         qw = result.weights.get(name)
         if qw is None:
             planned.append(plan_copy(ckpt, name))
-        elif opts.format == "fake":
-            planned.append(plan_tensor(name, qw.dequantized.to(ckpt.info(name).dtype)))
         else:
-            planned += [plan_tensor(k, v) for k, v in packed_tensors(name, qw, opts.bits).items()]
+            planned += [plan_tensor(k, v) for k, v in tensors_for(name, qw, opts.bits, ckpt.info(name).dtype).items()]
     params = {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items() if k != "force"}
+    params["params"] = settings  # the values used, defaults included
     report = write_checkpoint(
         out, planned, provenance=Provenance("quantize", params, ckpt.source_files),
         metadata={**{k: v for k, v in ckpt.metadata.items() if k.startswith("modelsurgery.") and k != METADATA_KEY},
-                  **_scheme_metadata(opts, layers)},
+                  **scheme_metadata(opts.format, opts.method, scheme.to_dict(), layers)},
         config=ckpt.config, extra_files=ckpt.extra_files(), force=opts.force,
     )
     evaluation = None
     if eval_data is not None:  # the float side is built again: calibration never holds two models
-        evaluation = compare_models(family.build_module(), model, family, eval_data)
+        reference = family.build_module()
+        ckpt.close()
+        evaluation = compare_models(reference, model, family, eval_data)
     return QuantizeResult(
         output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
-                                                      **scheme.to_dict(), "steps": opts.steps, "lr": opts.lr,
+                                                      **scheme.to_dict(), **settings,
                                                       "samples": opts.samples if calib else 0},
         layers=layers, skipped=skipped, blocks=[b.to_dict() for b in result.blocks],
         seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20,

@@ -1,15 +1,26 @@
-"""The packed quantized checkpoint format: unsigned codes as a little-endian bit stream per row.
+"""The packed quantized checkpoint format, its one owner: writing, reading, validating, dequantizing.
 
-For a weight ``X.weight`` (rows = output channels, row length R): ``X.weight.qweight`` uint8
-[out, ceil(R * bits / 8)] (LSB first: at 4 bits element 2j is the low nibble of byte j),
-``X.weight.scale`` float32 and ``X.weight.zero_point`` uint8 of shape [1, 1] (tensor), [out, 1]
-(channel) or [out, R / G] (group). W = (q - zero_point) * scale. The safetensors metadata key
-``modelsurgery.quantization`` holds the scheme and, per weight, its stored shape.
+Affine weight quantization, W = (q - zero_point) * scale (Jacob et al., 2018, eq. 1), per tensor,
+per output channel, or per group of ``group_size`` consecutive elements of a row. A weight
+``X.weight`` of shape [out, in, *k] is seen as rows of length R = in * prod(k) (an embedding table:
+one row per token); one stored (in, out), as GPT-2's Conv1D, has its columns as rows:
+
+- ``X.weight.qweight``    uint8 [rows, ceil(R * bits / 8)], unsigned codes as a little-endian bit
+  stream per row (at 4 bits element 2j is the low nibble of byte j);
+- ``X.weight.scale``      float32 [1, 1] (tensor), [rows, 1] (channel) or [rows, ceil(R / G)] (group);
+- ``X.weight.zero_point`` uint8, the shape of the scale.
+
+The safetensors metadata key ``modelsurgery.quantization`` holds a JSON record: the format ("fake"
+or "packed"), the method, the scheme and ``layers``: per quantized weight its stored ``shape``,
+``bits`` (1 to 8), ``group_size`` and ``"transposed": true`` for weights stored (in, out).
+``surgery quantize`` writes 2 to 8 bits; the reader accepts every width the layout defines.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,12 +30,14 @@ from modelsurgery.ops.quantize.base import QuantizedWeight
 
 METADATA_KEY = "modelsurgery.quantization"
 SUFFIXES = (".qweight", ".scale", ".zero_point")
+MIN_BITS, MAX_BITS = 1, 8
 
 
+# ----- bit streams ------------------------------------------------------------------------------
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """[rows, R] integer codes in [0, 2^bits) -> uint8 [rows, ceil(R * bits / 8)]."""
-    if not 2 <= bits <= 8:
-        raise SurgeryError(f"bit width {bits}: expected 2 to 8")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise SurgeryError(f"bit width {bits}: the packed format holds {MIN_BITS} to {MAX_BITS} bits")
     a = q.to(torch.int64).cpu().numpy()
     if a.size and (a.min() < 0 or a.max() >= 2**bits):
         raise SurgeryError(f"codes out of range for {bits} bits")
@@ -34,16 +47,19 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(np.packbits(bitstream, axis=1, bitorder="little"))
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of ``pack_codes``: uint8 [rows, bytes] -> int64 [rows, length]."""
-    a = packed.cpu().numpy()
-    if a.shape[1] != -(-length * bits // 8):
-        raise SurgeryError(f"packed row of {a.shape[1]} bytes cannot hold {length} codes of {bits} bits")
-    bitstream = np.unpackbits(a, axis=1, count=length * bits, bitorder="little").astype(np.int64)
-    values = (bitstream.reshape(a.shape[0], length, bits) << np.arange(bits, dtype=np.int64)).sum(-1)
-    return torch.from_numpy(values)
+def unpack_codes(packed: np.ndarray | torch.Tensor, bits: int, length: int) -> np.ndarray:
+    """Inverse of ``pack_codes``: uint8 [rows, bytes] -> uint8 codes [rows, length]."""
+    a = packed.cpu().numpy() if isinstance(packed, torch.Tensor) else np.asarray(packed)
+    if a.ndim != 2 or a.shape[1] != math.ceil(length * bits / 8):
+        raise SurgeryError(f"packed rows of shape {tuple(a.shape)} cannot hold {length} codes of {bits} bits")
+    if bits == 8:
+        return a[:, :length].astype(np.uint8)
+    stream = np.unpackbits(a, axis=1, count=length * bits, bitorder="little")
+    stream = stream.reshape(a.shape[0], length, bits)
+    return (stream << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint16).astype(np.uint8)
 
 
+# ----- writing ----------------------------------------------------------------------------------
 def packed_tensors(name: str, qw: QuantizedWeight, bits: int) -> dict[str, torch.Tensor]:
     return {
         f"{name}.qweight": pack_codes(qw.codes, bits),
@@ -59,31 +75,143 @@ def layer_entry(shape: tuple[int, ...], bits: int, qw: QuantizedWeight) -> dict:
     return entry
 
 
-def dequantize_packed(tensors: dict[str, torch.Tensor], name: str, entry: dict) -> torch.Tensor:
-    """The float32 weight ``name`` from its packed tensors and metadata entry."""
-    shape, bits, transposed = tuple(entry["shape"]), int(entry["bits"]), bool(entry.get("transposed"))
-    rows = shape[1] if transposed else shape[0]
-    length = (int(np.prod(shape)) // rows) if shape else 1
-    q = unpack_codes(tensors[f"{name}.qweight"], bits, length).float()
-    scale, zero = tensors[f"{name}.scale"].float(), tensors[f"{name}.zero_point"].float()
-    group = length // scale.shape[1]
-    w = ((q.reshape(rows, -1, group) - zero[..., None]) * scale[..., None]).reshape(rows, length)
-    return w.t().contiguous() if transposed else w.reshape(shape)
+def scheme_metadata(fmt: str, method: str, scheme: dict, layers: dict[str, dict]) -> dict[str, str]:
+    """The safetensors metadata entry that describes a quantized checkpoint."""
+    return {METADATA_KEY: json.dumps({"format": fmt, "method": method, **scheme, "layers": layers}, sort_keys=True)}
 
 
-def read_scheme(metadata: dict) -> dict | None:
+# ----- reading ----------------------------------------------------------------------------------
+def read_scheme(metadata: dict, source: object = "checkpoint") -> dict | None:
+    """The parsed quantization record of a checkpoint's ``metadata``, or None for a float checkpoint."""
     raw = metadata.get(METADATA_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise SurgeryError(f"{source}: metadata '{METADATA_KEY}' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict):
+        raise SurgeryError(f"{source}: metadata '{METADATA_KEY}' has no 'layers' table")
+    return meta
+
+
+@dataclass
+class PackedWeight:
+    """One quantized weight, unpacked: ``codes`` uint8 [rows, R]; ``scale``/``zero_point`` [rows, n_groups]."""
+
+    name: str
+    shape: tuple[int, ...]
+    bits: int
+    group_size: int | None  # None: the whole row (per channel) or the whole tensor (per tensor)
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    #: stored (in, out) like GPT-2's Conv1D while the rows are its output channels (metadata "transposed")
+    transposed: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.shape[1] if self.transposed else self.shape[0]
+
+    @property
+    def row_length(self) -> int:
+        return self.shape[0] if self.transposed else math.prod(self.shape[1:])
+
+    def to_stored(self, rows: torch.Tensor) -> torch.Tensor:
+        """A [rows, R] matrix in the checkpoint's stored shape."""
+        return rows.t().contiguous() if self.transposed else rows.reshape(self.shape)
+
+    @property
+    def granularity(self) -> str:
+        if self.scale.shape == (1, 1) and self.rows > 1:
+            return "tensor"
+        return "channel" if self.scale.shape[1] == 1 else "group"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(q - zero_point) * scale in ``dtype`` (as DequantizeLinear computes it), in the stored shape."""
+        q = torch.from_numpy(self.codes.astype(np.int32))
+        zp = torch.from_numpy(self.zero_point.astype(np.int32))
+        scale = torch.from_numpy(self.scale).to(dtype)
+        size = self.row_length if self.granularity != "group" else (self.group_size or self.row_length)
+        zp_full = zp.repeat_interleave(size, dim=1)[:, : self.row_length]
+        s_full = scale.repeat_interleave(size, dim=1)[:, : self.row_length]
+        return self.to_stored((q - zp_full).to(dtype) * s_full)
+
+
+def read_packed_weight(ckpt, name: str, layer: dict) -> PackedWeight:
+    """Unpack ``name`` (a weight listed in the metadata of ``ckpt``) and validate it against the format."""
+    for suffix in SUFFIXES:
+        if name + suffix not in ckpt:
+            raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has no tensor '{name}{suffix}'")
+    try:
+        shape = tuple(int(d) for d in layer["shape"])
+        bits = int(layer["bits"])
+    except (KeyError, TypeError, ValueError):
+        raise SurgeryError(f"{ckpt.path}: quantization entry for '{name}' needs 'shape' and 'bits'") from None
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has {bits} bits; "
+                           f"{MIN_BITS} to {MAX_BITS} are supported")
+    transposed = bool(layer.get("transposed", False))
+    if transposed and len(shape) != 2:
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' is marked transposed but has shape {shape}")
+    if not shape:
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has an empty shape")
+    rows, length = (shape[1], shape[0]) if transposed else (shape[0], math.prod(shape[1:]))
+    packed = ckpt.get(name + ".qweight").numpy()
+    want = (rows, math.ceil(length * bits / 8))
+    if packed.dtype != np.uint8 or tuple(packed.shape) != want:
+        raise SurgeryError(
+            f"{ckpt.path}: tensor '{name}.qweight' is {packed.dtype} {tuple(packed.shape)}, expected uint8 {want} "
+            f"for shape {shape} at {bits} bits"
+        )
+    scale = ckpt.get(name + ".scale").to(torch.float32).numpy()
+    zero_point = ckpt.get(name + ".zero_point").numpy()
+    if scale.ndim != 2 or scale.shape[0] not in (1, rows) or tuple(zero_point.shape) != tuple(scale.shape):
+        raise SurgeryError(
+            f"{ckpt.path}: tensors '{name}.scale' {tuple(scale.shape)} and '{name}.zero_point' "
+            f"{tuple(zero_point.shape)} do not fit a weight of {rows} rows"
+        )
+    if zero_point.dtype != np.uint8:
+        raise SurgeryError(f"{ckpt.path}: tensor '{name}.zero_point' is {zero_point.dtype}, expected uint8")
+    if scale.shape[0] == 1 and rows > 1:
+        if scale.shape[1] != 1:
+            raise SurgeryError(f"{ckpt.path}: tensor '{name}.scale' {tuple(scale.shape)}: one row of groups "
+                               "for several weight rows is not in the packed format")
+        group = None
+    else:
+        groups = scale.shape[1]
+        stated = int(layer.get("group_size") or 0)
+        group = None if groups == 1 else (stated or math.ceil(length / groups))
+        if group is not None and math.ceil(length / group) != groups:
+            raise SurgeryError(f"{ckpt.path}: tensor '{name}.scale' has {groups} groups, which does not fit rows "
+                               f"of {length} elements in groups of {group}")
+    codes = unpack_codes(packed, bits, length)
+    if int(zero_point.max(initial=0)) >= 1 << bits or int(codes.max(initial=0)) >= 1 << bits:
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has codes or zero points above {bits} bits")
+    return PackedWeight(name, shape, bits, group, codes, np.ascontiguousarray(scale), zero_point.copy(), transposed)
+
+
+def read_packed(ckpt) -> list[PackedWeight]:
+    """Every quantized weight of a packed checkpoint (empty for a float or fake-quantized checkpoint)."""
+    meta = read_scheme(ckpt.metadata, ckpt.path)
+    if meta is None or meta.get("format", "packed") != "packed":
+        return []
+    return [read_packed_weight(ckpt, name, layer or {}) for name, layer in meta["layers"].items()]
+
+
+def dequantized_state(ckpt, weights: list[PackedWeight], dtype: torch.dtype = torch.float32
+                      ) -> dict[str, torch.Tensor]:
+    """The float state dict a packed checkpoint stands for: packed triples replaced by ``X.weight``."""
+    packed_names = {w.name + s for w in weights for s in SUFFIXES}
+    state = {k: ckpt.get(k) for k in ckpt.keys() if k not in packed_names}  # noqa: SIM118 (no __iter__)
+    for w in weights:
+        state[w.name] = w.dequantize(dtype)
+    return state
 
 
 def dequantize_checkpoint(ckpt) -> dict[str, torch.Tensor]:
     """A packed checkpoint's state dict with every quantized weight dequantized to float32."""
-    scheme = read_scheme(ckpt.metadata)
+    scheme = read_scheme(ckpt.metadata, ckpt.path)
     if not scheme or scheme.get("format") != "packed":
         raise SurgeryError(f"{ckpt.path}: not a packed quantized checkpoint (no {METADATA_KEY} metadata)")
-    layers = scheme["layers"]
-    owned = {f"{n}{s}": n for n in layers for s in SUFFIXES}
-    state = {k: ckpt.get(k) for k in ckpt.keys() if k not in owned}  # noqa: SIM118
-    for name, entry in layers.items():
-        state[name] = dequantize_packed({f"{name}{s}": ckpt.get(f"{name}{s}") for s in SUFFIXES}, name, entry)
-    return state
+    return dequantized_state(ckpt, read_packed(ckpt))

@@ -11,13 +11,18 @@ kept either: they are recomputed from the float32 weight when the packed output 
 
 With ``low_memory`` (the default), while a block trains, the C allocator's free pages are handed
 back to the OS after every step and before every backward pass, and allocations from 1 MB get their
-own mapping (``memory.py``): without that, glibc keeps the holes that one step's transients leave
-in its heap, and resident memory grows by half again over what is live. The price is page faults
-on every step's allocations, which on small blocks can double the training time.
+own mapping for the duration of the calibration only (``memory.py``): without that, glibc keeps the
+holes that one step's transients leave in its heap, and resident memory grows by half again over
+what is live. The price is page faults on every step's allocations, which on small blocks can
+double the training time.
 
-Loss: squared error summed over each sample's features (padding positions left out), averaged over
-the batch; Adam with cosine learning-rate decay. Weights are found through the built module's own
-parameters and mapped to checkpoint names by identity.
+Loss, as BRECQ's and FlexRound's ``lp_loss``: squared error summed over the feature dimension only
+and averaged over everything else (samples, positions, pixels; padding positions left out), so that
+a regulariser's weight means the same for an MLP layer, a conv block and a transformer block. The
+feature dimension is the channel axis (1) of a block made of convolutions, else the last one. Adam,
+with the learning rate, steps, batch size and schedule the method declares. Weights are found
+through the built module's own parameters and mapped to checkpoint names by identity. Embedding
+tables (quantized only when asked) are rounded to nearest per row, whatever the method.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from modelsurgery.memory import map_large_allocations, release_freed_memory
+from modelsurgery.memory import large_allocations_mapped, release_freed_memory
 from modelsurgery.ops.quantize.base import QuantizedWeight, WeightQuantizer
 from modelsurgery.ops.quantize.grids import QuantScheme
 from modelsurgery.ops.quantize.rtn import RTNQuantizer
@@ -43,10 +48,12 @@ MAP_FROM_BYTES = 1 << 20
 
 @dataclass
 class Target:
-    """A weight to quantize: its checkpoint name and whether it is stored (in, out)."""
+    """A weight to quantize: its checkpoint name, whether it is stored (in, out), and whether it is
+    an embedding table (rounded to nearest per row: a lookup has no input to reconstruct)."""
 
     name: str
     transposed: bool = False
+    embedding: bool = False
 
 
 @dataclass
@@ -67,8 +74,8 @@ class BlockReport:
 
 @dataclass
 class ReconstructOptions:
-    steps: int = 500
-    lr: float = 1e-3
+    #: the method's resolved parameters (``WeightQuantizer.resolve``); empty: its defaults
+    settings: dict = field(default_factory=dict)
     grid: str | None = None
     seed: int = 0
     #: return freed memory to the OS at every step, and map allocations from MAP_FROM_BYTES
@@ -81,9 +88,12 @@ class ReconstructResult:
     blocks: list[BlockReport] = field(default_factory=list)
 
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def is_quantizable(module: nn.Module) -> tuple[bool, bool]:
-    """(quantize its weight?, stored transposed?) for Linear, Conv and transformers' Conv1D."""
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    """(quantize its weight?, stored transposed?) for Linear, Conv, Embedding and transformers' Conv1D."""
+    if isinstance(module, (nn.Linear, nn.Embedding, *CONVS)):
         return True, False
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
         return True, True  # GPT-2: weight stored (in, out)
@@ -91,22 +101,33 @@ def is_quantizable(module: nn.Module) -> tuple[bool, bool]:
 
 
 def find_targets(model: nn.Module) -> dict[int, Target]:
-    """id(weight parameter) -> Target for every quantizable layer of ``model``."""
+    """id(weight parameter) -> Target for every quantizable layer of ``model`` (a weight shared by
+    an embedding and a head is one target, an embedding)."""
     names = {id(p): n for n, p in model.named_parameters()}
     found: dict[int, Target] = {}
     for module in model.modules():
         ok, transposed = is_quantizable(module)
         if ok and id(module.weight) in names:
-            found[id(module.weight)] = Target(names[id(module.weight)], transposed)
+            embedding = isinstance(module, nn.Embedding) or found.get(id(module.weight), Target("")).embedding
+            found[id(module.weight)] = Target(names[id(module.weight)], transposed, embedding)
     return found
 
 
-def rec_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error summed over a sample's features (padding positions left out), batch mean."""
-    err = (out - target).pow(2)
-    if mask is not None and err.dim() == 3 and tuple(mask.shape) == tuple(err.shape[:2]):
-        err = err * mask[..., None].to(err.dtype)
-    return err.reshape(out.shape[0], -1).sum(1).mean()
+def feature_dim(block: nn.Module) -> int:
+    """The axis of a block's output that holds its features: the channels (1) of a block made of
+    convolutions, else the last one (Linear, Conv1D)."""
+    return 1 if any(isinstance(m, CONVS) for m in block.modules()) else -1
+
+
+def rec_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+             dim: int = -1) -> torch.Tensor:
+    """Squared error summed over the feature axis ``dim``, mean over every other (BRECQ's and
+    FlexRound's ``lp_loss``); positions where ``mask`` [batch, positions] is 0 are left out."""
+    err = (out - target).pow(2).sum(dim if out.dim() > 1 else 0)
+    if mask is not None and err.dim() == 2 and tuple(mask.shape) == tuple(err.shape):
+        mask = mask.to(err.dtype)
+        return (err * mask).sum() / mask.sum().clamp_min(1)
+    return err.mean()
 
 
 class BatchCache:
@@ -169,8 +190,9 @@ def _nbytes(*trees) -> int:
 
 
 def _block_loss(block, overrides, xs, ctxs, ys, masks) -> float:
+    dim = feature_dim(block)
     with torch.no_grad():
-        total = sum(rec_loss(functional_call(block, overrides, (x,), c), y, m).item() * x.shape[0]
+        total = sum(rec_loss(functional_call(block, overrides, (x,), c), y, m, dim).item() * x.shape[0]
                     for x, c, y, m in zip(xs, ctxs, ys, masks))
     return total / sum(x.shape[0] for x in xs)
 
@@ -184,6 +206,12 @@ def _store(param: nn.Parameter, qw: QuantizedWeight) -> None:
         qw.stored_codes = None  # exactly recoverable from the float32 weight (``QuantizedWeight.codes``)
 
 
+def rounded_to_nearest(p: nn.Parameter, t: Target, scheme: QuantScheme, method: type[WeightQuantizer],
+                       grid: str | None) -> RTNQuantizer:
+    """RTN on the grid the method would start from (the method's grid initialisation)."""
+    return RTNQuantizer(p, scheme, t.transposed, grid or method.default_grid, t.name)
+
+
 def quantize_outside_blocks(model: nn.Module, targets: dict[int, Target], scheme: QuantScheme,
                             method: type[WeightQuantizer], grid: str | None) -> dict[str, QuantizedWeight]:
     """Weights outside the block stack (embeddings, heads when asked) are rounded on their grid
@@ -192,7 +220,7 @@ def quantize_outside_blocks(model: nn.Module, targets: dict[int, Target], scheme
     params = dict(model.named_parameters())
     for t in targets.values():
         p = params[t.name]
-        qw = RTNQuantizer(p, scheme, t.transposed, grid or method.default_grid, t.name).export()
+        qw = rounded_to_nearest(p, t, scheme, method, grid).export()
         _store(p, qw)
         out[t.name] = qw
     return out
@@ -204,6 +232,12 @@ def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list
     """Quantize ``targets`` (ids of ``model`` parameters) block by block; ``model`` is updated in
     place with the dequantized weights."""
     progress = progress or (lambda *a, **k: None)
+    settings = method.resolve(options.settings)
+    with large_allocations_mapped(MAP_FROM_BYTES, enabled=options.low_memory and method.learned):
+        return _reconstruct(model, targets, calib, scheme, method, options, settings, progress)
+
+
+def _reconstruct(model, targets, calib, scheme, method, options, settings, progress) -> ReconstructResult:
     release_freed_memory()  # what reading and tokenizing the data left behind
     model.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(options.seed)
@@ -236,18 +270,18 @@ def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list
             yf.map_(lambda j, h, block=qblock: block(h, **ctxs[j]))
         report.cached_bytes = _nbytes(xq, yf, ctxs, masks)
         if local:
-            quantizers = {n: method(p, scheme, targets[id(p)].transposed, options.grid, targets[id(p)].name)
+            quantizers = {n: rounded_to_nearest(p, targets[id(p)], scheme, method, options.grid)
+                          if targets[id(p)].embedding else
+                          method(p, scheme, targets[id(p)].transposed, options.grid, targets[id(p)].name, settings)
                           for n, p in local.items()}
             if calib:
                 report.rtn_loss = _block_loss(qblock, {
-                    n: RTNQuantizer(p, scheme, targets[id(p)].transposed, options.grid or method.default_grid,
-                                    targets[id(p)].name)() for n, p in local.items()}, xq, ctxs, yf, masks)
-            if method.learned and calib and options.steps > 0:
-                if options.low_memory:
-                    map_large_allocations(MAP_FROM_BYTES)
+                    n: rounded_to_nearest(p, targets[id(p)], scheme, method, options.grid)()
+                    for n, p in local.items()}, xq, ctxs, yf, masks)
+            if method.learned and calib and settings.get("steps", 0) > 0:
                 task = f"block {i + 1}/{n_blocks}"
-                _train(qblock, quantizers, xq, ctxs, yf, masks, options, gen,
-                       lambda s, loss, task=task: progress(task, s, options.steps, {"loss": loss}))
+                _train(qblock, quantizers, xq, ctxs, yf, masks, settings, method.lr_schedule, options.low_memory,
+                       gen, lambda s, loss, task=task: progress(task, s, settings["steps"], {"loss": loss}))
             for n, q in quantizers.items():
                 qw = q.export()
                 _store(local[n], qw)
@@ -263,26 +297,31 @@ def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list
     return result
 
 
-def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks,
-           options: ReconstructOptions, gen: torch.Generator, report: Callable[[int, float], None]) -> None:
+def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks, settings: dict,
+           schedule: str, low_memory: bool, gen: torch.Generator, report: Callable[[int, float], None]) -> None:
+    steps = settings["steps"]
     params = [p for q in quantizers.values() for p in q.parameters()]
-    opt = torch.optim.Adam(params, lr=options.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, options.steps) / options.steps)))
-    every = max(1, options.steps // 50)
-    for step in range(options.steps):
+    if not params:  # only embeddings in this block: nothing is learned
+        return
+    opt = torch.optim.Adam(params, lr=settings["lr"])
+    decay = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if schedule == "cosine" else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay) if decay else None
+    every = max(1, steps // 50)
+    dim = feature_dim(block)
+    for step in range(steps):
         b = int(torch.randint(len(xs), (1,), generator=gen))
         with torch.enable_grad():
             out = functional_call(block, {n: q() for n, q in quantizers.items()}, (xs[b],), ctxs[b])
-            loss = rec_loss(out, ys[b], masks[b])
-            reg = sum(q.regularizer(step / options.steps) for q in quantizers.values())
+            loss = rec_loss(out, ys[b], masks[b], dim)
+            reg = sum(q.regularizer(step / steps) for q in quantizers.values())
             opt.zero_grad(set_to_none=True)
-            if options.low_memory:
+            if low_memory:
                 release_freed_memory()  # the forward pass's temporaries, before backward allocates
             (loss + reg).backward()
         opt.step()
-        sched.step()
-        if options.low_memory:
+        if sched is not None:
+            sched.step()
+        if low_memory:
             release_freed_memory()  # the step's transients: the next step reuses their pages or not at all
-        if step % every == 0 or step == options.steps - 1:
+        if step % every == 0 or step == steps - 1:
             report(step + 1, loss.item())

@@ -30,7 +30,7 @@ def mlp_logits(state: dict, x: torch.Tensor) -> torch.Tensor:
 
 def test_fake_and_packed_dequantize_to_the_same_weights(tmp_path):
     common = {"bits": 3, "method": "flexround", "granularity": "group", "group_size": 16, "symmetric": False,
-                  "calib": CALIB, "samples": 64, "steps": 20, "default_skips": False}
+                  "calib": CALIB, "samples": 64, "params": {"steps": 20}, "default_skips": False}
     fake = quantize_checkpoint(MLP, tmp_path / "fake.safetensors", QuantizeOptions(format="fake", **common))
     packed = quantize_checkpoint(MLP, tmp_path / "packed.safetensors", QuantizeOptions(format="packed", **common))
     assert fake.layers == packed.layers and set(fake.layers) == {"0.weight", "2.weight", "4.weight"}
@@ -61,7 +61,8 @@ def test_flexround_reconstructs_better_than_rtn(tmp_path):
     for method, grid in (("rtn", "minmax"), ("rtn", "search"), ("flexround", None)):
         out = tmp_path / f"{method}-{grid}.safetensors"
         r = quantize_checkpoint(MLP, out, QuantizeOptions(bits=3, method=method, grid=grid, calib=CALIB,
-                                                          samples=256, steps=150, default_skips=False))
+                                                          samples=256, default_skips=False,
+                                                          params={"steps": 150} if method != "rtn" else {}))
         errors[(method, grid)] = (mlp_logits(load_file(out), x) - ref).pow(2).mean().item()
         if method == "flexround":
             assert all(b["loss"] < b["rtn_loss"] for b in r.blocks)
@@ -81,7 +82,7 @@ def test_default_skips_keep_the_head_float_and_skip_patterns(tmp_path):
 
 def test_conv_network_with_eval(tmp_path):
     r = quantize_checkpoint(CNN, tmp_path / "c.safetensors", QuantizeOptions(
-        bits=4, method="flexround", calib=CALIB, samples=64, steps=10, eval=EVAL, format="packed"))
+        bits=4, method="flexround", calib=CALIB, samples=64, params={"steps": 10}, eval=EVAL, format="packed"))
     conv = [n for n, e in r.layers.items() if len(e["shape"]) == 4]
     assert conv, r.layers
     assert r.evaluation["float"]["accuracy"] > 0.8
@@ -140,7 +141,7 @@ def test_calibration_that_does_not_fit_writes_nothing(tmp_path):
                           (tokens, r"tokens.safetensors: holds token ids but the mlp model takes feature inputs"),
                           (text, r"calib.txt is text; calibrating on text needs the model folder's tokenizer.json")):
         with pytest.raises(SurgeryError, match=message):
-            quantize_checkpoint(MLP, tmp_path / "out.safetensors", QuantizeOptions(calib=path, steps=5))
+            quantize_checkpoint(MLP, tmp_path / "out.safetensors", QuantizeOptions(calib=path, params={"steps": 5}))
         with pytest.raises(SurgeryError, match=message):
             quantize_checkpoint(MLP, tmp_path / "out.safetensors", QuantizeOptions(method="rtn", eval=path))
     assert _listing(tmp_path) == before

@@ -5,9 +5,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
+from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
-from modelsurgery.ops.quantize.packing import dequantize_packed, pack_codes, unpack_codes
+from modelsurgery.ops.quantize.packing import (
+    METADATA_KEY,
+    dequantize_checkpoint,
+    pack_codes,
+    read_packed,
+    scheme_metadata,
+    unpack_codes,
+)
 
 
 def test_layouts_by_hand():
@@ -35,13 +44,13 @@ def reference_unpack(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.integers(2, 8), rows=st.integers(1, 4), length=st.integers(1, 37), data=st.data())
+@given(bits=st.integers(1, 8), rows=st.integers(1, 4), length=st.integers(1, 37), data=st.data())
 def test_round_trip_every_bit_width(bits, rows, length, data):
     values = data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=rows * length, max_size=rows * length))
     q = torch.tensor(values, dtype=torch.int64).reshape(rows, length)
     packed = pack_codes(q, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, -(-length * bits // 8))
-    assert torch.equal(unpack_codes(packed, bits, length), q)
+    assert np.array_equal(unpack_codes(packed, bits, length), q.numpy())
     assert np.array_equal(reference_unpack(packed.numpy(), bits, length), q.numpy())
 
 
@@ -50,16 +59,44 @@ def test_codes_out_of_range_rejected():
         pack_codes(torch.tensor([[8]]), 3)
     with pytest.raises(SurgeryError, match="bit width 9"):
         pack_codes(torch.tensor([[1]]), 9)
+    with pytest.raises(SurgeryError, match="bit width 0"):
+        pack_codes(torch.tensor([[0]]), 0)
 
 
-def test_dequantize_packed_by_hand():
+def _write(path, tensors: dict, layers: dict, fmt: str = "packed") -> Checkpoint:
+    save_file(tensors, path, metadata=scheme_metadata(fmt, "rtn", {"bits": 4}, layers))
+    return Checkpoint.open(path)
+
+
+def test_dequantize_packed_by_hand(tmp_path):
     # a 2x4 weight, groups of 2, 4 bits: W = (q - z) * s
     q = torch.tensor([[0, 15, 8, 9], [3, 4, 5, 6]])
     scale = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
     zero = torch.tensor([[8, 8], [0, 4]], dtype=torch.uint8)
-    tensors = {"w.qweight": pack_codes(q, 4), "w.scale": scale, "w.zero_point": zero}
-    w = dequantize_packed(tensors, "w", {"shape": [2, 4], "bits": 4, "group_size": 2})
-    assert w.tolist() == [[-4.0, 3.5, 0.0, 0.25], [3.0, 4.0, 2.0, 4.0]]
+    tensors = {"w.qweight": pack_codes(q, 4), "w.scale": scale, "w.zero_point": zero, "b": torch.ones(2)}
+    d = dequantize_checkpoint(_write(tmp_path / "a.safetensors", tensors,
+                                     {"w": {"shape": [2, 4], "bits": 4, "group_size": 2}}))
+    assert set(d) == {"w", "b"}
+    assert d["w"].tolist() == [[-4.0, 3.5, 0.0, 0.25], [3.0, 4.0, 2.0, 4.0]]
     # the same codes for a Conv1D weight stored (in, out) come back transposed
-    wt = dequantize_packed(tensors, "w", {"shape": [4, 2], "bits": 4, "group_size": 2, "transposed": True})
-    assert torch.equal(wt, w.t())
+    dt = dequantize_checkpoint(_write(tmp_path / "t.safetensors", tensors,
+                                      {"w": {"shape": [4, 2], "bits": 4, "group_size": 2, "transposed": True}}))
+    assert torch.equal(dt["w"], d["w"].t())
+
+
+def test_one_reader_validates_what_quantize_and_export_read(tmp_path):
+    """Quantize's dequantize_checkpoint and the exporter's read_packed are the same validated reader:
+    an entry that contradicts its tensors is refused in one line by both."""
+    tensors = {"w.qweight": pack_codes(torch.zeros(2, 8, dtype=torch.int64), 4), "w.scale": torch.ones(2, 1),
+               "w.zero_point": torch.zeros(2, 1, dtype=torch.uint8)}
+    ckpt = _write(tmp_path / "bad.safetensors", tensors, {"w": {"shape": [2, 8], "bits": 3}})
+    for read in (dequantize_checkpoint, read_packed):
+        with pytest.raises(SurgeryError, match=r"bad.safetensors: tensor 'w.qweight' .* expected uint8 \(2, 3\)"):
+            read(ckpt)
+    ckpt = _write(tmp_path / "nine.safetensors", tensors, {"w": {"shape": [2, 8], "bits": 9}})
+    with pytest.raises(SurgeryError, match="has 9 bits; 1 to 8 are supported"):
+        dequantize_checkpoint(ckpt)
+    fake = _write(tmp_path / "fake.safetensors", {"w": torch.ones(2, 4)}, {"w": {"shape": [2, 4], "bits": 4}}, "fake")
+    assert read_packed(fake) == []  # fake-quantized weights are plain floats
+    with pytest.raises(SurgeryError, match=f"not a packed quantized checkpoint .*{METADATA_KEY}"):
+        dequantize_checkpoint(fake)

@@ -29,7 +29,7 @@ def test_quantized_weights_live_once_in_the_model_and_one_block_is_cached():
             float_outputs[i] = h
     targets = find_targets(model)
     result = reconstruct_blocks(model, targets, calib, QuantScheme(3), method_by_name("flexround"),
-                                ReconstructOptions(steps=5))
+                                ReconstructOptions(settings={"steps": 5}))
     params = dict(model.named_parameters())
     assert set(result.weights) == {"0.weight", "2.weight", "4.weight"}
     for name, qw in result.weights.items():

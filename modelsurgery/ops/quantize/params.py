@@ -1,0 +1,84 @@
+"""The parameters a quantization method declares (as AIMET's ``AdaroundParameters`` and mergekit's
+merge methods do): name, type, default, help and where the default comes from.
+
+A method lists its ``MethodParam`` s in ``WeightQuantizer.params``; that list is the one definition
+of each default. The CLI builds its method flags from it (``--steps``, ``--reg-weight`` ...; a flag
+left out takes the chosen method's default), ``resolve_params`` checks what the user gave against
+it, and the provenance of every output records the resolved values. A later option that belongs to
+the method (a GPTQ initialisation, a device, a preset) is one more ``MethodParam`` in the method's
+list, never a second copy of a default elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from modelsurgery.errors import SurgeryError
+
+
+@dataclass(frozen=True)
+class MethodParam:
+    name: str
+    type: type
+    default: Any
+    help: str
+    #: the paper or reference code the default comes from
+    source: str = ""
+    #: smallest accepted value (inclusive), or None
+    minimum: float | None = None
+    #: largest accepted value (inclusive), or None
+    maximum: float | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def with_default(self, default: Any, source: str) -> MethodParam:
+        """The same parameter with another method's default (one help text, several defaults)."""
+        return replace(self, default=default, source=source)
+
+    def check(self, value: Any) -> Any:
+        """``value`` converted to the declared type; SurgeryError naming the flag when it is not valid."""
+        try:
+            if self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            converted = self.type(value)
+        except (TypeError, ValueError):
+            raise SurgeryError(f"{self.flag} {value!r}: expected {self.type.__name__}") from None
+        if self.minimum is not None and converted < self.minimum:
+            raise SurgeryError(f"{self.flag} {converted}: must be at least {self.minimum}")
+        if self.maximum is not None and converted > self.maximum:
+            raise SurgeryError(f"{self.flag} {converted}: must be at most {self.maximum}")
+        return converted
+
+
+# ----- the parameters several methods share (each method gives its own default) -----------------
+STEPS = MethodParam("steps", int, 0, "Reconstruction steps (Adam updates) per block.", minimum=0)
+LR = MethodParam("lr", float, 0.0, "Adam learning rate of the learned rounding parameters.", minimum=0.0)
+BATCH_SIZE = MethodParam("batch_size", int, 32, "Calibration samples per reconstruction step (and per forward "
+                         "pass when measuring block errors).", minimum=1)
+
+
+def resolve_params(method_name: str, declared: Iterable[MethodParam], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every declared parameter's value: ``given`` (checked) where set and not None, else its default.
+
+    A parameter the method does not declare is refused in one line naming the flag and the method."""
+    declared = {p.name: p for p in declared}
+    for name, value in given.items():
+        if value is not None and name not in declared:
+            flag = "--" + name.replace("_", "-")
+            own = ", ".join(p.flag for p in declared.values()) or "none"
+            raise SurgeryError(f"{flag}: not a parameter of --method {method_name} (its parameters: {own})")
+    return {name: p.check(given[name]) if given.get(name) is not None else p.default
+            for name, p in declared.items()}
+
+
+def all_params(methods: Iterable[type]) -> dict[str, list[tuple[str, MethodParam]]]:
+    """Parameter name -> [(method name, its declaration)] over ``methods``, for building CLI flags."""
+    out: dict[str, list[tuple[str, MethodParam]]] = {}
+    for m in methods:
+        for p in m.params:
+            out.setdefault(p.name, []).append((m.name, p))
+    return out
