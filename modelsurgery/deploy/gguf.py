@@ -81,13 +81,6 @@ def check_model(config: dict, where: str) -> tuple:
     return ARCHITECTURES[model_type]
 
 
-def check_row_lengths(names_rows: dict[str, int]) -> None:
-    for name, length in names_rows.items():
-        if length % BLOCK:
-            raise SurgeryError(f"tensor '{name}': rows of {length} weights do not split into GGUF blocks of 32; "
-                               "keep it in float with --skip")
-
-
 # ----- blocks ---------------------------------------------------------------------------------------
 def _nibbles(codes: np.ndarray) -> np.ndarray:
     """[rows, nb, 32] codes < 16 -> [rows, nb, 16] bytes (j low, j + 16 high)."""

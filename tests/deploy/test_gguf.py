@@ -1,0 +1,183 @@
+"""GGUF output checked in the llama.cpp ecosystem's own Python readers: the ``gguf`` package's
+reader and dequantizer (ggml's block layouts) and transformers' GGUF loader, which un-permutes
+Q/K and maps llama.cpp's tensor names back to a LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+
+from modelsurgery.deploy import check_scheme, deploy
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.grids import QuantScheme
+from tests.deploy.conftest import LLAMA, reference_model, rtn_source
+
+SCHEMES = {"Q8_0": QuantScheme(8, "group", 32, True), "Q4_0": QuantScheme(4, "group", 32, True),
+           "Q4_1": QuantScheme(4, "group", 32, False)}
+
+
+def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py, LlamaModel.permute: rotate-half rows to interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module", params=list(SCHEMES))
+def written(request, tmp_path_factory):
+    src = rtn_source("gguf", SCHEMES[request.param])
+    out = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    report = deploy(src, out, "gguf", gguf_tokenizer="none")
+    return request.param, src, out, report
+
+
+def test_gguf_dequantizer_returns_our_weights_exactly(written):
+    qtype, src, out, report = written
+    assert report.max_scale_rounding_error == 0.0
+    config = json.loads((LLAMA / "config.json").read_text())
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    for w in src.weights:
+        layer, rest = w.name.split(".")[2], w.name.split(".", 3)[3]
+        gname = {"self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
+                 "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
+                 "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up"}[rest]
+        t = tensors[f"blk.{layer}.{gname}.weight"]
+        assert t.tensor_type.name == qtype
+        ours = w.dequantize().numpy()
+        if gname == "attn_q":
+            ours = converter_permute(ours, config["num_attention_heads"])
+        elif gname == "attn_k":
+            ours = converter_permute(ours, config["num_key_value_heads"])
+        np.testing.assert_array_equal(dequantize(t.data, t.tensor_type), ours)
+
+
+def test_gguf_metadata_llama_cpp_needs(written):
+    qtype, _src, out, _ = written
+    config = json.loads((LLAMA / "config.json").read_text())
+    reader = gguf.GGUFReader(out)
+    field = {k: f.contents() for k, f in reader.fields.items()}
+    head_dim = config["head_dim"]
+    expected = {
+        "general.architecture": "llama",
+        "llama.context_length": config["max_position_embeddings"],
+        "llama.embedding_length": config["hidden_size"],
+        "llama.block_count": config["num_hidden_layers"],
+        "llama.feed_forward_length": config["intermediate_size"],
+        "llama.attention.head_count": config["num_attention_heads"],
+        "llama.attention.head_count_kv": config["num_key_value_heads"],
+        "llama.rope.dimension_count": head_dim,
+        "llama.vocab_size": config["vocab_size"],
+        "general.file_type": int(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}")),
+        "general.quantization_version": gguf.GGML_QUANT_VERSION,
+        "tokenizer.ggml.model": "none",
+    }
+    for key, value in expected.items():
+        assert field[key] == value, key
+    assert field["llama.rope.freq_base"] == pytest.approx(config["rope_parameters"]["rope_theta"])
+    assert field["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
+    # every tensor llama.cpp's LLAMA graph loads, under its name from the gguf package's tables
+    names = {t.name for t in reader.tensors}
+    per_block = [gguf.MODEL_TENSOR.ATTN_NORM, gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K,
+                 gguf.MODEL_TENSOR.ATTN_V, gguf.MODEL_TENSOR.ATTN_OUT, gguf.MODEL_TENSOR.FFN_NORM,
+                 gguf.MODEL_TENSOR.FFN_GATE, gguf.MODEL_TENSOR.FFN_UP, gguf.MODEL_TENSOR.FFN_DOWN]
+    want = {gguf.TENSOR_NAMES[t] + ".weight" for t in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT_NORM,
+                                                         gguf.MODEL_TENSOR.OUTPUT)}
+    want |= {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in per_block
+             for i in range(config["num_hidden_layers"])}
+    assert names == want
+
+
+def test_transformers_gguf_loader_matches_our_forward(written, token_ids):
+    from transformers import AutoModelForCausalLM
+
+    _, src, out, _ = written
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    with torch.no_grad():
+        theirs = loaded(token_ids).logits
+        ours = reference_model(src)(token_ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_scheme_refused_in_one_line():
+    for scheme in (QuantScheme(4, "channel", None, True), QuantScheme(3, "group", 32, True),
+                   QuantScheme(4, "group", 64, True), QuantScheme(8, "group", 32, False)):
+        with pytest.raises(SurgeryError, match=r"--format gguf stores Q8_0 .* --group-size 32; got") as e:
+            check_scheme("gguf", scheme)
+        assert "\n" not in str(e.value)
+
+
+def test_wordlevel_tokenizer_refused_and_nothing_written(tmp_path):
+    src = rtn_source("gguf", SCHEMES["Q4_0"])
+    out = tmp_path / "m.gguf"
+    with pytest.raises(SurgeryError, match="WordLevel tokenizer.json .* --gguf-tokenizer none"):
+        deploy(src, out, "gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_architecture_refused(tmp_path):
+    from modelsurgery.checkpoint import Checkpoint
+    from modelsurgery.deploy.common import DeploySource
+
+    gpt2 = LLAMA.parent / "gpt2"
+    src = DeploySource(Checkpoint.open(gpt2), [], SCHEMES["Q4_0"], "rtn")
+    with pytest.raises(SurgeryError, match="supports model_type llama, mistral .* 'gpt2'"):
+        deploy(src, tmp_path / "m.gguf", "gguf", gguf_tokenizer="none")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _llama_bpe_folder(folder):
+    """A LLaMA-2-style tokenizer.json (BPE with byte fallback, ▁ for spaces) built with ``tokenizers``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+
+    chars = sorted(set("▁abcdefghijklmnopqrstuvwxyz.,!?'\n"))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for c in chars:
+        vocab[c] = len(vocab)
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    template = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": template,
+        "tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True}))
+    return len(vocab), template
+
+
+def test_llama_tokenizer_and_chat_template_carried(tmp_path):
+    """A SentencePiece-style tokenizer.json goes in as llama.cpp's 'llama' vocabulary (what the
+    converter's _set_vocab_llama_hf writes); transformers' GGUF tokenizer loader reads it back."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = tmp_path / "m"
+    model = LlamaForCausalLM.from_pretrained(LLAMA)
+    n_vocab, template = _llama_bpe_folder(tmp_path)
+    model.resize_token_embeddings(n_vocab)
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / f, folder / f)
+    src = rtn_source("gguf", SCHEMES["Q4_0"], folder=folder)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    deploy(src, out, "gguf")
+    reader = gguf.GGUFReader(out)
+    field = {k: f.contents() for k, f in reader.fields.items()}
+    assert field["tokenizer.ggml.model"] == "llama"
+    assert field["tokenizer.chat_template"] == template
+    assert field["tokenizer.ggml.bos_token_id"] == 1 and field["tokenizer.ggml.eos_token_id"] == 2
+    reference = AutoTokenizer.from_pretrained(folder)
+    assert field["tokenizer.ggml.tokens"] == [reference.convert_ids_to_tokens(i) for i in range(n_vocab)]
+    theirs = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    text = "the cat, the hat!"
+    assert theirs(text)["input_ids"] == reference(text)["input_ids"]
