@@ -2,8 +2,9 @@
 
 A record sits in ``.surgery-run/`` beside the step's output (outside it, so the output itself is
 exactly what the operation wrote). It holds the operation, its parameters, the sha256 of every
-input file and of every output file. A step is cached when its record matches the operation and
-parameters it would run now, its inputs still hash the same, and its output still hashes as written.
+input file and of every output file, and the step's result as it ran (reported again when
+cached). A step is cached when its record matches the operation and parameters it would run
+now, its inputs still hash the same, and its output still hashes as written.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def record_path(output: Path) -> Path:
     return output.parent / RECORD_DIR / (output.name + ".json")
 
 
-def make_record(operation: str, parameters: dict, inputs: list[Path], output: Path) -> dict:
+def make_record(operation: str, parameters: dict, inputs: list[Path], output: Path, result: dict | None = None
+                ) -> dict:
     return {
+        "result": result,
         "tool": "modelsurgery",
         "version": __version__,
         "operation": operation,
@@ -88,12 +91,13 @@ def is_cached(operation: str, parameters: dict, inputs: list[Path], output: Path
     return rec.get("output", {}).get("sha256") == tree_digests(output)
 
 
-def write_record(operation: str, parameters: dict, inputs: list[Path], output: Path) -> None:
+def write_record(operation: str, parameters: dict, inputs: list[Path], output: Path, result: dict | None = None
+                 ) -> None:
     path = record_path(output)
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(make_record(operation, _jsonable(parameters), inputs, output), indent=2,
-                              sort_keys=True) + "\n")
+    record = make_record(operation, _jsonable(parameters), inputs, output, _jsonable(result))
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 

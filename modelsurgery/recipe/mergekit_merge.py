@@ -62,7 +62,7 @@ def _job(cfg: MergekitConfig, out_slice: OutSlice, name: str, inputs: list[tuple
         src = next(s for s in out_slice.sources if s.model == model)
         values = {}
         for p, default in cfg.method.tensor_params.items():
-            value = _lookup([src.parameters] + global_scopes, p, in_name, t)
+            value = _lookup([src.parameters, *global_scopes], p, in_name, t)
             if value is None and default is REQUIRED and model != base:
                 raise SurgeryError(f"merge_method {cfg.method.name}: parameter '{p}' is required for model "
                                    f"'{model}' (tensor '{in_name}')")
@@ -109,7 +109,7 @@ class MergekitPlan:
                                        f"{n} layers")
         donor_fam = self.families[self.donor]
         first, last = cfg.slices[0], cfg.slices[-1]
-        outside = [n for n in self.ckpts[self.donor].keys() if donor_fam.block_of(n) is None]
+        outside = [n for n in self.ckpts[self.donor] if donor_fam.block_of(n) is None]
         embeds = set(donor_fam.embedding_names())
         pre = [n for n in outside if n in embeds]
         post = [n for n in outside if n not in embeds]

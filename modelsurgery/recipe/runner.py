@@ -186,7 +186,7 @@ def run_recipe(path: Path, out: Path, commands: Mapping[str, Any], options: RunO
         start = time.perf_counter()
         if not options.force and cache.is_cached(step.run, step.parameters, step.inputs, step.output):
             sr.status = "cached"
-            sr.result = cache.read_record(step.output)
+            sr.result = (cache.read_record(step.output) or {}).get("result")
         else:
             # an output an earlier run of this recipe wrote (it has a record) is stale and rebuilt
             replace = options.force or cache.read_record(step.output) is not None
@@ -195,7 +195,7 @@ def run_recipe(path: Path, out: Path, commands: Mapping[str, Any], options: RunO
             except (SurgeryError, OSError) as e:
                 sr.seconds = time.perf_counter() - start
                 raise _fail(result, sr, str(e)) from None
-            cache.write_record(step.run, step.parameters, step.inputs, step.output)
+            cache.write_record(step.run, step.parameters, step.inputs, step.output, sr.result)
             sr.status = "ran"
         sr.seconds = time.perf_counter() - start
     if progress is not None:

@@ -108,7 +108,7 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
     positional = [resolve(str(i)) for i in inputs]
     if len(args) == 1 and args[0].nargs == 1 and len(positional) != 1:
         raise SurgeryError(f"{where}: surgery {run} takes one input, the recipe gives {len(positional)}")
-    params = _parse(command, run, positional + ["-o", str(output)] + opts, where)
+    params = _parse(command, run, [*positional, "-o", str(output), *opts], where)
     # options that are paths may name an earlier step as well (e.g. merge's base: merged)
     path_params = {p.name for p in command.params if _is_path(params.get(p.name))}
     resolved = []
@@ -123,7 +123,7 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
         resolved.append(word)
         i += 1
     opts = resolved
-    argv = positional + ["-o", str(output)] + opts
+    argv = [*positional, "-o", str(output), *opts]
     params = _parse(command, run, argv, where)
     input_paths = []
     for key, value in params.items():

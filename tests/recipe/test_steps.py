@@ -1,0 +1,206 @@
+"""Multi-step recipes: surgery commands chained by name, options as on the command line, cached reruns,
+byte-identical outputs, --dry-run, --json, and a failing step named with earlier outputs intact."""
+
+import hashlib
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from modelsurgery.cli.app import app
+
+runner = CliRunner()
+
+PIPELINE = """
+steps:
+  - name: merged
+    run: merge
+    inputs: [{a}, {b}]
+    options: {{method: match, seed: 0}}
+  - name: stacked
+    run: grow
+    inputs: [merged]
+    options: {{method: stack, factor: {factor}}}
+  - name: q
+    run: quantize
+    inputs: [stacked]
+    options: {{method: rtn, bits: 4, format: packed, asymmetric: true}}
+  - name: onnx
+    run: export
+    inputs: [q]
+    output: model.onnx
+"""
+
+
+def write(tmp_path, text, name="recipe.yml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def run(recipe, out, *extra):
+    return runner.invoke(app, ["run", str(recipe), "-o", str(out), *extra])
+
+
+def hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and ".surgery-run" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, llamas):
+    """The pipeline run once (shared by the tests that only read its outputs)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    recipe = write(tmp, PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=2))
+    out = tmp / "build"
+    r = run(recipe, out, "--json")
+    assert r.exit_code == 0, r.output
+    return recipe, out, json.loads(r.stdout)
+
+
+def test_pipeline_runs_every_step(built):
+    _, out, report = built
+    assert report["kind"] == "steps" and report["ok"]
+    assert [(s["name"], s["run"], s["status"]) for s in report["steps"]] == [
+        ("merged", "merge", "ran"), ("stacked", "grow", "ran"), ("q", "quantize", "ran"), ("onnx", "export", "ran")]
+    merged = report["steps"][0]["result"]
+    assert merged["method"] == "match" and merged["matching"]  # weight matching ran
+    assert report["steps"][1]["result"]["layers_after"] == 6
+    assert report["steps"][3]["result"]["check"]["passed"]  # ONNX Runtime agrees with the torch forward
+    # each step's output feeds the next: the stack's input is the merge's output
+    assert report["steps"][1]["inputs"][0] == {"path": str(out / "merged"), "bytes": report["steps"][1]["inputs"][0][
+        "bytes"], "from_step": "merged"}
+    assert (out / "model.onnx").is_file()
+    state = load_file(out / "stacked" / "model.safetensors")
+    assert sum(k.endswith("q_proj.weight") for k in state) == 6
+
+
+def test_second_run_all_cached_and_fast(built):
+    recipe, out, _ = built
+    before = hashes(out)
+    start = time.perf_counter()
+    r = run(recipe, out, "--json")
+    wall = time.perf_counter() - start
+    assert r.exit_code == 0, r.output
+    steps = json.loads(r.stdout)["steps"]
+    assert [s["status"] for s in steps] == ["cached"] * 4
+    assert steps[1]["result"]["layers_after"] == 6  # a cached step reports the result it was built with
+    assert all(s["seconds"] < 1.0 for s in steps), [s["seconds"] for s in steps]
+    assert wall < 4 * 1.0 + 5, wall  # no step's work ran (startup of the CLI aside)
+    assert hashes(out) == before
+
+
+def test_force_reruns_byte_identical(built):
+    recipe, out, _ = built
+    before = hashes(out)
+    r = run(recipe, out, "--force", "--json")
+    assert r.exit_code == 0, r.output
+    assert [s["status"] for s in json.loads(r.stdout)["steps"]] == ["ran"] * 4
+    assert hashes(out) == before
+
+
+def test_changed_option_reruns_that_step_and_later(tmp_path, built, llamas):
+    _, out, _ = built
+    import shutil
+
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    # records name their paths: a copy of the folder is a different output, so rebuild it first
+    recipe2 = write(tmp_path, PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=2))
+    assert run(recipe2, copy, "--force").exit_code == 0
+    recipe3 = write(tmp_path, PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=3))
+    r = run(recipe3, copy, "--json")
+    assert r.exit_code == 0, r.output
+    steps = json.loads(r.stdout)["steps"]
+    assert [s["status"] for s in steps] == ["cached", "ran", "ran", "ran"]
+    assert steps[1]["result"]["layers_after"] == 9
+
+
+def test_dry_run_plans_and_writes_nothing(tmp_path, llamas):
+    recipe = write(tmp_path, PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=2))
+    out = tmp_path / "build"
+    r = run(recipe, out, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert not out.exists()
+    assert [s["status"] for s in report["steps"]] == ["planned"] * 4
+    first = report["steps"][0]
+    size = sum(p.stat().st_size for p in llamas["a"].rglob("*") if p.is_file())
+    assert first["inputs"][0] == {"path": str(llamas["a"]), "bytes": size, "from_step": None}
+    assert report["steps"][2]["command"] == (
+        f"surgery quantize {out / 'stacked'} -o {out / 'q'} --method rtn --bits 4 --format packed --asymmetric")
+    assert report["steps"][3]["output"] == str(out / "model.onnx")
+    r = run(recipe, out, "--dry-run")
+    assert r.exit_code == 0 and "surgery grow" in r.stdout and not out.exists()
+
+
+def test_failing_step_is_named_and_earlier_outputs_stay(tmp_path, llamas):
+    text = PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=2).replace(
+        "options: {method: stack, factor: 2}", "options: {method: stack, layers: '0:99'}")
+    recipe = write(tmp_path, text)
+    out = tmp_path / "build"
+    r = run(recipe, out)
+    assert r.exit_code == 1
+    assert "step 'stacked' (grow) failed" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (out / "stacked").exists() and not (out / "q").exists()
+    merged = load_file(out / "merged" / "model.safetensors")  # the earlier step's output is whole
+    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    r = run(recipe, out, "--json")
+    assert r.exit_code == 1
+    report = json.loads(r.stdout)
+    assert [s["status"] for s in report["steps"]] == ["cached", "failed"]
+    assert report["ok"] is False and "stacked" in report["error"]
+
+
+@pytest.mark.parametrize("step, named", [
+    ("{name: s, run: grow, inputs: [X], options: {factr: 2}}", "'factr' is not an option of surgery grow"),
+    ("{name: s, run: grow, inputs: [X], options: {factor: abc}}", "step 's'"),
+    ("{name: s, run: grow, inputs: [X], options: {force: true}}", "set by surgery run"),
+    ("{name: s, run: shrink, inputs: [X]}", "run 'shrink' is not a surgery command"),
+    ("{name: s, run: grow, inputs: [X], extra: 1}", "key 'extra'"),
+    ("{name: s, run: quantize, inputs: [X, X]}", "takes one input"),
+    ("{name: s, run: inspect, inputs: [X]}", "writes no output"),
+    ("{name: s, run: grow, inputs: [X], output: ../up}", "plain name"),
+])
+def test_bad_steps_refused_before_anything_runs(tmp_path, llamas, step, named):
+    recipe = write(tmp_path, "steps:\n  - " + step.replace("X", str(llamas["a"])) + "\n")
+    out = tmp_path / "build"
+    r = run(recipe, out)
+    assert r.exit_code == 1
+    assert named in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+def test_mergekit_step_feeds_a_command_step(tmp_path, llamas):
+    text = f"""
+steps:
+  - name: soup
+    run: mergekit
+    config:
+      merge_method: linear
+      models:
+        - model: {llamas['a']}
+          parameters: {{weight: 1.0}}
+        - model: {llamas['b']}
+          parameters: {{weight: 3.0}}
+  - name: deeper
+    run: grow
+    inputs: [soup]
+    options: {{method: stack, layers: "0:3,1:3"}}
+"""
+    out = tmp_path / "build"
+    r = run(write(tmp_path, text), out, "--json")
+    assert r.exit_code == 0, r.output
+    steps = json.loads(r.stdout)["steps"]
+    assert [s["status"] for s in steps] == ["ran", "ran"]
+    a = load_file(llamas["a"] / "model.safetensors")
+    b = load_file(llamas["b"] / "model.safetensors")
+    got = load_file(out / "deeper" / "model.safetensors")
+    name = "model.layers.{}.mlp.up_proj.weight"
+    torch.testing.assert_close(got[name.format(3)], (a[name.format(1)] + 3 * b[name.format(1)]) / 4)
+    r = run(write(tmp_path, text), out, "--json")
+    assert [s["status"] for s in json.loads(r.stdout)["steps"]] == ["cached", "cached"]
