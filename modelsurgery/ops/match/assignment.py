@@ -68,7 +68,6 @@ def auction(S: torch.Tensor, rel_eps: float = 1e-9, factor: float = 6.0) -> torc
     final_eps = scale * rel_eps / n
     eps = scale / 4
     prices = torch.zeros(n, dtype=torch.float64, device=S.device)
-    rows = torch.arange(n, device=S.device)
     while True:
         owner = torch.full((n,), -1, dtype=torch.int64, device=S.device)  # object -> row
         assigned = torch.full((n,), -1, dtype=torch.int64, device=S.device)  # row -> object
@@ -96,5 +95,4 @@ def auction(S: torch.Tensor, rel_eps: float = 1e-9, factor: float = 6.0) -> torc
         if eps <= final_eps:
             break
         eps = max(eps / factor, final_eps)
-    del rows
     return assigned

@@ -57,7 +57,17 @@ class PermutationSpec:
         return group.name
 
     def add_axis(self, tensor: str, axis: int, *segments: Segment) -> None:
-        self.axes.setdefault(tensor, {})[axis] = list(segments)
+        """Register the groups driving ``axis`` of ``tensor``. An axis has one description: a second,
+        different one (a shared layer registered twice with separate groups) is refused instead of
+        overwriting the first, which would permute the tensor inconsistently with half its uses;
+        groups meeting at one axis must be joined into one group before the spec is built."""
+        axes = self.axes.setdefault(tensor, {})
+        if axis in axes and axes[axis] != list(segments):
+            raise SurgeryError(
+                f"tensor '{tensor}': axis {axis} is driven by {', '.join(s.group for s in axes[axis])} and "
+                f"{', '.join(s.group for s in segments)}; a shared layer needs one permutation group per axis"
+            )
+        axes[axis] = list(segments)
 
     def tensors_of(self, group: str) -> list[tuple[str, int]]:
         return [(t, ax) for t, axes in self.axes.items() for ax, segs in axes.items()
@@ -136,17 +146,3 @@ def apply_permutation(state: dict[str, torch.Tensor], spec: PermutationSpec, per
                       ) -> dict[str, torch.Tensor]:
     """A new state dict with the spec'd tensors permuted; other tensors are shared, not copied."""
     return {k: permute_tensor(spec, k, v, perms) if k in spec.axes else v for k, v in state.items()}
-
-
-def random_perms(spec: PermutationSpec, generator: torch.Generator | None = None) -> Perms:
-    """Random permutations of every group (tests of function preservation)."""
-    out: Perms = {}
-    for name, g in spec.groups.items():
-        if g.kind == "free":
-            out[name] = {"p": torch.randperm(g.size, generator=generator)}
-        else:
-            qk = (torch.arange(g.head_dim).repeat(g.size, 1) if g.rotary else
-                  torch.stack([torch.randperm(g.head_dim, generator=generator) for _ in range(g.size)]))
-            vo = torch.stack([torch.randperm(g.head_dim, generator=generator) for _ in range(g.size)])
-            out[name] = {"heads": torch.randperm(g.size, generator=generator), "qk": qk, "vo": vo}
-    return out

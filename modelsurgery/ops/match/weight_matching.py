@@ -248,7 +248,3 @@ def _solve_heads(spec, g, grp, A, Bp, perms, tensors, backend):
         q = units[part][rows, heads]  # (H, d)
         new[part] = torch.gather(current[part][heads], 1, q)
     return new, gain
-
-
-def index_of(spec: PermutationSpec, tensor: str, axis: int, perms: Perms) -> torch.Tensor:
-    return axis_index(spec, spec.axes[tensor][axis], perms)

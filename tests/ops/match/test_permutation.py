@@ -12,9 +12,10 @@ from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.fx_spec import module_spec
-from modelsurgery.ops.match.spec import apply_permutation, random_perms
+from modelsurgery.ops.match.spec import apply_permutation
 from modelsurgery.ops.match.weight_matching import weight_matching
 from tests.hf_tiny import load_hf, save_tiny_bert, save_tiny_gpt2, save_tiny_llama
+from tests.ops.match.perms import random_perms
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])

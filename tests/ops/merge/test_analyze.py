@@ -8,7 +8,8 @@ from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.families import detect_family
 from modelsurgery.ops.analyze import AnalyzeOptions, analyze_pair, top_alignment
 from modelsurgery.ops.match.derive import permutation_spec
-from modelsurgery.ops.match.spec import apply_permutation, random_perms
+from modelsurgery.ops.match.spec import apply_permutation
+from tests.ops.match.perms import random_perms
 
 
 def test_alignment_by_hand():

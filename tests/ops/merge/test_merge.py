@@ -13,8 +13,9 @@ from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.ops.evaluate import evaluate
 from modelsurgery.ops.match.derive import permutation_spec
-from modelsurgery.ops.match.spec import apply_permutation, random_perms
+from modelsurgery.ops.match.spec import apply_permutation
 from modelsurgery.ops.merge.merge import MergeOptions, merge_checkpoints
+from tests.ops.match.perms import random_perms
 
 
 def mlp(fixtures_dir, i):
