@@ -43,6 +43,10 @@ def render_inspect(report, all_tensors: bool = False) -> None:
     if fam.get("hidden_size"):
         line += f", hidden size {safe(fam['hidden_size'])}"
     out_console.print(line)
+    if fam.get("features"):
+        out_console.print(f"features: {safe(', '.join(fam['features']))}")
+    if fam.get("closest_family"):
+        out_console.print(f"tensor names follow the {safe(fam['closest_family'])} layout (not run as it)")
     table = Table(show_edge=False)
     table.add_column("group / tensor")
     table.add_column("shape")

@@ -32,6 +32,7 @@ class InspectReport:
             "family_info": self.family,
             "num_layers": self.family.get("num_layers"),
             "hidden_size": self.family.get("hidden_size"),
+            "features": self.family.get("features", []),
             "num_parameters": self.num_parameters,
             "num_bytes": self.num_bytes,
             "num_tensors": self.num_tensors,

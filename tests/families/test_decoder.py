@@ -344,3 +344,40 @@ def test_config_for_layers_writes_gemma_window_pattern_out(tmp_path):
     cfg = fam.config_for_layers(9)
     assert cfg["num_hidden_layers"] == 9 and len(cfg["layer_types"]) == 9
     assert cfg["layer_types"][5] == "full_attention"
+
+
+# ----- surgery inspect --------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("mistral", "sliding_window=5 on all layers"), ("gemma2", "sliding_window=5 on alternate layers"),
+    ("qwen3", "qwen3, 3 layers"), ("llama3", "rope llama3 x32"), ("phi3", "fused qkv"),
+    ("gpt_neox", "parallel residual"), ("qwen2", "biases on k/q/v"), ("gemma3", "qk_norm"),
+])
+def test_inspect_shows_family_layers_and_features(tiny, kind, expected):
+    from typer.testing import CliRunner
+
+    from modelsurgery.cli.app import app
+
+    runner = CliRunner()
+    text = runner.invoke(app, ["inspect", str(tiny[kind])], env={"COLUMNS": "400"})
+    assert text.exit_code == 0
+    assert f"family {DECODER_FAMILY[kind]}, 3 layers" in text.stdout and expected in text.stdout
+    report = json.loads(runner.invoke(app, ["inspect", str(tiny[kind]), "--json"]).stdout)
+    assert report["family"] == DECODER_FAMILY[kind] and report["num_layers"] == 3
+    assert report["features"] == detect_family(Checkpoint.open(tiny[kind])).features()
+
+
+def test_inspect_names_the_closest_family_of_a_lookalike(tiny, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from modelsurgery.cli.app import app
+
+    folder = tmp_path / "olmo"
+    shutil.copytree(tiny["llama3"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg |= {"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    result = CliRunner().invoke(app, ["inspect", str(folder)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    assert "family unknown" in result.stdout and "follow the llama layout" in result.stdout
