@@ -97,13 +97,23 @@ def check_config(adapter: Adapter) -> None:
         )
 
 
-def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Variant]) -> dict[str, list[Update]]:
-    """Base tensor name -> the updates to apply to it, in adapter order; shapes of whole tensors checked."""
+def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Variant],
+                 transposed: Callable[[str, Adapter], bool]) -> dict[str, list[Update]]:
+    """Base tensor name -> the updates to apply to it, in adapter order. Every shape an adapter fixes is
+    checked against BASE here, before any tensor is read."""
     updates: dict[str, list[Update]] = {}
     for adapter, variant in zip(adapters, variants):
         where = str(adapter.path)
         for module, parts in adapter.modules.items():
             weight = resolve_name(f"{module}.weight", base, where)
+            shape = tuple(base.shape(weight))
+            if len(shape) == 2 and transposed(weight, adapter):
+                shape = shape[::-1]
+            want = variant.weight_shape({p: tuple(adapter.weights.shape(k)) for p, k in parts.items()})
+            if len(shape) != 2 or any(w is not None and w != h for w, h in zip(want, shape)):
+                shown = " x ".join("?" if w is None else str(w) for w in want)
+                raise SurgeryError(f"{where}: adapter module '{module}' updates a {shown} (out x in) weight, but "
+                                   f"BASE tensor '{weight}' is {' x '.join(map(str, shape))} (out x in)")
             updates.setdefault(weight, []).append(Update(adapter, variant, module, "weight"))
             if "lora_B.bias" in parts:
                 bias = weight.removesuffix("weight") + "bias"
@@ -142,18 +152,19 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
         check_config(adapter)
         adapters.append(adapter)
         variants.append(variant)
-    updates = plan_updates(base, adapters, variants)
+    def flipped(name: str, adapter: Adapter) -> bool:
+        return name in transposed if knows_layout else bool(adapter.config.get("fan_in_fan_out"))
+
+    updates = plan_updates(base, adapters, variants, flipped)
     check_output(out, options.force, [base.path, *(a.path for a in adapters)])
 
-    def apply(name: str, value: torch.Tensor, meta: bool = False) -> torch.Tensor:
+    def apply(name: str, value: torch.Tensor) -> torch.Tensor:
         for u in updates[name]:
-            flipped = name in transposed if knows_layout else bool(u.adapter.config.get("fan_in_fan_out"))
             if u.role == "whole":
-                new = torch.empty_like(value) if meta else u.adapter.tensor(u.key)
+                new = u.adapter.tensor(u.key)
             else:
-                parts = ({p: torch.empty(u.adapter.weights.shape(k), device="meta")
-                          for p, k in u.adapter.modules[u.module].items()} if meta else u.adapter.parts(u.module))
-                site = Site(name, u.module, value, flipped, parts, u.adapter.config, str(u.adapter.path))
+                site = Site(name, u.module, value, flipped(name, u.adapter), u.adapter.parts(u.module),
+                            u.adapter.config, str(u.adapter.path))
                 if u.role == "weight":
                     new = u.variant.fold_weight(site)
                 else:
@@ -164,15 +175,13 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
             value = value + options.scale * (new - value) if options.scale != 1.0 else new
         return value
 
-    # every shape checked on meta tensors (no data read) before anything is written
-    for name in updates:
-        apply(name, torch.empty(base.shape(name), device="meta"), meta=True)
-
     names = base.keys()
     done = [0]
 
     def fold_one(name: str) -> torch.Tensor:
-        value = apply(name, base.get(name).to(torch.float32))
+        value = base.get(name).to(torch.float32, copy=True)
+        base.close()  # unmap: pages of a mapped input count as resident memory until then
+        value = apply(name, value)
         done[0] += 1
         progress("fold", done[0], len(updates), {})
         return value.to(base.info(name).dtype)

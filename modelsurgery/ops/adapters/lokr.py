@@ -42,6 +42,23 @@ def fold_weight(site: Site) -> torch.Tensor:
     return site.weight + delta
 
 
+def factor_shape(shapes: dict, whole: str, a: str, b: str) -> tuple[int, int] | None:
+    if whole in shapes:
+        return tuple(shapes[whole][:2])
+    if a in shapes and b in shapes:
+        return shapes[a][0], shapes[b][-1]
+    return None
+
+
+def weight_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, int | None]:
+    """W1 kron W2 is (a1 a2, b1 b2)."""
+    f1 = factor_shape(shapes, "lokr_w1", "lokr_w1_a", "lokr_w1_b")
+    f2 = factor_shape(shapes, "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    if f1 is None or f2 is None or "lokr_t2" in shapes:
+        return None, None
+    return f1[0] * f2[0], f1[1] * f2[1]
+
+
 PARAMETERS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
-register_variant(Variant("LOKR", PARAMETERS, fold_weight, source="peft/tuners/lokr/layer.py"))
+register_variant(Variant("LOKR", PARAMETERS, fold_weight, weight_shape, source="peft/tuners/lokr/layer.py"))

@@ -82,7 +82,15 @@ def fold_bias(site: Site, bias: torch.Tensor) -> torch.Tensor:
     return bias + extra * s
 
 
+def weight_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, int | None]:
+    if "lora_embedding_A" in shapes and "lora_embedding_B" in shapes:  # nn.Embedding: (num, dim)
+        return shapes["lora_embedding_A"][-1], shapes["lora_embedding_B"][0]
+    a, b = shapes.get("lora_A.weight"), shapes.get("lora_B.weight")
+    return (b[0] if b else None), (a[1] if a and len(a) > 1 else None)
+
+
 PARAMETERS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_embedding_A",
               "lora_embedding_B")
 
-register_variant(Variant("LORA", PARAMETERS, fold_weight, fold_bias, source="peft/tuners/lora/layer.py, dora.py"))
+register_variant(Variant("LORA", PARAMETERS, fold_weight, weight_shape, fold_bias,
+                         source="peft/tuners/lora/layer.py, dora.py"))

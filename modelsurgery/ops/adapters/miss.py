@@ -49,5 +49,14 @@ def fold_weight(site: Site) -> torch.Tensor:
     return w + d.t()[:, shard]
 
 
-register_variant(Variant("MISS", ("miss_block",), fold_weight, source="peft/tuners/miss/layer.py"))
-register_variant(Variant("BONE", ("bone_block",), fold_weight, source="peft/tuners/bone/layer.py (PEFT < 0.18)"))
+def weight_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, int | None]:
+    """Outputs only: balance (r, out); bat (out/r, r, r); mini (r, mini_r) fixes neither side."""
+    d = shapes.get("miss_block", shapes.get("bone_block"))
+    if d is None:
+        return None, None
+    return (d[0] * d[-1], None) if len(d) == 3 else (None, None)
+
+
+register_variant(Variant("MISS", ("miss_block",), fold_weight, weight_shape, source="peft/tuners/miss/layer.py"))
+register_variant(Variant("BONE", ("bone_block",), fold_weight, weight_shape,
+                         source="peft/tuners/bone/layer.py (PEFT < 0.18)"))

@@ -4,6 +4,9 @@ module, and how it turns a base weight into the adapted one. One file per method
 ``fold_weight(site)`` returns the adapted weight in the stored layout, computed in float32, from the
 base weight ``site.weight`` (float32, stored layout: (out, in), or (in, out) when ``site.transposed``,
 as GPT-2's Conv1D). ``fold_bias(site, bias)`` returns the adapted bias (most methods leave it).
+``weight_shape(shapes)`` says, from the shapes of a module's adapter tensors alone, the (out, in) shape
+of the weight they update (None where the adapter does not fix a side), so a mismatched BASE is
+refused before any tensor is read.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Variant:
     peft_type: str
     parameter_names: tuple[str, ...]
     fold_weight: Callable[[Site], torch.Tensor]
+    weight_shape: Callable[[dict[str, tuple[int, ...]]], tuple[int | None, int | None]]
     fold_bias: Callable[[Site, torch.Tensor], torch.Tensor] | None = None
     source: str = ""
 
