@@ -358,3 +358,33 @@ def read_weight(path: str | Path, gguf_name: str) -> PackedWeight:
             codes, d, zero = decode(np.asarray(t.data), qtype, rows, length)
             return PackedWeight(gguf_name, (rows, length), 8 if qtype == Q.Q8_0 else 4, BLOCK, codes, d, zero)
     raise SurgeryError(f"{path}: no tensor '{gguf_name}'")
+
+
+def inspect_report(path: str | Path):
+    """``surgery inspect`` of a GGUF file: its tensors grouped by block, metadata, format and scheme."""
+    from modelsurgery.ops.inspect import InspectReport
+
+    info = read_gguf(path)
+    meta = info["metadata"]
+    arch = meta.get("general.architecture", "?")
+    groups: dict[str, list[dict]] = {}
+    dtypes: dict[str, int] = {}
+    for t in info["tensors"]:
+        numel = math.prod(t["shape"])
+        dtypes[t["type"]] = dtypes.get(t["type"], 0) + numel
+        parts = t["name"].split(".")
+        group = f"block {parts[1]}" if parts[0] == "blk" else parts[0]
+        groups.setdefault(group, []).append({"name": t["name"], "shape": t["shape"], "dtype": t["type"],
+                                             "parameters": numel, "bytes": t["bytes"]})
+    quantization = info["quantization"] or {"format": NAME}
+    file_type = meta.get("general.file_type")
+    if file_type is not None:
+        quantization["file_type"] = gguf.LlamaFileType(file_type).name
+    return InspectReport(
+        path=str(path),
+        family={"family": f"gguf:{arch}", "num_layers": meta.get(f"{arch}.block_count"),
+                "hidden_size": meta.get(f"{arch}.embedding_length")},
+        num_parameters=sum(dtypes.values()), num_bytes=Path(path).stat().st_size,
+        num_tensors=len(info["tensors"]), dtypes=dtypes, groups=groups,
+        metadata={k: v for k, v in meta.items() if k != "modelsurgery.quantization"},
+        quantization=quantization, files=[str(path)])

@@ -64,6 +64,10 @@ def _json_field(metadata: dict, key: str) -> dict | None:
 
 def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectReport:
     """Read only headers (and config.json): nothing is loaded for safetensors inputs."""
+    if Path(path).suffix == ".gguf":
+        from modelsurgery.deploy.gguf import inspect_report
+
+        return inspect_report(path)
     ckpt = Checkpoint.open(path)
     family = detect_family(ckpt, model)
     groups: dict[str, list[dict]] = {}
@@ -86,6 +90,7 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
         groups=groups,
         metadata=metadata,
         provenance=_json_field(ckpt.metadata, "modelsurgery"),
-        quantization=_json_field(ckpt.metadata, "modelsurgery.quantization"),
+        quantization=(_json_field(ckpt.metadata, "modelsurgery.quantization")
+                      or (ckpt.config or {}).get("quantization_config")),  # GPTQ, compressed-tensors
         files=[str(f) for f in ckpt.source_files],
     )
