@@ -82,6 +82,7 @@ def check_output(out: str | Path, force: bool, inputs: Iterable = (), *, folder:
         raise SurgeryError(f"{parent}: is not a folder, cannot write {out.name} in it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SurgeryError(f"{parent}: output folder is not writable")
+    remove_stale_temporaries(parent)
     if os.path.lexists(out):
         if not force:
             raise SurgeryError(f"{out}: already exists (use --force to replace it)")
@@ -270,8 +271,6 @@ def atomic_path(out: str | Path, force: bool, is_dir: bool) -> Iterator[Path]:
     place (see ``move_into_place``); on failure or interruption remove it."""
     out = Path(out)
     check_output(out, force, folder=is_dir)
-    parent = out.parent
-    remove_stale_temporaries(parent)
     tmp_root = temp_name(out)
     try:
         os.mkdir(tmp_root)

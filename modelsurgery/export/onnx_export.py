@@ -21,6 +21,7 @@ import torch
 from modelsurgery.checkpoint import Checkpoint, check_output
 from modelsurgery.checkpoint.output import move_into_place, remove_stale_temporaries, temp_name
 from modelsurgery.data import TENSOR_SUFFIXES
+from modelsurgery.deploy import deployed_state, read_deployed
 from modelsurgery.errors import SurgeryError
 from modelsurgery.export.ort_check import CheckResult, check_export, op_counts
 from modelsurgery.export.packed import METADATA_KEY, PackedWeight, dequantized_state, read_packed
@@ -149,7 +150,7 @@ def save_model(model: onnx.ModelProto, out: Path, threshold: int, force: bool, c
     file that appeared during the run."""
     parent = out.parent
     data_out = parent / (out.name + ".data")
-    remove_stale_temporaries(parent)
+    remove_stale_temporaries(parent)  # (also done by check_output before the work)
     tmp = temp_name(out)
     os.mkdir(tmp)
     placed: list[Path] = []
@@ -194,13 +195,15 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
     check_output(out.parent / (out.name + ".data"), options.force, inputs, folder=False)
     progress("export", 0, 4, {"stage": "read"})
     weights = read_packed(src)
+    deployed = None if weights else read_deployed(src)  # a GPTQ or compressed-tensors folder
+    weights = weights or deployed or []
     opset = resolve_opset(options, weights, str(path))
     dtype = DTYPES[options.dtype]
     view = src
     if weights:
         metadata = {k: v for k, v in src.metadata.items() if k != METADATA_KEY}
-        view = Checkpoint.from_state_dict(dequantized_state(src, weights, dtype), path=src.path,
-                                          config=src.config, metadata=metadata)
+        state = deployed_state(src, weights, dtype) if deployed else dequantized_state(src, weights, dtype)
+        view = Checkpoint.from_state_dict(state, path=src.path, config=src.config, metadata=metadata)
     family = runnable_family(view, options.model, str(path))
     module = family.build_module(dtype=dtype)
     trace_inputs = sample_inputs(family, options, 2, 8, options.seed)
