@@ -79,14 +79,16 @@ def read_deployed(ckpt) -> list | None:
     return None
 
 
-def deployed_suffixes(ckpt) -> tuple[str, ...]:
-    """Tensor-name suffixes a deployed folder stores in place of ``.weight`` (for dequantized states)."""
-    if gptq.is_gptq(ckpt.config):
-        return gptq.SUFFIXES
-    if compressed_tensors.is_compressed_tensors(ckpt.config):
-        return compressed_tensors.SUFFIXES
-    return ()
+def deployed_state(ckpt, weights: list, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The float state dict a GPTQ or compressed-tensors folder stands for: each module's stored
+    tensors replaced by its dequantized ``X.weight`` (as ``packing.dequantized_state`` does for packed)."""
+    suffixes = gptq.SUFFIXES if gptq.is_gptq(ckpt.config) else compressed_tensors.SUFFIXES
+    owned = {w.name[: -len(".weight")] + s for w in weights for s in suffixes}
+    state = {k: ckpt.get(k) for k in ckpt.keys() if k not in owned}  # noqa: SIM118
+    for w in weights:
+        state[w.name] = w.dequantize(dtype)
+    return state
 
 
 __all__ = ["FORMATS", "DeployReport", "DeploySource", "check_model", "check_scheme", "convert_packed", "deploy",
-           "deployed_suffixes", "read_deployed", "storable_scale"]
+           "deployed_state", "read_deployed", "storable_scale"]
