@@ -168,6 +168,31 @@ def test_published_config_shapes_match_transformers(tmp_path, name):
         assert max_diff(module, ref, *padded_batch(seq=seq, seed=seq)) < TOL, seq
 
 
+@pytest.mark.parametrize(("kind", "overrides"), [
+    # Mistral-NeMo: head_dim 128 with hidden 5120 / 32 heads (head_dim * heads != hidden)
+    ("mistral", {"hidden_size": 40, "head_dim": 16, "sliding_window": None}),
+    # Qwen2 with use_sliding_window: layers from max_window_layers on are windowed
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    # Phi-4-mini: partial_rotary_factor 0.75, tied head
+    ("phi3", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}}),
+    # GPT-NeoX with a sequential residual
+    ("gpt_neox", {"use_parallel_residual": False, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    # Qwen3 with yarn rope scaling (as its long-context configs suggest)
+    ("qwen3", {"max_position_embeddings": 8, "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "rope_theta": 1000000.0}}),
+    # Gemma 2 without soft-capping and with an explicit layer_types list
+    ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": None,
+                "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}),
+])
+def test_config_variants_match_transformers(tmp_path, kind, overrides):
+    folder = save_tiny_decoder(kind, tmp_path, seed=6, **overrides)
+    fam = detect_family(Checkpoint.open(folder))
+    assert fam.name == DECODER_FAMILY[kind]
+    assert max_diff(fam.build_module(), load_hf(folder), *padded_batch(seq=13, seed=2)) < TOL
+
+
 def test_published_features_are_reported(tmp_path):
     kind, config = PUBLISHED["gemma-3-1b"]
     feats = detect_family(Checkpoint.open(save_published(kind, config, tmp_path / "g"))).features()
