@@ -72,8 +72,11 @@ def render_inspect(report, all_tensors: bool = False) -> None:
         out_console.print(f"quantization: {safe(report.quantization)}")
     if report.provenance:
         p = report.provenance
-        out_console.print(safe(f"provenance: {p.get('tool')} {p.get('version')} {p.get('operation')} "
-                               f"{p.get('parameters')}"))
+        if isinstance(p, dict):
+            out_console.print(safe(f"provenance: {p.get('tool')} {p.get('version')} {p.get('operation')} "
+                                   f"{p.get('parameters')}"))
+        else:  # a file can hold anything under our metadata key: show it, do not trust its shape
+            out_console.print(safe(f"provenance (malformed, a JSON {type(p).__name__}): {p}"))
     if report.metadata:
         out_console.print(f"metadata: {safe(report.metadata)}")
 
@@ -93,6 +96,6 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
         }
     if not quiet:
         for name, r in found.items():
-            out_console.print(f"{safe(name)}: family [cyan]{safe(r['family'])}[/], {r['num_parameters']:,} parameters, "
-                              f"{r['num_layers']} layers")
+            out_console.print(f"{safe(name)}: family [cyan]{safe(r['family'])}[/], "
+                              f"{r['num_parameters']:,} parameters, {r['num_layers']} layers")
     return found

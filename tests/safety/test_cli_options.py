@@ -1,0 +1,145 @@
+"""Issue #14 items 2, 9, 12, 13 through the CLI: options range-checked with the allowed range in a one-line
+message, OS errors (full disk, bad output names) as one line, symlinked side files never carried."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from modelsurgery.cli.app import app
+from tests.checkpoint.helpers import snapshot
+from tests.ops.grow.helpers import hf_folder, save_mlp
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _one_line_error(result, *words: str) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+GROW_CASES = [
+    (["--method", "width", "--init-scale", "nan"], ["--init-scale", "finite"]),
+    (["--method", "width", "--init-scale", "-1"], ["--init-scale", ">= 0"]),
+    (["--method", "width", "--factor", "inf"], ["--factor", "finite"]),
+    (["--method", "stack", "--factor", "1e9"], ["--factor", "[1, 64]"]),
+    (["--method", "stack", "--factor", "0"], ["--factor", "[1, 64]"]),
+    (["--method", "stack", "--factor", "1.5"], ["--factor", "integer"]),
+    (["--method", "width", "--factor", "1"], ["--factor", "(1, 64]"]),
+    (["--method", "interleave", "--every", "0"], ["--every", ">= 1"]),
+    (["--method", "mixture", "--templates", "0"], ["--templates", ">= 1"]),
+    (["--method", "mixture", "--coef-scale", "nan"], ["--coef-scale", "finite"]),
+    (["--max-shard-size", "0"], ["max shard size", "at least 1 byte"]),
+    (["--seed", "-1"], ["--seed"]),
+]
+
+
+@pytest.mark.parametrize("args,words", GROW_CASES)
+def test_grow_options_range_checked(tmp_path, args, words):
+    src = save_mlp(tmp_path / "mlp.safetensors")
+    before = snapshot(tmp_path)
+    r = runner.invoke(app, ["grow", str(src), "-o", str(tmp_path / "out.safetensors"), *args])
+    _one_line_error(r, *words)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--old-classes", "0"], ["--old-classes", ">= 1"]),
+    (["--old-classes", "5", "--norm", "3"], ["--norm", "1, 2"]),
+    (["--old-classes", "5", "--bias", "bogus"], ["--bias", "scale, keep"]),
+])
+def test_align_options_range_checked(tmp_path, fixtures_dir, args, words):
+    src = fixtures_dir / "digits" / "incremental_clipped.safetensors"
+    r = runner.invoke(app, ["align", str(src), "-o", str(tmp_path / "a.safetensors"), *args])
+    _one_line_error(r, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--samples", "0"], ["--samples", "[1, 4096]"]),
+    (["--samples", "-1"], ["--samples", "[1, 4096]"]),
+    (["--seq-len", "0"], ["--seq-len", ">= 1"]),
+    (["--tolerance", "nan"], ["--tolerance", "finite"]),
+    (["--tolerance", "0"], ["--tolerance", "> 0"]),
+    (["--dtype", "bogus"], ["--dtype", "fp32, fp16"]),
+])
+def test_export_options_range_checked(tmp_path, fixtures_dir, args, words):
+    src = fixtures_dir / "digits" / "mlp_seed0.safetensors"
+    r = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "m.onnx"), *args])
+    _one_line_error(r, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_never_replaces_existing_external_data(tmp_path, fixtures_dir):
+    src = fixtures_dir / "digits" / "mlp_seed0.safetensors"
+    (tmp_path / "m.onnx.data").write_bytes(b"someone's data")
+    r = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "m.onnx"), "--no-check"])
+    _one_line_error(r, "m.onnx.data", "already exists")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx.data"]
+
+
+@pytest.mark.parametrize("out", [".", "", ".."])
+def test_output_that_names_no_file_is_one_line(tmp_path, out, monkeypatch):
+    src = save_mlp(tmp_path / "mlp.safetensors")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    r = runner.invoke(app, ["grow", str(src), "-o", out, "--method", "width", "--force"])
+    _one_line_error(r, "names no file or folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_output_inside_the_input_folder_refused(tmp_path):
+    src = hf_folder(tmp_path, "gpt2")
+    before = snapshot(src)
+    for out in (src / "grown", src / "grown.safetensors"):
+        r = runner.invoke(app, ["grow", str(src), "-o", str(out), "--method", "stack", "--force"])
+        _one_line_error(r, "would overwrite the input")
+    assert snapshot(src) == before
+
+
+def test_symlinked_side_file_is_not_carried(tmp_path):
+    src = hf_folder(tmp_path, "gpt2")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET")
+    (src / "tokenizer.json").unlink(missing_ok=True)
+    (src / "tokenizer.json").symlink_to(secret)
+    os.mkfifo(src / "vocab.pipe")
+    (src / "merges.txt").write_text("kept")
+    out = tmp_path / "grown"
+    r = runner.invoke(app, ["grow", str(src), "-o", str(out), "--method", "stack"])
+    assert r.exit_code == 0, r.output
+    assert "tokenizer.json: not carried" in r.stderr and "outside the checkpoint folder" in r.stderr
+    assert "vocab.pipe: not carried" in r.stderr
+    assert not (out / "tokenizer.json").exists() and (out / "merges.txt").read_text() == "kept"
+    assert all("TOPSECRET" not in p.read_text(errors="replace") for p in out.iterdir())
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A file-size limit makes writes fail with EFBIG, as a full disk fails with ENOSPC."""
+    src = save_mlp(tmp_path / "mlp.safetensors")
+    work = tmp_path / "out"
+    work.mkdir()
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    r = subprocess.run([sys.executable, "-m", "modelsurgery", "grow", str(src), "-o", str(work / "o.safetensors"),
+                        "--method", "width", "--factor", "64", "--quiet"], cwd=ROOT, capture_output=True,
+                       text=True, preexec_fn=limit, timeout=300)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nothing was written" in lines[0], r.stderr
+    assert list(work.iterdir()) == []
