@@ -40,6 +40,26 @@ def check_model(fmt: str, config: dict | None, folder: Path | None, where: str, 
         gguf.check_tokenizer(folder, gguf_tokenizer)
 
 
+def check_weight(fmt: str, name: str, shape: tuple[int, ...], transposed: bool, embedding: bool, scheme) -> None:
+    """One-line refusal of a weight ``fmt`` cannot hold (call before calibration)."""
+    if len(shape) != 2 or transposed:
+        raise SurgeryError(f"tensor '{name}' {list(shape)}: --format {fmt} holds Linear weights [out, in] only "
+                           "(keep it float with --skip)")
+    if embedding and fmt != gguf.NAME:
+        raise SurgeryError(f"tensor '{name}': --format {fmt} quantizes Linear layers, not embedding tables "
+                           "(drop --no-default-skips or --skip it)")
+    if fmt == gptq.NAME:
+        gptq.check_shape(name, shape, scheme.bits)
+
+
+def storable_grid(fmt: str, scale: torch.Tensor, zero: torch.Tensor, scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid ``fmt`` stores exactly: the zero point it can hold (GPTQ v1: >= 1), then the scale."""
+    module = format_module(fmt)
+    if module is gptq:
+        zero = zero.clamp(min=gptq.min_zero_point(scheme))
+    return storable_scale(fmt, scale, zero, scheme), zero
+
+
 def storable_scale(fmt: str, scale: torch.Tensor, zero: torch.Tensor, scheme) -> torch.Tensor:
     """The scale ``fmt`` stores exactly (fp16; Q4_1 also its fp16 offset -z * s)."""
     from modelsurgery.deploy.common import storable_scale as fp16_scale
@@ -52,6 +72,7 @@ def storable_scale(fmt: str, scale: torch.Tensor, zero: torch.Tensor, scheme) ->
 
 def deploy(src: DeploySource, out: str | Path, fmt: str, force: bool = False,
            gguf_tokenizer: str = "auto") -> DeployReport:
+    """Write ``src`` in ``fmt`` (atomic; refuses an existing output without ``force``)."""
     module = format_module(fmt)
     module.check_scheme(src.scheme)
     if module is gguf:
@@ -90,5 +111,5 @@ def deployed_state(ckpt, weights: list, dtype: torch.dtype = torch.float32) -> d
     return state
 
 
-__all__ = ["FORMATS", "DeployReport", "DeploySource", "check_model", "check_scheme", "convert_packed", "deploy",
-           "deployed_state", "read_deployed", "storable_scale"]
+__all__ = ["FORMATS", "DeployReport", "DeploySource", "check_model", "check_scheme", "check_weight",
+           "convert_packed", "deploy", "deployed_state", "read_deployed", "storable_grid", "storable_scale"]

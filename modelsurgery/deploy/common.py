@@ -34,6 +34,9 @@ class DeploySource:
     weights: list[PackedWeight]
     scheme: QuantScheme
     method: str = "unknown"
+    #: the operation and parameters recorded as the output's provenance (default: this conversion)
+    operation: str = "deploy"
+    parameters: dict = field(default_factory=dict)
 
     @property
     def config(self) -> dict:
@@ -191,7 +194,7 @@ def write_quantized_folder(src: DeploySource, out: Path, planned: list, quantiza
               "layers": {w.name: {"shape": list(w.shape), "bits": w.bits, "group_size": w.group_size}
                          for w in src.weights}}
     return write_checkpoint(
-        out, planned, provenance=Provenance("deploy", {"format": fmt}, src.ckpt.source_files),
+        out, planned, provenance=Provenance(src.operation, {"format": fmt, **src.parameters}, src.ckpt.source_files),
         metadata={"modelsurgery.quantization": json.dumps(record, sort_keys=True)},
         config={**src.config, "quantization_config": quantization_config},
         extra_files=src.ckpt.extra_files(), force=force)

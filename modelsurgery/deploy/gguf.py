@@ -288,6 +288,9 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         write_hparams(writer, config, (src.folder or out).name, file_type)
         tok = write_tokenizer(writer, src.folder, config["vocab_size"], tokenizer)
+        writer.add_string("modelsurgery", json.dumps(
+            {"tool": "modelsurgery", "operation": src.operation, "parameters": {"format": NAME, **src.parameters},
+             "sources": [str(p) for p in src.ckpt.source_files]}, sort_keys=True, default=str))
         writer.add_string("modelsurgery.quantization", json.dumps(
             {"format": NAME, "method": src.method, "type": qtype.name, **src.scheme.to_dict()}, sort_keys=True))
         for p in planned:
@@ -386,5 +389,6 @@ def inspect_report(path: str | Path):
                 "hidden_size": meta.get(f"{arch}.embedding_length")},
         num_parameters=sum(dtypes.values()), num_bytes=Path(path).stat().st_size,
         num_tensors=len(info["tensors"]), dtypes=dtypes, groups=groups,
-        metadata={k: v for k, v in meta.items() if k != "modelsurgery.quantization"},
+        metadata={k: v for k, v in meta.items() if not k.startswith("modelsurgery")},
+        provenance=json.loads(meta["modelsurgery"]) if "modelsurgery" in meta else None,
         quantization=quantization, files=[str(path)])

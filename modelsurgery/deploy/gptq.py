@@ -67,13 +67,18 @@ def quantization_config(src: DeploySource) -> dict:
             "modules_in_block_to_quantize": None, "quantized_by": "modelsurgery"}
 
 
+def check_shape(name: str, shape: tuple[int, ...], bits: int) -> None:
+    out_features, in_features = shape
+    if (in_features * bits) % 32 or (out_features * bits) % 32:
+        raise SurgeryError(f"tensor '{name}' {list(shape)}: GPTQ packs {bits}-bit codes into int32 words; "
+                           f"in and out features times {bits} must be multiples of 32 (keep it float with --skip)")
+
+
 def gptq_tensors(w: PackedWeight) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """The module's GPTQ tensors and the fp16 scale they hold, [rows, groups] like ours."""
     plain_2d(w, NAME)
-    out_features, in_features = w.shape
-    if (in_features * w.bits) % 32 or (out_features * w.bits) % 32:
-        raise SurgeryError(f"tensor '{w.name}' {list(w.shape)}: GPTQ packs {w.bits}-bit codes into int32 words; "
-                           f"in and out features times {w.bits} must be multiples of 32")
+    check_shape(w.name, w.shape, w.bits)
+    in_features = w.shape[1]
     if int(w.zero_point.min(initial=1)) < 1:
         raise SurgeryError(f"tensor '{w.name}': a zero point of 0 cannot be stored in GPTQ v1 (zeros are stored "
                            "minus one); quantize with --format gptq so the grid keeps zero points >= 1")
