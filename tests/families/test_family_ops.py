@@ -201,12 +201,14 @@ def test_rtn_packed_runs_in_onnx_runtime_as_transformers_runs_the_dequantized_we
 
 
 def test_flexround_runs(src, tmp_path):
+    """Two FlexRound steps on every block (min-max grid: the grid search is not what this checks)."""
     folder = src
     calib = tmp_path / "calib.safetensors"
     save_file({"input_ids": ids(batch=4, seed=7)}, calib)
     out = tmp_path / "flex"
     result = quantize_checkpoint(folder, out, QuantizeOptions(bits=4, method="flexround", calib=calib, samples=4,
-                                                              seq_len=SEQ, params={"steps": 2}))
+                                                              seq_len=SEQ, params={"steps": 2},
+                                                              grid="minmax"))
     assert result is not None
     x = ids()
     y = hf_out(write_folder(folder, Checkpoint.open(out).state_dict(), tmp_path / "loaded"), x)
