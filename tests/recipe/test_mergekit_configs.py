@@ -16,26 +16,8 @@ from tests.recipe import reference as ref
 
 runner = CliRunner()
 
-
-def run(tmp_path, config: str, models: dict, out_name: str = "out", extra: tuple = ()):
-    text = config
-    for k, v in models.items():
-        text = re.sub(rf"\b{k}\b(?=[\s,\]}}]|$)", str(v), text)
-    recipe = tmp_path / "merge.yml"
-    recipe.write_text(text)
-    out = tmp_path / out_name
-    r = runner.invoke(app, ["run", str(recipe), "-o", str(out), *extra])
-    return r, out
-
-
-def layer_of(name: str):
-    m = re.search(r"(?:layers|h)\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
-
-
-def test_slerp_gradients_and_filters(tmp_path, llamas):
-    """mergekit README's slerp example: t per layer from filtered gradients, default 0.5."""
-    config = """
+#: mergekit configs (as its README and docs write them), shared with the slow test against mergekit itself
+SLERP = """
 slices:
   - sources:
       - model: a
@@ -53,6 +35,92 @@ parameters:
     - value: 0.5
 dtype: float32
 """
+
+PASSTHROUGH = """
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 2]
+  - sources:
+      - model: b
+        layer_range: [1, 3]
+merge_method: passthrough
+dtype: float32
+"""
+
+TIES = """
+models:
+  - model: base
+  - model: ft1
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: ft2
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+merge_method: ties
+base_model: base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float32
+"""
+
+TASK_ARITHMETIC = """
+models:
+  - model: ft1
+    parameters:
+      weight: 0.7
+  - model: ft2
+    parameters:
+      weight: -0.3
+merge_method: task_arithmetic
+base_model: base
+parameters:
+  lambda: 0.8
+dtype: float32
+out_dtype: bfloat16
+"""
+
+LINEAR = """
+models:
+  - model: a
+    parameters:
+      weight:
+        - filter: mlp
+          value: 0.8
+        - value: 0.3
+  - model: b
+    parameters:
+      weight: 1.0
+merge_method: linear
+"""
+
+
+def materialize(config: str, models: dict) -> str:
+    """The config with its model names replaced by the test's model folders."""
+    for k, v in models.items():
+        config = re.sub(rf"\b{k}\b(?=[\s,\]}}]|$)", str(v), config)
+    return config
+
+
+def run(tmp_path, config: str, models: dict, out_name: str = "out", extra: tuple = ()):
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(materialize(config, models))
+    out = tmp_path / out_name
+    r = runner.invoke(app, ["run", str(recipe), "-o", str(out), *extra])
+    return r, out
+
+
+def layer_of(name: str):
+    m = re.search(r"(?:layers|h)\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def test_slerp_gradients_and_filters(tmp_path, llamas):
+    """mergekit README's slerp example: t per layer from filtered gradients, default 0.5."""
+    config = SLERP
     r, out = run(tmp_path, config, llamas)
     assert r.exit_code == 0, r.output
     a, b, got = ref.load(llamas["a"]), ref.load(llamas["b"]), ref.load(out)
@@ -74,17 +142,7 @@ dtype: float32
 def test_passthrough_slices_frankenmerge(tmp_path, llamas):
     """Depth up-scaling: layers 0-1 of a then 1-2 of b; embeddings from the first slice's model,
     final norm and head from the last's; config.json counts 4 layers and transformers loads it."""
-    config = """
-slices:
-  - sources:
-      - model: a
-        layer_range: [0, 2]
-  - sources:
-      - model: b
-        layer_range: [1, 3]
-merge_method: passthrough
-dtype: float32
-"""
+    config = PASSTHROUGH
     r, out = run(tmp_path, config, llamas)
     assert r.exit_code == 0, r.output
     a, b, got = ref.load(llamas["a"]), ref.load(llamas["b"]), ref.load(out)
@@ -109,24 +167,7 @@ dtype: float32
 def test_ties_density_weight_gradients_normalize(tmp_path, gpt2s):
     """TIES on GPT-2 with per-model density and weight (a gradient), normalize and int8_mask
     (int8_mask changes only the mask's dtype in mergekit, never the result)."""
-    config = """
-models:
-  - model: base
-  - model: ft1
-    parameters:
-      density: [1, 0.7, 0.1]
-      weight: 1.0
-  - model: ft2
-    parameters:
-      density: 0.5
-      weight: [0, 0.3, 0.7, 1]
-merge_method: ties
-base_model: base
-parameters:
-  normalize: true
-  int8_mask: true
-dtype: float32
-"""
+    config = TIES
     r, out = run(tmp_path, config, gpt2s)
     assert r.exit_code == 0, r.output
     base, f1, f2, got = (ref.load(gpt2s[k]) for k in ("base", "ft1", "ft2")), None, None, None
@@ -145,21 +186,7 @@ dtype: float32
 
 def test_task_arithmetic_lambda_out_dtype(tmp_path, llamas):
     """task_arithmetic: base + lambda * sum w_i (x_i - base), no normalisation by default; written as out_dtype."""
-    config = """
-models:
-  - model: ft1
-    parameters:
-      weight: 0.7
-  - model: ft2
-    parameters:
-      weight: -0.3
-merge_method: task_arithmetic
-base_model: base
-parameters:
-  lambda: 0.8
-dtype: float32
-out_dtype: bfloat16
-"""
+    config = TASK_ARITHMETIC
     r, out = run(tmp_path, config, llamas)
     assert r.exit_code == 0, r.output
     base, f1, f2 = ref.load(llamas["base"]), ref.load(llamas["ft1"]), ref.load(llamas["ft2"])
@@ -174,19 +201,7 @@ out_dtype: bfloat16
 
 def test_linear_filtered_weights(tmp_path, llamas):
     """linear: per-model weight as filter-conditioned list, normalised by the weight sum."""
-    config = """
-models:
-  - model: a
-    parameters:
-      weight:
-        - filter: mlp
-          value: 0.8
-        - value: 0.3
-  - model: b
-    parameters:
-      weight: 1.0
-merge_method: linear
-"""
+    config = LINEAR
     r, out = run(tmp_path, config, llamas)
     assert r.exit_code == 0, r.output
     a, b, got = ref.load(llamas["a"]), ref.load(llamas["b"]), ref.load(out)
