@@ -116,16 +116,6 @@ def attention_bias(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-def rotary_tables(input_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [1, 1, T, head_dim] for positions 0..T-1 (frequencies in float32, as LLaMA)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=input_ids.device)
-                               / head_dim))
-    freqs = positions(input_ids).to(torch.float32).unsqueeze(-1) * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

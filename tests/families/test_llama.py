@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
-from modelsurgery.families.transformer import apply_rotary, attend, attention_bias, rotary_tables
+from modelsurgery.families.rope import Rope
+from modelsurgery.families.transformer import apply_rotary, attend, attention_bias
 from tests.families import onnx_max_diff
 from tests.hf_tiny import load_hf, save_tiny_llama
 
@@ -254,7 +255,7 @@ def test_rotary_scores_depend_only_on_relative_position(m, n, shift, seed):
     """RoFormer's property: <R(m) q, R(n) k> = <R(m+s) q, R(n+s) k>, and rotation keeps the norm."""
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(2, 16, generator=g, dtype=torch.float64)
-    cos, sin = rotary_tables(torch.zeros(1, 64, dtype=torch.long), 16, 10000.0, torch.float64)
+    cos, sin = Rope("default", 10000.0, 16, 64).tables(torch.zeros(1, 64, dtype=torch.long), torch.float64)
 
     def rot(x, p):
         return apply_rotary(x, cos[0, 0, p], sin[0, 0, p])
