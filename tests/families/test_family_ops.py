@@ -26,8 +26,11 @@ from transformers import AutoConfig
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.export import ExportOptions, export_checkpoint, ort_session
-from modelsurgery.families import detect_family
+from modelsurgery.families import Family, Linear, detect_family
+from modelsurgery.ops.align import find_classifier
 from modelsurgery.ops.grow import GrowOptions, grow
+from modelsurgery.ops.grow.common import GrowReport
+from modelsurgery.ops.grow.width import WidthPlan, plan_groups
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import PermutationSpec, apply_permutation
 from modelsurgery.ops.quantize.operation import QuantizeOptions, quantize_checkpoint
@@ -235,3 +238,58 @@ def test_soft_caps_are_in_the_onnx_graph(tmp_path, sources, tmp_path_factory):
     cfg.attn_logit_softcapping = cfg.final_logit_softcapping = None
     cfg.save_pretrained(uncapped)
     assert (hf_out(uncapped, x) - want).abs().max() > 0.1
+
+
+# ----- a new family is one class: the operations need no change ---------------------------------
+class ToyChain(Family):
+    """A family no operation has heard of: a ReLU chain under its own tensor names."""
+
+    name = "toy-chain"
+
+    def chain_layers(self) -> list[Linear]:
+        return [Linear("enc.w", "enc.b"), Linear("mid.w", "mid.b"), Linear("cls.w", "cls.b")]
+
+    layers = chain_layers
+
+
+def toy_forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The toy model written out by hand."""
+    h = torch.relu(x @ state["enc.w"].T + state["enc.b"])
+    h = torch.relu(h @ state["mid.w"].T + state["mid.b"])
+    return h @ state["cls.w"].T + state["cls.b"]
+
+
+@pytest.fixture
+def toy():
+    g = torch.Generator().manual_seed(0)
+    sizes = [(7, 5), (9, 7), (4, 9)]
+    state = {}
+    for name, (o, i) in zip(("enc", "mid", "cls"), sizes):
+        state[f"{name}.w"] = torch.randn(o, i, generator=g, dtype=torch.float64)
+        state[f"{name}.b"] = torch.randn(o, generator=g, dtype=torch.float64)
+    return ToyChain(Checkpoint.from_state_dict(state)), state
+
+
+def test_a_new_family_is_permuted_from_its_capabilities(toy):
+    fam, state = toy
+    spec = permutation_spec(fam)
+    assert sorted(g.size for g in spec.groups.values()) == [7, 9]  # hidden units only; inputs and classes stay
+    permuted = apply_permutation(state, spec, random_perms(spec, seed=1))
+    x = torch.randn(6, 5, dtype=torch.float64)
+    torch.testing.assert_close(toy_forward(permuted, x), toy_forward(state, x))
+
+
+def test_a_new_family_grows_wider_from_its_capabilities(toy):
+    fam, state = toy
+    plan = WidthPlan(fam.ckpt, GrowOptions(method="width"))
+    report = GrowReport("width", [], "", fam.name)
+    plan_groups(fam, plan, 2.0, split=True, gen=torch.Generator().manual_seed(0), report=report)
+    grown = {t.name: t.load() for t in plan.planned()}
+    assert grown["enc.w"].shape == (14, 5) and grown["mid.w"].shape == (18, 14) and grown["cls.w"].shape == (4, 18)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    torch.testing.assert_close(toy_forward(grown, x), toy_forward(state, x))
+
+
+def test_a_new_family_names_its_classifier(toy):
+    fam, _ = toy
+    assert find_classifier(fam) == Linear("cls.w", "cls.b")
