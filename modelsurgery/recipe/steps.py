@@ -163,14 +163,14 @@ def _invoke(command: Any, run: str, params: dict) -> dict:
     with ctx, contextlib.redirect_stdout(buffer):
         try:
             ctx.invoke(command.callback, **params)
-        except SystemExit as e:  # typer.Exit / click's exit with a status
-            if getattr(e, "code", 0):
+        except SystemExit as e:
+            if e.code:
                 raise SurgeryError(f"surgery {run} exited with status {e.code}") from None
-        except Exception as e:
-            if type(e).__name__ == "Exit" and getattr(e, "exit_code", 0) == 0:
-                pass
-            else:
+        except RuntimeError as e:  # typer.Exit (a RuntimeError with an exit code), e.g. after a printed error
+            if not hasattr(e, "exit_code"):
                 raise
+            if e.exit_code:
+                raise SurgeryError(f"surgery {run} exited with status {e.exit_code}") from None
     text = buffer.getvalue().strip()
     try:
         return json.loads(text) if text else {}

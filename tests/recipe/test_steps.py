@@ -102,21 +102,22 @@ def test_force_reruns_byte_identical(built):
     assert hashes(out) == before
 
 
-def test_changed_option_reruns_that_step_and_later(tmp_path, built, llamas):
-    _, out, _ = built
-    import shutil
+def test_changed_option_reruns_that_step_and_later(tmp_path, llamas):
+    def text(factor):
+        return PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=factor).split("  - name: q")[0]
 
-    copy = tmp_path / "build"
-    shutil.copytree(out, copy)
-    # records name their paths: a copy of the folder is a different output, so rebuild it first
-    recipe2 = write(tmp_path, PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=2))
-    assert run(recipe2, copy, "--force").exit_code == 0
-    recipe3 = write(tmp_path, PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=3))
-    r = run(recipe3, copy, "--json")
+    out = tmp_path / "build"
+    r = run(write(tmp_path, text(2)), out)
+    assert r.exit_code == 0, r.output
+    r = run(write(tmp_path, text(3)), out, "--json")
     assert r.exit_code == 0, r.output
     steps = json.loads(r.stdout)["steps"]
-    assert [s["status"] for s in steps] == ["cached", "ran", "ran", "ran"]
+    assert [s["status"] for s in steps] == ["cached", "ran"]  # its output had a record: stale, rebuilt
     assert steps[1]["result"]["layers_after"] == 9
+    # an output the recipe did not write is never replaced without --force
+    (out / ".surgery-run" / "stacked.json").unlink()
+    r = run(write(tmp_path, text(2)), out)
+    assert r.exit_code == 1 and "step 'stacked'" in r.stderr and "--force" in r.stderr
 
 
 def test_dry_run_plans_and_writes_nothing(tmp_path, llamas):
