@@ -94,3 +94,16 @@ def test_extract_refuses_another_architecture(llama, tmp_path):
     refused(["extract", str(llama), str(llama), "-o", str(tmp_path / "x"), "--rank", "many"], "--rank 'many'")
     refused(["extract", str(llama), str(llama), "-o", str(tmp_path / "x")], "nothing to extract")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("use_qalora", True, "'use_qalora' is not supported"),
+    ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
+])
+def test_fold_refuses_lora_options_it_cannot_fold(llama, tmp_path, field, value, expected):
+    a = make_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a")
+    config = json.loads((a / "adapter_config.json").read_text())
+    config[field] = value
+    (a / "adapter_config.json").write_text(json.dumps(config))
+    refused(["fold", str(llama), str(a), "-o", str(tmp_path / "out")], expected)
+    assert not (tmp_path / "out").exists()

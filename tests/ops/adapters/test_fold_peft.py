@@ -114,3 +114,26 @@ def test_names_dtypes_files_and_provenance_kept(tmp_path):
     assert record["operation"] == "fold"
     assert record["parameters"]["adapters"][0]["peft_type"] == "LORA"
     assert any(s["file"].endswith("adapter_model.safetensors") for s in record["sources"])
+
+
+@pytest.mark.parametrize("init", [True, "bat"])
+def test_bone_adapter_folds_as_miss(init, bases, tmp_path):
+    """PEFT < 0.18 saved Bone adapters as peft_type BONE with '<module>.bone_block'; its bone/layer.py folds
+    them as MiSS does today (balance: W[o, i] += D[i mod r, o]; bat: W_pq + W_pq D_p + D_p). A MiSS adapter
+    renamed to Bone must fold to PEFT's MiSS merge."""
+    from safetensors.torch import load_file, save_file
+
+    base = bases["llama"]
+    miss = make_adapter(base, MissConfig(r=4, target_modules=["q_proj", "o_proj"], init_weights=init), tmp_path / "m")
+    bone = tmp_path / "bone"
+    bone.mkdir()
+    config = json.loads((miss / "adapter_config.json").read_text())
+    config = {"peft_type": "BONE", "r": config["r"], "init_weights": config["init_weights"],
+              "target_modules": config["target_modules"], "base_model_name_or_path": str(base)}
+    (bone / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(miss / "adapter_model.safetensors")
+    renamed = {k.replace("miss_block", "bone_block"): v for k, v in tensors.items()}
+    save_file(renamed, bone / "adapter_model.safetensors")
+    fold_adapters(base, [bone], tmp_path / "folded")
+    ours, reference = outputs(load_hf(tmp_path / "folded")), outputs(peft_merged(base, miss))
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
