@@ -128,16 +128,16 @@ def test_permutation_preserves_outputs(src, tmp_path):
 
 
 def test_permutation_moves_every_block_tensor_that_can_move(src):
-    """Attention heads permute wherever the layout allows (fused q|k|v concatenated included); MLP
+    """Attention heads permute in every block (fused q|k|v, concatenated or per head, included); MLP
     units in every block; the residual stream in every decoder."""
     folder = src
     fam = detect_family(Checkpoint.open(folder))
     spec = permutation_spec(fam)
     assert sum(g.name.endswith(".mlp") for g in spec.groups.values()) == fam.num_layers
     assert ("residual" in spec.groups) == (not is_encoder(folder))
-    heads = [g for g in spec.groups.values() if g.kind == "heads"]
-    per_head_fused = fam.block_linears(0).get("qkv") is not None and fam.block_linears(0)["qkv"].per_head
-    assert len(heads) == (0 if per_head_fused else fam.num_layers)
+    heads = [g for g in spec.groups.values() if g.name.endswith(".heads")]
+    assert len(heads) == fam.num_layers
+    assert all(spec.tensors_of(g.name) for g in heads)
 
 
 # ----- depth ------------------------------------------------------------------------------------

@@ -123,17 +123,49 @@ def channel_group_spec(family: Family, groups: list) -> PermutationSpec:
     return spec
 
 
+def attention_axes(spec: PermutationSpec, family: Family, i: int, lin: dict[str, Linear],
+                   res: list[Segment] | None, rotary: bool) -> None:
+    """Block ``i``'s heads group on q, k, v (separate, or fused parts) and o. ``rotary`` keeps the q/k units
+    within a head in place (RoPE pairs, or q/k norms shared by all heads)."""
+    att, ckpt = family.attention, family.ckpt
+    fused = lin.get("qkv")
+    if "o" not in lin:
+        raise SurgeryError(f"{ckpt.path}: block {i} has no attention output projection (not permutable)")
+    if fused is not None and fused.per_head:
+        # [head, part, head_dim] rows: whole heads move as units of (parts x head_dim) rows, the output
+        # projection's inputs as units of head_dim columns (one key/value head per query head)
+        if att.num_kv_heads != att.num_heads:
+            raise SurgeryError(f"tensor '{fused.weight}': per-head fused qkv with grouped-query attention "
+                               "is not supported")
+        heads = spec.add_group(PermGroup(f"block{i}.heads", att.num_heads))
+        parts = len(fused.fused or ("q", "k", "v"))
+        linear_axes(spec, fused, res, [Segment(heads, expand=parts * att.head_dim)])
+        linear_axes(spec, lin["o"], [Segment(heads, expand=att.head_dim)], res)
+        return
+    heads = spec.add_group(PermGroup(
+        f"block{i}.heads", att.num_kv_heads, kind="heads", head_dim=att.head_dim,
+        q_per_kv=att.num_heads // att.num_kv_heads, rotary=rotary,
+    ))
+    if fused is not None:
+        linear_axes(spec, fused, res, [Segment(heads, v) for v in (fused.fused or ("q", "k", "v"))])
+    else:
+        for role in ("q", "k", "v"):
+            if role not in lin:
+                raise SurgeryError(f"{ckpt.path}: block {i} has no '{role}' projection (not permutable)")
+            linear_axes(spec, lin[role], res, [Segment(heads, role)])
+    linear_axes(spec, lin["o"], [Segment(heads, "o")], res)
+
+
 def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
     """Residual stream (one group for all blocks), attention heads per block, MLP units per block.
 
     Fused projections are permuted per part: q|k|v concatenated (GPT-2, Phi-3, with grouped-query
     attention too) as three segments of one axis, gate|up as two segments of the MLP units. Parts laid
-    out head by head (GPT-NeoX's ``query_key_value``) keep the heads in place (the residual stream and
-    the MLP units still permute). Norms of the residual width move with the stream, whatever their
-    formula (a (1 + w) weight is permuted like any other); per-head q/k norms (Qwen3, Gemma 3) are
-    shared by all heads, so whole heads move and the units within a head stay, as under RoPE."""
+    out head by head (GPT-NeoX's ``query_key_value``) move whole heads, each a unit of parts x head_dim
+    rows (the units within a head stay, as RoPE requires anyway). Norms of the residual width move with
+    the stream, whatever their formula (a (1 + w) weight is permuted like any other); per-head q/k norms
+    (Qwen3, Gemma 3) are shared by all heads, so whole heads move and the units within a head stay."""
     spec = PermutationSpec()
-    att = family.attention
     ckpt = family.ckpt
     hidden = family.hidden_size
     # a model whose output is the hidden state itself (an encoder) cannot permute its residual stream
@@ -143,25 +175,7 @@ def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
     for i in range(family.num_layers):
         lin = family.block_linears(i)
         norms = family.block_norms(i)
-        head_norms = [n for n in norms.values() if n.per_head]
-        fused = lin.get("qkv")
-        heads = None
-        if fused is None or not fused.per_head:
-            heads = spec.add_group(PermGroup(
-                f"block{i}.heads", att.num_kv_heads, kind="heads", head_dim=att.head_dim,
-                q_per_kv=att.num_heads // att.num_kv_heads, rotary=family.rotary or bool(head_norms),
-            ))
-        if fused is not None:
-            parts = [Segment(heads, v) for v in (fused.fused or ("q", "k", "v"))] if heads else None
-            linear_axes(spec, fused, res, parts)
-        else:
-            for role in ("q", "k", "v"):
-                if role not in lin:
-                    raise SurgeryError(f"{ckpt.path}: block {i} has no '{role}' projection (not permutable)")
-                linear_axes(spec, lin[role], res, [Segment(heads, role)])
-        if "o" not in lin:
-            raise SurgeryError(f"{ckpt.path}: block {i} has no attention output projection (not permutable)")
-        linear_axes(spec, lin["o"], [Segment(heads, "o")] if heads else None, res)
+        attention_axes(spec, family, i, lin, res, rotary=family.rotary or any(n.per_head for n in norms.values()))
         producers = [lin[r] for r in ("up", "gate", "gate_up") if r in lin]
         if producers and "down" in lin:
             first = producers[0]
@@ -172,7 +186,7 @@ def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
             linear_axes(spec, lin["down"], [Segment(units)], res)
         if res:
             for norm in norms.values():
-                if norm in head_norms:
+                if norm.per_head:
                     continue
                 for name in (norm.weight, norm.bias):
                     if name:
