@@ -71,7 +71,7 @@ class DecoderFamily(TransformerFamily):
     def config_for_layers(self, num_layers: int) -> dict | None:
         cfg = self.layer_count_config(num_layers, "num_hidden_layers")
         if cfg is not None and "layer_types" not in self.config and self.layout.window_rule == "typed" \
-                and self.config.get("sliding_window") is not None:
+                and self.switches.get("sliding_window") is not None:
             # a pattern implied by index (Gemma's sliding_window_pattern) would shift: write it out, tiled
             types = self.per_layer_config()["layer_types"]
             cfg["layer_types"] = (types * (num_layers // len(types) + 1))[:num_layers]
@@ -110,12 +110,13 @@ class DecoderFamily(TransformerFamily):
 
     @property
     def attention(self) -> Attention | None:
-        heads = self.cfg("num_attention_heads")
+        sw = self.switches
+        heads = sw.get("num_attention_heads")
         if heads is None:
             return None
         heads = int(heads)
-        head_dim = int(self.cfg("head_dim", default=self.hidden_size // heads))
-        kv = self.cfg("num_key_value_heads")
+        head_dim = int(sw.get("head_dim") or self.hidden_size // heads)
+        kv = sw.get("num_key_value_heads")
         if kv is None:  # LLaMA 1 configs: the key projection's rows tell it; fused NeoX: one per head
             k = self.layout.linears.get("k")
             kv = self.ckpt.shape(self._tensor(0, k))[0] // head_dim if k else heads
@@ -130,9 +131,15 @@ class DecoderFamily(TransformerFamily):
         return norm + ([] if self.tied_head else [f"{lay.lm_head}.weight"])
 
     # ----- switches from config.json ------------------------------------------------------------
+    @property
+    def switches(self) -> dict:
+        """config.json over the family's config-class defaults (what transformers assumes for a key the
+        file leaves out, e.g. Gemma 2's soft-caps); an explicit null stays null."""
+        return {**self.layout.config_defaults, **self.config} if self.config else {}
+
     def layer_windows(self) -> list[int | None]:
         """Each block's sliding window (None: full attention)."""
-        n, lay, cfg = self.num_layers, self.layout, self.config
+        n, lay, cfg = self.num_layers, self.layout, self.switches
         window = cfg.get("sliding_window")
         if lay.window_rule == "none" or window is None or cfg.get("use_sliding_window") is False:
             return [None] * n
@@ -150,18 +157,18 @@ class DecoderFamily(TransformerFamily):
                                    f"{n} blocks")
             return [window if t == "sliding_attention" else None for t in types]
         if lay.window_period:
-            period = int(self.cfg("sliding_window_pattern", "_sliding_window_pattern", default=lay.window_period))
+            period = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or lay.window_period)
             return [window if (i + 1) % period else None for i in range(n)]
-        first = int(self.cfg("max_window_layers", default=n))  # Qwen: layers from max_window_layers on
+        first = int(cfg.get("max_window_layers", n))  # Qwen: layers from max_window_layers on
         return [window if i >= first else None for i in range(n)]
 
     def ropes(self, head_dim: int) -> tuple[Rope, Rope | None]:
         """The rope of full-attention layers and, for Gemma 3, the one of sliding layers."""
         lay, where = self.layout, str(self.ckpt.path)
         if not lay.local_rope:
-            return parse_rope(self.config, head_dim, where, default_theta=lay.default_theta), None
-        return (parse_rope(self.config, head_dim, where, "full_attention", lay.default_theta),
-                parse_rope(self.config, head_dim, where, "sliding_attention", lay.default_local_theta))
+            return parse_rope(self.switches, head_dim, where, default_theta=lay.default_theta), None
+        return (parse_rope(self.switches, head_dim, where, "full_attention", lay.default_theta),
+                parse_rope(self.switches, head_dim, where, "sliding_attention", lay.default_local_theta))
 
     def settings(self) -> DecoderSettings:
         att = self.attention
@@ -177,21 +184,20 @@ class DecoderFamily(TransformerFamily):
             if self.config.get(key):
                 raise SurgeryError(f"{self.ckpt.path}: config.json {key}={self.config[key]} is not supported "
                                    "(causal decoders only)")
-        lay = self.layout
+        lay, sw = self.layout, self.switches
         rope, rope_local = self.ropes(att.head_dim)
-        scalar = self.cfg("query_pre_attn_scalar") if lay.attention_scalar else None
+        scalar = sw.get("query_pre_attn_scalar") if lay.attention_scalar else None
         lin = self.block_linears(0)
         return DecoderSettings(
             vocab=self.vocab_size, hidden=self.hidden_size,
             inner=self.ckpt.shape(lin["down"].weight)[1], num_layers=self.num_layers,
             heads=att.num_heads, kv_heads=att.num_kv_heads, head_dim=att.head_dim,
-            eps=float(self.cfg("rms_norm_eps", "layer_norm_eps", default=1e-5 if lay.norm_kind == "layernorm"
-                               else 1e-6)),
+            eps=float(sw.get("rms_norm_eps") or sw.get("layer_norm_eps") or 1e-6),
             activation=self.cfg(*lay.activation_keys, default=lay.default_activation),
             parallel_residual=lay.parallel_residual and bool(self.cfg("use_parallel_residual", default=True)),
             scaling=float(scalar) ** -0.5 if scalar else att.head_dim ** -0.5,
-            attn_softcap=self.cfg("attn_logit_softcapping") if lay.softcaps else None,
-            final_softcap=self.cfg("final_logit_softcapping") if lay.softcaps else None,
+            attn_softcap=sw.get("attn_logit_softcapping") if lay.softcaps else None,
+            final_softcap=sw.get("final_logit_softcapping") if lay.softcaps else None,
             windows=tuple(self.layer_windows()), rope=rope, rope_local=rope_local,
             biases=frozenset(role for role, x in lin.items() if x.bias is not None),
             tied_head=self.tied_head,
@@ -232,7 +238,7 @@ class DecoderFamily(TransformerFamily):
         if lay.embed_scale:
             out.append(f"embedding scale sqrt({s.hidden})")
         if s.scaling != s.head_dim ** -0.5:
-            out.append(f"query_pre_attn_scalar={self.cfg('query_pre_attn_scalar')}")
+            out.append(f"query_pre_attn_scalar={self.switches.get('query_pre_attn_scalar')}")
         if s.attn_softcap:
             out.append(f"attention softcap {s.attn_softcap:g}")
         if s.final_softcap:

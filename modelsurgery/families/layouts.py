@@ -57,6 +57,8 @@ class Layout:
     softcaps: bool = False  # attn_logit_softcapping / final_logit_softcapping read (Gemma)
     #: attention and MLP read the same input (GPT-NeoX), unless config.json says use_parallel_residual=false
     parallel_residual: bool = False
+    #: what the family's transformers config class assumes when config.json leaves a key out
+    config_defaults: dict = field(default_factory=dict)
     #: detected from tensor names alone when config.json is absent (the layout names this family)
     claims_without_config: bool = False
 
@@ -66,29 +68,35 @@ class Layout:
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout("llama", ("llama",), ("LlamaForCausalLM",), claims_without_config=True),
-    Layout("mistral", ("mistral",), ("MistralForCausalLM",), window_rule="all"),
-    Layout("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), window_rule="typed"),
+    Layout("mistral", ("mistral",), ("MistralForCausalLM",), window_rule="all",
+           config_defaults={"sliding_window": 4096}),
+    Layout("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), window_rule="typed",
+           config_defaults={"use_sliding_window": False}),
     Layout("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), norms={**LLAMA_NORMS, **QK_NORMS}, window_rule="typed",
-           claims_without_config=True),
+           config_defaults={"use_sliding_window": False}, claims_without_config=True),
     Layout("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), norms=dict(GEMMA_NORMS), norm_offset=1.0,
            embed_scale=True, window_rule="typed", window_period=2,
            activation_keys=("hidden_activation", "hidden_act"), default_activation="gelu_pytorch_tanh",
-           attention_scalar=True, softcaps=True, claims_without_config=True),
+           attention_scalar=True, softcaps=True, claims_without_config=True,
+           config_defaults={"sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+                            "final_logit_softcapping": 30.0, "head_dim": 256}),
     Layout("gemma3", ("gemma3_text",), ("Gemma3ForCausalLM",), norms={**GEMMA_NORMS, **QK_NORMS},
            norm_offset=1.0, embed_scale=True, window_rule="typed", window_period=6,
            activation_keys=("hidden_activation", "hidden_act"), default_activation="gelu_pytorch_tanh",
            default_theta=1_000_000.0, local_rope=True, attention_scalar=True, softcaps=True,
+           config_defaults={"sliding_window": 4096, "query_pre_attn_scalar": 256, "head_dim": 256},
            claims_without_config=True),
     Layout("phi3", ("phi3",), ("Phi3ForCausalLM",),
            linears={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
                     "down": "mlp.down_proj"},
-           window_rule="all", claims_without_config=True),
+           window_rule="all", config_defaults={"rms_norm_eps": 1e-5}, claims_without_config=True),
     Layout("gpt_neox", ("gpt_neox",), ("GPTNeoXForCausalLM",),
            linears={"qkv": "attention.query_key_value", "o": "attention.dense", "up": "mlp.dense_h_to_4h",
                     "down": "mlp.dense_4h_to_h"},
            embed="gpt_neox.embed_in", blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm",
            lm_head="embed_out", qkv_per_head=True, norm_kind="layernorm", default_activation="gelu",
-           parallel_residual=True, claims_without_config=True),
+           parallel_residual=True, config_defaults={"rotary_pct": 0.25, "layer_norm_eps": 1e-5},
+           claims_without_config=True),
 )
 
 

@@ -193,6 +193,21 @@ def test_config_variants_match_transformers(tmp_path, kind, overrides):
     assert max_diff(fam.build_module(), load_hf(folder), *padded_batch(seq=13, seed=2)) < TOL
 
 
+@pytest.mark.parametrize(("kind", "dropped"), [
+    ("gemma2", ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window")),
+    ("gpt_neox", ("rope_parameters", "layer_norm_eps")),  # rotary_pct 0.25, theta 10000
+])
+def test_keys_left_out_of_config_take_the_config_class_defaults(tmp_path, kind, dropped):
+    """A config.json without a key means transformers' config-class default (Gemma 2: soft-caps 50/30,
+    query_pre_attn_scalar 256, window 4096; NeoX: rotary_pct 0.25), not 'off'."""
+    folder = save_tiny_decoder(kind, tmp_path, seed=8)
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in cfg.items() if k not in dropped}))
+    fam = detect_family(Checkpoint.open(folder))
+    assert max_diff(fam.build_module(), load_hf(folder), *padded_batch(seq=12, seed=3)) < TOL
+
+
 def test_published_features_are_reported(tmp_path):
     kind, config = PUBLISHED["gemma-3-1b"]
     feats = detect_family(Checkpoint.open(save_published(kind, config, tmp_path / "g"))).features()
