@@ -85,3 +85,44 @@ def test_fast_mode_gives_the_same_weights(tmp_path, method):
     assert outs[0].keys() == outs[1].keys()
     for name in outs[0]:
         assert outs[0][name].equal(outs[1][name]), name
+
+
+def _provenance(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["modelsurgery"])["parameters"]
+
+
+def test_method_flags_come_from_the_declaration_and_reach_the_provenance(tmp_path):
+    """Flags left out take the method's declared default (AdaRound: AIMET's), given ones are used, and
+    the output's provenance records every value used."""
+    from modelsurgery.ops.quantize.adaround import AdaRoundQuantizer
+
+    out = tmp_path / "a.safetensors"
+    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(out), "--method", "adaround", "--calib", str(CALIB),
+                            "--samples", "64", "--steps", "4", "--reg-weight", "0.05", "--json"])
+    assert r.exit_code == 0, r.output
+    used = _provenance(out)["params"]
+    assert used == {**AdaRoundQuantizer.resolve(), "steps": 4, "reg_weight": 0.05}
+    assert used["beta_start"] == 20.0 and used["warmup"] == 0.2 and used["batch_size"] == 32
+    assert json.loads(r.stdout)["options"]["reg_weight"] == 0.05
+    help_text = " ".join(runner.invoke(app, ["quantize", "--help"]).stdout.split())
+    for flag in ("--steps", "--lr", "--batch-size", "--reg-weight", "--beta-start", "--beta-end", "--warmup"):
+        assert flag in help_text
+    assert "adaround: 10000" in help_text and "flexround: 5000" in help_text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "flexround", "--reg-weight", "0.1"],
+     "error: --reg-weight: not a parameter of --method flexround (its parameters: --steps, --lr, --batch-size)"),
+    (["--method", "rtn", "--steps", "100"], "error: --steps: not a parameter of --method rtn"),
+    (["--method", "adaround", "--warmup", "1.5"], "error: --warmup 1.5: must be at most 1.0"),
+    (["--method", "adaround", "--steps", "-3"], "error: --steps -3: must be at least 0"),
+])
+def test_method_flags_that_do_not_apply_are_refused(tmp_path, args, message):
+    out = tmp_path / "q.safetensors"
+    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(out), "--calib", str(CALIB), *args])
+    assert r.exit_code == 1
+    assert message in " ".join(r.stderr.split())
+    assert list(tmp_path.iterdir()) == []

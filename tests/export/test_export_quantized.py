@@ -188,3 +188,50 @@ def test_symmetric_weights_are_signed_without_zero_point(tmp_path):
     feeds = token_inputs(2, 9)
     assert np.abs(ort_session(out).run(None, feeds)[0] - transformers_output(reference, feeds)).max() < 1e-4
     assert "MatMulNBits" not in optimized_ops(out)
+
+
+@pytest.mark.parametrize("source,embeddings", [
+    ("charlm/llama", ["model.embed_tokens.weight"]),
+    ("charlm/gpt2", ["transformer.wte.weight", "transformer.wpe.weight"]),
+])
+def test_no_default_skips_quantizes_embeddings_and_exports_a_gather_on_dequantized_rows(tmp_path, fixtures_dir,
+                                                                                        source, embeddings):
+    """`--no-default-skips` rounds every embedding table to nearest per row (issue #11 item 6: it used to
+    add only the LM head); the packed rows are the hand-computed symmetric RTN of each row, and the ONNX
+    graph gathers the token rows from a DequantizeLinear of the integer table."""
+    from typer.testing import CliRunner
+
+    from modelsurgery.cli.app import app
+    from modelsurgery.ops.quantize.packing import dequantize_checkpoint
+
+    src = fixtures_dir / source
+    packed = tmp_path / "q"
+    r = CliRunner().invoke(app, ["quantize", str(src), "-o", str(packed), "--method", "rtn", "--bits", "4",
+                                 "--format", "packed", "--no-default-skips", "--json"])
+    assert r.exit_code == 0, r.output
+    float_state = Checkpoint.open(src)
+    state = dequantize_checkpoint(Checkpoint.open(packed))
+    for name in embeddings:
+        w = float_state.get(name).float()
+        # symmetric 4-bit per row, written out: scale = 2 max|w| / 15, codes round(w / s) + 8 clamped to [0, 15]
+        scale = (2 * w.abs().amax(1, keepdim=True) / 15).clamp_min(1e-8)
+        expected = (torch.clamp(torch.round(w / scale) + 8, 0, 15) - 8) * scale
+        assert torch.allclose(state[name], expected, rtol=0, atol=1e-6), name
+        assert not torch.equal(state[name], w)
+
+    report = export_checkpoint(packed, tmp_path / "q.onnx")
+    assert report.quantization["float_weights"] == []
+    graph = onnx.load(tmp_path / "q.onnx").graph
+    produced_by = {o: n for n in graph.node for o in n.output}
+    initializers = {i.name: i for i in graph.initializer}
+    table_gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in produced_by
+                     and produced_by[n.input[0]].op_type == "DequantizeLinear"]
+    assert len(table_gathers) == len(embeddings)
+    for n in table_gathers:
+        codes = initializers[produced_by[n.input[0]].input[0]]
+        assert codes.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    family = detect_family(Checkpoint.from_state_dict(state, config=float_state.config))
+    inputs = family.example_inputs(batch=2, seq_len=9, generator=torch.Generator().manual_seed(3))
+    got = ort_session(tmp_path / "q.onnx").run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    with torch.no_grad():
+        assert np.abs(got - family.build_module()(**inputs).numpy()).max() < 1e-4

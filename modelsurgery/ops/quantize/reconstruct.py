@@ -280,7 +280,7 @@ def _reconstruct(model, targets, calib, scheme, method, options, settings, progr
                     for n, p in local.items()}, xq, ctxs, yf, masks)
             if method.learned and calib and settings.get("steps", 0) > 0:
                 task = f"block {i + 1}/{n_blocks}"
-                _train(qblock, quantizers, xq, ctxs, yf, masks, settings, method.lr_schedule, options.low_memory,
+                train_block(qblock, quantizers, xq, ctxs, yf, masks, settings, method.lr_schedule, options.low_memory,
                        gen, lambda s, loss, task=task: progress(task, s, settings["steps"], {"loss": loss}))
             for n, q in quantizers.items():
                 qw = q.export()
@@ -297,7 +297,7 @@ def _reconstruct(model, targets, calib, scheme, method, options, settings, progr
     return result
 
 
-def _train(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks, settings: dict,
+def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks, settings: dict,
            schedule: str, low_memory: bool, gen: torch.Generator, report: Callable[[int, float], None]) -> None:
     steps = settings["steps"]
     params = [p for q in quantizers.values() for p in q.parameters()]

@@ -9,7 +9,13 @@ from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.families import detect_family
 from modelsurgery.ops.quantize import QuantScheme, method_by_name
 from modelsurgery.ops.quantize.operation import read_data
-from modelsurgery.ops.quantize.reconstruct import ReconstructOptions, find_targets, reconstruct_blocks
+from modelsurgery.ops.quantize.reconstruct import (
+    ReconstructOptions,
+    feature_dim,
+    find_targets,
+    rec_loss,
+    reconstruct_blocks,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 MLP = ROOT / "fixtures" / "digits" / "mlp_seed0.safetensors"
@@ -40,3 +46,31 @@ def test_quantized_weights_live_once_in_the_model_and_one_block_is_cached():
         target = sum(y.nbytes for y in float_outputs[i])
         block_input = inputs if i == 0 else sum(y.nbytes for y in float_outputs[i - 1])
         assert block.cached_bytes == block_input + target, i
+
+
+def brecq_lp_loss(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """BRECQ's and FlexRound's reconstruction loss as their code writes it (quant/loss.py ``lp_loss``,
+    p = 2, reduction 'none'): squared error summed over dim 1, averaged over the rest."""
+    return (pred - tgt).abs().pow(2).sum(1).mean()
+
+
+def test_reconstruction_loss_is_summed_over_features_only():
+    g = torch.Generator().manual_seed(0)
+    # conv block [N, C, H, W] and MLP [N, C]: the reference's own layouts, channel axis 1
+    for shape in ((4, 6, 5, 5), (8, 10)):
+        out, tgt = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        assert torch.allclose(rec_loss(out, tgt, None, 1), brecq_lp_loss(out, tgt))
+    # transformer [B, T, C]: features last, i.e. the reference loss on [B * T, C]
+    out, tgt = torch.randn(3, 7, 16, generator=g), torch.randn(3, 7, 16, generator=g)
+    assert torch.allclose(rec_loss(out, tgt), brecq_lp_loss(out.reshape(-1, 16), tgt.reshape(-1, 16)))
+    # so a longer sequence of the same positions weighs the same against a regulariser
+    assert torch.allclose(rec_loss(torch.cat([out, out], 1), torch.cat([tgt, tgt], 1)), rec_loss(out, tgt))
+    # padding positions are left out of the mean
+    pad = torch.randn(3, 2, 16, generator=g)
+    mask = torch.cat([torch.ones(3, 7), torch.zeros(3, 2)], 1)
+    assert torch.allclose(rec_loss(torch.cat([out, pad], 1), torch.cat([tgt, -pad], 1), mask), rec_loss(out, tgt))
+
+
+def test_feature_axis_follows_the_layers_of_the_block():
+    assert feature_dim(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())) == 1
+    assert feature_dim(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU())) == -1
