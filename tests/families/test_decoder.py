@@ -243,6 +243,8 @@ def test_sliding_window_band_follows_transformers_definition():
     ("phi3", {"max_position_embeddings": 64, "original_max_position_embeddings": 8, "rope_parameters": {
         "rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0, 1.5, 3.0, 6.0],
         "short_factor": [1.0, 1.1, 1.2, 1.3]}}),  # longrope's switch at the original length
+    ("llama3", {"max_position_embeddings": 8, "rope_parameters": {
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}),  # NTK base grows past 8 tokens
 ])
 def test_onnx_export_keeps_switches_in_the_graph(tmp_path, kind, overrides):
     """Traced at 4 tokens (inside the window and longrope's original length), run in ONNX Runtime at 14."""
