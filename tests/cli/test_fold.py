@@ -107,3 +107,22 @@ def test_fold_refuses_lora_options_it_cannot_fold(llama, tmp_path, field, value,
     (a / "adapter_config.json").write_text(json.dumps(config))
     refused(["fold", str(llama), str(a), "-o", str(tmp_path / "out")], expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_step(fixtures_dir, tmp_path):
+    """The demo's adapter (written by our PEFT writer) merged by PEFT itself gives the demo's folded model."""
+    from modelsurgery.cli.fold import demo_step
+
+    summary = demo_step(fixtures_dir, tmp_path, quiet=True)
+    assert summary["tensors_updated"] == 28 and summary["extracted_layers"] == 28
+    assert summary["extract_max_relative_error"] < 1e-5 and summary["max_logit_change"] > 1e-3
+    base = fixtures_dir / "charlm" / "llama"
+    ours = outputs(load_hf(tmp_path / "folded-llama"))
+    reference = outputs(peft_merged(base, tmp_path / "demo-lora"))
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_extract_refuses_cuda_without_cuda(llama, tmp_path):
+    refused(["extract", str(llama), str(llama), "-o", str(tmp_path / "x"), "--device", "cuda"],
+            "--device cuda: CUDA is not available")

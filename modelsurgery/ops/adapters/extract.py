@@ -191,6 +191,7 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     for i, (name, flipped) in enumerate(targets.items()):
         module = name.removesuffix(".weight")
         delta = (tuned.get(name).to(device, torch.float32) - base.get(name).to(device, torch.float32))
+        base.close(), tuned.close()  # unmap: read pages of mapped inputs count as resident memory until then
         if flipped:
             delta = delta.t()
         if not bool(delta.any()):
@@ -208,6 +209,7 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     if not tensors:
         raise SurgeryError(f"{tuned.path}: no targeted layer differs from BASE; there is nothing to extract")
     report.other_changed = [k for k in base if k not in targets and not torch.equal(base.get(k), tuned.get(k))]
+    base.close(), tuned.close()
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: r for m, r in ranks.items() if r != common}
     config = lora_config(common, common, sorted(ranks), pattern, dict(pattern),
