@@ -167,3 +167,31 @@ def test_sharded_input_and_output_byte_copies(tmp_path):
     report = grow([sharded], out, GrowOptions(method="stack", factor=2, max_shard_size=30_000))
     assert len(list(out.glob("*.safetensors"))) > 3 and (out / "model.safetensors.index.json").is_file()
     check_layout(src, out, report.layout)
+
+
+def test_gemma_identity_copy_zeroes_the_projection_inside_the_post_norm(tmp_path):
+    """Gemma wraps each branch as post_norm(proj(...)) with a (1 + w) RMSNorm. Interleave zeroes the
+    projections (o_proj, down_proj): RMSNorm(0) = 0 whatever the weight, so the copy adds nothing. Zeroing
+    the post-norm weights instead would leave a scale of 1 and change the output (checked in transformers)."""
+    from tests.hf_tiny import save_tiny_gemma2
+
+    src = save_tiny_gemma2(tmp_path / "gemma2")
+    fam = detect_family(Checkpoint.open(src))
+    if fam.name != "gemma2":
+        pytest.skip("gemma2 family not landed")
+    zeroed = {lin.weight.split("layers.0.")[1] for lin in fam.output_projections(0)}
+    assert zeroed == {"self_attn.o_proj.weight", "mlp.down_proj.weight"}
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "out"
+    grow([src], out, GrowOptions(method="interleave", every=1))
+    with torch.no_grad():
+        want = load_hf(src)(input_ids=ids).logits
+        torch.testing.assert_close(load_hf(out)(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        wrong = load_hf(out)
+        for j in (1, 3, 5):  # the identity copies, made "identity" by zeroing their post-norm weights instead
+            layer = wrong.model.layers[j]
+            layer.self_attn.o_proj.weight.copy_(load_hf(src).model.layers[(j - 1) // 2].self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(load_hf(src).model.layers[(j - 1) // 2].mlp.down_proj.weight)
+            layer.post_attention_layernorm.weight.zero_()
+            layer.post_feedforward_layernorm.weight.zero_()
+        assert (wrong(input_ids=ids).logits - want).abs().max() > 1e-2

@@ -66,3 +66,19 @@ def test_interleaved_identity_keeps_outputs_with_sliding_layers(llama_pattern, t
         want = load_hf(llama_pattern)(input_ids=ids).logits
         got = load_hf(out)(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma2_slice_keeps_each_block_window(tmp_path):
+    """Gemma 2's own alternating pattern (sliding, full, ...): a slice that starts on a full layer must
+    start with a full layer, where tiling would restart the pattern with a sliding one."""
+    from tests.hf_tiny import save_tiny_gemma2
+
+    src = save_tiny_gemma2(tmp_path / "gemma2", num_hidden_layers=4)
+    assert detect_family(Checkpoint.open(src)).name == "gemma2" or pytest.skip("gemma2 family not landed")
+    assert list(AutoConfig.from_pretrained(src).layer_types) == [S, F, S, F]
+    out = tmp_path / "out"
+    grow([src], out, GrowOptions(method="stack", layers="1:4"))
+    assert list(AutoConfig.from_pretrained(out).layer_types) == [F, S, F]
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(load_hf(out)(input_ids=ids).logits).all()
