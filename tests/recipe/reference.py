@@ -11,7 +11,8 @@ Sources (behaviour, not code): mergekit README / docs/merge_methods.md and ``con
 - ``task_arithmetic``: base + lambda * sum_i w_i (x_i - base) (normalize: false by default);
 - ``ties``: each task vector keeps its int(density * n) largest magnitudes; the elected sign is
   that of sum_i w_i delta_i (a zero sum counts as positive); the result is base + lambda * the
-  sum of agreeing weighted deltas divided by the sum of the agreeing weights (normalize: true).
+  sum of agreeing weighted deltas divided by the sum of the agreeing weights (normalize: true);
+  ``rescale: true`` scales each trimmed task vector back to its L1 norm before the election.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def slerp(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def ties(base: np.ndarray, xs: list[np.ndarray], weights: list[float], densities: list[float],
-         lam: float = 1.0) -> np.ndarray:
+         lam: float = 1.0, rescale: bool = False) -> np.ndarray:
     deltas = []
     for x, w, d in zip(xs, weights, densities):
         delta = (x - base).ravel()
@@ -59,6 +60,8 @@ def ties(base: np.ndarray, xs: list[np.ndarray], weights: list[float], densities
             k = int(d * delta.size)
             idx = np.argsort(-np.abs(delta), kind="stable")[:k]
             keep[idx] = delta[idx]
+        if rescale and np.abs(keep).sum() > 1e-7:  # mergekit's rescale: restore the task vector's L1 norm
+            keep = keep * (np.abs(delta).sum() / np.abs(keep).sum())
         deltas.append(w * keep)
     deltas = np.stack(deltas)
     sign = np.where(deltas.sum(0) >= 0, 1.0, -1.0)

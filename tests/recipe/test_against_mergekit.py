@@ -48,7 +48,8 @@ def run_mergekit(tmp_path, text: str):
 @pytest.mark.parametrize("config, kind", [
     (SLERP, "llamas"), (PASSTHROUGH, "llamas"), (TIES, "gpt2s"), (TASK_ARITHMETIC, "llamas"), (LINEAR, "llamas"),
     (TIES, "llamas"), (SLERP.replace("self_attn", "attn"), "gpt2s"),
-], ids=["slerp", "passthrough", "ties-gpt2", "task_arithmetic", "linear", "ties-llama", "slerp-gpt2"])
+    (TIES.replace("int8_mask: true", "rescale: true\n  lambda: 0.6"), "llamas"),
+], ids=["slerp", "passthrough", "ties-gpt2", "task_arithmetic", "linear", "ties-llama", "slerp-gpt2", "ties-rescale"])
 def test_same_tensors_as_mergekit(tmp_path, request, config, kind):
     models = request.getfixturevalue(kind)
     if "slerp" in config and kind == "gpt2s":

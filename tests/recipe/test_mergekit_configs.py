@@ -170,7 +170,6 @@ def test_ties_density_weight_gradients_normalize(tmp_path, gpt2s):
     config = TIES
     r, out = run(tmp_path, config, gpt2s)
     assert r.exit_code == 0, r.output
-    base, f1, f2, got = (ref.load(gpt2s[k]) for k in ("base", "ft1", "ft2")), None, None, None
     base, f1, f2 = ref.load(gpt2s["base"]), ref.load(gpt2s["ft1"]), ref.load(gpt2s["ft2"])
     got = ref.load(out)
     assert set(got) == set(base)
@@ -182,6 +181,19 @@ def test_ties_density_weight_gradients_normalize(tmp_path, gpt2s):
         np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
     name = "transformer.h.2.mlp.c_fc.weight"
     assert not np.allclose(got[name], base[name]) and not np.allclose(got[name], f1[name])
+
+
+def test_ties_rescale_lambda(tmp_path, llamas):
+    config = TIES.replace("int8_mask: true", "rescale: true\n  lambda: 0.6")
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 0, r.output
+    base, f1, f2, got = ref.load(llamas["base"]), ref.load(llamas["ft1"]), ref.load(llamas["ft2"]), ref.load(out)
+    for name in base:
+        i = layer_of(name)
+        t = 0.0 if i is None else i / 2
+        expected = ref.ties(base[name], [f1[name], f2[name]], [1.0, ref.gradient([0, 0.3, 0.7, 1], t)],
+                            [ref.gradient([1, 0.7, 0.1], t), 0.5], lam=0.6, rescale=True)
+        np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
 
 
 def test_task_arithmetic_lambda_out_dtype(tmp_path, llamas):
@@ -261,6 +273,8 @@ tokenizer_source: union
      "merge_method: linear\n", "same number of layers"),
     ("slices: [{sources: [{model: a, layer_range: [0, 7]}]}]\nmerge_method: passthrough\n", "layer_range"),
     ("models: [{model: a, parameters: {weight: {value: 1}}}]\nmerge_method: linear\n", "weight"),
+    ("models: [{model: org/hub-model, parameters: {weight: 1}}]\nmerge_method: linear\n", "org/hub-model"),
+    ("models: [{model: a+lora, parameters: {weight: 1}}]\nmerge_method: linear\n", "+lora"),
 ])
 def test_refused_in_one_line(tmp_path, llamas, config, named):
     r, out = run(tmp_path, config, llamas)
