@@ -67,6 +67,21 @@ def test_stages_compose_to_forward(tiny, kind):
         assert torch.equal(st.head(hidden), module(**inputs))
 
 
+@pytest.mark.parametrize("kind", list(DECODER_FAMILY))
+def test_bfloat16_forward_is_as_close_to_float32_as_transformers_own(tiny, kind):
+    """Run in bfloat16 (norms and softmax upcast where transformers upcasts), both ours and transformers'
+    stay as close to the float32 logits: ours within 1.5x transformers' own bf16 error (+1e-3)."""
+    fam = detect_family(Checkpoint.open(tiny[kind]))
+    ref = load_hf(tiny[kind])
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        exact = ref(input_ids=ids, attention_mask=mask).logits
+        theirs = ref.to(torch.bfloat16)(input_ids=ids, attention_mask=mask).logits.float()
+        ours = fam.build_module(dtype=torch.bfloat16)(input_ids=ids, attention_mask=mask)
+    assert ours.dtype == torch.bfloat16
+    assert (ours.float() - exact).abs().max() <= 1.5 * (theirs - exact).abs().max() + 1e-3
+
+
 # Published config.json files (as shipped on the hub), with sizes scaled down and the ratios kept:
 # GQA ratio, head_dim vs hidden/heads, biases, norms, window rule, rope kind. The keys are spelled as
 # in the published files (transformers 4.x names: rope_scaling, rope_theta, rotary_pct, ...).
