@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, user_errors
 from modelsurgery.errors import SurgeryError
@@ -59,7 +59,8 @@ def extract_command(
     if json_out:
         emit_json(report.to_dict())
         return
-    table = Table("layer", "shape (out, in)", "rank", "relative error", "svd", show_edge=False)
+    table = Table(Column("layer", overflow="fold"), "shape (out, in)", "rank", "relative error", "svd",
+                  show_edge=False)
     for layer in report.layers:
         table.add_row(layer.module, f"{layer.shape[0]} x {layer.shape[1]}", str(layer.rank),
                       f"{layer.relative_error:.4f}", layer.svd)
