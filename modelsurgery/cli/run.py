@@ -34,8 +34,8 @@ def run_command(
 ) -> None:
     """Run a recipe: a mergekit YAML config as it is, or steps chaining surgery commands.
 
-    Step options are the commands' own long options without the dashes; a step skips itself
-    (cached) when its output's record shows the same operation, options and input hashes.
+    Step options are the commands' own long options without the dashes. A step is skipped (cached)
+    when its output's record shows the same operation, options and input hashes.
 
     Examples:\n
       surgery run slerp.yml -o merged/\n

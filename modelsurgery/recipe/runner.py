@@ -159,6 +159,11 @@ def run_recipe(path: Path, out: Path, commands: Mapping[str, Any], options: RunO
     """Run (or with ``dry_run`` only plan) a recipe; raises RecipeFailed naming the first failing step."""
     out = Path(out)
     kind, steps = plan_recipe(path, out, commands)
+    recipe = Path(path).resolve()
+    for step in steps:
+        target = step.output.resolve()
+        if target == recipe or target in recipe.parents:
+            raise SurgeryError(f"step '{step.name}': output {step.output} would overwrite the recipe {path}")
     result = RecipeResult(str(path), kind, str(out), options.dry_run, [])
     produced = {s.output for s in steps}
     if kind == "steps" and not options.dry_run:

@@ -176,6 +176,13 @@ def test_bad_steps_refused_before_anything_runs(tmp_path, llamas, step, named):
     assert not out.exists()
 
 
+def test_output_over_the_recipe_refused(tmp_path, llamas):
+    recipe = write(tmp_path, f"steps:\n  - {{name: s, run: grow, inputs: [{llamas['a']}], output: recipe.yml}}\n")
+    r = run(recipe, tmp_path)
+    assert r.exit_code == 1 and "would overwrite the recipe" in r.stderr
+    assert recipe.read_text().startswith("steps:")
+
+
 def test_mergekit_step_feeds_a_command_step(tmp_path, llamas):
     text = f"""
 steps:
