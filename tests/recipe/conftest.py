@@ -33,3 +33,14 @@ def gpt2s(tmp_path_factory):
     ft1 = _finetune(save_tiny_gpt2(root / "ft1", seed=3), seed=21)
     ft2 = _finetune(save_tiny_gpt2(root / "ft2", seed=3), seed=22)
     return {"base": base, "ft1": ft1, "ft2": ft2}
+
+
+@pytest.fixture(scope="session")
+def lora(tmp_path_factory, llamas):
+    """A PEFT LoRA adapter on llamas['a'], saved by PEFT itself."""
+    from peft import LoraConfig
+
+    from tests.ops.adapters.peft_helpers import make_adapter
+
+    return make_adapter(llamas["a"], LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                        tmp_path_factory.mktemp("lora") / "adapter", seed=5)

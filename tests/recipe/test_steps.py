@@ -16,9 +16,12 @@ runner = CliRunner()
 
 PIPELINE = """
 steps:
+  - name: tuned
+    run: fold
+    inputs: [{a}, {lora}]
   - name: merged
     run: merge
-    inputs: [{a}, {b}]
+    inputs: [tuned, {b}]
     options: {{method: match, seed: 0}}
   - name: stacked
     run: grow
@@ -51,27 +54,36 @@ def hashes(folder):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, llamas):
+def built(tmp_path_factory, llamas, lora):
     """The pipeline run once (shared by the tests that only read its outputs)."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    recipe = write(tmp, PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=2))
+    recipe = write(tmp, PIPELINE.format(a=llamas["a"], b=llamas["b"], lora=lora, factor=2))
     out = tmp / "build"
     r = run(recipe, out, "--json")
     assert r.exit_code == 0, r.output
     return recipe, out, json.loads(r.stdout)
 
 
-def test_pipeline_runs_every_step(built):
+def test_pipeline_runs_every_step(built, llamas, lora):
     _, out, report = built
     assert report["kind"] == "steps" and report["ok"]
     assert [(s["name"], s["run"], s["status"]) for s in report["steps"]] == [
-        ("merged", "merge", "ran"), ("stacked", "grow", "ran"), ("q", "quantize", "ran"), ("onnx", "export", "ran")]
-    merged = report["steps"][0]["result"]
+        ("tuned", "fold", "ran"), ("merged", "merge", "ran"), ("stacked", "grow", "ran"), ("q", "quantize", "ran"),
+        ("onnx", "export", "ran")]
+    assert report["steps"][0]["result"]["tensors_updated"] == 6  # q_proj and v_proj of 3 layers
+    from tests.ops.adapters.peft_helpers import peft_merged
+
+    reference = peft_merged(llamas["a"], lora).state_dict()  # PEFT's own merge_and_unload
+    tuned = load_file(out / "tuned" / "model.safetensors")
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.2.self_attn.v_proj.weight"):
+        torch.testing.assert_close(tuned[name], reference[name], atol=1e-5, rtol=0)
+    merged = report["steps"][1]["result"]
     assert merged["method"] == "match" and merged["matching"]  # weight matching ran
-    assert report["steps"][1]["result"]["layers_after"] == 6
-    assert report["steps"][3]["result"]["check"]["passed"]  # ONNX Runtime agrees with the torch forward
-    # each step's output feeds the next: the stack's input is the merge's output
-    assert report["steps"][1]["inputs"][0] == {"path": str(out / "merged"), "bytes": report["steps"][1]["inputs"][0][
+    assert report["steps"][2]["result"]["layers_after"] == 6
+    assert report["steps"][4]["result"]["check"]["passed"]  # ONNX Runtime agrees with the torch forward
+    # each step's output feeds the next: the merge reads the fold's output, the stack the merge's
+    assert report["steps"][1]["inputs"][0]["from_step"] == "tuned"
+    assert report["steps"][2]["inputs"][0] == {"path": str(out / "merged"), "bytes": report["steps"][2]["inputs"][0][
         "bytes"], "from_step": "merged"}
     assert (out / "model.onnx").is_file()
     state = load_file(out / "stacked" / "model.safetensors")
@@ -86,10 +98,10 @@ def test_second_run_all_cached_and_fast(built):
     wall = time.perf_counter() - start
     assert r.exit_code == 0, r.output
     steps = json.loads(r.stdout)["steps"]
-    assert [s["status"] for s in steps] == ["cached"] * 4
-    assert steps[1]["result"]["layers_after"] == 6  # a cached step reports the result it was built with
+    assert [s["status"] for s in steps] == ["cached"] * 5
+    assert steps[2]["result"]["layers_after"] == 6  # a cached step reports the result it was built with
     assert all(s["seconds"] < 1.0 for s in steps), [s["seconds"] for s in steps]
-    assert wall < 4 * 1.0 + 5, wall  # no step's work ran (startup of the CLI aside)
+    assert wall < 5 * 1.0 + 5, wall  # no step's work ran (startup of the CLI aside)
     assert hashes(out) == before
 
 
@@ -98,13 +110,13 @@ def test_force_reruns_byte_identical(built):
     before = hashes(out)
     r = run(recipe, out, "--force", "--json")
     assert r.exit_code == 0, r.output
-    assert [s["status"] for s in json.loads(r.stdout)["steps"]] == ["ran"] * 4
+    assert [s["status"] for s in json.loads(r.stdout)["steps"]] == ["ran"] * 5
     assert hashes(out) == before
 
 
-def test_changed_option_reruns_that_step_and_later(tmp_path, llamas):
+def test_changed_option_reruns_that_step_and_later(tmp_path, llamas, lora):
     def text(factor):
-        return PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=factor).split("  - name: q")[0]
+        return PIPELINE.format(a=llamas["a"], b=llamas["b"], lora=lora, factor=factor).split("  - name: q")[0]
 
     out = tmp_path / "build"
     r = run(write(tmp_path, text(2)), out)
@@ -112,34 +124,35 @@ def test_changed_option_reruns_that_step_and_later(tmp_path, llamas):
     r = run(write(tmp_path, text(3)), out, "--json")
     assert r.exit_code == 0, r.output
     steps = json.loads(r.stdout)["steps"]
-    assert [s["status"] for s in steps] == ["cached", "ran"]  # its output had a record: stale, rebuilt
-    assert steps[1]["result"]["layers_after"] == 9
+    assert [s["status"] for s in steps] == ["cached", "cached", "ran"]  # its output had a record: stale, rebuilt
+    assert steps[2]["result"]["layers_after"] == 9
     # an output the recipe did not write is never replaced without --force
     (out / ".surgery-run" / "stacked.json").unlink()
     r = run(write(tmp_path, text(2)), out)
     assert r.exit_code == 1 and "step 'stacked'" in r.stderr and "--force" in r.stderr
 
 
-def test_dry_run_plans_and_writes_nothing(tmp_path, llamas):
-    recipe = write(tmp_path, PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=2))
+def test_dry_run_plans_and_writes_nothing(tmp_path, llamas, lora):
+    recipe = write(tmp_path, PIPELINE.format(a=llamas["a"], b=llamas["b"], lora=lora, factor=2))
     out = tmp_path / "build"
     r = run(recipe, out, "--dry-run", "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert not out.exists()
-    assert [s["status"] for s in report["steps"]] == ["planned"] * 4
+    assert [s["status"] for s in report["steps"]] == ["planned"] * 5
     first = report["steps"][0]
     size = sum(p.stat().st_size for p in llamas["a"].rglob("*") if p.is_file())
     assert first["inputs"][0] == {"path": str(llamas["a"]), "bytes": size, "from_step": None}
-    assert report["steps"][2]["command"] == (
+    assert report["steps"][3]["command"] == (
         f"surgery quantize {out / 'stacked'} -o {out / 'q'} --method rtn --bits 4 --format packed --asymmetric")
-    assert report["steps"][3]["output"] == str(out / "model.onnx")
+    assert report["steps"][4]["output"] == str(out / "model.onnx")
+    assert report["steps"][0]["command"] == f"surgery fold {llamas['a']} {lora} -o {out / 'tuned'}"
     r = run(recipe, out, "--dry-run")
     assert r.exit_code == 0 and "surgery grow" in r.stdout and not out.exists()
 
 
-def test_failing_step_is_named_and_earlier_outputs_stay(tmp_path, llamas):
-    text = PIPELINE.format(a=llamas["a"], b=llamas["b"], factor=2).replace(
+def test_failing_step_is_named_and_earlier_outputs_stay(tmp_path, llamas, lora):
+    text = PIPELINE.format(a=llamas["a"], b=llamas["b"], lora=lora, factor=2).replace(
         "options: {method: stack, factor: 2}", "options: {method: stack, layers: '0:99'}")
     recipe = write(tmp_path, text)
     out = tmp_path / "build"
@@ -153,7 +166,7 @@ def test_failing_step_is_named_and_earlier_outputs_stay(tmp_path, llamas):
     r = run(recipe, out, "--json")
     assert r.exit_code == 1
     report = json.loads(r.stdout)
-    assert [s["status"] for s in report["steps"]] == ["cached", "failed"]
+    assert [s["status"] for s in report["steps"]] == ["cached", "cached", "failed"]
     assert report["ok"] is False and "stacked" in report["error"]
 
 
