@@ -33,6 +33,7 @@ from modelsurgery.ops.grow.common import GrowReport
 from modelsurgery.ops.grow.width import WidthPlan, plan_groups
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import PermutationSpec, apply_permutation
+from modelsurgery.ops.match.weight_matching import weight_matching
 from modelsurgery.ops.quantize.operation import QuantizeOptions, quantize_checkpoint
 from modelsurgery.ops.quantize.packing import dequantize_checkpoint
 from tests import hf_tiny
@@ -303,3 +304,18 @@ def test_a_new_family_grows_wider_from_its_capabilities(toy):
 def test_a_new_family_names_its_classifier(toy):
     fam, _ = toy
     assert find_classifier(fam) == Linear("cls.w", "cls.b")
+
+
+def test_weight_matching_undoes_a_random_permutation(src):
+    """Weight matching of a model against a randomly permuted copy of itself finds permutations that
+    bring the copy back exactly (objective: every matched tensor equal)."""
+    folder = src
+    ckpt = Checkpoint.open(folder)
+    spec = permutation_spec(detect_family(ckpt))
+    state = {k: v.double() for k, v in ckpt.state_dict().items()}
+    permuted = apply_permutation(state, spec, random_perms(spec, seed=2))
+    assert any(not torch.equal(permuted[k], state[k]) for k in spec.axes)
+    result = weight_matching(state, permuted, spec, seed=0)
+    back = apply_permutation(permuted, spec, result.perms)
+    for name in spec.axes:
+        torch.testing.assert_close(back[name], state[name], atol=1e-9, rtol=0)
