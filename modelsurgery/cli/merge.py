@@ -147,6 +147,13 @@ def render_merge(r: dict) -> None:
         out_console.print(table)
         for c in curves:
             out_console.print(f"{c} barrier: loss {ev[c + '_barrier']:.4f}, {metric} {ev[f'{c}_{metric}_barrier']:.4f}")
+    rep = ev.get("repaired")
+    if rep and rep["method"] == "batchnorm-reset":
+        out_console.print(f"repair: reset the statistics of {rep['batchnorms']} BatchNorm layers")
+    elif rep:
+        kinds = sorted({x["correction"] for x in rep["layers"]})
+        skipped = ", ".join(f"{x['name']} ({x['reason']})" for x in rep["skipped"]) or "none"
+        out_console.print(f"repair: {len(rep['layers'])} layers rescaled ({'/'.join(kinds)}); kept: {skipped}")
     ends = ", ".join(f"{e[metric]:.4f}" for e in ev["endpoints"])
     out_console.print(f"endpoints {metric}: {ends}; merged output: loss {ev['merged']['loss']:.4f}, "
                       f"{metric} {ev['merged'][metric]:.4f}")

@@ -65,6 +65,19 @@ def test_method_flags_come_from_the_declarations(fixtures_dir, tmp_path):
     assert (prov["density"], prov["scale"]) == (0.5, 1.0)
 
 
+def test_repair_reports_the_corrected_layers(fixtures_dir, tmp_path):
+    d = fixtures_dir / "digits"
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"), "-o", str(out),
+                            "--eval", str(fixtures_dir / "data" / "digits_eval.safetensors"), "--points", "1",
+                            "--repair"])
+    assert r.exit_code == 0, r.output
+    # the digits MLP: two hidden Linear layers corrected; the classifier (4) kept
+    assert "repair: 2 layers rescaled (affine); kept: 4 (output layer)" in r.stdout
+    prov = json.loads(Checkpoint.open(out).metadata["modelsurgery"])["parameters"]
+    assert prov["repaired"] == {"method": "repair", "layers": ["0", "2"], "batchnorms": 0}
+
+
 def test_bad_plot_refused_before_any_work(fixtures_dir, tmp_path):
     d = fixtures_dir / "digits"
     out = tmp_path / "m.safetensors"

@@ -186,6 +186,10 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
             planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: merged(n)))
     recorded = {"method": method_name, "weights": weights, "aligned": align, "backend": options.backend,
                 "base": str(options.base) if options.base else None, "repair": options.repair, **params}
+    if evaluation is not None and "repaired" in evaluation:
+        rep = evaluation["repaired"]
+        recorded["repaired"] = {"method": rep["method"], "layers": [x["name"] for x in rep["layers"]],
+                                "batchnorms": rep.get("batchnorms", 0)}
     sources = [f for c in ckpts + ([base] if base else []) for f in c.source_files]
     metadata = {k: v for k, v in ckpts[0].metadata.items() if k not in ("modelsurgery", "format")}
     report = write_checkpoint(

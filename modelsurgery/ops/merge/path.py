@@ -50,10 +50,15 @@ def evaluate_path(family, ckpts, aligned, spec, merged, weights, options, progre
     def score(module) -> dict:
         return evaluate(module, family, data, batch_size=256)
 
+    protected = set(family.head_names())
+
+    def fix(module, endpoints, w) -> dict:
+        return repair(module, [family.build_module(s) for s in endpoints], w, inputs, protected, str(ckpts[0].path))
+
     def run(endpoints, w):
         module = family.build_module(_mix(endpoints, w))
         if options.repair:
-            repair(module, [family.build_module(s) for s in endpoints], w, inputs)
+            fix(module, endpoints, w)
         return module
 
     report: dict = {"data": str(options.eval_data), "repair": options.repair,
@@ -82,7 +87,7 @@ def evaluate_path(family, ckpts, aligned, spec, merged, weights, options, progre
     out_state = {k: merged(k) for k in names}
     module = family.build_module(out_state)
     if options.repair:
-        repair(module, [family.build_module(s) for s in matched], weights, inputs)
+        report["repaired"] = fix(module, matched, weights)
         out_state = {k: v.to(out_state[k].dtype) for k, v in module.state_dict().items() if k in out_state}
     report["merged"] = score(module)
     return report, (out_state if options.repair else None)
