@@ -123,3 +123,15 @@ def test_width_unsupported_family(tmp_path):
     with pytest.raises(SurgeryError, match="no hidden units"):
         grow([src], tmp_path / "o.safetensors", GrowOptions(method="width", factor=2))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_width_needs_the_mlp_size_in_config(tmp_path):
+    """A transformer whose config.json names no MLP size cannot get a consistent config: refused, nothing written."""
+    src = hf_folder(tmp_path, "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["intermediate_size"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "wide"
+    with pytest.raises(SurgeryError, match="config.json names no MLP size"):
+        grow([src], out, GrowOptions(method="width", factor=2))
+    assert not out.exists()
