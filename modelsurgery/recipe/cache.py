@@ -2,8 +2,8 @@
 
 A record sits in ``.surgery-run/`` beside the step's output (outside it, so the output itself is
 exactly what the operation wrote). It holds the operation, its parameters, the sha256 of every
-input file and of every output file, and the step's result as it ran (reported again when
-cached). A step is cached when its record matches the operation and parameters it would run
+input file and of every output file (with size and mtime), and the step's result as it ran
+(reported again when cached). A step is cached when its record matches the operation and parameters it would run
 now, its inputs still hash the same, and its output still hashes as written.
 """
 
@@ -37,12 +37,35 @@ def digest(path: Path) -> str:
     return _digests[key]
 
 
-def tree_digests(path: Path) -> dict[str, str]:
-    """Relative name -> sha256 for a file or a folder."""
+def _relative(path: Path) -> list[tuple[str, Path]]:
     path = Path(path)
     if path.is_dir():
-        return {str(p.relative_to(path)): digest(p) for p in files_of(path)}
-    return {path.name: digest(path)} if path.exists() else {}
+        return [(str(p.relative_to(path)), p) for p in files_of(path)]
+    return [(path.name, path)] if path.exists() else []
+
+
+def tree_state(path: Path) -> dict[str, dict]:
+    """Relative name -> {sha256, size, mtime_ns} for a file or every file of a folder."""
+    out = {}
+    for rel, p in _relative(path):
+        st = os.stat(p)
+        out[rel] = {"sha256": digest(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def same_state(recorded: dict, path: Path) -> bool:
+    """True when ``path`` holds the files ``recorded`` lists with the same contents. A file whose size and
+    mtime are as recorded is taken as unchanged (as git's index does); any other file is hashed again."""
+    current = _relative(path)
+    if sorted(rel for rel, _ in current) != sorted(recorded):
+        return False
+    for rel, p in current:
+        st, rec = os.stat(p), recorded[rel]
+        if (st.st_size, st.st_mtime_ns) == (rec.get("size"), rec.get("mtime_ns")):
+            continue
+        if st.st_size != rec.get("size") or digest(p) != rec.get("sha256"):
+            return False
+    return True
 
 
 def size_of(path: Path) -> int:
@@ -62,8 +85,8 @@ def make_record(operation: str, parameters: dict, inputs: list[Path], output: Pa
         "version": __version__,
         "operation": operation,
         "parameters": parameters,
-        "inputs": [{"path": str(p), "sha256": tree_digests(p)} for p in inputs],
-        "output": {"path": str(output), "sha256": tree_digests(output)},
+        "inputs": [{"path": str(p), "files": tree_state(p)} for p in inputs],
+        "output": {"path": str(output), "files": tree_state(output)},
     }
 
 
@@ -86,9 +109,9 @@ def is_cached(operation: str, parameters: dict, inputs: list[Path], output: Path
         return False
     if [i.get("path") for i in rec.get("inputs", [])] != [str(p) for p in inputs]:
         return False
-    if any(i.get("sha256") != tree_digests(p) for i, p in zip(rec["inputs"], inputs)):
+    if not all(same_state(i.get("files", {}), p) for i, p in zip(rec["inputs"], inputs)):
         return False
-    return rec.get("output", {}).get("sha256") == tree_digests(output)
+    return same_state(rec.get("output", {}).get("files", {}), output)
 
 
 def write_record(operation: str, parameters: dict, inputs: list[Path], output: Path, result: dict | None = None

@@ -225,3 +225,59 @@ steps:
     torch.testing.assert_close(got[name.format(3)], (a[name.format(1)] + 3 * b[name.format(1)]) / 4)
     r = run(write(tmp_path, text), out, "--json")
     assert [s["status"] for s in json.loads(r.stdout)["steps"]] == ["cached", "cached"]
+
+
+def test_cache_follows_input_contents(tmp_path, llamas):
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(llamas["a"], a)
+    shutil.copytree(llamas["b"], b)
+    recipe = write(tmp_path, f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+                             f"  - model: {b}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "merged"
+
+    def status():
+        r = run(recipe, out, "--json")
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["steps"][0]["status"]
+
+    assert status() == "ran"
+    assert status() == "cached"
+    os.utime(b / "model.safetensors")  # touched, same bytes: hashed again, still the same input
+    assert status() == "cached"
+    state = load_file(b / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"] + 1
+    save_file(state, b / "model.safetensors", metadata={"format": "pt"})
+    assert status() == "ran"  # its record was stale: rebuilt without --force
+    merged = load_file(out / "model.safetensors")["model.norm.weight"]
+    norm_a = load_file(a / "model.safetensors")["model.norm.weight"]
+    torch.testing.assert_close(merged, (norm_a + state["model.norm.weight"]) / 2)
+    assert status() == "cached"
+    (out / "config.json").write_text("{}")  # an edited output is not the recorded one
+    assert status() == "ran"
+
+
+def test_option_words_follow_the_command_declarations(tmp_path, llamas):
+    """Repeatable options take lists, --x/--no-x flags take true/false: as the commands declare them."""
+    text = f"""
+steps:
+  - name: q
+    run: quantize
+    inputs: [{llamas['a']}]
+    options: {{method: rtn, skip: [lm_head, embed_tokens], symmetric: false, low_memory: false}}
+  - name: onnx
+    run: export
+    inputs: [q]
+    options: {{check: false, opset: 21}}
+    output: m.onnx
+"""
+    out = tmp_path / "build"
+    r = run(write(tmp_path, text), out, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    steps = json.loads(r.stdout)["steps"]
+    assert steps[0]["command"].endswith("--method rtn --skip lm_head --skip embed_tokens --asymmetric --fast")
+    assert steps[1]["command"].endswith("-o " + str(out / "m.onnx") + " --no-check --opset 21")
