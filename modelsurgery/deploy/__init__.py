@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery.deploy import compressed_tensors, gguf, gptq
-from modelsurgery.deploy.common import DeployReport, DeploySource, open_packed
+from modelsurgery.deploy.common import DeployReport, DeploySource, open_packed, weight_from_quantized
 from modelsurgery.errors import SurgeryError
 
 #: --format name -> the module that owns it
@@ -26,6 +26,11 @@ def format_module(fmt: str):
     if fmt not in FORMATS:
         raise SurgeryError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     return FORMATS[fmt]
+
+
+def writes_folder(fmt: str) -> bool:
+    """Whether ``fmt`` is written as a model folder (else one file)."""
+    return format_module(fmt).FOLDER
 
 
 def check_scheme(fmt: str, scheme) -> None:
@@ -112,4 +117,5 @@ def deployed_state(ckpt, weights: list, dtype: torch.dtype = torch.float32) -> d
 
 
 __all__ = ["FORMATS", "DeployReport", "DeploySource", "check_model", "check_scheme", "check_weight",
-           "convert_packed", "deploy", "deployed_state", "read_deployed", "storable_grid", "storable_scale"]
+           "convert_packed", "deploy", "deployed_state", "read_deployed", "storable_grid", "storable_scale",
+           "weight_from_quantized", "writes_folder"]

@@ -33,6 +33,7 @@ from modelsurgery.deploy.common import (
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.packing import PackedWeight
 
+FOLDER = True  # a model folder: config.json, safetensors, tokenizer files
 NAME = "compressed-tensors"
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"

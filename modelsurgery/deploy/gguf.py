@@ -31,6 +31,7 @@ from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.packing import PackedWeight
 
 NAME = "gguf"
+FOLDER = False  # one .gguf file
 BLOCK = 32
 Q = gguf.GGMLQuantizationType
 
@@ -257,7 +258,7 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
     qtype = block_type(src.scheme)
     file_type = dict(TYPES.values())[qtype]
     check_tokenizer(src.folder, tokenizer)
-    check_output(out, force, src.ckpt.source_files)
+    check_output(out, force, src.ckpt.source_files, folder=False)
     n_blocks = config["num_hidden_layers"]
     tmap = gguf.get_tensor_name_map(arch, n_blocks)
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]

@@ -39,6 +39,7 @@ from modelsurgery.deploy.common import (
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.packing import PackedWeight
 
+FOLDER = True  # a model folder: config.json, safetensors, tokenizer files
 NAME = "gptq"
 SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 BITS = (2, 3, 4, 8)
