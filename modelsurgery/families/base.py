@@ -361,10 +361,16 @@ class Family:
         """Random inputs of the right shape, keyed by ``input_names()``."""
         raise SurgeryError(f"{self.ckpt.path}: family '{self.name}' has no known input shape")
 
+    def features(self) -> list[str]:
+        """The config switches this checkpoint turns on, as short phrases for ``surgery inspect``
+        (e.g. ``sliding_window=4096 on alternate layers``, ``qk_norm``, ``tied head``)."""
+        return []
+
     def describe(self) -> dict:
         return {
             "family": self.name,
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
             "runnable": self.runnable,
+            "features": self.features(),
         }

@@ -253,7 +253,6 @@ class DecoderFamily(TransformerFamily):
     def describe(self) -> dict:
         d = super().describe()
         d["tied_head"] = self.tied_head
-        d["features"] = self.features()
         return d
 
 
