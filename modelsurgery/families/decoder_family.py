@@ -78,11 +78,10 @@ class DecoderFamily(TransformerFamily):
         return cfg
 
     def per_layer_config(self) -> dict[str, list]:
-        """``layer_types`` (explicit, or implied by the family's window pattern) and any other per-layer
-        list of config.json, one entry per block."""
+        """The per-layer lists of config.json, plus ``layer_types`` written out when the family's window
+        pattern implies it (Gemma's ``sliding_window_pattern``, Qwen's ``max_window_layers``)."""
         n = self.num_layers
-        found = {k: list(v) for k, v in self.config.items() if k in ("layer_types", "no_rope_layers")
-                 and isinstance(v, list) and len(v) == n and n}
+        found = super().per_layer_config()
         if "layer_types" not in found and self.layout.window_rule == "typed" and n:
             found["layer_types"] = ["full_attention" if w is None else "sliding_attention"
                                     for w in self.layer_windows()]
