@@ -53,9 +53,10 @@ def _option_for(command: Any, key: str) -> Any:
     return None
 
 
-def _option_args(command: Any, run: str, options: Mapping[str, Any], where: str) -> list[str]:
-    """The command-line words for ``options``; each key is a long option of the command."""
-    argv: list[str] = []
+def _option_args(command: Any, run: str, options: Mapping[str, Any], where: str) -> list[tuple[Any, list[str]]]:
+    """The command-line words for ``options`` as (parameter, words) pairs; each key is a long option of the
+    command, a true/false value sets a flag (``--x`` or ``--no-x``), a list repeats a repeatable option."""
+    pairs: list[tuple[Any, list[str]]] = []
     for key, value in options.items():
         p = _option_for(command, key)
         if p is None or not p.opts or not p.opts[0].startswith("-"):
@@ -72,16 +73,16 @@ def _option_args(command: Any, run: str, options: Mapping[str, Any], where: str)
             if flag in p.secondary_opts:  # e.g. asymmetric: true
                 value = not value
             if value:
-                argv.append(long_on)
+                pairs.append((p, [long_on]))
             elif p.secondary_opts:
-                argv.append(p.secondary_opts[0])
+                pairs.append((p, [p.secondary_opts[0]]))
             continue
         values = value if isinstance(value, list) and getattr(p, "multiple", False) else [value]
         for v in values:
             if isinstance(v, (dict, list)):
                 raise SurgeryError(f"{where}: option '{key}' takes one value, got {v!r}")
-            argv += [long_on, _word(v)]
-    return argv
+            pairs.append((p, [long_on, _word(v)]))
+    return pairs
 
 
 def _word(v: Any) -> str:
@@ -96,7 +97,7 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
     if _option_for(command, "output") is None:
         raise SurgeryError(f"{where}: surgery {run} writes no output; it cannot be a recipe step")
     args = [p for p in command.params if not p.opts[0].startswith("-")]
-    opts = _option_args(command, run, options, where)
+    pairs = _option_args(command, run, options, where)
     depends: list[str] = []
 
     def resolve(word: str) -> str:
@@ -108,22 +109,13 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
     positional = [resolve(str(i)) for i in inputs]
     if len(args) == 1 and args[0].nargs == 1 and len(positional) != 1:
         raise SurgeryError(f"{where}: surgery {run} takes one input, the recipe gives {len(positional)}")
-    params = _parse(command, run, [*positional, "-o", str(output), *opts], where)
-    # options that are paths may name an earlier step as well (e.g. merge's base: merged)
-    path_params = {p.name for p in command.params if _is_path(params.get(p.name))}
-    resolved = []
-    i = 0
-    while i < len(opts):
-        word = opts[i]
-        p = _option_for(command, word[2:]) if word.startswith("--") else None
-        if p is not None and p.name in path_params and i + 1 < len(opts) and not getattr(p, "is_flag", False):
-            resolved += [word, resolve(opts[i + 1])]
-            i += 2
-            continue
-        resolved.append(word)
-        i += 1
-    opts = resolved
-    argv = [*positional, "-o", str(output), *opts]
+    head = [*positional, "-o", str(output)]
+    params = _parse(command, run, head + [w for _, words in pairs for w in words], where)
+    # an option whose value is a path may name an earlier step too (e.g. merge's base: merged)
+    opts = []
+    for p, words in pairs:
+        opts += [words[0], resolve(words[1])] if len(words) == 2 and _is_path(params.get(p.name)) else words
+    argv = head + opts
     params = _parse(command, run, argv, where)
     input_paths = []
     for key, value in params.items():

@@ -281,3 +281,30 @@ steps:
     steps = json.loads(r.stdout)["steps"]
     assert steps[0]["command"].endswith("--method rtn --skip lm_head --skip embed_tokens --asymmetric --fast")
     assert steps[1]["command"].endswith("-o " + str(out / "m.onnx") + " --no-check --opset 21")
+
+
+def test_path_option_names_an_earlier_step(tmp_path, llamas):
+    """merge's --base given as a step name; the result is task arithmetic over that step's output."""
+    text = f"""
+steps:
+  - name: b0
+    run: mergekit
+    config:
+      merge_method: passthrough
+      slices: [{{sources: [{{model: {llamas['base']}, layer_range: [0, 3]}}]}}]
+  - name: ta
+    run: merge
+    inputs: [{llamas['ft1']}, {llamas['ft2']}]
+    options: {{method: task-arithmetic, base: b0, weights: "0.5,0.25"}}
+"""
+    out = tmp_path / "build"
+    r = run(write(tmp_path, text), out, "--json")
+    assert r.exit_code == 0, r.output
+    steps = json.loads(r.stdout)["steps"]
+    assert f"--base {out / 'b0'}" in steps[1]["command"]
+    assert any(i["from_step"] == "b0" for i in steps[1]["inputs"])
+    base, f1, f2 = (load_file(llamas[k] / "model.safetensors") for k in ("base", "ft1", "ft2"))
+    got = load_file(out / "ta" / "model.safetensors")
+    for name in ("model.layers.0.mlp.up_proj.weight", "lm_head.weight"):
+        want = base[name] + 0.5 * (f1[name] - base[name]) + 0.25 * (f2[name] - base[name])
+        torch.testing.assert_close(got[name], want, atol=1e-6, rtol=0)
