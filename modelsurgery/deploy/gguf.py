@@ -79,6 +79,10 @@ def check_model(config: dict, where: str) -> tuple:
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise SurgeryError(f"{where}: rope_type '{rope['rope_type']}' is not written to GGUF yet (default and "
                            "linear are)")
+    window = config.get("sliding_window")
+    if window and window < config.get("max_position_embeddings", 0) and config.get("use_sliding_window", True):
+        raise SurgeryError(f"{where}: sliding_window {window} < context {config['max_position_embeddings']}: "
+                           "llama.cpp's llama graph attends to the whole context; GGUF would change the model")
     return ARCHITECTURES[model_type]
 
 

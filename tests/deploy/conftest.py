@@ -46,10 +46,10 @@ def rtn_source(fmt: str, scheme: QuantScheme, skip: tuple[str, ...] = ("down_pro
 
 
 def reference_model(src: DeploySource):
-    """transformers' LlamaForCausalLM holding our dequantized weights (the forward we compare with)."""
-    from transformers import LlamaForCausalLM
+    """transformers' own model for the folder holding our dequantized weights (the forward we compare with)."""
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(src.folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(src.folder).eval()
     state = model.state_dict()
     for w in src.weights:
         state[w.name] = w.dequantize()

@@ -130,6 +130,30 @@ def test_other_architecture_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_mistral_as_llama_and_sliding_window_refused(tmp_path, token_ids):
+    """The converter writes MistralForCausalLM as the llama architecture; a window shorter than the
+    context would be lost (llama.cpp's llama graph attends to everything), so it is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.hf_tiny import save_tiny_mistral
+
+    windowed = save_tiny_mistral(tmp_path / "windowed")
+    with pytest.raises(SurgeryError, match="sliding_window 5 < context 64"):
+        deploy(rtn_source("gguf", SCHEMES["Q8_0"], folder=windowed), tmp_path / "w.gguf", "gguf",
+               gguf_tokenizer="none")
+    # (a folder named "mistral" becomes general.name, from which transformers' loader guesses an
+    # architecture gguf-py does not list)
+    folder = save_tiny_mistral(tmp_path / "tiny", sliding_window=None)
+    src = rtn_source("gguf", SCHEMES["Q8_0"], skip=("down_proj",), folder=folder)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    deploy(src, out, "gguf", gguf_tokenizer="none")
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    ids = token_ids % 97
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
+
+
 def _llama_bpe_folder(folder):
     """A LLaMA-2-style tokenizer.json (BPE with byte fallback, ▁ for spaces) built with ``tokenizers``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
