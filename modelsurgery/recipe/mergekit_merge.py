@@ -107,6 +107,10 @@ class MergekitPlan:
                 elif src.layer_range[1] > n:
                     raise SurgeryError(f"model '{src.model}': layer_range {list(src.layer_range)} is past its "
                                        f"{n} layers")
+            lengths = {src.model: src.layer_range[1] - src.layer_range[0] for src in s.sources}
+            if len(set(lengths.values())) > 1:
+                raise SurgeryError(f"models {', '.join(f'{m} ({n} layers)' for m, n in lengths.items())}: every model "
+                                   "of a merge needs the same number of layers (use slices: to pick layer ranges)")
         donor_fam = self.families[self.donor]
         first, last = cfg.slices[0], cfg.slices[-1]
         outside = [n for n in self.ckpts[self.donor] if donor_fam.block_of(n) is None]

@@ -164,6 +164,33 @@ def test_passthrough_slices_frankenmerge(tmp_path, llamas):
                                torch.from_numpy(b["model.layers.1.mlp.down_proj.weight"]).float())
 
 
+def test_passthrough_scale_filter(tmp_path, llamas):
+    """passthrough's per-model scale, filter-conditioned (mergekit docs: zero a projection to drop its block's
+    contribution)."""
+    config = """
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 3]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.0
+            - filter: down_proj
+              value: [1, 0.5]
+            - value: 1.0
+merge_method: passthrough
+"""
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 0, r.output
+    a, got = ref.load(llamas["a"]), ref.load(out)
+    for name in a:
+        i = layer_of(name)
+        t = 0.0 if i is None else i / 2
+        scale = 0.0 if "o_proj" in name else ref.gradient([1, 0.5], t) if "down_proj" in name else 1.0
+        np.testing.assert_allclose(got[name], scale * a[name], atol=1e-7, err_msg=name)
+
+
 def test_ties_density_weight_gradients_normalize(tmp_path, gpt2s):
     """TIES on GPT-2 with per-model density and weight (a gradient), normalize and int8_mask
     (int8_mask changes only the mask's dtype in mergekit, never the result)."""
@@ -275,9 +302,16 @@ tokenizer_source: union
     ("models: [{model: a, parameters: {weight: {value: 1}}}]\nmerge_method: linear\n", "weight"),
     ("models: [{model: org/hub-model, parameters: {weight: 1}}]\nmerge_method: linear\n", "org/hub-model"),
     ("models: [{model: a+lora, parameters: {weight: 1}}]\nmerge_method: linear\n", "+lora"),
+    ("models: [{model: a, parameters: {weight: 1}}, {model: deep, parameters: {weight: 1}}]\nmerge_method: linear\n",
+     "same number of layers"),
 ])
 def test_refused_in_one_line(tmp_path, llamas, config, named):
-    r, out = run(tmp_path, config, llamas)
+    models = dict(llamas)
+    if "deep" in config:
+        from tests.hf_tiny import save_tiny_llama
+
+        models["deep"] = save_tiny_llama(tmp_path / "deep", num_hidden_layers=4)
+    r, out = run(tmp_path, config, models)
     assert r.exit_code == 1, r.output
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], r.output
