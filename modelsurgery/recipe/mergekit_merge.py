@@ -82,11 +82,15 @@ class MergekitPlan:
                 raise SurgeryError(f"model '{m}': no such file or folder (surgery run reads local checkpoints; "
                                    "it does not download)")
             self.ckpts[m] = Checkpoint.open(m)
-        self.families = {m: detect_family(c) for m, c in self.ckpts.items()}
         self.donor = cfg.referenced_models()[0]
         self.jobs: list[TensorJob] = []
         self.num_layers = 0
-        self._plan()
+        try:
+            self.families = {m: detect_family(c) for m, c in self.ckpts.items()}
+            self._plan()
+        except BaseException:
+            self.close()
+            raise
 
     def _block_suffixes(self, model: str, index: int) -> list[str]:
         fam = self.families[model]
@@ -141,6 +145,10 @@ class MergekitPlan:
     @staticmethod
     def _same_name(s: OutSlice, name: str) -> list[tuple[str, str]]:
         return [(src.model, name) for src in s.sources]
+
+    def close(self) -> None:
+        for c in self.ckpts.values():
+            c.close()
 
     def source_files(self) -> list[Path]:
         return [f for c in self.ckpts.values() for f in c.source_files]
@@ -247,27 +255,30 @@ def run_mergekit(cfg: MergekitConfig, out: Path, force: bool = False,
     out = Path(out)
     check_output(out, force, [Path(m) for m in cfg.referenced_models()])
     plan = MergekitPlan(cfg)
-    extra = _tokenizer_files(plan)
-    done = [0]
+    try:
+        extra = _tokenizer_files(plan)
+        done = [0]
 
-    def produce(job: TensorJob) -> torch.Tensor:
-        x = plan.compute(job)
-        done[0] += 1
-        if progress is not None:
-            progress("merge", done[0], len(plan.jobs), {})
-        return x
+        def produce(job: TensorJob) -> torch.Tensor:
+            x = plan.compute(job)
+            done[0] += 1
+            if progress is not None:
+                progress("merge", done[0], len(plan.jobs), {})
+            return x
 
-    planned = []
-    for job in plan.jobs:
-        model, name = job.inputs[0]
-        shape = plan.ckpts[model].info(name).shape
-        planned.append(PlannedTensor(job.name, shape, plan.output_dtype(job), lambda j=job: produce(j)))
-    donor = plan.ckpts[plan.donor]
-    config = None
-    if donor.folder is not None:
-        config = plan.families[plan.donor].config_for_layers(plan.num_layers) or donor.config
-    report = write_checkpoint(out, planned, provenance=Provenance("mergekit", {"config": cfg.raw},
-                                                                  plan.source_files()),
-                              config=config, extra_files=extra, force=force)
+        planned = []
+        for job in plan.jobs:
+            model, name = job.inputs[0]
+            shape = plan.ckpts[model].info(name).shape
+            planned.append(PlannedTensor(job.name, shape, plan.output_dtype(job), lambda j=job: produce(j)))
+        donor = plan.ckpts[plan.donor]
+        config = None
+        if donor.folder is not None:
+            config = plan.families[plan.donor].config_for_layers(plan.num_layers) or donor.config
+        report = write_checkpoint(out, planned, provenance=Provenance("mergekit", {"config": cfg.raw},
+                                                                      plan.source_files()),
+                                  config=config, extra_files=extra, force=force)
+    finally:
+        plan.close()
     return MergekitResult(str(out), cfg.method.name, len(planned), plan.num_layers, list(plan.ckpts),
                           [str(f) for f in report.files])
