@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, out_console, parse_float_list, progress_bar, user_errors
+from modelsurgery.cli.common import emit_json, out_console, parse_float_list, progress_bar, user_errors, warn
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.analyze import AnalyzeOptions, analyze_pair
 from modelsurgery.ops.merge import all_methods
@@ -70,6 +70,8 @@ def merge_command(
             result = merge_checkpoints(models, output, options, force=force, progress=progress)
         if plot is not None and result.evaluation:
             plot_path(result.evaluation, plot)
+    for note in result.notes:
+        warn(note)
     if json_out:
         emit_json(result.to_dict())
         return
@@ -182,6 +184,8 @@ def analyze_command(
     with user_errors(debug), progress_bar(quiet or json_out) as progress:
         result = analyze_pair(a, b, AnalyzeOptions(top_k=top_k, backend=backend, device=device, model=model),
                               progress=progress)
+    for note in result.notes:
+        warn(note)
     if json_out:
         emit_json(result.to_dict())
         return

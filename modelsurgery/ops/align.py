@@ -33,6 +33,7 @@ from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, Linear, detect_family
 from modelsurgery.ops.evaluate import evaluate
+from modelsurgery.ops.float_input import require_float
 
 #: |gamma - 1| below this counts as already aligned: the rows are left bit-for-bit unchanged
 ALIGNED_TOL = 1e-6
@@ -205,6 +206,7 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
     if options.norm not in (1, 2):
         raise SurgeryError(f"--norm {options.norm}: expected 1 or 2")
     ckpt = Checkpoint.open(path)
+    require_float([ckpt], "align")
     if out is not None:
         check_output(Path(out), options.force, [*ckpt.source_files, Path(path)])
     family = detect_family(ckpt, options.model)

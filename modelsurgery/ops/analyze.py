@@ -4,7 +4,8 @@ the two models' weights and the alignment of their top singular vectors, before 
 
 Alignment of the i-th singular pair: |<u_i^A, u_i^B>| * |<v_i^A, v_i^B>|, the cosine between the
 rank-one components u_i v_i^T of the two matrices (1 = the same direction, 0 = orthogonal).
-Weight matching is expected to raise it for the largest singular values first.
+Weight matching is expected to raise it for the largest singular values first. A quantized input
+is analysed as the float weights it stands for (``ops.float_input``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.families import detect_family
+from modelsurgery.ops.float_input import float_view
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import apply_permutation
 from modelsurgery.ops.match.weight_matching import weight_matching
@@ -51,6 +53,7 @@ class AnalyzeResult:
     objective_before: float
     objective_after: float
     layers: list[LayerAnalysis] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # quantized inputs, analysed as their dequantized weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +71,7 @@ def top_alignment(wa: torch.Tensor, wb: torch.Tensor, k: int) -> tuple[list[floa
 
 def analyze_pair(a: Path, b: Path, options: AnalyzeOptions,
                  progress: Callable[[str, int, int, dict], None] | None = None) -> AnalyzeResult:
-    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
+    (ca, note_a), (cb, note_b) = (float_view(Checkpoint.open(p), "analyze") for p in (a, b))
     check_compatible([ca, cb])
     family = detect_family(ca, options.model)
     spec = permutation_spec(family)
@@ -77,7 +80,8 @@ def analyze_pair(a: Path, b: Path, options: AnalyzeOptions,
                             progress=progress)
     Bp = apply_permutation(B, spec, {g: {k: v.cpu() for k, v in p.items()} for g, p in match.perms.items()})
     names = [n for n in spec.axes if A[n].ndim >= 2 and A[n].is_floating_point()]
-    result = AnalyzeResult(str(a), str(b), family.name, match.objective_before, match.objective_after)
+    result = AnalyzeResult(str(a), str(b), family.name, match.objective_before, match.objective_after,
+                           notes=[n for n in (note_a, note_b) if n])
     dev = torch.device(options.device)
     for i, n in enumerate(names):
         wa, wb, wp = (x[n].to(dev, torch.float32) for x in (A, B, Bp))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.float_input import require_float
 from modelsurgery.ops.grow.common import GrowOptions, GrowReport, Progress, no_progress
 from modelsurgery.ops.grow.interleave import grow_interleave, interleave_layout
 from modelsurgery.ops.grow.mixture import grow_mixture
@@ -34,6 +35,7 @@ def grow(inputs: Sequence[str | Path | Checkpoint], out: str | Path, options: Gr
     if not inputs:
         raise SurgeryError("no input checkpoint given")
     ckpts = [c if isinstance(c, Checkpoint) else Checkpoint.open(c) for c in inputs]
+    require_float(ckpts, "grow")
     return METHODS[options.method](ckpts, Path(out), options, progress)
 
 

@@ -17,6 +17,7 @@ import torch
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, write_checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from modelsurgery.ops.float_input import float_view
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import Perms, PermutationSpec, permute_tensor
 from modelsurgery.ops.match.weight_matching import weight_matching
@@ -53,6 +54,7 @@ class MergeResult:
     evaluation: dict | None = None
     files: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)  # the method's resolved parameters
+    notes: list[str] = field(default_factory=list)  # quantized inputs: dequantized, the output is float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,8 +138,10 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
         raise SurgeryError(f"--method {method_name} needs --base (the model the others were fine-tuned from)")
     weights = resolve_weights(options, len(paths))
     params = method_params(method or get_method("linear"), options, weights)
-    ckpts = [Checkpoint.open(p) for p in paths]
-    base = Checkpoint.open(options.base) if options.base else None
+    views = [float_view(Checkpoint.open(p), "merge") for p in [*paths, *([options.base] if options.base else [])]]
+    notes = [note for _, note in views if note]
+    ckpts = [c for c, _ in views[:len(paths)]]
+    base = views[-1][0] if options.base else None
     check_compatible(ckpts + ([base] if base else []))
     family = detect_family(ckpts[0], options.model)
     for c in ckpts[1:]:
@@ -186,6 +190,8 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
             planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: merged(n)))
     recorded = {"method": method_name, "weights": weights, "aligned": align, "backend": options.backend,
                 "base": str(options.base) if options.base else None, "repair": options.repair, **params}
+    if notes:
+        recorded["float_inputs"] = notes
     if evaluation is not None and "repaired" in evaluation:
         rep = evaluation["repaired"]
         recorded["repaired"] = {"method": rep["method"], "layers": [x["name"] for x in rep["layers"]],
@@ -198,4 +204,4 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
         extra_files=ckpts[0].extra_files(), force=force,
     )
     return MergeResult(str(out), method_name, family.name, len(paths), weights, matching, evaluation,
-                       [str(f) for f in report.files], params)
+                       [str(f) for f in report.files], params, notes)

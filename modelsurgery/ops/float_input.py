@@ -1,0 +1,135 @@
+"""Quantized inputs to operations on float weights (merge, analyze, grow, align).
+
+An operation that changes weights cannot keep them quantized: averaging two models' integer codes
+or scales is meaningless, and averaged fake-quantized weights are off the grid. So every
+operation either works on the float weights a quantized checkpoint stands for and says that its
+output is float (``float_view``: merge, analyze), or refuses the input in one line that names the
+file (``require_float``: grow and align, which copy tensors byte for byte or edit a few rows).
+No output carries quantization metadata onto weights that were changed: the float view has none.
+
+What is recognised: modelsurgery's own record (``modelsurgery.quantization`` metadata, owned by
+``ops.quantize.packing``: "packed" codes are dequantized, W = (q - zero_point) * scale; "fake"
+weights are already float), and other tools' quantized checkpoints, which are refused: a
+``quantization_config`` in config.json (GPTQ, AWQ, bitsandbytes, compressed-tensors...) or tensors
+named like their packed weights (``.qweight``, ``.qzeros``, ``.weight_packed``, ``.absmax``...).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.checkpoint.formats import TensorInfo
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.packing import METADATA_KEY, SUFFIXES, read_packed_weight, read_scheme
+
+#: tensor-name endings of other tools' packed weights (GPTQ/AWQ, compressed-tensors, bitsandbytes)
+FOREIGN_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".weight_packed", ".weight_scale", ".weight_zero_point",
+                    ".absmax", ".quant_map", ".SCB")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What kind of quantized checkpoint a file is."""
+
+    format: str  # packed | fake | foreign
+    method: str
+    bits: str  # "4", "2-8", or "" when unknown
+
+    def describe(self) -> str:
+        bits = f"{self.bits}-bit " if self.bits else ""
+        if self.format == "foreign":
+            return f"quantized checkpoint ({self.method})"
+        return f"{self.format} {bits}quantized checkpoint ({self.method})"
+
+
+def quantization_of(ckpt: Checkpoint) -> Quantization | None:
+    """How ``ckpt`` is quantized; None for a float checkpoint."""
+    scheme = read_scheme(ckpt.metadata, ckpt.path)
+    if scheme is not None:
+        bits = sorted({int(layer.get("bits", scheme.get("bits", 0)) or 0) for layer in scheme["layers"].values()
+                       if isinstance(layer, dict)} - {0}) or ([int(scheme["bits"])] if scheme.get("bits") else [])
+        text = "" if not bits else str(bits[0]) if len(bits) == 1 else f"{bits[0]}-{bits[-1]}"
+        return Quantization(str(scheme.get("format", "packed")), str(scheme.get("method", "unknown method")), text)
+    config = ckpt.config or {}
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict):
+        method = qc.get("quant_method") or qc.get("format") or "quantization_config"
+        return Quantization("foreign", f"config.json quantization_config: {method}", str(qc.get("bits", "")))
+    foreign = next((n for n in ckpt if n.endswith(FOREIGN_SUFFIXES)), None)
+    if foreign is not None:
+        return Quantization("foreign", f"tensor '{foreign}' is a packed weight of another tool", "")
+    return None
+
+
+def require_float(ckpts: list[Checkpoint], operation: str) -> None:
+    """Refuse quantized inputs in one line (operations that copy tensors or edit them in place)."""
+    for c in ckpts:
+        q = quantization_of(c)
+        if q is not None:
+            raise SurgeryError(f"{c.path}: {q.describe()}; {operation} works on float weights: {operation} the "
+                               "float model, then quantize the result")
+
+
+class _Dequantized(Mapping):
+    """The packed weights of a checkpoint, dequantized to float32 one at a time when read."""
+
+    def __init__(self, ckpt: Checkpoint, layers: dict[str, dict]):
+        self.ckpt, self.layers = ckpt, layers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.layers:
+            raise KeyError(name)
+        return read_packed_weight(self.ckpt, name, self.layers[name] or {}).dequantize(torch.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def float_view(ckpt: Checkpoint, operation: str) -> tuple[Checkpoint, str | None]:
+    """(a checkpoint of the float weights ``ckpt`` stands for, a note saying what was done or None).
+
+    Packed weights appear as float32 ``X.weight`` at the position of their codes, dequantized when
+    read; other tensors are read from the file as they are; the quantization record is dropped
+    from the metadata. Another tool's quantized checkpoint is refused in one line."""
+    q = quantization_of(ckpt)
+    if q is None:
+        return ckpt, None
+    if q.format == "foreign":
+        raise SurgeryError(f"{ckpt.path}: {q.describe()}; {operation} needs float weights and cannot dequantize "
+                           "this format: dequantize it with the tool that wrote it")
+    metadata = {k: v for k, v in ckpt.metadata.items() if k != METADATA_KEY}
+    if q.format == "fake":
+        view = Checkpoint(ckpt.path, OrderedDict(ckpt.infos), metadata, ckpt.config, ckpt.folder)
+        return view, (f"{ckpt.path}: {q.describe()}: its weights are float; {operation} changes them, so the "
+                      "output is a float checkpoint without quantization metadata")
+    if q.format != "packed":
+        raise SurgeryError(f"{ckpt.path}: quantization format '{q.format}' is unknown; {operation} needs float "
+                           "weights")
+    layers = read_scheme(ckpt.metadata, ckpt.path)["layers"]
+    packed = {name + s: name for name in layers for s in SUFFIXES}
+    infos: OrderedDict[str, TensorInfo] = OrderedDict()
+    for name, info in ckpt.infos.items():
+        if name not in packed:
+            infos[name] = info
+        elif packed[name] not in infos:
+            layer = layers[packed[name]] or {}
+            shape = layer.get("shape")
+            if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+                raise SurgeryError(f"{ckpt.path}: quantized weight '{packed[name]}' has no stored shape in its "
+                                   "metadata")
+            infos[packed[name]] = TensorInfo(packed[name], tuple(shape), torch.float32, info.file)
+    missing = [n for n in layers if n not in infos]
+    if missing:
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{missing[0]}' is listed in the metadata but has no "
+                           f"codes ('{missing[0]}.qweight')")
+    view = Checkpoint(ckpt.path, infos, metadata, ckpt.config, ckpt.folder, loaded=_Dequantized(ckpt, layers))
+    return view, (f"{ckpt.path}: {q.describe()}: dequantized to float32 for {operation}; the output is a float "
+                  "checkpoint")
