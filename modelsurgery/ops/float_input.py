@@ -93,6 +93,21 @@ class _Dequantized(Mapping):
         return len(self.layers)
 
 
+class _FloatView(Checkpoint):
+    """``source`` seen with other tensor infos and metadata; packed weights read dequantized."""
+
+    def __init__(self, source: Checkpoint, infos: OrderedDict[str, TensorInfo], metadata: dict[str, str],
+                 dequantized: Mapping[str, torch.Tensor] | None = None):
+        self.__dict__.update(source.__dict__)  # the same files, handles and in-memory tensors
+        self.infos, self.metadata = infos, metadata
+        self._dequantized = dequantized or {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._dequantized:
+            return self._dequantized[name]
+        return super().get(name)
+
+
 def float_view(ckpt: Checkpoint, operation: str) -> tuple[Checkpoint, str | None]:
     """(a checkpoint of the float weights ``ckpt`` stands for, a note saying what was done or None).
 
@@ -107,7 +122,7 @@ def float_view(ckpt: Checkpoint, operation: str) -> tuple[Checkpoint, str | None
                            "this format: dequantize it with the tool that wrote it")
     metadata = {k: v for k, v in ckpt.metadata.items() if k != METADATA_KEY}
     if q.format == "fake":
-        view = Checkpoint(ckpt.path, OrderedDict(ckpt.infos), metadata, ckpt.config, ckpt.folder)
+        view = _FloatView(ckpt, OrderedDict(ckpt.infos), metadata)
         return view, (f"{ckpt.path}: {q.describe()}: its weights are float; {operation} changes them, so the "
                       "output is a float checkpoint without quantization metadata")
     if q.format != "packed":
@@ -130,6 +145,6 @@ def float_view(ckpt: Checkpoint, operation: str) -> tuple[Checkpoint, str | None
     if missing:
         raise SurgeryError(f"{ckpt.path}: quantized weight '{missing[0]}' is listed in the metadata but has no "
                            f"codes ('{missing[0]}.qweight')")
-    view = Checkpoint(ckpt.path, infos, metadata, ckpt.config, ckpt.folder, loaded=_Dequantized(ckpt, layers))
+    view = _FloatView(ckpt, infos, metadata, _Dequantized(ckpt, layers))
     return view, (f"{ckpt.path}: {q.describe()}: dequantized to float32 for {operation}; the output is a float "
                   "checkpoint")

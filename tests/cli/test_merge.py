@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
 from modelsurgery.checkpoint import Checkpoint
@@ -63,6 +64,11 @@ def test_method_flags_come_from_the_declarations(fixtures_dir, tmp_path):
     assert json.loads(r.stdout)["params"] == {"density": 0.5, "scale": 1.0}
     prov = json.loads(Checkpoint.open(out).metadata["modelsurgery"])["parameters"]
     assert (prov["density"], prov["scale"]) == (0.5, 1.0)
+    # a boolean parameter: mergekit's linear with normalize false is the plain weighted sum
+    r = runner.invoke(app, [*args, "--method", "linear", "--weights", "1,1", "--no-normalize", "--force"])
+    assert r.exit_code == 0, r.output
+    a, b = (Checkpoint.open(d / f"mlp_seed{i}.safetensors").get("0.weight") for i in (1, 2))
+    torch.testing.assert_close(Checkpoint.open(out).get("0.weight"), a + b)
 
 
 def test_repair_reports_the_corrected_layers(fixtures_dir, tmp_path):

@@ -114,3 +114,17 @@ def test_cli_says_the_output_is_float_or_refuses_in_one_line(quantized, tmp_path
     r = runner.invoke(app, ["grow", str(quantized["packed", 0]), "-o", str(tmp_path / "g.safetensors"),
                             "--method", "width", "--factor", "2"])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "grow works on float weights" in r.output
+
+
+def test_fake_quantized_pickle_is_read_as_float(quantized, tmp_path):
+    """A checkpoint held in memory (a .pt pickle) keeps its tensors in the float view."""
+    from modelsurgery.ops.float_input import float_view
+
+    ckpt = Checkpoint.open(quantized["fake", 0])
+    pt = tmp_path / "fake.pt"
+    torch.save(ckpt.state_dict(), pt)
+    mem = Checkpoint.from_state_dict(ckpt.state_dict(), pt, metadata=ckpt.metadata)
+    view, note = float_view(mem, "merge")
+    assert note and METADATA_KEY not in view.metadata and METADATA_KEY in mem.metadata
+    for k in ckpt.keys():
+        torch.testing.assert_close(view.get(k), ckpt.get(k))
