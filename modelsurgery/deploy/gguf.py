@@ -35,10 +35,14 @@ FOLDER = False  # one .gguf file
 BLOCK = 32
 Q = gguf.GGMLQuantizationType
 
-#: config.json model_type -> (GGUF architecture, reorder q/k rows as the converter's LlamaModel does)
+#: config.json model_type -> (GGUF architecture, the converter's LlamaModel specifics: q/k rows
+#: reordered to interleaved pairs and rope.dimension_count written); Qwen2/Qwen3 use NeoX-style rope
+#: in llama.cpp, so their rows keep transformers' order (the converter's Qwen2Model, Qwen3Model)
 ARCHITECTURES = {
     "llama": (gguf.MODEL_ARCH.LLAMA, True),
     "mistral": (gguf.MODEL_ARCH.LLAMA, True),
+    "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
+    "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
 }
 #: (bits, symmetric) -> block type and the GGUF file type the converter writes for it
 TYPES = {(8, True): (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
@@ -73,8 +77,8 @@ def stores_offset(scheme) -> bool:
 def check_model(config: dict, where: str) -> tuple:
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise SurgeryError(f"{where}: --format gguf supports model_type {', '.join(sorted(ARCHITECTURES))} "
-                           f"(llama.cpp's LLaMA tensor layout); this model is '{model_type}'")
+        raise SurgeryError(f"{where}: --format gguf supports model_type {', '.join(ARCHITECTURES)} "
+                           f"(as llama.cpp's converter writes them); this model is '{model_type}'")
     rope = _rope(config)
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise SurgeryError(f"{where}: rope_type '{rope['rope_type']}' is not written to GGUF yet (default and "
@@ -161,8 +165,9 @@ def _rope(config: dict) -> dict:
     return rope
 
 
-def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int) -> None:
-    """The keys ``TextModel.set_gguf_parameters`` and ``LlamaModel.set_gguf_parameters`` write."""
+def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int, llama_specifics: bool) -> None:
+    """The keys ``TextModel.set_gguf_parameters`` writes, the vocabulary size, and ``LlamaModel``'s
+    rope dimension count for the llama architecture."""
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     rope = _rope(config)
@@ -179,8 +184,9 @@ def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int) -
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(int(file_type))
-    w.add_vocab_size(config["vocab_size"])
-    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(config["vocab_size"])  # llama.cpp's n_vocab when the file has no token list
+    if llama_specifics:
+        w.add_rope_dimension_count(head_dim)
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
@@ -258,7 +264,7 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
     """Write ``src`` to one GGUF file (atomic; refuses an existing output without ``force``)."""
     out = Path(out)
     config = src.config
-    arch, permute_qk = check_model(config, str(src.ckpt.path))
+    arch, llama_specifics = check_model(config, str(src.ckpt.path))
     qtype = block_type(src.scheme)
     file_type = dict(TYPES.values())[qtype]
     check_tokenizer(src.folder, tokenizer)
@@ -279,7 +285,7 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
         heads = n_head if gname.endswith("attn_q.weight") else n_kv if gname.endswith("attn_k.weight") else 0
         w = quantized.get(name)
         rows = w.rows if w is not None else src.ckpt.shape(name)[0]
-        perm = qk_permutation(rows, heads) if permute_qk and heads else None
+        perm = qk_permutation(rows, heads) if llama_specifics and heads else None
         if w is not None:
             nbytes = w.rows * (w.row_length // BLOCK) * gguf.GGML_QUANT_SIZES[qtype][1]
             planned.append(_Planned(gname, (w.rows, nbytes // w.rows), np.dtype(np.uint8), nbytes, qtype,
@@ -291,7 +297,7 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
                                     _float_loader(src.ckpt, name, dtype, perm)))
     with atomic_path(out, force, is_dir=False) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        write_hparams(writer, config, (src.folder or out).name, file_type)
+        write_hparams(writer, config, (src.folder or out).name, file_type, llama_specifics)
         tok = write_tokenizer(writer, src.folder, config["vocab_size"], tokenizer)
         writer.add_string("modelsurgery", json.dumps(
             {"tool": "modelsurgery", "operation": src.operation, "parameters": {"format": NAME, **src.parameters},

@@ -125,7 +125,7 @@ def test_other_architecture_refused(tmp_path):
 
     gpt2 = LLAMA.parent / "gpt2"
     src = DeploySource(Checkpoint.open(gpt2), [], SCHEMES["Q4_0"], "rtn")
-    with pytest.raises(SurgeryError, match="supports model_type llama, mistral .* 'gpt2'"):
+    with pytest.raises(SurgeryError, match="supports model_type llama, mistral, qwen2, qwen3 .* 'gpt2'"):
         deploy(src, tmp_path / "m.gguf", "gguf", gguf_tokenizer="none")
     assert list(tmp_path.iterdir()) == []
 
@@ -148,6 +148,34 @@ def test_mistral_as_llama_and_sliding_window_refused(tmp_path, token_ids):
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
     deploy(src, out, "gguf", gguf_tokenizer="none")
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    ids = token_ids % 97
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_qwen_families_load_in_transformers_gguf_loader(tmp_path, token_ids, kind):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms): llama.cpp's qwen2/qwen3 architectures, rows in
+    transformers' order (NeoX rope), tied head left to token_embd."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.hf_tiny import save_tiny_decoder
+
+    # transformers' GGUF config map for qwen3 does not read attention.key_length (head_dim falls back
+    # to Qwen3Config's 128), so the tiny model uses head_dim 128; the key is written and checked below
+    folder = save_tiny_decoder(kind, tmp_path / "tiny", **({"head_dim": 128} if kind == "qwen3" else {}))
+    src = rtn_source("gguf", SCHEMES["Q4_1"], skip=("down_proj",), folder=folder)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    deploy(src, out, "gguf", gguf_tokenizer="none")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == kind
+    names = {t.name for t in reader.tensors}
+    assert "blk.0.attn_q.bias" in names if kind == "qwen2" else "blk.0.attn_q_norm.weight" in names
+    assert "output.weight" not in names  # tied: llama.cpp reads token_embd
+    if kind == "qwen3":
+        assert reader.fields["qwen3.attention.key_length"].contents() == 128
     loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
     ids = token_ids % 97
     with torch.no_grad():
