@@ -177,7 +177,7 @@ class _Walk:
         """``x`` when it is carried by ``axis`` (negative: from the end) of the first input, else None
         (and its group fixed: the layer mixes along another axis, which the spec cannot follow)."""
         in_shape = self.shape(node.args[0]) if node.args else None
-        if x is None or in_shape is None:
+        if x is None or not in_shape:
             return None
         if x[2] == axis % len(in_shape):
             return x
@@ -254,7 +254,8 @@ class _Walk:
     def passthrough(self, node, x: Value | None) -> Value | None:
         """Elementwise ops and pooling: the value's axis keeps its length and position."""
         in_shape, out_shape = self.shape(node.args[0]) if node.args else None, self.shape(node)
-        if x is None or in_shape is None or out_shape is None or len(in_shape) != len(out_shape):
+        if x is None or in_shape is None or out_shape is None or len(in_shape) != len(out_shape) \
+                or x[2] >= len(in_shape):
             return None
         if in_shape[x[2]] != out_shape[x[2]] or (in_shape != out_shape and x[2] != 1):
             return None  # pooling shrinks the spatial axes, never the channels at dim 1
