@@ -117,8 +117,8 @@ def storable_scale(scale: torch.Tensor, zero: torch.Tensor, min_offset: bool = F
     With ``min_offset`` (GGUF Q4_1 stores m = -z * s in fp16 beside d = s) the scale keeps only
     11 - (significant bits of z) significant bits, so that z * s is an fp16 value too and
     d * q + m, as llama.cpp computes it, equals (q - z) * s exactly."""
-    if not min_offset:
-        return scale.float().to(torch.float16).float()
+    if not min_offset:  # fp16 keeps 2^-24 (its least subnormal) to 65504
+        return scale.float().clamp(2.0**-24, 65504.0).to(torch.float16).float()
     s = scale.float().clamp(min=2.0**-14).to(torch.float16).float()  # normal fp16: 11 significant bits
     keep = 11 - _SIGNIFICANT_BITS[zero.round().to(torch.int64).clamp(0, 255)]
     return round_significand(s, keep).to(torch.float16).float()
