@@ -246,6 +246,7 @@ def assert_clean_failure(result, named: Path) -> str:
     return lines[0]
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_clean_line(tmp_path, case, json_flag):
