@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -99,7 +100,8 @@ def render_align(report: AlignReport) -> None:
 
 def render_norm_chart(report: AlignReport) -> None:
     """Per-class norms before (light) and after (solid), one line each, colored by group."""
-    top = max(report.norms_before + report.norms_after) or 1.0
+    finite = [v for v in report.norms_before + report.norms_after if math.isfinite(v)]
+    top = max(finite, default=0.0) or 1.0
     style = {}
     for i, g in enumerate(report.groups):
         for c in range(g.start, g.end):
@@ -116,6 +118,8 @@ def render_norm_chart(report: AlignReport) -> None:
 
 
 def bar(value: float, top: float) -> str:
+    if not math.isfinite(value):  # a NaN/Inf row: say so instead of drawing (round(nan) raises)
+        return f"({value})"
     return "█" * max(1 if value > 0 else 0, round(value / top * BAR_WIDTH))
 
 

@@ -86,3 +86,15 @@ def test_demo_step(fixtures_dir, tmp_path):
     result = demo_step(fixtures_dir, tmp_path, quiet=True)
     assert result["accuracy_after"] > result["accuracy_before"]
     assert (tmp_path / "incremental_aligned.safetensors").is_file()
+
+
+def test_non_finite_classifier_exit_status_agrees_with_what_was_written(tmp_path):
+    """Issue #14 item 7: an all-NaN classifier used to be written, then crash drawing the chart (exit 1
+    with an output on disk). Whatever the operation decides, the exit status must match the disk."""
+    sd = toy(tmp_path / "m.safetensors")
+    sd["2.weight"] = torch.full_like(sd["2.weight"], float("nan"))
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    out = tmp_path / "a.safetensors"
+    res = runner.invoke(app, ["align", str(tmp_path / "m.safetensors"), "-o", str(out), "--old-classes", "4"])
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert (res.exit_code == 0 and out.exists()) or (res.exit_code == 1 and not out.exists()), res.output
