@@ -126,3 +126,16 @@ def test_demo_step(fixtures_dir, tmp_path):
 def test_extract_refuses_cuda_without_cuda(llama, tmp_path):
     refused(["extract", str(llama), str(llama), "-o", str(tmp_path / "x"), "--device", "cuda"],
             "--device cuda: CUDA is not available")
+
+
+def test_fold_refuses_quantized_base(llama, tmp_path):
+    """A checkpoint written by `surgery quantize` carries modelsurgery.quantization metadata."""
+    from safetensors.torch import load_file, save_file
+
+    quantized = tmp_path / "q"
+    quantized.mkdir()
+    save_file(load_file(llama / "model.safetensors"), quantized / "model.safetensors",
+              metadata={"format": "pt", "modelsurgery.quantization": json.dumps({"format": "fake"})})
+    a = make_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a")
+    refused(["fold", str(quantized), str(a), "-o", str(tmp_path / "out")], "quantized weights")
+    assert not (tmp_path / "out").exists()

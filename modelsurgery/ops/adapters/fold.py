@@ -144,14 +144,16 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
     transposed = {lin.weight for i in range(family.num_layers) for lin in family.block_linears(i).values()
                   if lin.transposed}
     knows_layout = any(family.block_linears(i) for i in range(family.num_layers))
+    if "modelsurgery.quantization" in base.metadata:
+        raise SurgeryError(f"{base.path}: BASE holds quantized weights (a fold would move them off their grid); "
+                           "fold into the float model, then quantize")
     adapters, variants = [], []
     for path in adapter_paths:
-        peft_type = _peek_type(Path(path))
-        variant = variant_for(peft_type, str(path))
-        adapter = read_adapter(path, variant.parameter_names)
+        adapter = read_adapter(path, lambda peft_type, p=path: variant_for(peft_type, str(p)).parameter_names)
         check_config(adapter)
         adapters.append(adapter)
-        variants.append(variant)
+        variants.append(variant_for(adapter.peft_type, str(path)))
+
     def flipped(name: str, adapter: Adapter) -> bool:
         return name in transposed if knows_layout else bool(adapter.config.get("fan_in_fan_out"))
 
@@ -211,17 +213,3 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
     )
     return report
 
-
-def _peek_type(path: Path) -> str:
-    import json
-
-    cfg = path / "adapter_config.json"
-    if not cfg.is_file():
-        raise SurgeryError(f"{path}: no adapter_config.json (not a PEFT adapter folder)")
-    try:
-        data = json.loads(cfg.read_text())
-    except ValueError as e:
-        raise SurgeryError(f"{cfg}: malformed JSON ({e})") from e
-    if not isinstance(data, dict) or "peft_type" not in data:
-        raise SurgeryError(f"{cfg}: no 'peft_type' (not a PEFT adapter config)")
-    return str(data["peft_type"])

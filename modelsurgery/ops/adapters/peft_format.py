@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +56,9 @@ class Adapter:
         return {p: self.tensor(k) for p, k in self.modules[module].items()}
 
 
-def read_adapter(path: str | Path, parameter_names: Iterable[str]) -> Adapter:
-    """Read an adapter folder; ``parameter_names`` are the method's own tensor names (longest first
-    matters: 'lokr_w1_a' before 'lokr_w1'). Any other tensor is a whole tensor of the base model."""
+def read_adapter(path: str | Path, parameter_names: Callable[[str], Iterable[str]]) -> Adapter:
+    """Read an adapter folder; ``parameter_names(peft_type)`` gives the method's own tensor names (and
+    refuses a type it does not know). Any other tensor is a whole tensor of the base model."""
     path = Path(path)
     if not path.is_dir():
         raise SurgeryError(f"{path}: an adapter is a folder with {CONFIG_NAME} and {WEIGHT_NAMES[0]}")
@@ -69,14 +69,14 @@ def read_adapter(path: str | Path, parameter_names: Iterable[str]) -> Adapter:
         config = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise SurgeryError(f"{cfg_path}: malformed JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise SurgeryError(f"{cfg_path}: expected a JSON object")
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise SurgeryError(f"{cfg_path}: no 'peft_type' (not a PEFT adapter config)")
+    names = sorted(parameter_names(str(config["peft_type"])), key=len, reverse=True)  # 'lokr_w1_a' before 'lokr_w1'
     weights_file = next((path / n for n in WEIGHT_NAMES if (path / n).is_file()), None)
     if weights_file is None:
         raise SurgeryError(f"{path}: no {WEIGHT_NAMES[0]} or {WEIGHT_NAMES[1]}")
     weights = Checkpoint.open(weights_file)
     adapter = Adapter(path, config, weights)
-    names = sorted(parameter_names, key=len, reverse=True)
     pattern = re.compile(r"^(.*)\.(" + "|".join(re.escape(n) for n in names) + r")$") if names else None
     for key in weights:
         name = key.removeprefix(PREFIX)
