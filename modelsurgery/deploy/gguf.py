@@ -80,9 +80,10 @@ def check_model(config: dict, where: str) -> tuple:
         raise SurgeryError(f"{where}: --format gguf supports model_type {', '.join(ARCHITECTURES)} "
                            f"(as llama.cpp's converter writes them); this model is '{model_type}'")
     rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise SurgeryError(f"{where}: rope_type '{rope['rope_type']}' is not written to GGUF yet (default and "
-                           "linear are)")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "linear") and not (rope_type == "llama3" and ARCHITECTURES[model_type][1]):
+        raise SurgeryError(f"{where}: rope_type '{rope_type}' is not written to GGUF yet (default, linear and, "
+                           "for the llama architecture, llama3 are)")
     window = config.get("sliding_window")
     if window and window < config.get("max_position_embeddings", 0) and config.get("use_sliding_window", True):
         raise SurgeryError(f"{where}: sliding_window {window} < context {config['max_position_embeddings']}: "
@@ -163,6 +164,23 @@ def _rope(config: dict) -> dict:
         rope.setdefault("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
         rope.setdefault("factor", scaling.get("factor"))
     return rope
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """The ``rope_freqs.weight`` llama.cpp's converter writes for rope_type llama3 (LLaMA 3.1's frequency
+    scaling): per rotary frequency, the factor llama.cpp divides it by (1 above the high-frequency
+    wavelength, ``factor`` below the low one, smoothly interpolated between)."""
+    rope = _rope(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor, low, high = float(rope.get("factor", 8.0)), float(rope.get("low_freq_factor", 1.0)), \
+        float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    factors = np.where(wavelen < old_context / high, 1.0,
+                       np.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
 
 
 def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int, llama_specifics: bool) -> None:
@@ -295,6 +313,10 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
             dtype = np.dtype(np.float16) if info.dtype == torch.float16 else np.dtype(np.float32)
             planned.append(_Planned(gname, tuple(info.shape), dtype, math.prod(info.shape) * dtype.itemsize, None,
                                     _float_loader(src.ckpt, name, dtype, perm)))
+    if _rope(config).get("rope_type") == "llama3":  # generate_extra_tensors in the converter
+        factors = llama3_rope_factors(config)
+        planned.insert(0, _Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape,
+                                   np.dtype(np.float32), factors.nbytes, None, lambda: factors))
     with atomic_path(out, force, is_dir=False) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         write_hparams(writer, config, (src.folder or out).name, file_type, llama_specifics)

@@ -154,6 +154,31 @@ def test_mistral_as_llama_and_sliding_window_refused(tmp_path, token_ids):
         torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_llama3_rope_frequencies(tmp_path):
+    """LLaMA 3.1's rope scaling goes in as llama.cpp's rope_freqs.weight: the default frequencies divided
+    by it must be transformers' own llama3 inverse frequencies."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tests.hf_tiny import save_tiny_llama3
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # all three regimes at head_dim 16
+    folder = save_tiny_llama3(tmp_path / "tiny", hidden_size=64, rope_parameters=rope)
+    src = rtn_source("gguf", SCHEMES["Q8_0"], skip=("down_proj",), folder=folder)
+    out = tmp_path / "m.gguf"
+    deploy(src, out, "gguf", gguf_tokenizer="none")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    factors = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64)
+    config = AutoConfig.from_pretrained(folder)
+    head_dim = config.hidden_size // config.num_attention_heads
+    theta = config.rope_parameters["rope_theta"]
+    default = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    np.testing.assert_allclose(default / factors, theirs.double().numpy(), rtol=1e-6)
+    assert (factors == 1).any() and (factors == 32).any() and ((factors > 1) & (factors < 32)).any()
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_qwen_families_load_in_transformers_gguf_loader(tmp_path, token_ids, kind):
     """Qwen2 (q/k/v biases) and Qwen3 (q/k norms): llama.cpp's qwen2/qwen3 architectures, rows in
