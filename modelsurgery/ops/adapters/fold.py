@@ -104,6 +104,13 @@ def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Varia
     updates: dict[str, list[Update]] = {}
     for adapter, variant in zip(adapters, variants):
         where = str(adapter.path)
+        # whole tensors first: PEFT loads a trained bias into the layer, then merging adds lora_B.bias to it
+        for name, key in adapter.whole.items():
+            target = resolve_name(name, base, where)
+            have, want = tuple(adapter.weights.shape(key)), tuple(base.shape(target))
+            if have != want:
+                raise SurgeryError(f"{where}: adapter tensor '{key}' has shape {have}, BASE tensor '{target}' {want}")
+            updates.setdefault(target, []).append(Update(adapter, variant, None, "whole", key))
         for module, parts in adapter.modules.items():
             weight = resolve_name(f"{module}.weight", base, where)
             shape = tuple(base.shape(weight))
@@ -121,12 +128,6 @@ def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Varia
                     raise SurgeryError(f"{where}: module '{module}' trains a bias (lora_bias) but BASE has no "
                                        f"tensor '{bias}'")
                 updates.setdefault(bias, []).append(Update(adapter, variant, module, "bias"))
-        for name, key in adapter.whole.items():
-            target = resolve_name(name, base, where)
-            have, want = tuple(adapter.weights.shape(key)), tuple(base.shape(target))
-            if have != want:
-                raise SurgeryError(f"{where}: adapter tensor '{key}' has shape {have}, BASE tensor '{target}' {want}")
-            updates.setdefault(target, []).append(Update(adapter, variant, None, "whole", key))
     return updates
 
 

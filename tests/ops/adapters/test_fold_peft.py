@@ -25,7 +25,8 @@ CASES = {
         r=4, lora_alpha=8, target_modules=GPT2_ALL, fan_in_fan_out=True, rank_pattern={"c_fc": 2, "h.1.attn.c_attn": 6},
         alpha_pattern={"mlp.c_proj": 3}, bias="lora_only")),
     "gpt2-lora-rslora-lora_bias": ("gpt2", lambda: LoraConfig(
-        r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_rslora=True, lora_bias=True)),
+        r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_rslora=True, lora_bias=True,
+        bias="lora_only")),  # the trained bias is loaded, then lora_B.bias is added to it
     "gpt2-lora-embedding": ("gpt2", lambda: LoraConfig(r=4, target_modules=["wte", "c_fc"], fan_in_fan_out=True)),
     "gpt2-dora": ("gpt2", lambda: LoraConfig(r=4, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True,
                                              use_dora=True)),
