@@ -14,6 +14,7 @@ import torch
 from gguf.quants import dequantize
 
 from modelsurgery.deploy import check_scheme, deploy
+from modelsurgery.deploy.gguf import read_weight
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.grids import QuantScheme
 from tests.deploy.conftest import LLAMA, reference_model, rtn_source
@@ -54,6 +55,11 @@ def test_gguf_dequantizer_returns_our_weights_exactly(written):
         elif gname == "attn_k":
             ours = converter_permute(ours, config["num_key_value_heads"])
         np.testing.assert_array_equal(dequantize(t.data, t.tensor_type), ours)
+        if gname == "attn_v":  # our reader gives the representation back (rows in the file's order)
+            back = read_weight(out, t.name)
+            np.testing.assert_array_equal(back.codes, w.codes)
+            np.testing.assert_array_equal(back.scale, w.scale)
+            np.testing.assert_array_equal(back.zero_point, w.zero_point)
 
 
 def test_gguf_metadata_llama_cpp_needs(written):
