@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance
+from modelsurgery.checkpoint.output import FILES_KEY
 from modelsurgery.checkpoint.writer import atomic_path, write_safetensors
 from modelsurgery.errors import SurgeryError
 
@@ -96,7 +97,8 @@ def write_lora_adapter(out: Path, tensors: list[PlannedTensor], config: dict, pr
                        force: bool) -> list[Path]:
     """Write a LoRA adapter folder PEFT loads as it is: ``adapter_config.json`` and
     ``adapter_model.safetensors`` (streamed, provenance in its metadata), atomically."""
-    metadata = {"format": "pt", **provenance.to_metadata()}
+    # the files we wrote, as every folder output of ours lists them (what --force may later replace)
+    metadata = {"format": "pt", **provenance.to_metadata(), FILES_KEY: json.dumps([CONFIG_NAME, WEIGHT_NAMES[0]])}
     with atomic_path(out, force, is_dir=True) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_safetensors(tmp / WEIGHT_NAMES[0], tensors, metadata)
