@@ -116,6 +116,8 @@ def test_demo_step(fixtures_dir, tmp_path):
     summary = demo_step(fixtures_dir, tmp_path, quiet=True)
     assert summary["tensors_updated"] == 28 and summary["extracted_layers"] == 28
     assert summary["extract_max_relative_error"] < 1e-5 and summary["max_logit_change"] > 1e-3
+    assert (tmp_path / "folded-llama" / "tokenizer.json").read_bytes() == \
+        (fixtures_dir / "charlm" / "llama" / "tokenizer.json").read_bytes()
     base = fixtures_dir / "charlm" / "llama"
     ours = outputs(load_hf(tmp_path / "folded-llama"))
     reference = outputs(peft_merged(base, tmp_path / "demo-lora"))

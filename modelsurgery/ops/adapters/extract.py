@@ -199,12 +199,13 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
             continue
         u, s, v, how = truncated_svd(delta, options)
         root = s.sqrt()
-        lora_b, lora_a = u * root, (v * root).t()
-        error = float(torch.linalg.norm(delta - lora_b @ lora_a) / torch.linalg.norm(delta))
+        lora_b, lora_a = (u * root).to(dtype), (v * root).t().to(dtype)
+        # the error of what the adapter holds: after the cast to its dtype
+        error = float(torch.linalg.norm(delta - lora_b.float() @ lora_a.float()) / torch.linalg.norm(delta))
         report.layers.append(LayerResult(module, tuple(delta.shape), int(s.numel()), error, how))
         ranks[module] = int(s.numel())
-        tensors.append(plan_tensor(module_key(module, "lora_A.weight"), lora_a.to("cpu", dtype).contiguous()))
-        tensors.append(plan_tensor(module_key(module, "lora_B.weight"), lora_b.to("cpu", dtype).contiguous()))
+        tensors.append(plan_tensor(module_key(module, "lora_A.weight"), lora_a.to("cpu").contiguous()))
+        tensors.append(plan_tensor(module_key(module, "lora_B.weight"), lora_b.to("cpu").contiguous()))
         progress("extract", i + 1, len(targets), {"rank": ranks[module], "error": error})
     if not tensors:
         raise SurgeryError(f"{tuned.path}: no targeted layer differs from BASE; there is nothing to extract")
