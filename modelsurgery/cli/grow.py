@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from modelsurgery.checkpoint import check_output
 from modelsurgery.cli.common import (
     check_range,
     emit_json,
@@ -79,6 +80,7 @@ def grow_command(
         if output is None:
             raise SurgeryError("no output given: pass -o OUT (a .safetensors file or a folder)")
         check_grow_options(method, factor, every, init_scale, coef_scale, templates, seed, max_shard_size)
+        check_output(output, force, inputs)  # the inputs as given: a folder protects everything in it
         options = GrowOptions(
             method=method, factor=factor, layers=layers, every=every, split=split, init_scale=init_scale,
             coef_scale=coef_scale, num_templates=templates, seed=seed, model=model,

@@ -143,3 +143,24 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nothing was written" in lines[0], r.stderr
     assert list(work.iterdir()) == []
+
+
+def test_eval_data_is_never_the_output(tmp_path, fixtures_dir):
+    src = fixtures_dir / "digits" / "incremental_clipped.safetensors"
+    data = tmp_path / "eval.safetensors"
+    data.write_bytes((fixtures_dir / "data" / "digits_eval.safetensors").read_bytes())
+    before = snapshot(tmp_path)
+    r = runner.invoke(app, ["align", str(src), "-o", str(data), "--old-classes", "5", "--eval", str(data),
+                            "--force"])
+    _one_line_error(r, "would overwrite the input")
+    assert snapshot(tmp_path) == before
+
+
+def test_output_inside_a_plain_input_folder_refused(tmp_path):
+    """A folder without config.json: the folder as given on the command line is protected."""
+    src = tmp_path / "mlp"
+    src.mkdir()
+    save_mlp(src / "model.safetensors")
+    r = runner.invoke(app, ["grow", str(src), "-o", str(src / "wide.safetensors"), "--method", "width"])
+    _one_line_error(r, "would overwrite the input")
+    assert sorted(p.name for p in src.iterdir()) == ["model.safetensors"]
