@@ -66,10 +66,6 @@ class _Cache(dict):
         super().__setitem__(key, value)
         self.used += size - freed
 
-    def clear(self):
-        super().clear()
-        self.used = 0
-
 
 def objective(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(sum((a[k] * b[k]).sum() for k in a))
