@@ -164,3 +164,18 @@ def test_output_inside_a_plain_input_folder_refused(tmp_path):
     r = runner.invoke(app, ["grow", str(src), "-o", str(src / "wide.safetensors"), "--method", "width"])
     _one_line_error(r, "would overwrite the input")
     assert sorted(p.name for p in src.iterdir()) == ["model.safetensors"]
+
+
+def test_check_device():
+    import torch
+
+    from modelsurgery.cli.common import check_device
+    from modelsurgery.errors import SurgeryError
+
+    assert check_device("cpu") == "cpu" and check_device(None) is None
+    for bad, words in [("bogus", "not a device"), ("meta", "unsupported device type")]:
+        with pytest.raises(SurgeryError, match=words):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(SurgeryError, match="CUDA is not available"):
+            check_device("cuda")
