@@ -160,6 +160,8 @@ def _tensor_bytes(t: PlannedTensor) -> memoryview:
     value = t.load()
     if not isinstance(value, torch.Tensor):
         raise SurgeryError(f"tensor '{t.name}': produced {type(value).__name__}, not a tensor")
+    if value.is_meta or value.layout != torch.strided or getattr(value, "is_nested", False):
+        raise SurgeryError(f"tensor '{t.name}': a meta, sparse or nested tensor has no dense data to write")
     if tuple(value.shape) != tuple(t.shape):
         raise SurgeryError(f"tensor '{t.name}': planned shape {t.shape} but produced {tuple(value.shape)}")
     if value.dtype != t.dtype:

@@ -237,3 +237,10 @@ def test_write_respects_max_shard_size_bounds(tmp_path):
     with pytest.raises(SurgeryError, match="at least 1 byte"):
         write_checkpoint(tmp_path / "o", _tensors(), max_shard_size="0")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_less_tensors_are_never_written(tmp_path):
+    for bad in (torch.empty(2, 2, device="meta"), torch.eye(2).to_sparse()):
+        with pytest.raises(SurgeryError, match="no dense data"):
+            write_checkpoint(tmp_path / "o.safetensors", [plan_tensor("w", bad)])
+    assert list(tmp_path.iterdir()) == []
