@@ -157,6 +157,12 @@ def _header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) ->
 
 
 def _tensor_bytes(t: PlannedTensor) -> memoryview:
+    value = _dense(t).contiguous().reshape(-1)
+    return memoryview(value.view(torch.uint8).numpy())
+
+
+def _dense(t: PlannedTensor) -> torch.Tensor:
+    """The planned tensor produced, checked (a dense tensor of the planned shape) and cast, on the CPU."""
     value = t.load()
     if not isinstance(value, torch.Tensor):
         raise SurgeryError(f"tensor '{t.name}': produced {type(value).__name__}, not a tensor")
@@ -166,8 +172,7 @@ def _tensor_bytes(t: PlannedTensor) -> memoryview:
         raise SurgeryError(f"tensor '{t.name}': planned shape {t.shape} but produced {tuple(value.shape)}")
     if value.dtype != t.dtype:
         value = value.to(t.dtype)
-    value = value.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(value.view(torch.uint8).numpy())
+    return value.detach().to("cpu")
 
 
 def write_safetensors(path: Path, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
@@ -279,7 +284,7 @@ def write_checkpoint(
                 write_safetensors(tmp, tensors, md)
                 files = [out]
             elif not folder:
-                torch.save({t.name: t.load().to(t.dtype) for t in tensors}, tmp)
+                torch.save({t.name: _dense(t) for t in tensors}, tmp)
                 files = [out]
             else:
                 files = _write_folder(tmp, out, tensors, md, max_bytes, config, extra_files)

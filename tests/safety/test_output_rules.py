@@ -243,4 +243,6 @@ def test_data_less_tensors_are_never_written(tmp_path):
     for bad in (torch.empty(2, 2, device="meta"), torch.eye(2).to_sparse()):
         with pytest.raises(SurgeryError, match="no dense data"):
             write_checkpoint(tmp_path / "o.safetensors", [plan_tensor("w", bad)])
+        with pytest.raises(SurgeryError, match="no dense data"):
+            write_checkpoint(tmp_path / "o.pt", [plan_tensor("w", bad)])
     assert list(tmp_path.iterdir()) == []
