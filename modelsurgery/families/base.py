@@ -224,9 +224,10 @@ class Family:
             cfg[key] = [values[s] for s in source_indices]
         return cfg
 
-    #: config.json keys that hold one entry per block (attention type, sliding-window flag, rope on/off)
-    per_layer_keys: ClassVar[tuple[str, ...]] = ("layer_types", "no_rope_layers", "sliding_window_layers",
-                                                 "attention_types_per_layer")
+    #: config.json keys that hold one entry per block in transformers' configs: attention type (sliding or
+    #: full), rope on/off (SmolLM3), MLP type (dense or sparse), block type of hybrid models
+    per_layer_keys: ClassVar[tuple[str, ...]] = ("layer_types", "no_rope_layers", "mlp_layer_types",
+                                                 "layers_block_type")
 
     def per_layer_config(self) -> dict[str, list]:
         """The config.json lists with one entry per block: ``per_layer_keys`` whose value is a list of
