@@ -5,7 +5,11 @@ pretrained all-MiniLM-L6-v2 BERT sentence encoder, with the same calibration dat
 Every run is a fresh subprocess, so its time, CPU time and peak RSS are its own; a "float" row
 (build the model and evaluate it, no quantization) is the memory baseline of the same run.
 
-    python benchmarks/bench_quantize.py --bert-bits 4,3,2   # everything
+Each learned method runs at its own declared defaults (AdaRound 10,000 steps per block, FlexRound
+5,000: ``modelsurgery/ops/quantize/params.py``) unless a steps option below sets a number; the table's
+"steps" column shows the steps per block each run used, so rows at reduced steps are marked as such.
+
+    python benchmarks/bench_quantize.py --only digits,charlm --threads 1   # digits at the defaults
     python benchmarks/bench_quantize.py --only digits --steps 500
     python benchmarks/bench_quantize.py --only bert --methods rtn,flexround --bert-steps 200
 """
@@ -63,6 +67,8 @@ def run_one(cfg: dict) -> dict:
     from modelsurgery.ops.quantize.operation import read_data
 
     torch.manual_seed(0)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     start, cpu0 = time.perf_counter(), time.process_time()
     if cfg["method"] == "float":
         ckpt = Checkpoint.open(cfg["model"])
@@ -75,17 +81,21 @@ def run_one(cfg: dict) -> dict:
         metrics = evaluate(model, family, data)
         result = {"metrics": metrics, "blocks": []}
     else:
+        params = {"batch_size": cfg["batch_size"]}
+        if cfg["method"] != "rtn":  # RTN learns nothing: no steps or learning rate
+            params.update(steps=cfg["steps"], lr=cfg["lr"])  # None: the method's default
         opts = QuantizeOptions(
             bits=cfg["bits"], method=cfg["method"], calib=Path(cfg["calib"]), samples=cfg["samples"],
-            seq_len=cfg["seq_len"], steps=cfg["steps"], lr=cfg["lr"], eval=Path(cfg["eval"]),
-            default_skips=cfg["default_skips"], batch_size=cfg["batch_size"], force=True)
+            seq_len=cfg["seq_len"], params=params, eval=Path(cfg["eval"]),
+            default_skips=cfg["default_skips"], force=True)
         r = quantize_checkpoint(cfg["model"], Path(cfg["out"]), opts)
         ev = r.evaluation
         metrics = {**ev["quantized"], "output_cosine": ev["agreement"]["cosine_mean"],
                    "float": ev["float"]}
         if "sentence_cosine" in ev:
             metrics["sentence_cosine"] = ev["sentence_cosine"]
-        result = {"metrics": metrics, "blocks": r.blocks, "bytes_out": r.bytes_out}
+        result = {"metrics": metrics, "blocks": r.blocks, "bytes_out": r.bytes_out,
+                  "steps": r.options.get("steps")}
     result.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu0,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return result
@@ -107,27 +117,29 @@ def bench(name: str, base: dict, methods: list[str], bits: list[int], metric: st
     print(f"  {name:8s} float      {rows[-1]['value']:.4f}  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
     for b in bits:
         for m in methods:
-            cfg = {**base, "method": m, "bits": b, "out": str(workdir / f"{name}-{m}-{b}.safetensors"),
-                   "steps": 0 if m == "rtn" else base["steps"]}
+            cfg = {**base, "method": m, "bits": b, "out": str(workdir / f"{name}-{m}-{b}.safetensors")}
             res = spawn(cfg)
             value = res["metrics"].get(metric)
             losses = [(x["rtn_loss"], x["loss"]) for x in res["blocks"] if x["loss"] is not None]
             rel = sum(lo for _, lo in losses) / max(sum(r for r, _ in losses), 1e-12)
             rows.append({"model": name, "method": m, "bits": b, "value": value, "block_error_vs_rtn": rel, **res})
-            print(f"  {name:8s} {m:10s} {b} bits: {metric} {value:.4f}  block error / RTN {rel:.3f}  "
+            print(f"  {name:8s} {m:10s} {b} bits, {res['steps'] or 0} steps: {metric} {value:.4f}  "
+                  f"block error / RTN {rel:.3f}  "
                   f"{res['seconds']:.1f} s wall, {res['cpu_seconds']:.1f} s CPU, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
     return rows
 
 
 def table(rows: list[dict], metric_names: dict[str, str]) -> str:
-    out = ["| model | method | bits | metric | value | block error / RTN | wall s | CPU s | peak RSS MB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | method | bits | `--steps` | metric | value | block error / RTN | wall s | CPU s | peak RSS MB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{r['block_error_vs_rtn']:.3f}" if r.get("block_error_vs_rtn") is not None else "-"
         bits = "float" if r["method"] == "float" else str(r["bits"])
-        out.append(f"| {r['model']} | {r['method']} | {bits} | {metric_names[r['model']]} | {r['value']:.4f} | "
-                   f"{rel} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+        steps = str(r["steps"]) if r.get("steps") else "-"
+        out.append(f"| {r['model']} | {r['method']} | {bits} | {steps} | {metric_names[r['model']]} | "
+                   f"{r['value']:.4f} | {rel} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                   f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(out)
 
 
@@ -138,11 +150,15 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,adaround,flexround")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--bert-bits", default="4")
-    ap.add_argument("--steps", type=int, default=300, help="reconstruction steps per block (digits, char LM)")
-    ap.add_argument("--bert-steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="reconstruction steps per block on digits (default: each method's declared default)")
+    ap.add_argument("--charlm-steps", type=int, default=300,
+                    help="steps per block on the char LM (reduced: the defaults take hours on 2 cores)")
+    ap.add_argument("--bert-steps", type=int, default=100, help="steps per block on BERT (reduced)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: each method's)")
     ap.add_argument("--batch-size", type=int, default=32, help="samples per step (digits, char LM)")
     ap.add_argument("--bert-batch-size", type=int, default=8, help="sentences per step (BERT)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one)), default=float))
@@ -153,7 +169,7 @@ def main() -> None:
     names = {"digits": "accuracy", "charlm": "perplexity", "bert": "sentence cosine"}
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         workdir = Path(tmp)
-        common = {"lr": args.lr, "batch_size": args.batch_size}
+        common = {"lr": args.lr, "batch_size": args.batch_size, "threads": args.threads}
         if "digits" in only:
             print("digits MLP 64-128-128-10, every layer quantized (incl. the classifier), per channel, symmetric; "
                   "256 calibration samples, 599 eval", flush=True)
@@ -168,7 +184,7 @@ def main() -> None:
             rows += bench("charlm", {**common, "model": str(FIX / "charlm/gpt2"),
                                      "calib": str(FIX / "data/charlm_calib.txt"),
                                      "eval": str(FIX / "data/charlm_eval.safetensors"), "samples": 128,
-                                     "seq_len": 64, "steps": args.steps, "default_skips": True},
+                                     "seq_len": 64, "steps": args.charlm_steps, "default_skips": True},
                           methods, bits, "perplexity", workdir)
         if "bert" in only:
             folder = bert_folder()

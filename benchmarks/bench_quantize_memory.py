@@ -118,8 +118,8 @@ def run_one(cfg: dict) -> dict:
     torch.manual_seed(0)
     opts = QuantizeOptions(
         bits=cfg["bits"], method=cfg["method"], calib=Path(cfg["calib"]), samples=cfg["samples"],
-        seq_len=cfg["seq_len"], steps=cfg["steps"], batch_size=cfg["batch_size"],
-        default_skips=True, low_memory=cfg["low_memory"], force=True)
+        seq_len=cfg["seq_len"], default_skips=True, low_memory=cfg["low_memory"], force=True,
+        params={"batch_size": cfg["batch_size"], **({"steps": cfg["steps"]} if cfg["method"] != "rtn" else {})})
     r = operation.quantize_checkpoint(cfg["model"], Path(cfg["out"]), opts)
     sampler.stop.set()
     cached = max(b["cached_bytes"] for b in r.blocks)
@@ -170,7 +170,7 @@ def main() -> None:
                 runs += [(m, False) for m in args.methods.split(",") if m != "rtn"]
             for m, low_memory in runs:
                 cfg = {**base, "method": m, "bits": args.bits, "out": str(workdir / f"{name}-{m}.safetensors"),
-                       "steps": 0 if m == "rtn" else base["steps"], "low_memory": low_memory}
+                       "low_memory": low_memory}
                 r = spawn(cfg, __file__)
                 m = m if low_memory else f"{m} --fast"
                 rows.append((name, m, r))
