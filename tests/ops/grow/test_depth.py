@@ -195,3 +195,20 @@ def test_gemma_identity_copy_zeroes_the_projection_inside_the_post_norm(tmp_path
             layer.post_attention_layernorm.weight.zero_()
             layer.post_feedforward_layernorm.weight.zero_()
         assert (wrong(input_ids=ids).logits - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel-residual", "sequential-residual"])
+def test_gpt_neox_identity_copies_with_either_residual(tmp_path, parallel):
+    """GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x)) (parallel) or two sequential pre-norm branches; zeroing
+    dense and dense_4h_to_h (weights and biases) makes the copy an identity either way (transformers)."""
+    from tests.hf_tiny import save_tiny_gpt_neox
+
+    src = save_tiny_gpt_neox(tmp_path / "neox", use_parallel_residual=parallel)
+    if detect_family(Checkpoint.open(src)).name != "gpt_neox":
+        pytest.skip("gpt_neox family not landed")
+    out = tmp_path / "out"
+    grow([src], out, GrowOptions(method="interleave", every=2))
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(out)(input_ids=ids).logits, load_hf(src)(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
