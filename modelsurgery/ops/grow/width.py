@@ -1,7 +1,8 @@
 """Function-preserving width growth (Chen et al. 2016, "Net2Net: Accelerating Learning via Knowledge
 Transfer", Sec. 2.1 Net2WiderNet): hidden units of MLPs, channels of sequential CNNs, the inner width of
 residual blocks (conv1 -> bn1 -> conv2; the residual stream keeps its width) and the MLP intermediate size
-of transformer blocks grow by ``factor``.
+of transformer blocks grow by ``factor``. Which units grow is the family's answer to ``width_groups()``
+(producers whose outputs grow, each part of a fused gate|up included; norms; consumers whose inputs grow).
 
 Default: new units get small random fan-in weights (std = init_scale x the layer's std) and zero
 fan-out weights, so they add nothing until trained. ``split``: Net2WiderNet; a new unit copies the
