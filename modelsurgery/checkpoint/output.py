@@ -118,18 +118,18 @@ def check_replaceable(out: Path, folder: bool) -> None:
 
 
 def written_files(folder: Path) -> set[str]:
-    """Files a folder output of ours lists in its weights' metadata (empty when it is not ours)."""
+    """Files a folder output of ours lists in the ``modelsurgery.files`` metadata of its safetensors
+    (model shards, adapters); empty when none does."""
     from modelsurgery.checkpoint.formats import read_safetensors_header
 
-    for name in ("model.safetensors", "model-00001-of-*.safetensors"):
-        for f in sorted(folder.glob(name))[:1]:
-            try:
-                _, metadata = read_safetensors_header(f)
-                names = json.loads(metadata.get(FILES_KEY, "[]"))
-            except (SurgeryError, ValueError):
-                return set()
-            if isinstance(names, list) and all(isinstance(n, str) for n in names):
-                return set(names)
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            _, metadata = read_safetensors_header(f)
+            names = json.loads(metadata[FILES_KEY]) if FILES_KEY in metadata else None
+        except (SurgeryError, ValueError):
+            continue
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return set(names)
     return set()
 
 

@@ -246,3 +246,18 @@ def test_data_less_tensors_are_never_written(tmp_path):
         with pytest.raises(SurgeryError, match="no dense data"):
             write_checkpoint(tmp_path / "o.pt", [plan_tensor("w", bad)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_an_adapter_folder_we_wrote(tmp_path):
+    """Folder outputs other than model shards (a PEFT adapter) list their files too."""
+    from modelsurgery.checkpoint import Provenance
+    from modelsurgery.ops.adapters.peft_format import write_lora_adapter
+
+    out = tmp_path / "adapter"
+    for value in (0.0, 1.0):
+        write_lora_adapter(out, [plan_tensor("w", torch.full((2,), value))], {"r": 1}, Provenance("extract"),
+                           force=value > 0)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SurgeryError, match="notes.txt"):
+        write_lora_adapter(out, [plan_tensor("w", torch.ones(2))], {"r": 1}, Provenance("extract"), force=True)
