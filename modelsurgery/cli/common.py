@@ -128,15 +128,16 @@ def progress_bar(quiet: bool = False) -> Iterator[ProgressCallback]:
         yield lambda task, done, total, info=None: None
         return
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console, transient=True,
+        TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=err_console, transient=True,
     ) as progress:
         tasks: dict[str, int] = {}
 
         def update(task: str, done: int, total: int, info: dict | None = None) -> None:
             if task not in tasks:
-                tasks[task] = progress.add_task(task, total=total, info="")
-            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (info or {}).items())
+                tasks[task] = progress.add_task(plain(task), total=total, info="")
+            text = plain(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in (info or {}).items()))
             progress.update(tasks[task], completed=done, total=total, info=text)
 
         yield update

@@ -79,3 +79,17 @@ def test_lone_surrogate_file_name_prints_without_crashing(tmp_path):
                          capture_output=True, env=env, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr.decode()
     assert b"[/y]bad\\udcff.safetensors" in res.stdout
+
+
+def test_progress_bar_shows_hostile_names_as_written(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from modelsurgery.cli import common
+
+    buf = io.StringIO()
+    monkeypatch.setattr(common, "err_console", Console(file=buf, force_terminal=True, emoji=False, highlight=False))
+    with common.progress_bar() as progress:  # a MarkupError here before
+        progress("quantize [/bold]", 1, 2, {"tensor": "a[/y]\x1b[2J"})
+    assert "quantize [/bold]" in buf.getvalue() and "tensor=a[/y]\\x1b[2J" in buf.getvalue()
