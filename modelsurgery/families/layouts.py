@@ -100,10 +100,6 @@ LAYOUTS: tuple[Layout, ...] = (
 )
 
 
-def layout_named(family: str) -> Layout:
-    return next(lay for lay in LAYOUTS if lay.family == family)
-
-
 def layouts_matching(names) -> list[Layout]:
     """The layouts whose embedding and block-0 linears and norms all appear in ``names``, most specific
     first (a layout naming more tensors before a plainer one it contains; ties keep table order)."""
