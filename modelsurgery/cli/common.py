@@ -179,18 +179,23 @@ def check_range(value: float | None, flag: str, low: float | None = None, high: 
     if value is None:
         return None
     check_finite_option(value, flag)
-    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    lo = "" if low is None else ("(" if low_open else "[") + _number(low)
+    hi = "" if high is None else _number(high) + (")" if high_open else "]")
     allowed = (f"{lo}, {hi}" if low is not None and high is not None else
-               (f">{'' if low_open else '='} {low:g}" if low is not None else f"<{'' if high_open else '='} {high:g}"))
+               (f">{'' if low_open else '='} {_number(low)}" if low is not None
+                else f"<{'' if high_open else '='} {_number(high)}"))
     bad = ((low is not None and (value <= low if low_open else value < low))
            or (high is not None and (value >= high if high_open else value > high))
            or (integer and value != int(value)))
     if bad:
         kind = "an integer " if integer else ""
-        raise SurgeryError(f"{flag} {value:g}: must be {kind}in {allowed}" if low is not None and high is not None
-                           else f"{flag} {value:g}: must be {kind}{allowed}")
+        raise SurgeryError(f"{flag} {_number(value)}: must be {kind}in {allowed}" if low is not None and
+                           high is not None else f"{flag} {_number(value)}: must be {kind}{allowed}")
     return value
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def check_choice(value: str | None, flag: str, choices) -> str | None:
