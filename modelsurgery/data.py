@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelsurgery.checkpoint.formats import require_regular_file
+from modelsurgery.checkpoint.formats import check_dense, require_regular_file
 from modelsurgery.errors import SurgeryError
 
 TENSOR_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".npz"}
@@ -156,6 +156,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SurgeryError(f"{path}: expected a dict of named tensors ({', '.join(KNOWN_KEYS)}), "
                            f"found {type(obj).__name__}")
+    for name, t in obj.items():
+        check_dense(t, str(name), path)
     return obj
 
 

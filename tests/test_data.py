@@ -241,3 +241,17 @@ def test_check_fits(tmp_path, fixtures_dir):
         check_fits(gpt2, Dataset("big", input_ids=torch.full((2, 4), 97)))
     with pytest.raises(SurgeryError, match="long: sequences of 65 tokens are longer than the gpt2 model's 64"):
         check_fits(gpt2, Dataset("long", input_ids=torch.zeros(2, 65, dtype=torch.long)))
+
+
+def test_data_files_must_be_regular_and_hold_dense_tensors(tmp_path):
+    """Issue #14 items 10 and 14: a FIFO as --calib/--eval blocked forever; meta/sparse tensors have no data."""
+    import os
+
+    fifo = tmp_path / "calib.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(SurgeryError, match="not a regular file"):
+        load_data(fifo)
+    for bad, words in [(torch.empty(4, 3, device="meta"), "meta tensor"), (torch.eye(3).to_sparse(), "sparse")]:
+        torch.save({"inputs": bad}, tmp_path / "d.pt")
+        with pytest.raises(SurgeryError, match=words):
+            load_data(tmp_path / "d.pt")

@@ -259,7 +259,7 @@ def _flatten_state(obj, prefix: str, out: dict[str, torch.Tensor], path: Path, d
             if name in out:
                 raise SurgeryError(f"{path}: two tensors are both named '{name[:200]}' (a dotted key and a nested "
                                    "dict); refusing to guess which one is meant")
-            _check_plain(value, name, path)
+            check_dense(value, name, path)
             out[name] = value
         elif isinstance(value, dict):
             _flatten_state(value, f"{name}.", out, path, depth + 1)
@@ -280,7 +280,7 @@ def _holds_tensor(seq, depth: int = 0) -> bool:
     return False
 
 
-def _check_plain(t: torch.Tensor, name: str, path: Path) -> None:
+def check_dense(t: torch.Tensor, name: str, path: Path) -> None:
     """Only dense tensors with data are weights."""
     if t.is_meta or t.device.type == "meta":
         raise SurgeryError(f"{path}: tensor '{name[:200]}' is a meta tensor (shape only, no data)")
