@@ -162,6 +162,11 @@ def pack_words(codes: np.ndarray, bits: int) -> np.ndarray:
     from modelsurgery.ops.quantize.packing import pack_codes
 
     rows, n = codes.shape
+    if bits in (2, 4, 8) and n % (32 // bits) == 0:  # whole words: shift and add, no bit-level arrays
+        per = 32 // bits
+        shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
+        words = (codes.reshape(rows, n // per, per).astype(np.uint32) << shifts).sum(-1, dtype=np.uint32)
+        return words.view("<i4")
     packed = pack_codes(torch.from_numpy(np.ascontiguousarray(codes)), bits).numpy()
     words = -(-n * bits // 32)
     out = np.zeros((rows, words * 4), np.uint8)
@@ -173,6 +178,11 @@ def unpack_words(words: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of ``pack_words``: int32 [rows, words] -> uint8 codes [rows, n]."""
     from modelsurgery.ops.quantize.packing import unpack_codes
 
+    if bits in (2, 4, 8) and n % (32 // bits) == 0:
+        per = 32 // bits
+        shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
+        w = np.ascontiguousarray(words).astype("<i4").view(np.uint32)[:, : n // per]
+        return ((w[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(w.shape[0], n).astype(np.uint8)
     raw = np.ascontiguousarray(words).astype("<i4").view(np.uint8)
     return np.asarray(unpack_codes(raw[:, : -(-n * bits // 8)], bits, n)).astype(np.uint8)
 
