@@ -308,3 +308,23 @@ steps:
     for name in ("model.layers.0.mlp.up_proj.weight", "lm_head.weight"):
         want = base[name] + 0.5 * (f1[name] - base[name]) + 0.25 * (f2[name] - base[name])
         torch.testing.assert_close(got[name], want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("text, named", [
+    (None, "no such recipe file"),
+    (": : :\n", "not valid YAML"),
+    ("- a\n- b\n", "a recipe is a mapping"),
+    ("steps: []\n", "'steps' must be a non-empty list"),
+    ("steps: [1]\n", "a step is a mapping"),
+    ("jobs: {}\n", "key 'jobs' is not a recipe key"),
+    ("steps:\n  - {run: grow}\n", "every step needs a name"),
+    ("steps:\n  - {name: x, run: mergekit}\n", "run: mergekit needs 'config:'"),
+])
+def test_bad_recipe_files(tmp_path, text, named):
+    recipe = tmp_path / "recipe.yml"
+    if text is not None:
+        recipe.write_text(text)
+    out = tmp_path / "build"
+    r = run(recipe, out)
+    assert r.exit_code == 1 and named in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
