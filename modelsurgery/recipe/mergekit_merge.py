@@ -188,6 +188,9 @@ def merge_tensor(method: str, tensors: dict[str, torch.Tensor], job: TensorJob) 
         return ours.fn([tensors[job.base], tensors[other]], [1.0, 1.0], None, ours.resolve({"t": float(gp["t"])}))
     if method == "linear":
         ours = get_method("linear")
+        unweighted = [m for m in tensors if mp[m]["weight"] is REQUIRED]
+        if unweighted:  # mergekit adds base_model as a source; linear then needs its weight too
+            raise SurgeryError(f"merge_method linear: model '{unweighted[0]}' has no weight (tensor '{job.name}')")
         weights = [float(mp[m]["weight"]) for m in tensors]
         return ours.fn(list(tensors.values()), weights, None, ours.resolve({"normalize": bool(gp["normalize"])}))
     # task_arithmetic and ties: task vectors of every model but the base

@@ -304,6 +304,7 @@ tokenizer_source: union
     ("models: [{model: a+lora, parameters: {weight: 1}}]\nmerge_method: linear\n", "+lora"),
     ("models: [{model: a, parameters: {weight: 1}}, {model: deep, parameters: {weight: 1}}]\nmerge_method: linear\n",
      "same number of layers"),
+    ("models: [{model: a, parameters: {weight: 1}}]\nbase_model: b\nmerge_method: linear\n", "has no weight"),
 ])
 def test_refused_in_one_line(tmp_path, llamas, config, named):
     models = dict(llamas)
