@@ -165,13 +165,26 @@ def run_recipe(path: Path, out: Path, commands: Mapping[str, Any], options: RunO
         if target == recipe or target in recipe.parents:
             raise SurgeryError(f"step '{step.name}': output {step.output} would overwrite the recipe {path}")
     result = RecipeResult(str(path), kind, str(out), options.dry_run, [])
-    produced = {s.output for s in steps}
+    created = False
     if kind == "steps" and not options.dry_run:
         if out.exists() and not out.is_dir():
             raise SurgeryError(f"{out}: a multi-step recipe writes into a folder; this is a file")
         if not out.parent.exists():
             raise SurgeryError(f"{out.parent}: output folder does not exist")
+        created = not out.exists()
         out.mkdir(exist_ok=True)
+    try:
+        _run_steps(steps, result, options, progress)
+    except RecipeFailed:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # the first step failed: leave no empty folder behind
+        raise
+    return result
+
+
+def _run_steps(steps: list[Step], result: RecipeResult, options: RunOptions,
+               progress: Callable[[str, int, int, dict], None] | None) -> None:
+    produced = {s.output for s in steps}
     for i, step in enumerate(steps):
         inputs = [{"path": str(p), "bytes": cache.size_of(p) if p.exists() else None,
                    "from_step": next((s.name for s in steps[:i] if s.output == p), None)} for p in step.inputs]
@@ -205,7 +218,6 @@ def run_recipe(path: Path, out: Path, commands: Mapping[str, Any], options: RunO
         sr.seconds = time.perf_counter() - start
     if progress is not None:
         progress("recipe", len(steps), len(steps), {})
-    return result
 
 
 def _fail(result: RecipeResult, sr: StepResult, message: str) -> RecipeFailed:

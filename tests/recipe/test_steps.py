@@ -189,6 +189,15 @@ def test_bad_steps_refused_before_anything_runs(tmp_path, llamas, step, named):
     assert not out.exists()
 
 
+def test_first_step_failing_leaves_no_folder(tmp_path, llamas):
+    step = f"{{name: s, run: grow, inputs: [{llamas['a']}], options: {{layers: '0:99'}}}}"
+    recipe = write(tmp_path, f"steps:\n  - {step}\n")
+    out = tmp_path / "build"
+    r = run(recipe, out)
+    assert r.exit_code == 1 and "step 's' (grow) failed" in r.stderr
+    assert not out.exists()
+
+
 def test_output_over_the_recipe_refused(tmp_path, llamas):
     recipe = write(tmp_path, f"steps:\n  - {{name: s, run: grow, inputs: [{llamas['a']}], output: recipe.yml}}\n")
     r = run(recipe, tmp_path)
