@@ -6,6 +6,7 @@ import typer
 
 from modelsurgery import __version__
 from modelsurgery.cli import align, demo, export, grow, inspect, merge, quantize
+from modelsurgery.cli import dequantize as dequantize_cli
 from modelsurgery.cli import extract as extract_cli
 from modelsurgery.cli import fold as fold_cli
 from modelsurgery.cli import run as run_cli
@@ -42,6 +43,7 @@ app.command("quantize")(quantize.quantize_command)
 app.command("export")(export.export_command)
 app.command("fold")(fold_cli.fold_command)
 app.command("extract")(extract_cli.extract_command)
+app.command("dequantize")(dequantize_cli.dequantize_command)
 app.command("demo")(demo.demo_command)
 app.command("run")(run_cli.run_command)
 

@@ -25,7 +25,7 @@ import torch
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.checkpoint.formats import TensorInfo
 from modelsurgery.errors import SurgeryError
-from modelsurgery.ops.quantize.packing import METADATA_KEY, SUFFIXES, read_packed_weight, read_scheme
+from modelsurgery.ops.quantize.packing import METADATA_KEY, SUFFIXES, float_config, read_packed_weight, read_scheme
 
 #: tensor-name endings of other tools' packed weights (GPTQ/AWQ, compressed-tensors, bitsandbytes)
 FOREIGN_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".weight_packed", ".weight_scale", ".weight_zero_point",
@@ -100,6 +100,7 @@ class _FloatView(Checkpoint):
                  dequantized: Mapping[str, torch.Tensor] | None = None):
         self.__dict__.update(source.__dict__)  # the same files, handles and in-memory tensors
         self.infos, self.metadata = infos, metadata
+        self.config = float_config(source.config)  # a float output must not say it is packed
         self._dequantized = dequantized or {}
 
     def get(self, name: str) -> torch.Tensor:

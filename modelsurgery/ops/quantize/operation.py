@@ -31,15 +31,23 @@ from modelsurgery.checkpoint import (
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from modelsurgery.ops.quantize import streaming
 from modelsurgery.ops.quantize.base import QuantizedWeight, method_by_name
 from modelsurgery.ops.quantize.compare import compare_models
 from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
-from modelsurgery.ops.quantize.packing import METADATA_KEY, layer_entry, packed_tensors, scheme_metadata
+from modelsurgery.ops.quantize.packing import (
+    METADATA_KEY,
+    folder_config,
+    layer_entry,
+    packed_tensors,
+    scheme_metadata,
+)
 from modelsurgery.ops.quantize.reconstruct import (
     Progress,
     ReconstructOptions,
     find_targets,
     reconstruct_blocks,
+    reconstruct_iter,
 )
 
 
@@ -80,6 +88,13 @@ class QuantizeOptions:
     model: str | None = None
     seed: int = 0
     low_memory: bool = True
+    #: read the checkpoint a tensor (RTN) or a block (calibration) at a time instead of building the
+    #: whole float model first (``streaming.py``); --eval always builds the whole model
+    streaming: bool = True
+    #: where the block being calibrated and its activations live: cpu, cuda, cuda:N or auto
+    device: str = "cpu"
+    #: keep cached calibration activations in memory-mapped files in this folder
+    offload_dir: Path | None = None
     force: bool = False
 
     @property
@@ -100,6 +115,8 @@ class QuantizeResult:
     bytes_in: int
     bytes_out: int
     evaluation: dict | None = None
+    device: str = "cpu"
+    streamed: bool = False
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -109,9 +126,28 @@ def _skipped(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") for p in patterns)
 
 
+def resolve_device(value: str) -> str:
+    """'auto' -> cuda when present, else cpu; a device this machine lacks is a one-line error."""
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise SurgeryError(f"--device {value}: not a device (expected cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SurgeryError(f"--device {value}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SurgeryError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise SurgeryError(f"--device {value}: unsupported device type (expected cpu, cuda, cuda:N or auto)")
+    return value
+
+
 def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_len: int | None,
               module) -> Dataset:
-    """Read calibration or evaluation data and check it fits the model (one forward pass)."""
+    """Read calibration or evaluation data and check it fits the model (one forward pass; none when
+    ``module`` is None, an empty module read block by block)."""
     data = load_data(path, tokenizer=folder)
     if samples is not None:
         data = data.select(slice(0, samples))
@@ -123,6 +159,8 @@ def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_
         if data.attention_mask is not None:
             data.attention_mask = data.attention_mask[:, :width]
     check_fits(family, data)
+    if module is None:
+        return data
     first = next(data.batches(2, family))
     try:
         with torch.no_grad():
@@ -150,9 +188,13 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
         raise SurgeryError(f"{path}: family '{family.name}' cannot be run; pass --model package.module:function")
     if method.learned and opts.calib is None:
         raise SurgeryError(f"--method {opts.method} learns the rounding from data: pass --calib FILE")
+    device = resolve_device(opts.device)
     check_output(out, opts.force, [path])
 
-    model = family.build_module()
+    # --eval compares the whole float and quantized models: it builds them; otherwise the module is
+    # built empty and the weights are read a tensor or a block at a time (``streaming.py``)
+    streamed = opts.streaming and opts.eval is None
+    model = family.build_empty() if streamed else family.build_module()
     ckpt.close()  # the module holds the weights: the mapped file need not stay resident
     targets = find_targets(model)
     patterns = list(opts.skip)
@@ -171,35 +213,58 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
 
     calib = []
     if opts.calib is not None:
-        data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, opts.seq_len, model)
+        data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, opts.seq_len,
+                         None if streamed else model)
         calib = list(data.batches(settings["batch_size"], family))
     eval_data = None
     if opts.eval is not None:
         eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
 
-    result = reconstruct_blocks(
-        model, targets, calib, scheme, method,
-        ReconstructOptions(settings=settings, grid=opts.grid, seed=opts.seed, low_memory=opts.low_memory),
-        progress)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak (Linux: KiB)
-
-    layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}
-    planned = []
     tensors_for = FORMATS[opts.format]
-    for name in ckpt.keys():  # noqa: SIM118 - Checkpoint is not iterable
-        qw = result.weights.get(name)
-        if qw is None:
-            planned.append(plan_copy(ckpt, name))
-        else:
-            planned += [plan_tensor(k, v) for k, v in tensors_for(name, qw, opts.bits, ckpt.info(name).dtype).items()]
-    params = {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items() if k != "force"}
+    recon = ReconstructOptions(settings=settings, grid=opts.grid, seed=opts.seed, low_memory=opts.low_memory,
+                               device=device, offload_dir=opts.offload_dir)
+    blocks: list = []
+    steps = None
+    if streamed and not calib and not method.learned:
+        layers = streaming.layer_entries(ckpt, targets, scheme, opts.bits)
+        planned = streaming.plan_rtn(ckpt, targets, scheme, method, opts.grid, opts.format, tensors_for)
+    elif streamed:
+        layers = streaming.layer_entries(ckpt, targets, scheme, opts.bits)
+        steps = reconstruct_iter(model, targets, calib, scheme, method, recon, progress,
+                                 streaming.LazyWeights(ckpt, model))
+        planned = streaming.plan_calibrated(ckpt, family, targets, steps, opts.format, scheme, tensors_for,
+                                            blocks.append)
+    else:
+        result = reconstruct_blocks(model, targets, calib, scheme, method, recon, progress)
+        blocks = result.blocks
+        layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}
+        planned = []
+        for name in ckpt.keys():  # noqa: SIM118 - Checkpoint is not iterable
+            qw = result.weights.get(name)
+            if qw is None:
+                planned.append(plan_copy(ckpt, name))
+            else:
+                planned += [plan_tensor(k, v)
+                            for k, v in tensors_for(name, qw, opts.bits, ckpt.info(name).dtype).items()]
+    # how the weights were read does not change what is written: streaming and offload_dir are left out
+    params = {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items()
+              if k not in ("force", "streaming", "offload_dir")}
     params["params"] = settings  # the values used, defaults included
-    report = write_checkpoint(
-        out, planned, provenance=Provenance("quantize", params, ckpt.source_files),
-        metadata={**{k: v for k, v in ckpt.metadata.items() if k.startswith("modelsurgery.") and k != METADATA_KEY},
-                  **scheme_metadata(opts.format, opts.method, scheme.to_dict(), layers)},
-        config=ckpt.config, extra_files=ckpt.extra_files(), force=opts.force,
-    )
+    try:
+        report = write_checkpoint(
+            out, planned, provenance=Provenance("quantize", params, ckpt.source_files),
+            metadata={**{k: v for k, v in ckpt.metadata.items()
+                         if k.startswith("modelsurgery.") and k != METADATA_KEY},
+                      **scheme_metadata(opts.format, opts.method, scheme.to_dict(), layers)},
+            config=folder_config(ckpt.config, opts.format, opts.bits), extra_files=ckpt.extra_files(),
+            force=opts.force,
+        )
+        if steps is not None:
+            streaming.finish(steps, blocks.append)
+    finally:
+        if steps is not None:
+            steps.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak (Linux: KiB)
     evaluation = None
     if eval_data is not None:  # the float side is built again: calibration never holds two models
         reference = family.build_module()
@@ -209,8 +274,9 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
         output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
                                                       **scheme.to_dict(), **settings,
                                                       "samples": opts.samples if calib else 0},
-        layers=layers, skipped=skipped, blocks=[b.to_dict() for b in result.blocks],
+        layers=layers, skipped=skipped, blocks=[b.to_dict() for b in blocks],
         seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20,
-        bytes_in=ckpt.nbytes, bytes_out=report.total_bytes, evaluation=evaluation,
+        bytes_in=ckpt.nbytes, bytes_out=report.total_bytes, evaluation=evaluation, device=device,
+        streamed=streamed,
     )
 

@@ -80,6 +80,29 @@ def scheme_metadata(fmt: str, method: str, scheme: dict, layers: dict[str, dict]
     return {METADATA_KEY: json.dumps({"format": fmt, "method": method, **scheme, "layers": layers}, sort_keys=True)}
 
 
+#: config.json ``quantization_config["format"]`` of a packed folder. No ``quant_method``: transformers
+#: then refuses the folder ("has no `quant_method` attribute") instead of loading random float weights
+#: (an unknown quant_method only logs a warning and loads the model unquantized).
+CONFIG_FORMAT = "modelsurgery-packed"
+
+
+def folder_config(config: dict | None, fmt: str, bits: int) -> dict | None:
+    """config.json of a quantized folder: a packed one says what it is and how to get floats back."""
+    if config is None or fmt != "packed":
+        return config
+    return {**config, "quantization_config": {
+        "format": CONFIG_FORMAT, "bits": bits,
+        "dequantize": "surgery dequantize <this folder> -o <float folder> (the weights are packed integer codes)"}}
+
+
+def float_config(config: dict | None) -> dict | None:
+    """``config`` without a packed folder's ``quantization_config`` (for float outputs)."""
+    qc = (config or {}).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("format") != CONFIG_FORMAT:
+        return config
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
 # ----- reading ----------------------------------------------------------------------------------
 def read_scheme(metadata: dict, source: object = "checkpoint") -> dict | None:
     """The parsed quantization record of a checkpoint's ``metadata``, or None for a float checkpoint."""

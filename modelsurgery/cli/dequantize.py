@@ -1,0 +1,46 @@
+"""`surgery dequantize`: a packed, GPTQ or compressed-tensors checkpoint back to float weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from modelsurgery.cli.common import emit_json, human_bytes, out_console, safe, user_errors
+
+
+def dequantize_command(
+    input: Path = typer.Argument(..., help="Quantized checkpoint: a packed .safetensors file or folder "
+                                 "(surgery quantize --format packed), a GPTQ or a compressed-tensors folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output: a folder or a .safetensors file."),
+    dtype: str = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the dtype of the "
+                              "input's float tensors)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
+    no_input_hash: bool = typer.Option(False, "--no-input-hash", help="Record input paths in the provenance "
+                                       "without their SHA-256 (hashing reads every input in full)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (and --json)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Turn integer codes, scales and zero points back into float weights, W = (q - zero_point) * scale.
+
+    The output loads in transformers (and every surgery command) as the float model the quantized
+    checkpoint stands for: config.json loses its quantization_config, other tensors, tokenizer
+    files and config are kept.
+
+    Examples:\n
+      surgery dequantize gpt2-q4/ -o gpt2-q4-float/\n
+      surgery dequantize model-gptq/ -o float/ --dtype float16 --json
+    """
+    with user_errors(debug):
+        from modelsurgery.ops.dequantize import DequantizeOptions, dequantize
+
+        result = dequantize(input, output, DequantizeOptions(dtype=dtype, max_shard_size=max_shard_size,
+                                                             hash_inputs=not no_input_hash, force=force))
+    if json_out:
+        emit_json(result.to_dict())
+    elif not quiet:
+        out_console.print(f"[bold]{safe(result.output)}[/]: {result.weights} {safe(result.source_format)} weights "
+                          f"dequantized to {result.dtype}, {human_bytes(result.bytes_in)} -> "
+                          f"{human_bytes(result.bytes_out)} in {result.seconds:.1f} s")
