@@ -109,3 +109,44 @@ def test_two_writers_one_destination_exactly_one_wins(model, tmp_path, kind):
     assert "already exists" in loser or "appeared while this run was writing" in loser
     assert len(loser.strip().splitlines()) == 1
     assert Checkpoint.open(out).keys() and _temporaries(tmp_path) == []
+
+
+def _command(kind: str, fixtures: Path, out: Path) -> list[str]:
+    digits = fixtures / "digits"
+    args = {
+        "merge": ["merge", str(digits / "mlp_seed0.safetensors"), str(digits / "mlp_seed1.safetensors")],
+        "quantize": ["quantize", str(digits / "mlp_seed0.safetensors"), "--method", "rtn", "--bits", "4"],
+        "align": ["align", str(digits / "incremental_clipped.safetensors"), "--old-classes", "5"],
+        "export": ["export", str(digits / "mlp_seed0.safetensors"), "--no-check"],
+        "width": ["grow", str(digits / "mlp_seed0.safetensors"), "--method", "width"],
+    }[kind]
+    return [sys.executable, "-m", "modelsurgery", *args, "-o", str(out), "--quiet"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["merge", "quantize", "align", "export", "width"])
+def test_every_writing_command_killed_leaves_absent_or_complete(tmp_path, fixtures_dir, kind):
+    suffix = ".onnx" if kind == "export" else ".safetensors"
+    start = time.monotonic()
+    subprocess.run(_command(kind, fixtures_dir, tmp_path / f"ref{suffix}"), check=True, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    duration = time.monotonic() - start
+    rng = random.Random(kind)
+    for i in range(4):
+        out = tmp_path / f"out{i}{suffix}"
+        proc = subprocess.Popen(_command(kind, fixtures_dir, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.3, 1.1) * duration)
+        proc.send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        assert b"Traceback" not in err, err.decode()
+        if out.exists():  # complete: the same bytes as the uninterrupted run (provenance aside: same inputs)
+            if kind == "export":
+                import onnx
+
+                onnx.checker.check_model(str(out))
+            else:
+                assert sorted(Checkpoint.open(out)) == sorted(Checkpoint.open(tmp_path / f"ref{suffix}"))
+    subprocess.run(_command(kind, fixtures_dir, tmp_path / f"next{suffix}"), check=True, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    assert _temporaries(tmp_path) == []
