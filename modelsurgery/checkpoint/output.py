@@ -33,6 +33,8 @@ from modelsurgery.errors import SurgeryError
 #: metadata key listing the files of a folder output, so ``--force`` can tell our folders from others
 FILES_KEY = "modelsurgery.files"
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+#: what the temporary's name adds to the output's: "." + ".tmp-" + pid + "-" + start time (<= 20 digits each)
+TMP_SUFFIX_BYTES = 1 + 5 + 20 + 1 + 20
 _TMP_RE = re.compile(r"^\..+\.tmp-(\d+)-(\d+)$")
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
@@ -82,6 +84,14 @@ def check_output(out: str | Path, force: bool, inputs: Iterable = (), *, folder:
         raise SurgeryError(f"{parent}: is not a folder, cannot write {out.name} in it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SurgeryError(f"{parent}: output folder is not writable")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = name_max - TMP_SUFFIX_BYTES  # the temporary beside it is named .NAME.tmp-PID-START
+    if len(os.fsencode(out.name)) > longest:
+        raise SurgeryError(f"{out.name[:40]}...: output name too long ({len(os.fsencode(out.name))} bytes; at most "
+                           f"{longest} here)")
     remove_stale_temporaries(parent)
     if os.path.lexists(out):
         if not force:

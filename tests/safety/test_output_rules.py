@@ -261,3 +261,10 @@ def test_force_replaces_an_adapter_folder_we_wrote(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(SurgeryError, match="notes.txt"):
         write_lora_adapter(out, [plan_tensor("w", torch.ones(2))], {"r": 1}, Provenance("extract"), force=True)
+
+
+def test_output_name_too_long_is_one_error(tmp_path):
+    with pytest.raises(SurgeryError, match="output name too long"):
+        write_checkpoint(tmp_path / ("x" * 240 + ".safetensors"), _tensors())
+    write_checkpoint(tmp_path / ("y" * 190 + ".safetensors"), _tensors())  # room left for the temporary
+    assert len(list(tmp_path.iterdir())) == 1
