@@ -1,19 +1,79 @@
-"""The `surgery` command: one Typer app, one small module per subcommand."""
+"""The `surgery` command: one Typer app, one small module per subcommand.
+
+Each subcommand's module (and with it torch, onnx, transformers) is imported only when that command
+runs or shows its own help: `surgery --help` and `surgery --version` import none of them.
+"""
 
 from __future__ import annotations
 
+import importlib
+
+import click
 import typer
+from typer.core import TyperGroup
 
 from modelsurgery import __version__
-from modelsurgery.cli import align, demo, export, grow, inspect, merge, quantize
-from modelsurgery.cli import dequantize as dequantize_cli
-from modelsurgery.cli import extract as extract_cli
-from modelsurgery.cli import fold as fold_cli
-from modelsurgery.cli import run as run_cli
 from modelsurgery.cli.common import handle_sigterm
+
+#: name -> (module under modelsurgery.cli, function, one-line summary for `surgery --help`); the
+#: summary is the start of the function's docstring (tests/test_startup.py checks it)
+COMMANDS = {
+    "inspect": ("inspect", "inspect_command", "Show tensors grouped by block, totals, the detected family, "
+                "metadata and provenance."),
+    "merge": ("merge", "merge_command", "Merge models: permute every model after the first into its basis "
+              "(weight matching), then average."),
+    "analyze": ("merge", "analyze_command", "Per layer: L2 distance and top singular vector alignment of two "
+                "models, before/after weight matching."),
+    "grow": ("grow", "grow_command", "Grow a trained model deeper or wider, keeping what it learned."),
+    "align": ("align", "align_command", "Weight Aligning (Zhao et al., CVPR 2020): rescale the new-class rows "
+              "of the classifier"),
+    "quantize": ("quantize", "quantize_command", "Quantize Linear and Conv weights to 2-8 bits, learning the "
+                 "rounding block by block."),
+    "dequantize": ("dequantize", "dequantize_command", "Turn integer codes, scales and zero points back into "
+                   "float weights, W = (q - zero_point) * scale."),
+    "export": ("export", "export_command", "Export a checkpoint to ONNX with dynamic batch (and sequence) axes "
+               "and check it in ONNX Runtime."),
+    "fold": ("fold", "fold_command", "Fold PEFT adapters into the base weights, one tensor at a time (the whole "
+             "model is never in memory)."),
+    "extract": ("extract", "extract_command", "Extract a LoRA adapter (TUNED - BASE, truncated SVD per layer) "
+                "that PEFT loads as it is."),
+    "demo": ("demo", "demo_command", "Run every capability once on the bundled fixtures and print what it did."),
+    "run": ("run", "run_command", "Run a recipe: a mergekit YAML config as it is, or steps chaining surgery "
+            "commands."),
+}
+
+
+def load_command(name: str) -> click.Command:
+    """The click command of subcommand ``name``, its module imported now."""
+    module, function, _ = COMMANDS[name]
+    fn = getattr(importlib.import_module(f"modelsurgery.cli.{module}"), function)
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(name)(fn)
+    command = typer.main.get_command(single)
+    command.name = name
+    return command
+
+
+class LazyGroup(TyperGroup):
+    """Lists the subcommands from ``COMMANDS`` and imports one only to run it or show its help."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *COMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in COMMANDS:  # for the listing in `surgery --help`: name and summary only
+            return click.Command(cmd_name, short_help=COMMANDS[cmd_name][2], help=COMMANDS[cmd_name][2])
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and args[0] in COMMANDS:
+            return args[0], load_command(args[0]), args[1:]
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
     name="surgery",
+    cls=LazyGroup,
     help="Surgery on neural-network checkpoints: merge, grow, align, quantize, export, inspect.",
     no_args_is_help=True,
     add_completion=False,
@@ -32,20 +92,6 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """Surgery on neural-network checkpoints."""
-
-
-app.command("inspect")(inspect.inspect_command)
-app.command("merge")(merge.merge_command)
-app.command("analyze")(merge.analyze_command)
-app.command("grow")(grow.grow_command)
-app.command("align")(align.align_command)
-app.command("quantize")(quantize.quantize_command)
-app.command("export")(export.export_command)
-app.command("fold")(fold_cli.fold_command)
-app.command("extract")(extract_cli.extract_command)
-app.command("dequantize")(dequantize_cli.dequantize_command)
-app.command("demo")(demo.demo_command)
-app.command("run")(run_cli.run_command)
 
 
 def main() -> None:

@@ -81,13 +81,14 @@ def test_dtype_and_file_output(gpt2, tmp_path):
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 == {"BF16"}
     packed = tmp_path / "mlp.safetensors"
     _quantize(MLP, packed, "packed")
     r = runner.invoke(app, ["dequantize", str(packed), "-o", str(tmp_path / "mlp_float.safetensors")])
     assert r.exit_code == 0, r.output
     with safe_open(tmp_path / "mlp_float.safetensors", "pt") as f:
-        assert "0.weight" in f.keys() and not any(k.endswith(".qweight") for k in f.keys())
+        names = list(f.keys())
+        assert "0.weight" in names and not any(k.endswith(".qweight") for k in names)
 
 
 @pytest.mark.parametrize("case", ["float", "fake", "exists", "dtype"])
