@@ -141,3 +141,15 @@ def test_fold_refuses_quantized_base(llama, tmp_path):
     a = make_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a")
     refused(["fold", str(quantized), str(a), "-o", str(tmp_path / "out")], "quantized weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_force_replaces_its_own_adapter(llama, tmp_path):
+    a = make_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a")
+    assert runner.invoke(app, ["fold", str(llama), str(a), "-o", str(tmp_path / "tuned")]).exit_code == 0
+    out = tmp_path / "x"
+    args = ["extract", str(llama), str(tmp_path / "tuned"), "-o", str(out), "--json"]
+    assert runner.invoke(app, [*args, "--rank", "2"]).exit_code == 0
+    refused([*args, "--rank", "3"], "already exists")
+    result = runner.invoke(app, [*args, "--rank", "3", "--force"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
