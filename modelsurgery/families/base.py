@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import ClassVar
@@ -29,6 +30,24 @@ from torch import nn
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
+
+
+@contextmanager
+def parameters_on_meta():
+    """Within this context every parameter a module registers is moved to the meta device (its
+    shape and dtype kept, no storage); buffers are left where they are made."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
 
 
 @dataclass(frozen=True)
@@ -332,6 +351,13 @@ class Family:
             "to build the module"
         )
 
+    def build_empty(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """``build_module`` with every parameter on the meta device (no memory, no data) and the buffers
+        real (rotary tables, persistent ones read from the checkpoint): for work that reads the weights
+        a block at a time (``torch.utils.swap_tensors`` puts real tensors in place, keeping identity)."""
+        with parameters_on_meta():
+            return self.build_module(None, dtype)
+
     def load_state(self, module: nn.Module, state: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> nn.Module:
         """Load ``state`` (default: the checkpoint, read one tensor at a time so that loading holds
         the module and one tensor, never a second model) into ``module`` strictly, naming the
@@ -348,7 +374,8 @@ class Family:
                 )
         with torch.no_grad():
             for k, v in own.items():
-                v.copy_(self.ckpt.get(k) if state is None else state[k])
+                if not v.is_meta:  # a parameter of ``build_empty``: read later, block by block
+                    v.copy_(self.ckpt.get(k) if state is None else state[k])
         return module.to(dtype).eval()  # the checkpoint is its opener's to close (Checkpoint.close)
 
     def input_names(self) -> list[str]:

@@ -28,9 +28,11 @@ tables (quantized only when asked) are rounded to nearest per row, whatever the 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -80,6 +82,26 @@ class ReconstructOptions:
     seed: int = 0
     #: return freed memory to the OS at every step, and map allocations from MAP_FROM_BYTES
     low_memory: bool = True
+    #: where the block being reconstructed and its activations live ("cpu", "cuda", "cuda:N")
+    device: str = "cpu"
+    #: keep the cached activations in files here (memory-mapped) instead of in memory
+    offload_dir: Path | None = None
+
+
+class Residency:
+    """Where the model's weights are while blocks are reconstructed. This base: all in memory (a
+    built model), so loading and releasing do nothing; ``streaming.LazyWeights`` reads them from
+    the checkpoint when their turn comes and drops them after."""
+
+    def load(self, params: list[nn.Parameter], device: torch.device) -> None:
+        for p in params:
+            if p.device != device:
+                torch.utils.swap_tensors(p, nn.Parameter(p.detach().to(device), requires_grad=False))
+
+    def release(self, params: list[nn.Parameter]) -> None:
+        for p in params:
+            if p.device.type != "cpu":
+                torch.utils.swap_tensors(p, nn.Parameter(p.detach().cpu(), requires_grad=False))
 
 
 @dataclass
@@ -138,22 +160,34 @@ class BatchCache:
     backward transients fragment the C allocator's heap, which then holds its holes (on BERT the
     calibration's resident memory grew by half again over what was live)."""
 
-    def __init__(self, sizes: list[int]):
+    def __init__(self, sizes: list[int], device: torch.device | None = None, offload_dir: Path | None = None):
         self.sizes = sizes
         self.starts = [sum(sizes[:j]) for j in range(len(sizes))]
         self.data: torch.Tensor | None = None
+        #: where batches are used; with ``offload_dir`` the data stays in a mapped file on the host
+        self.device = device
+        self.offload_dir = offload_dir
 
     @classmethod
-    def build(cls, sizes: list[int], fn: Callable[[int], torch.Tensor]) -> BatchCache:
-        cache = cls(sizes)
+    def build(cls, sizes: list[int], fn: Callable[[int], torch.Tensor], device: torch.device | None = None,
+              offload_dir: Path | None = None) -> BatchCache:
+        cache = cls(sizes, device, offload_dir)
         cache.map_(lambda j, _: fn(j))
         return cache
+
+    def _allocate(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.offload_dir is None:
+            return like.new_empty(shape)
+        # a file-backed mapping: its pages are the page cache's to evict, not anonymous memory
+        with tempfile.NamedTemporaryFile(dir=self.offload_dir, prefix="activations-", suffix=".bin") as f:
+            return torch.from_file(f.name, shared=True, size=math.prod(shape), dtype=like.dtype).view(shape)
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     def __getitem__(self, j: int) -> torch.Tensor:
-        return self.data.narrow(0, self.starts[j], self.sizes[j])
+        batch = self.data.narrow(0, self.starts[j], self.sizes[j])
+        return batch.to(self.device) if self.device is not None else batch
 
     def __iter__(self):
         return (self[j] for j in range(len(self)))
@@ -166,7 +200,7 @@ class BatchCache:
             y = fn(j, self[j] if self.data is not None else None)
             if out is None:
                 same = self.data is not None and self.data.shape[1:] == y.shape[1:] and self.data.dtype == y.dtype
-                out = self.data if same else y.new_empty((sum(self.sizes), *y.shape[1:]))
+                out = self.data if same else self._allocate(y, (sum(self.sizes), *y.shape[1:]))
             out.narrow(0, self.starts[j], self.sizes[j]).copy_(y)
             del y
         self.data = out
@@ -231,44 +265,72 @@ def reconstruct_blocks(model: nn.Module, targets: dict[int, Target], calib: list
                        progress: Progress | None = None) -> ReconstructResult:
     """Quantize ``targets`` (ids of ``model`` parameters) block by block; ``model`` is updated in
     place with the dequantized weights."""
+    result = ReconstructResult()
+    for weights, report in reconstruct_iter(model, targets, calib, scheme, method, options, progress):
+        result.weights.update(weights)
+        if report is not None:
+            result.blocks.append(report)
+    return result
+
+
+def reconstruct_iter(model: nn.Module, targets: dict[int, Target], calib: list[dict[str, torch.Tensor]],
+                     scheme: QuantScheme, method: type[WeightQuantizer], options: ReconstructOptions,
+                     progress: Progress | None = None, residency: Residency | None = None
+                     ) -> Iterator[tuple[dict[str, QuantizedWeight], BlockReport | None]]:
+    """``reconstruct_blocks`` one step at a time: first the weights outside the blocks (report None),
+    then each block's weights with its report. ``residency`` loads a block's weights when its turn
+    comes and releases them once the consumer has taken the yielded weights (default: they are in
+    ``model`` already)."""
     progress = progress or (lambda *a, **k: None)
     settings = method.resolve(options.settings)
     with large_allocations_mapped(MAP_FROM_BYTES, enabled=options.low_memory and method.learned):
-        return _reconstruct(model, targets, calib, scheme, method, options, settings, progress)
+        yield from _reconstruct(model, targets, calib, scheme, method, options, settings, progress,
+                                residency or Residency())
 
 
-def _reconstruct(model, targets, calib, scheme, method, options, settings, progress) -> ReconstructResult:
+def _reconstruct(model, targets, calib, scheme, method, options, settings, progress, residency):
     release_freed_memory()  # what reading and tokenizing the data left behind
     model.eval().requires_grad_(False)
+    device = torch.device(options.device)
     gen = torch.Generator().manual_seed(options.seed)
     stages = model.stages()
-    result = ReconstructResult()
     sizes = [next(iter(b.values())).shape[0] for b in calib]
     ctxs: list[dict] = [{} for _ in calib]
+    in_block = {id(p) for b in stages.blocks for p in b.parameters()}
+    outside = [p for p in model.parameters() if id(p) not in in_block]
+    residency.load(outside, device)
+    _buffers_to(model, device)
 
     def embed(j: int, keep_context: bool = False) -> torch.Tensor:
-        h, ctx = stages.embed(**calib[j])
+        h, ctx = stages.embed(**{k: v.to(device) for k, v in calib[j].items()})
         if keep_context:  # masks, attention biases, rotary tables: from the float model
             ctxs[j] = ctx
         return h
 
+    cache = {"device": device, "offload_dir": options.offload_dir}
     with torch.no_grad():  # float embeddings: before any weight outside the blocks is rounded
-        yf = BatchCache.build(sizes, lambda j: embed(j, True))  # then each block's float target, in place
-    in_block = {id(p) for b in stages.blocks for p in b.parameters()}
-    result.weights.update(quantize_outside_blocks(
-        model, {k: t for k, t in targets.items() if k not in in_block}, scheme, method, options.grid))
+        yf = BatchCache.build(sizes, lambda j: embed(j, True), **cache)  # then each block's float target
+    outside_weights = quantize_outside_blocks(
+        model, {k: t for k, t in targets.items() if k not in in_block}, scheme, method, options.grid)
     with torch.no_grad():
-        xq = BatchCache.build(sizes, embed)
+        xq = BatchCache.build(sizes, embed, **cache)
+    yield outside_weights, None
+    del outside_weights
+    residency.release(outside)
     masks = [b.get("attention_mask") for b in calib]
+    masks = [m.to(device) if m is not None else None for m in masks]
     n_blocks = len(stages.blocks)
     for i, qblock in enumerate(stages.blocks):
         start = time.perf_counter()
+        params = list(qblock.parameters())
+        residency.load(params, device)
         release_freed_memory()  # the previous block's training state
         local = {n: p for n, p in qblock.named_parameters() if id(p) in targets}
         report = BlockReport(i, [targets[id(p)].name for p in local.values()])
         with torch.no_grad():  # float target: this block's weights are not quantized yet
             yf.map_(lambda j, h, block=qblock: block(h, **ctxs[j]))
         report.cached_bytes = _nbytes(xq, yf, ctxs, masks)
+        weights = {}
         if local:
             quantizers = {n: rounded_to_nearest(p, targets[id(p)], scheme, method, options.grid)
                           if targets[id(p)].embedding else
@@ -285,16 +347,26 @@ def _reconstruct(model, targets, calib, scheme, method, options, settings, progr
             for n, q in quantizers.items():
                 qw = q.export()
                 _store(local[n], qw)
-                result.weights[targets[id(local[n])].name] = qw
+                weights[targets[id(local[n])].name] = qw
             del quantizers  # learned scales, their gradients: gone before the next block's
             if calib:
                 report.loss = _block_loss(qblock, {}, xq, ctxs, yf, masks)
         with torch.no_grad():  # the next block's quantized input, batch by batch in place
             xq.map_(lambda j, h, block=qblock: block(h, **ctxs[j]))
         report.seconds = time.perf_counter() - start
-        result.blocks.append(report)
         progress("blocks", i + 1, n_blocks, {"loss": report.loss if report.loss is not None else float("nan")})
-    return result
+        yield weights, report
+        del weights
+        residency.release(params)
+    _buffers_to(model, torch.device("cpu"))
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move the buffers (rotary tables, norm statistics) only: parameters move with their block."""
+    for module in model.modules():
+        for k, b in module._buffers.items():
+            if b is not None and b.device != device:
+                module._buffers[k] = b.to(device)
 
 
 def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks, settings: dict,

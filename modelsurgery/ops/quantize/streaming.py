@@ -1,0 +1,163 @@
+"""Quantization that streams the checkpoint instead of building the whole float model (the way
+AutoRound, llm-compressor and GPTQModel move one decoder layer at a time).
+
+The module is built empty (``Family.build_empty``: parameters on the meta device), which is enough
+to find the weights to quantize and to run the stages. Then:
+
+- round to nearest needs no forward pass: each weight is read from the lazy checkpoint, rounded
+  and turned into its output tensors when the writer asks for them, so peak memory is about one
+  tensor in float32 (``plan_rtn``);
+- calibrated methods (``plan_calibrated``) read the weights outside the blocks for the embedding
+  passes and drop them, then each block's weights when its turn comes (``LazyWeights``); the
+  block's output tensors are handed to the writer, which writes the tensors in block order, and the
+  block's weights go back to the meta device.
+
+The codes are those of the whole-model path (``reconstruct_blocks`` over ``build_module``): the same
+quantizers run on the same float32 weights in the same order with the same random stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from modelsurgery.checkpoint import Checkpoint, PlannedTensor, plan_copy
+from modelsurgery.ops.quantize.base import QuantizedWeight
+from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
+from modelsurgery.ops.quantize.packing import layer_entry
+from modelsurgery.ops.quantize.reconstruct import Residency, Target, rounded_to_nearest
+
+#: (name, quantized weight, bits, the checkpoint's dtype) -> tensors to write (``operation.FORMATS``)
+TensorsFor = Callable[[str, QuantizedWeight, int, torch.dtype], dict[str, torch.Tensor]]
+
+
+class LazyWeights(Residency):
+    """Parameters of an empty module (``Family.build_empty``) read from the checkpoint when loaded,
+    in float32 on the calibration device, and put back on the meta device when released; the
+    parameter objects keep their identity (``torch.utils.swap_tensors``)."""
+
+    def __init__(self, ckpt: Checkpoint, model: nn.Module):
+        self.ckpt = ckpt
+        self.names = {id(p): n for n, p in model.named_parameters()}
+
+    def load(self, params: list[nn.Parameter], device: torch.device) -> None:
+        for p in params:
+            if p.is_meta:
+                value = self.ckpt.get(self.names[id(p)]).to(device=device, dtype=p.dtype)
+                torch.utils.swap_tensors(p, nn.Parameter(value, requires_grad=False))
+
+    def release(self, params: list[nn.Parameter]) -> None:
+        for p in params:
+            if not p.is_meta:
+                torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+        self.ckpt.close()  # the mapped pages read so far
+
+
+def layer_entries(ckpt: Checkpoint, targets: dict[int, Target], scheme: QuantScheme, bits: int) -> dict[str, dict]:
+    """The quantization record's ``layers`` table, from the shapes alone (``packing.layer_entry``)."""
+    out = {}
+    for t in targets.values():
+        shape = ckpt.shape(t.name)
+        rows = shape[1] if t.transposed else shape[0]
+        group = group_size_for(scheme, math.prod(shape) // rows, t.name)
+        out[t.name] = layer_entry(shape, bits, SimpleNamespace(group_size=group, transposed=t.transposed))
+    return out
+
+
+def output_shapes(fmt: str, shape: tuple[int, ...], dtype: torch.dtype, target: Target, scheme: QuantScheme
+                  ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(suffix, shape, dtype) of each tensor ``fmt`` writes for one weight, in the order it writes them."""
+    if fmt == "fake":
+        return [("", shape, dtype)]
+    rows = shape[1] if target.transposed else shape[0]
+    length = math.prod(shape) // rows
+    group = group_size_for(scheme, length, target.name)
+    grid = (1, 1) if scheme.granularity == "tensor" else (rows, length // group)
+    return [(".qweight", (rows, math.ceil(length * scheme.bits / 8)), torch.uint8),
+            (".scale", grid, torch.float32), (".zero_point", grid, torch.uint8)]
+
+
+class _Produced:
+    """Output tensors made but not written yet; each is handed out once."""
+
+    def __init__(self, fill: Callable[[str], None]):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.fill = fill
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors.update({k: v.cpu() for k, v in tensors.items()})
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            self.fill(name)
+        return self.tensors.pop(name)
+
+
+def _planned(ckpt: Checkpoint, names: list[str], targets: dict[str, Target], fmt: str, scheme: QuantScheme,
+             produced: _Produced) -> list[PlannedTensor]:
+    planned = []
+    for name in names:
+        t = targets.get(name)
+        if t is None:
+            planned.append(plan_copy(ckpt, name, raw=True))
+            continue
+        info = ckpt.info(name)
+        for suffix, shape, dtype in output_shapes(fmt, info.shape, info.dtype, t, scheme):
+            planned.append(PlannedTensor(name + suffix, shape, dtype, lambda k=name + suffix: produced.take(k)))
+    return planned
+
+
+def plan_rtn(ckpt: Checkpoint, targets: dict[int, Target], scheme: QuantScheme, method, grid: str | None,
+             fmt: str, tensors_for: TensorsFor) -> list[PlannedTensor]:
+    """Every checkpoint tensor in its order; a weight to quantize is read, rounded to nearest and
+    turned into its output tensors when the writer first asks for one of them."""
+    by_name = {t.name: t for t in targets.values()}
+
+    def fill(key: str) -> None:
+        name = next(n for n in (key, key.rsplit(".", 1)[0]) if n in by_name)
+        t = by_name[name]
+        weight = ckpt.get(name).float()
+        qw = rounded_to_nearest(weight, t, scheme, method, grid).export()
+        del weight
+        produced.add(tensors_for(name, qw, scheme.bits, ckpt.info(name).dtype))
+
+    produced = _Produced(fill)
+    return _planned(ckpt, ckpt.keys(), by_name, fmt, scheme, produced)
+
+
+def plan_calibrated(ckpt: Checkpoint, family, targets: dict[int, Target], steps: Iterator, fmt: str,
+                    scheme: QuantScheme, tensors_for: TensorsFor, on_report: Callable) -> list[PlannedTensor]:
+    """The tensors outside the blocks first, then block by block (checkpoint order within each); a
+    quantized weight's tensors come from ``steps`` (``reconstruct_iter``), advanced when the writer
+    first asks for a tensor it has not produced yet."""
+    by_name = {t.name: t for t in targets.values()}
+
+    def fill(key: str) -> None:
+        for weights, report in steps:
+            produced.add({k: v for name, qw in weights.items()
+                          for k, v in tensors_for(name, qw, scheme.bits, ckpt.info(name).dtype).items()})
+            if report is not None:
+                on_report(report)
+            if key in produced.tensors:
+                return
+        raise RuntimeError(f"tensor '{key}' was planned but no block produced it")
+
+    produced = _Produced(fill)
+    order = {name: i for i, name in enumerate(ckpt.keys())}
+
+    def position(name: str) -> tuple[int, int]:
+        where = family.block_of(name)
+        return (where[0] if where else -1, order[name])
+
+    return _planned(ckpt, sorted(ckpt.keys(), key=position), by_name, fmt, scheme, produced)
+
+
+def finish(steps: Iterator, on_report: Callable) -> None:
+    """Run what is left of ``steps`` (blocks with nothing to write still report)."""
+    for _, report in steps:
+        if report is not None:
+            on_report(report)

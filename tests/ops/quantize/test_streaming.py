@@ -1,0 +1,110 @@
+"""Streaming quantization (``streaming.py``) against the whole-model path (``streaming=False``: the
+float model built first, whose results the other quantize tests check against hand-written models
+and transformers): RTN writes the same bytes; calibration with blocks read lazily learns the same
+codes; --device refuses what the machine lacks; --offload-dir keeps activations in files."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
+from modelsurgery.families import detect_family
+from modelsurgery.ops.quantize import QuantizeOptions, quantize_checkpoint
+
+ROOT = Path(__file__).resolve().parents[3]
+MLP = ROOT / "fixtures" / "digits" / "mlp_seed0.safetensors"
+CALIB = ROOT / "fixtures" / "data" / "digits_calib.safetensors"
+LLAMA = ROOT / "fixtures" / "charlm" / "llama"
+TEXT = ROOT / "fixtures" / "data" / "charlm_calib.txt"
+
+
+def _weights_file(out: str) -> Path:
+    p = Path(out)
+    return p / "model.safetensors" if p.is_dir() else p
+
+
+def _read(out: str) -> tuple[dict, dict]:
+    with safe_open(str(_weights_file(out)), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def _both(src, tmp_path, **kw):
+    runs = {}
+    for streaming in (True, False):
+        out = tmp_path / f"{'stream' if streaming else 'whole'}{'.safetensors' if Path(src).is_file() else ''}"
+        runs[streaming] = quantize_checkpoint(src, out, QuantizeOptions(streaming=streaming, **kw))
+    assert runs[True].streamed and not runs[False].streamed
+    return runs[True], runs[False]
+
+
+@pytest.mark.parametrize("fmt", ["fake", "packed"])
+@pytest.mark.parametrize("src", [MLP, LLAMA], ids=["mlp", "llama"])
+def test_rtn_streams_the_same_bytes(tmp_path, src, fmt):
+    stream, whole = _both(src, tmp_path, method="rtn", bits=4, format=fmt, default_skips=False,
+                          granularity="group", group_size=16, symmetric=False)
+    assert stream.layers == whole.layers
+    assert _weights_file(stream.output).read_bytes() == _weights_file(whole.output).read_bytes()
+
+
+@pytest.mark.parametrize("method", ["flexround", "adaround"])
+def test_lazy_blocks_learn_the_same_codes_mlp(tmp_path, method):
+    stream, whole = _both(MLP, tmp_path, method=method, bits=3, format="packed", default_skips=False,
+                          calib=CALIB, samples=64, params={"steps": 15})
+    a, b = _read(stream.output)[0], _read(whole.output)[0]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in stream.blocks] == [r["loss"] for r in whole.blocks]
+
+
+def test_lazy_blocks_learn_the_same_codes_llama(tmp_path):
+    """A decoder: embeddings read for the first block's inputs, rotary tables kept as buffers, the
+    output written block by block (another tensor order, the same tensors and metadata)."""
+    stream, whole = _both(LLAMA, tmp_path, method="flexround", bits=4, format="packed", calib=TEXT,
+                          samples=4, seq_len=16, params={"steps": 3, "batch_size": 2}, default_skips=False)
+    (a, meta_a), (b, meta_b) = _read(stream.output), _read(whole.output)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta_a == meta_b
+    assert [r["loss"] for r in stream.blocks] == [r["loss"] for r in whole.blocks]
+    assert len(stream.blocks) == detect_family(Checkpoint.open(LLAMA)).num_layers
+    assert all(r["loss"] is not None for r in stream.blocks)
+
+
+@pytest.mark.parametrize("src", [LLAMA, ROOT / "fixtures" / "digits" / "resnet_seed0.safetensors"],
+                         ids=["llama", "resnet"])
+def test_build_empty_has_no_weights_and_real_buffers(src):
+    """Parameters on the meta device; buffers (a ResNet's BatchNorm statistics) read as build_module reads them."""
+    family = detect_family(Checkpoint.open(src))
+    empty, full = family.build_empty(), family.build_module()
+    assert all(p.is_meta for p in empty.parameters())
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in full.named_parameters()]
+    buffers = dict(full.named_buffers())
+    assert dict(empty.named_buffers()).keys() == buffers.keys()
+    assert all(torch.equal(b, buffers[n]) for n, b in empty.named_buffers())
+
+
+def test_offload_dir_keeps_the_result(tmp_path):
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    common = {"method": "flexround", "bits": 3, "format": "packed", "calib": CALIB, "samples": 64,
+              "params": {"steps": 10}, "default_skips": False}
+    a = quantize_checkpoint(MLP, tmp_path / "a.safetensors", QuantizeOptions(offload_dir=offload, **common))
+    b = quantize_checkpoint(MLP, tmp_path / "b.safetensors", QuantizeOptions(**common))
+    assert _read(a.output)[0].keys() == _read(b.output)[0].keys()
+    assert all(torch.equal(x, _read(b.output)[0][k]) for k, x in _read(a.output)[0].items())
+    assert list(offload.iterdir()) == []  # the mapped files were unlinked once mapped
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "tpu", "bogus:x"])
+def test_unavailable_device_is_one_line_and_writes_nothing(tmp_path, device):
+    out = tmp_path / "q.safetensors"
+    with pytest.raises(SurgeryError, match=f"--device {device}") as e:
+        quantize_checkpoint(MLP, out, QuantizeOptions(method="rtn", device=device))
+    assert "\n" not in str(e.value) and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_auto_device_on_cpu(tmp_path):
+    r = quantize_checkpoint(MLP, tmp_path / "q.safetensors", QuantizeOptions(method="rtn", device="auto"))
+    assert r.device == ("cuda" if torch.cuda.is_available() else "cpu")
