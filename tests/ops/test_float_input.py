@@ -126,5 +126,5 @@ def test_fake_quantized_pickle_is_read_as_float(quantized, tmp_path):
     mem = Checkpoint.from_state_dict(ckpt.state_dict(), pt, metadata=ckpt.metadata)
     view, note = float_view(mem, "merge")
     assert note and METADATA_KEY not in view.metadata and METADATA_KEY in mem.metadata
-    for k in ckpt.keys():
+    for k in ckpt:
         torch.testing.assert_close(view.get(k), ckpt.get(k))
