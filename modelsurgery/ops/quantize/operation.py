@@ -35,7 +35,13 @@ from modelsurgery.ops.quantize import streaming
 from modelsurgery.ops.quantize.base import QuantizedWeight, method_by_name
 from modelsurgery.ops.quantize.compare import compare_models
 from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
-from modelsurgery.ops.quantize.packing import METADATA_KEY, layer_entry, packed_tensors, scheme_metadata
+from modelsurgery.ops.quantize.packing import (
+    METADATA_KEY,
+    folder_config,
+    layer_entry,
+    packed_tensors,
+    scheme_metadata,
+)
 from modelsurgery.ops.quantize.reconstruct import (
     Progress,
     ReconstructOptions,
@@ -250,7 +256,8 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
             metadata={**{k: v for k, v in ckpt.metadata.items()
                          if k.startswith("modelsurgery.") and k != METADATA_KEY},
                       **scheme_metadata(opts.format, opts.method, scheme.to_dict(), layers)},
-            config=ckpt.config, extra_files=ckpt.extra_files(), force=opts.force,
+            config=folder_config(ckpt.config, opts.format, opts.bits), extra_files=ckpt.extra_files(),
+            force=opts.force,
         )
         if steps is not None:
             streaming.finish(steps, blocks.append)
