@@ -72,7 +72,7 @@ def require_float(ckpts: list[Checkpoint], operation: str) -> None:
         q = quantization_of(c)
         if q is not None:
             raise SurgeryError(f"{c.path}: {q.describe()}; {operation} works on float weights: {operation} the "
-                               "float model, then quantize the result")
+                               "float model (`surgery dequantize` gives it), then quantize the result")
 
 
 class _Dequantized(Mapping):
@@ -119,8 +119,8 @@ def float_view(ckpt: Checkpoint, operation: str) -> tuple[Checkpoint, str | None
     if q is None:
         return ckpt, None
     if q.format == "foreign":
-        raise SurgeryError(f"{ckpt.path}: {q.describe()}; {operation} needs float weights and cannot dequantize "
-                           "this format: dequantize it with the tool that wrote it")
+        raise SurgeryError(f"{ckpt.path}: {q.describe()}; {operation} needs float weights: dequantize it first "
+                           "(`surgery dequantize` reads GPTQ and compressed-tensors folders)")
     metadata = {k: v for k, v in ckpt.metadata.items() if k != METADATA_KEY}
     if q.format == "fake":
         view = _FloatView(ckpt, OrderedDict(ckpt.infos), metadata)
