@@ -61,6 +61,13 @@ def quantize_command(
     low_memory: bool = typer.Option(True, "--low-memory/--fast", help="While blocks train, return freed memory "
                                     "to the OS every step (peak memory within twice the model plus one block's "
                                     "activations), or skip that for speed (page faults cost time on small blocks)."),
+    device: str = typer.Option("cpu", "--device", help="Where the block being calibrated and its activations "
+                               "live: cpu, cuda, cuda:N or auto (cuda when present); the rest stays on the host."),
+    offload_dir: Path = typer.Option(None, "--offload-dir", help="Keep the cached calibration activations in "
+                                     "memory-mapped files in this folder instead of in memory."),
+    streaming: bool = typer.Option(True, "--streaming/--whole-model", help="Read the checkpoint a tensor (RTN) or "
+                                   "a block (calibration) at a time, or build the whole float model first "
+                                   "(the same output; --eval always builds it)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -87,7 +94,8 @@ def quantize_command(
             bits=bits, method=method, granularity=granularity, group_size=group_size, symmetric=symmetric,
             skip=list(skip), default_skips=not no_default_skips, calib=calib, samples=samples, seq_len=seq_len,
             params={k: v for k, v in method_params.items() if v is not None}, grid=grid, format=fmt,
-            eval=eval_data, model=model, seed=seed, low_memory=low_memory, force=force,
+            eval=eval_data, model=model, seed=seed, low_memory=low_memory, streaming=streaming, device=device,
+            offload_dir=offload_dir, force=force,
         )
         with progress_bar(quiet or json_out) as progress:
             result = quantize_checkpoint(input, output, options, progress)

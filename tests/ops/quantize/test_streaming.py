@@ -108,3 +108,16 @@ def test_unavailable_device_is_one_line_and_writes_nothing(tmp_path, device):
 def test_auto_device_on_cpu(tmp_path):
     r = quantize_checkpoint(MLP, tmp_path / "q.safetensors", QuantizeOptions(method="rtn", device="auto"))
     assert r.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_device_refusal_exits_1_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from modelsurgery.cli.app import app
+
+    res = CliRunner().invoke(app, ["quantize", str(MLP), "-o", str(tmp_path / "q.safetensors"), "--method", "rtn",
+                                   "--device", "cuda:0"])
+    assert res.exit_code == 1
+    assert "--device cuda:0: CUDA is not available" in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []
