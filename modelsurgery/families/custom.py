@@ -15,8 +15,12 @@ Inputs: the module's ``forward`` parameters name them. ``example_inputs`` uses t
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 import types
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,21 +33,65 @@ from modelsurgery.families.base import Family, Stages
 DEFAULT_SPATIAL = 8
 
 
+#: where --model looks for its factory (said in every command's --help)
+MODEL_HELP = ("Custom model factory 'package.module:function' (imported from the current folder first, "
+              "then the Python path, as `python -m` does) or 'path/to/file.py:function'.")
+
+
 def load_factory(spec: str):
-    """'package.module:function' -> the function (SurgeryError naming what is missing)."""
-    if spec.count(":") != 1 or not all(spec.split(":")):
-        raise SurgeryError(f"--model '{spec}': expected 'package.module:function'")
-    mod_name, fn_name = spec.split(":")
+    """'package.module:function' or 'path/to/file.py:function' -> the function (SurgeryError naming
+    what is missing). A module name is looked up in the current folder first, then on the Python path."""
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise SurgeryError(f"--model '{spec}': expected 'package.module:function' or 'path/to/file.py:function'")
     try:
-        module = importlib.import_module(mod_name)
+        module = _import_file(spec, Path(mod_name)) if mod_name.endswith(".py") else _import_module(mod_name)
+    except SurgeryError:
+        raise
     except ModuleNotFoundError as e:
-        raise SurgeryError(f"--model '{spec}': cannot import module '{mod_name}' ({e})") from e
+        raise SurgeryError(f"--model '{spec}': cannot import module '{mod_name}' ({e}; looked in {Path.cwd()} "
+                           "and on the Python path)") from e
     except Exception as e:  # the user's module failed while importing
         raise SurgeryError(f"--model '{spec}': importing '{mod_name}' failed ({type(e).__name__}: {e})") from e
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         raise SurgeryError(f"--model '{spec}': module '{mod_name}' has no function '{fn_name}'")
     return fn
+
+
+def _import_module(name: str) -> types.ModuleType:
+    # `python -m` and a plain `python` put the current folder first on the path; a console script
+    # does not, so a package next to the user would not be found without this
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _import_file(spec: str, path: Path) -> types.ModuleType:
+    if not path.is_file():
+        raise SurgeryError(f"--model '{spec}': {path}: no such file")
+    name = f"_surgery_model_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # the file's own imports of its neighbours
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        sys.path.remove(folder)
+    return module
 
 
 def _sequential_stages(module: nn.Module) -> Stages:
