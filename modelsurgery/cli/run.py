@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import typer
@@ -11,14 +12,29 @@ from modelsurgery.cli.common import emit_json, err_console, human_bytes, out_con
 from modelsurgery.recipe import RecipeFailed, RunOptions, run_recipe
 
 
-def _commands() -> dict:
-    """The surgery commands a step may run, with their option declarations (the one schema)."""
-    import typer.main
+class _Commands(Mapping):
+    """The surgery commands a step may run, each with its option declarations (the one schema),
+    imported when a step names it."""
 
-    from modelsurgery.cli.app import app
+    def __init__(self) -> None:
+        from modelsurgery.cli.app import COMMANDS, load_command
 
-    group = typer.main.get_command(app)
-    return {name: cmd for name, cmd in group.commands.items() if name != "run"}
+        self._names = [n for n in COMMANDS if n != "run"]
+        self._load = load_command
+        self._loaded: dict = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._loaded:
+            self._loaded[name] = self._load(name)
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def run_command(
@@ -46,7 +62,7 @@ def run_command(
     with user_errors(debug):
         with progress_bar(quiet or json_out) as progress:
             try:
-                result = run_recipe(recipe, output, _commands(), RunOptions(dry_run=dry_run, force=force), progress)
+                result = run_recipe(recipe, output, _Commands(), RunOptions(dry_run=dry_run, force=force), progress)
             except RecipeFailed as e:
                 failed, result = e, e.result
         if failed is not None and not json_out:
