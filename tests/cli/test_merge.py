@@ -44,11 +44,10 @@ def test_merge_error_is_one_line_and_writes_nothing(fixtures_dir, tmp_path):
 
 
 def test_method_flags_come_from_the_declarations(fixtures_dir, tmp_path):
-    import typer
-
+    from modelsurgery.cli.app import load_command
     from modelsurgery.ops.merge import all_methods
 
-    options = {o: p for p in typer.main.get_command(app).commands["merge"].params for o in p.opts}
+    options = {o: p for p in load_command("merge").params for o in p.opts}
     for method in all_methods().values():
         for p in method.params:
             assert f"{method.name}: {p.help} (default {p.default}" in options[f"--{p.name}"].help
