@@ -23,6 +23,7 @@ from modelsurgery.checkpoint.formats import (
     read_safetensors_header,
     read_shard_index,
 )
+from modelsurgery.checkpoint.hub import link_root, resolve_input
 from modelsurgery.errors import SurgeryError, SurgeryWarning
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -53,9 +54,7 @@ class Checkpoint:
     # ----- construction -------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
-        path = Path(path)
-        if not path.exists():
-            raise SurgeryError(f"{path}: no such file or directory")
+        path = resolve_input(Path(path))  # a missing path may be a hub id in the local cache
         if path.is_dir():
             return cls._open_folder(path)
         return cls._open_file(path, folder=None, config=None)
@@ -231,7 +230,7 @@ class Checkpoint:
         if self.folder is None:
             return []
         weights = set(self.source_files) | {self.path}
-        root = self.folder.resolve()
+        root = link_root(self.folder)  # a hub snapshot's files link into its cache folder
         out = []
         for p in sorted(self.folder.iterdir()):
             if p in weights or p.name == "config.json" or p.is_dir():
