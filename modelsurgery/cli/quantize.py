@@ -8,9 +8,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.checkpoint import check_output
+from modelsurgery.cli.common import (
+    check_finite_option,
+    check_range,
+    emit_json,
+    human_bytes,
+    out_console,
+    progress_bar,
+    safe,
+    user_errors,
+)
 from modelsurgery.ops.quantize import QuantizeOptions, quantize_checkpoint
 from modelsurgery.ops.quantize.base import all_methods
+from modelsurgery.ops.quantize.distributed import world
 from modelsurgery.ops.quantize.operation import FORMATS
 from modelsurgery.ops.quantize.params import all_params
 
@@ -31,6 +42,10 @@ def with_method_flags(command):
     params = list(sig.parameters.values())
     command.__signature__ = sig.replace(parameters=[p for p in params if p.kind != p.VAR_KEYWORD] + extra)
     return command
+
+
+#: calibration samples accepted (the data file must hold at least this many)
+MAX_SAMPLES = 1_000_000
 
 
 @with_method_flags
@@ -87,9 +102,18 @@ def quantize_command(
       surgery quantize mlp.safetensors -o q.safetensors --bits 3 --calib calib.safetensors\n
       surgery quantize gpt2/ -o gpt2-q4/ --method flexround --calib text.txt --samples 256 --format packed\n
       surgery quantize bert/ -o q/ --bits 4 --granularity group --group-size 64 --asymmetric --calib s.txt\n
-      surgery quantize model/ -o rtn/ --method rtn --bits 8 --eval eval.safetensors --json
+      surgery quantize model/ -o rtn/ --method rtn --bits 8 --eval eval.safetensors --json\n
+      torchrun --nproc_per_node 2 -m modelsurgery quantize model/ -o q/ --calib text.txt --device cuda
     """
     with user_errors(debug):
+        check_range(samples, "--samples", 1, MAX_SAMPLES, integer=True)
+        check_range(seq_len, "--seq-len", 1, integer=True)
+        check_range(group_size, "--group-size", 1, integer=True)
+        check_range(seed, "--seed", 0, integer=True)
+        for name, value in method_params.items():
+            if isinstance(value, float):
+                check_finite_option(value, "--" + name.replace("_", "-"))
+        check_output(output, force, [input, *(p for p in (calib, eval_data) if p is not None)])
         options = QuantizeOptions(
             bits=bits, method=method, granularity=granularity, group_size=group_size, symmetric=symmetric,
             skip=list(skip), default_skips=not no_default_skips, calib=calib, samples=samples, seq_len=seq_len,
@@ -97,8 +121,11 @@ def quantize_command(
             eval=eval_data, model=model, seed=seed, low_memory=low_memory, streaming=streaming, device=device,
             offload_dir=offload_dir, force=force,
         )
-        with progress_bar(quiet or json_out) as progress:
+        rank = world()[0]  # under torchrun only rank 0 shows progress and prints
+        with progress_bar(quiet or json_out or rank != 0) as progress:
             result = quantize_checkpoint(input, output, options, progress)
+    if rank != 0:
+        return
     if json_out:
         emit_json(result.to_dict())
         return
@@ -109,7 +136,7 @@ def render_result(r: dict) -> None:
     o = r["options"]
     gran = o["granularity"] + (f" {o['group_size']}" if o.get("group_size") else "")
     out_console.print(
-        f"[bold]{r['output']}[/]: {o['method']} {o['bits']}-bit {gran} "
+        f"[bold]{safe(r['output'])}[/]: {o['method']} {o['bits']}-bit {gran} "
         f"{'symmetric' if o['symmetric'] else 'asymmetric'}, {len(r['layers'])} weights quantized, "
         f"{len(r['skipped'])} kept float, {o['format']} format"
     )
@@ -119,7 +146,7 @@ def render_result(r: dict) -> None:
             table.add_column(col, justify="right" if col != "weights" else "left")
         for b in r["blocks"]:
             if b["weights"]:
-                table.add_row(str(b["block"]), _weights(b["weights"]), _num(b["rtn_loss"]), _num(b["loss"]),
+                table.add_row(safe(b["block"]), safe(_weights(b["weights"])), _num(b["rtn_loss"]), _num(b["loss"]),
                               f"{b['seconds']:.1f}")
         out_console.print(table)
     if r.get("evaluation"):
@@ -130,7 +157,7 @@ def render_result(r: dict) -> None:
         table.add_column("quantized", justify="right")
         for k in ev["float"]:
             if k in ev["quantized"]:
-                table.add_row(k, _num(ev["float"][k]), _num(ev["quantized"][k]))
+                table.add_row(safe(k), _num(ev["float"][k]), _num(ev["quantized"][k]))
         table.add_row("output cosine (mean)", "1", _num(ev["agreement"]["cosine_mean"]))
         if "top1_agreement" in ev["agreement"]:
             table.add_row("top-1 agreement", "1", _num(ev["agreement"]["top1_agreement"]))

@@ -31,7 +31,7 @@ from modelsurgery.checkpoint import (
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
-from modelsurgery.ops.quantize import streaming
+from modelsurgery.ops.quantize import distributed, streaming
 from modelsurgery.ops.quantize.base import QuantizedWeight, method_by_name
 from modelsurgery.ops.quantize.compare import compare_models
 from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
@@ -117,6 +117,8 @@ class QuantizeResult:
     evaluation: dict | None = None
     device: str = "cpu"
     streamed: bool = False
+    #: processes that calibrated together (torchrun); 1 for a single process
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -174,6 +176,14 @@ def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_
 
 def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions,
                         progress: Progress | None = None) -> QuantizeResult:
+    """Quantize ``path`` into ``out``. Under torchrun the calibration is data-parallel over the
+    processes (``distributed.py``) and only rank 0 writes."""
+    with distributed.process_group(resolve_device(opts.device)) as (rank, size):
+        return _quantize_checkpoint(path, out, opts, progress, rank, size)
+
+
+def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions, progress: Progress | None,
+                         rank: int, world_size: int) -> QuantizeResult:
     start = time.perf_counter()
     path, out = Path(path), Path(out)
     scheme = opts.scheme
@@ -189,7 +199,8 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
     if method.learned and opts.calib is None:
         raise SurgeryError(f"--method {opts.method} learns the rounding from data: pass --calib FILE")
     device = resolve_device(opts.device)
-    check_output(out, opts.force, [path])
+    if rank == 0:
+        check_output(out, opts.force, [path])
 
     # --eval compares the whole float and quantized models: it builds them; otherwise the module is
     # built empty and the weights are read a tensor or a block at a time (``streaming.py``)
@@ -216,13 +227,17 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
         data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, opts.seq_len,
                          None if streamed else model)
         calib = list(data.batches(settings["batch_size"], family))
+    parallel = None
+    if world_size > 1 and calib:
+        calib, shares = distributed.split_batches(calib, rank, world_size)
+        parallel = distributed.DataParallel(rank, world_size, shares)
     eval_data = None
     if opts.eval is not None:
         eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
 
     tensors_for = FORMATS[opts.format]
     recon = ReconstructOptions(settings=settings, grid=opts.grid, seed=opts.seed, low_memory=opts.low_memory,
-                               device=device, offload_dir=opts.offload_dir)
+                               device=device, offload_dir=opts.offload_dir, parallel=parallel)
     blocks: list = []
     steps = None
     if streamed and not calib and not method.learned:
@@ -250,15 +265,19 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
     params = {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items()
               if k not in ("force", "streaming", "offload_dir")}
     params["params"] = settings  # the values used, defaults included
+    if world_size > 1:  # the gradients were summed in another order: the codes may differ in rare ties
+        params["world_size"] = world_size
     try:
-        report = write_checkpoint(
-            out, planned, provenance=Provenance("quantize", params, ckpt.source_files),
-            metadata={**{k: v for k, v in ckpt.metadata.items()
-                         if k.startswith("modelsurgery.") and k != METADATA_KEY},
-                      **scheme_metadata(opts.format, opts.method, scheme.to_dict(), layers)},
-            config=folder_config(ckpt.config, opts.format, opts.bits), extra_files=ckpt.extra_files(),
-            force=opts.force,
-        )
+        bytes_out = 0
+        if rank == 0:  # the other processes only take part in the calibration
+            bytes_out = write_checkpoint(
+                out, planned, provenance=Provenance("quantize", params, ckpt.source_files),
+                metadata={**{k: v for k, v in ckpt.metadata.items()
+                             if k.startswith("modelsurgery.") and k != METADATA_KEY},
+                          **scheme_metadata(opts.format, opts.method, scheme.to_dict(), layers)},
+                config=folder_config(ckpt.config, opts.format, opts.bits), extra_files=ckpt.extra_files(),
+                force=opts.force,
+            ).total_bytes
         if steps is not None:
             streaming.finish(steps, blocks.append)
     finally:
@@ -276,7 +295,7 @@ def quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOptions
                                                       "samples": opts.samples if calib else 0},
         layers=layers, skipped=skipped, blocks=[b.to_dict() for b in blocks],
         seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20,
-        bytes_in=ckpt.nbytes, bytes_out=report.total_bytes, evaluation=evaluation, device=device,
-        streamed=streamed,
+        bytes_in=ckpt.nbytes, bytes_out=bytes_out, evaluation=evaluation, device=device,
+        streamed=streamed, world_size=world_size,
     )
 

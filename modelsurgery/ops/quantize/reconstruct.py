@@ -40,6 +40,7 @@ from torch.func import functional_call
 
 from modelsurgery.memory import large_allocations_mapped, release_freed_memory
 from modelsurgery.ops.quantize.base import QuantizedWeight, WeightQuantizer
+from modelsurgery.ops.quantize.distributed import DataParallel
 from modelsurgery.ops.quantize.grids import QuantScheme
 from modelsurgery.ops.quantize.rtn import RTNQuantizer
 
@@ -86,6 +87,8 @@ class ReconstructOptions:
     device: str = "cpu"
     #: keep the cached activations in files here (memory-mapped) instead of in memory
     offload_dir: Path | None = None
+    #: data-parallel calibration under torchrun: this rank's share of each batch (``distributed.py``)
+    parallel: DataParallel | None = None
 
 
 class Residency:
@@ -223,12 +226,15 @@ def _nbytes(*trees) -> int:
     return sum(seen.values())
 
 
-def _block_loss(block, overrides, xs, ctxs, ys, masks) -> float:
+def _block_loss(block, overrides, xs, ctxs, ys, masks, parallel=None) -> float:
     dim = feature_dim(block)
     with torch.no_grad():
         total = sum(rec_loss(functional_call(block, overrides, (x,), c), y, m, dim).item() * x.shape[0]
                     for x, c, y, m in zip(xs, ctxs, ys, masks))
-    return total / sum(x.shape[0] for x in xs)
+    count = sum(x.shape[0] for x in xs)
+    if parallel is not None:  # over every rank's samples
+        total, count = parallel.sum([total, count])
+    return total / count
 
 
 def _store(param: nn.Parameter, qw: QuantizedWeight) -> None:
@@ -339,18 +345,19 @@ def _reconstruct(model, targets, calib, scheme, method, options, settings, progr
             if calib:
                 report.rtn_loss = _block_loss(qblock, {
                     n: rounded_to_nearest(p, targets[id(p)], scheme, method, options.grid)()
-                    for n, p in local.items()}, xq, ctxs, yf, masks)
+                    for n, p in local.items()}, xq, ctxs, yf, masks, options.parallel)
             if method.learned and calib and settings.get("steps", 0) > 0:
                 task = f"block {i + 1}/{n_blocks}"
                 train_block(qblock, quantizers, xq, ctxs, yf, masks, settings, method.lr_schedule, options.low_memory,
-                       gen, lambda s, loss, task=task: progress(task, s, settings["steps"], {"loss": loss}))
+                            gen, lambda s, loss, task=task: progress(task, s, settings["steps"], {"loss": loss}),
+                            options.parallel)
             for n, q in quantizers.items():
                 qw = q.export()
                 _store(local[n], qw)
                 weights[targets[id(local[n])].name] = qw
             del quantizers  # learned scales, their gradients: gone before the next block's
             if calib:
-                report.loss = _block_loss(qblock, {}, xq, ctxs, yf, masks)
+                report.loss = _block_loss(qblock, {}, xq, ctxs, yf, masks, options.parallel)
         with torch.no_grad():  # the next block's quantized input, batch by batch in place
             xq.map_(lambda j, h, block=qblock: block(h, **ctxs[j]))
         report.seconds = time.perf_counter() - start
@@ -370,7 +377,10 @@ def _buffers_to(model: nn.Module, device: torch.device) -> None:
 
 
 def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks, settings: dict,
-           schedule: str, low_memory: bool, gen: torch.Generator, report: Callable[[int, float], None]) -> None:
+           schedule: str, low_memory: bool, gen: torch.Generator, report: Callable[[int, float], None],
+           parallel: DataParallel | None = None) -> None:
+    """Adam on the quantizers' parameters; under ``parallel`` each step's gradient is the whole
+    batch's, summed over the ranks (every rank draws the same batch index from ``gen``)."""
     steps = settings["steps"]
     params = [p for q in quantizers.values() for p in q.parameters()]
     if not params:  # only embeddings in this block: nothing is learned
@@ -390,6 +400,8 @@ def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ct
             if low_memory:
                 release_freed_memory()  # the forward pass's temporaries, before backward allocates
             (loss + reg).backward()
+        if parallel is not None:
+            parallel.average_grads(params, b)
         opt.step()
         if sched is not None:
             sched.step()
