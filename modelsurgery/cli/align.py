@@ -19,6 +19,7 @@ from modelsurgery.cli.common import (
     user_errors,
     warn,
 )
+from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.align import AlignOptions, AlignReport, align_checkpoint, parse_class_groups
 
@@ -42,11 +43,11 @@ def align_command(
                                "norms are already smaller is left alone."),
     eval_data: Path = typer.Option(None, "--eval", help="Evaluation data (inputs, labels): accuracy overall, "
                                    "on old and on new classes, before and after."),
-    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    model: str = model_option(),
+    json_out: bool = json_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Weight Aligning (Zhao et al., CVPR 2020): rescale the new-class rows of the classifier so their
     mean norm matches the old classes', removing the bias toward new classes after class-incremental

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from modelsurgery.cli.common import emit_json, out_console, user_errors
+from modelsurgery.cli.options import debug_option, force_option, json_option, quiet_option
 from modelsurgery.errors import SurgeryError
 
 STEPS = ("inspect", "merge", "grow", "align", "quantize", "export", "fold")
@@ -32,8 +33,10 @@ def find_fixtures(explicit: Path | None = None) -> Path:
 def demo_command(
     fixtures: Path = typer.Option(None, "--fixtures", help="Fixtures folder (default: ./fixtures)."),
     keep: Path = typer.Option(None, "--keep", help="Write outputs here instead of a temporary folder."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    json_out: bool = json_option(),
+    force: bool = force_option(help="Replace outputs in the --keep folder (the demo always replaces its own)."),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Run every capability once on the bundled fixtures and print what it did."""
     with user_errors(debug):
@@ -47,8 +50,8 @@ def demo_command(
                 fn = getattr(module, "demo_step", None)
                 if fn is None:
                     continue
-                if not json_out:
+                if not (json_out or quiet):
                     out_console.rule(f"[bold]{step}")
-                results[step] = fn(root, workdir, quiet=json_out)
+                results[step] = fn(root, workdir, quiet=json_out or quiet)
     if json_out:
         emit_json(results)

@@ -7,6 +7,14 @@ from pathlib import Path
 import typer
 
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, safe, user_errors
+from modelsurgery.cli.options import (
+    debug_option,
+    force_option,
+    json_option,
+    max_shard_size_option,
+    no_input_hash_option,
+    quiet_option,
+)
 
 
 def dequantize_command(
@@ -15,13 +23,12 @@ def dequantize_command(
     output: Path = typer.Option(..., "-o", "--output", help="Output: a folder or a .safetensors file."),
     dtype: str = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the dtype of the "
                               "input's float tensors)."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
-    no_input_hash: bool = typer.Option(False, "--no-input-hash", help="Record input paths in the provenance "
-                                       "without their SHA-256 (hashing reads every input in full)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (and --json)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    max_shard_size: str = max_shard_size_option(),
+    no_input_hash: bool = no_input_hash_option(),
+    json_out: bool = json_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(help="Print nothing but errors (and --json)."),
+    debug: bool = debug_option(),
 ) -> None:
     """Turn integer codes, scales and zero points back into float weights, W = (q - zero_point) * scale.
 

@@ -18,6 +18,7 @@ from modelsurgery.cli.common import (
     user_errors,
     warn,
 )
+from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
 from modelsurgery.export import ExportOptions, ExportReport, export_checkpoint
 
 #: the batch of check inputs is kept small: the check runs the model once in torch and once in ONNX Runtime
@@ -39,11 +40,11 @@ def export_command(
     data: Path = typer.Option(None, "--data", help="Sample inputs for the check (default: generated)."),
     samples: int = typer.Option(4, "--samples", help="Batch size of the check inputs."),
     seq_len: int = typer.Option(12, "--seq-len", help="Sequence length of generated check inputs (token models)."),
-    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    model: str = model_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    json_out: bool = json_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Export a checkpoint to ONNX with dynamic batch (and sequence) axes and check it in ONNX Runtime.
 

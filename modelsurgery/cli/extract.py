@@ -8,6 +8,7 @@ import typer
 from rich.table import Column, Table
 
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.cli.options import debug_option, force_option, json_option, quiet_option
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.adapters import ExtractOptions, extract_lora
 from modelsurgery.ops.adapters.extract import PARAMETERS
@@ -35,10 +36,10 @@ def extract_command(
     lowrank_above: int = typer.Option(DEFAULT["lowrank_above"], "--lowrank-above", help=HELP["lowrank_above"]),
     oversample: int = typer.Option(DEFAULT["oversample"], "--oversample", help=HELP["oversample"]),
     niter: int = typer.Option(DEFAULT["niter"], "--niter", help=HELP["niter"]),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    json_out: bool = json_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Extract a LoRA adapter (TUNED - BASE, truncated SVD per layer) that PEFT loads as it is.
 

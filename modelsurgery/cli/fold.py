@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.cli.options import debug_option, force_option, json_option, max_shard_size_option, quiet_option
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.adapters import FoldOptions, fold_adapters
 
@@ -20,11 +21,11 @@ def fold_command(
                                         "folded in the order given."),
     scale: float = typer.Option(FoldOptions.scale, "--scale", help="Fraction of each adapter's change to fold "
                                 "(1 = PEFT's merge_and_unload; 0.5 = half the fine-tune)."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    max_shard_size: str = max_shard_size_option(),
+    json_out: bool = json_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Fold PEFT adapters into the base weights, one tensor at a time (the whole model is never in memory).
 

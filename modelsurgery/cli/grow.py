@@ -18,6 +18,15 @@ from modelsurgery.cli.common import (
     safe,
     user_errors,
 )
+from modelsurgery.cli.options import (
+    debug_option,
+    force_option,
+    json_option,
+    max_shard_size_option,
+    model_option,
+    no_input_hash_option,
+    quiet_option,
+)
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.grow import METHODS, GrowOptions, grow, plan_growth
 
@@ -42,14 +51,13 @@ def grow_command(
     params: str = typer.Option(None, "--params", help="--plan: target model parameters, e.g. 7B."),
     tokens: str = typer.Option(None, "--tokens", help="--plan: target training tokens, e.g. 300B."),
     compute: str = typer.Option(None, "--compute", help="--plan: target compute in FLOPs (instead of --tokens)."),
-    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size."),
-    no_input_hash: bool = typer.Option(False, "--no-input-hash", help="Record input paths in the provenance "
-                                       "without their sha256 (saves a full read of multi-GB inputs)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    model: str = model_option(),
+    max_shard_size: str = max_shard_size_option(),
+    no_input_hash: bool = no_input_hash_option(),
+    json_out: bool = json_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Grow a trained model deeper or wider, keeping what it learned.
 

@@ -8,15 +8,18 @@ import typer
 from rich.table import Table
 
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, safe, user_errors
+from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
 from modelsurgery.ops.inspect import inspect_checkpoint
 
 
 def inspect_command(
     path: Path = typer.Argument(..., help="Checkpoint: .safetensors, shard index, .pt/.pth/.bin, or a folder."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
+    json_out: bool = json_option(),
+    model: str = model_option(),
     all_tensors: bool = typer.Option(False, "--all", help="List every tensor (default: a summary per group)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Show tensors grouped by block, totals, the detected family, metadata and provenance.
 

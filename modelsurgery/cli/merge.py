@@ -9,13 +9,28 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, out_console, parse_float_list, progress_bar, user_errors, warn
+from modelsurgery.checkpoint import check_output
+from modelsurgery.cli.common import (
+    check_device,
+    check_finite_option,
+    check_range,
+    emit_json,
+    out_console,
+    parse_float_list,
+    progress_bar,
+    safe,
+    user_errors,
+    warn,
+)
+from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.analyze import AnalyzeOptions, analyze_pair
 from modelsurgery.ops.merge import all_methods
 from modelsurgery.ops.merge.merge import MergeOptions, merge_checkpoints
 from modelsurgery.ops.merge.plot import check_plot, plot_path
 
+#: the most alpha values evaluated along the path (each is a full evaluation of a merged model)
+MAX_POINTS = 1001
 METHOD_HELP = "match (weight matching + average, default), linear, slerp, task-arithmetic, ties."
 
 
@@ -34,7 +49,7 @@ def merge_command(
     backend: str = typer.Option("auto", "--backend", help="Assignment solver: auto, lap, scipy, torch."),
     device: str = typer.Option("cpu", "--device", help="Device for similarities and the torch solver (cpu, cuda)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random group order of weight matching."),
-    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
+    model: str = model_option(),
     eval_data: Path = typer.Option(None, "--eval",
                                    help="Data (.safetensors/.pt/.npz with inputs+labels or input_ids, or a text file) "
                                    "to evaluate along the interpolation path."),
@@ -42,10 +57,10 @@ def merge_command(
     repair: bool = typer.Option(False, "--repair",
                                 help="Reset BatchNorm statistics / REPAIR rescaling on --eval data."),
     plot: Path = typer.Option(None, "--plot", help="Write the loss/accuracy path to a PNG or SVG file."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    json_out: bool = json_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
     **method_params: Any,
 ) -> None:
     """Merge models: permute every model after the first into its basis (weight matching), then average.
@@ -57,6 +72,15 @@ def merge_command(
       surgery merge ft1 ft2 --method ties --base base -o m --density 0.2
     """
     with user_errors(debug):
+        check_finite_option(alpha, "--alpha")
+        check_range(points, "--points", 2, MAX_POINTS, integer=True)
+        check_range(seed, "--seed", 0, integer=True)
+        check_device(device)
+        for name, value in method_params.items():
+            if isinstance(value, float):
+                check_finite_option(value, f"--{name}")
+        inputs = [*models, *([base] if base is not None else []), *([eval_data] if eval_data is not None else [])]
+        check_output(output, force, inputs)
         options = MergeOptions(
             method=method, alpha=alpha, weights=parse_float_list(weights, "--weights"), base=base, align=align,
             params=given_params(method_params), backend=backend, device=device, seed=seed, model=model,
@@ -65,11 +89,11 @@ def merge_command(
         if plot is not None:
             if eval_data is None:
                 raise SurgeryError(f"{plot}: --plot needs --eval DATA")
-            check_plot(plot, len(models), points)
+            check_plot(plot, len(models), points, force=force, inputs=[*inputs, output])
         with progress_bar(quiet or json_out) as progress:
             result = merge_checkpoints(models, output, options, force=force, progress=progress)
         if plot is not None and result.evaluation:
-            plot_path(result.evaluation, plot)
+            plot_path(result.evaluation, plot, force=force)
     for note in result.notes:
         warn(note)
     if json_out:
@@ -125,8 +149,8 @@ merge_command = _add_method_flags(merge_command)
 
 
 def render_merge(r: dict) -> None:
-    out_console.print(f"merged {r['num_models']} {r['family']} models with [cyan]{r['method']}[/] "
-                      f"(weights {', '.join(f'{w:.3g}' for w in r['weights'])}) -> [bold]{r['output']}[/]")
+    out_console.print(f"merged {r['num_models']} {safe(r['family'])} models with [cyan]{safe(r['method'])}[/] "
+                      f"(weights {', '.join(f'{w:.3g}' for w in r['weights'])}) -> [bold]{safe(r['output'])}[/]")
     for m in r["matching"]:
         out_console.print(f"  model {m['model']}: weight matching objective {m['objective_before']:.4g} -> "
                           f"{m['objective_after']:.4g} in {m['iterations']} passes ({m['assignment_solves']} solves)")
@@ -134,7 +158,7 @@ def render_merge(r: dict) -> None:
     if not ev:
         return
     metric = ev["metric"]
-    table = Table(title=f"evaluation on {ev['data']}" + (" (repaired)" if ev["repair"] else ""), show_edge=False)
+    table = Table(title=f"evaluation on {safe(ev['data'])}" + (" (repaired)" if ev["repair"] else ""), show_edge=False)
     table.add_column("alpha", justify="right")
     curves = [c for c in ("naive", "matched") if c in ev]
     for c in curves:
@@ -154,7 +178,7 @@ def render_merge(r: dict) -> None:
         out_console.print(f"repair: reset the statistics of {rep['batchnorms']} BatchNorm layers")
     elif rep:
         kinds = sorted({x["correction"] for x in rep["layers"]})
-        skipped = ", ".join(f"{x['name']} ({x['reason']})" for x in rep["skipped"]) or "none"
+        skipped = safe(", ".join(f"{x['name']} ({x['reason']})" for x in rep["skipped"]) or "none")
         out_console.print(f"repair: {len(rep['layers'])} layers rescaled ({'/'.join(kinds)}); kept: {skipped}")
     ends = ", ".join(f"{e[metric]:.4f}" for e in ev["endpoints"])
     out_console.print(f"endpoints {metric}: {ends}; merged output: loss {ev['merged']['loss']:.4f}, "
@@ -167,10 +191,11 @@ def analyze_command(
     top_k: int = typer.Option(5, "--top-k", help="Number of top singular vectors compared per layer."),
     backend: str = typer.Option("auto", "--backend", help="Assignment solver: auto, lap, scipy, torch."),
     device: str = typer.Option("cpu", "--device", help="Device for matching and SVDs (cpu, cuda)."),
-    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    model: str = model_option(),
+    json_out: bool = json_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Per layer: L2 distance and top singular vector alignment of two models, before/after weight matching.
 
@@ -182,6 +207,8 @@ def analyze_command(
       surgery analyze a.safetensors b.safetensors --top-k 3 --json
     """
     with user_errors(debug), progress_bar(quiet or json_out) as progress:
+        check_range(top_k, "--top-k", 1, integer=True)
+        check_device(device)
         result = analyze_pair(a, b, AnalyzeOptions(top_k=top_k, backend=backend, device=device, model=model),
                               progress=progress)
     for note in result.notes:
@@ -189,11 +216,11 @@ def analyze_command(
     if json_out:
         emit_json(result.to_dict())
         return
-    table = Table(title=f"{result.family}: {a} vs {b}", show_edge=False)
+    table = Table(title=safe(f"{result.family}: {a} vs {b}"), show_edge=False)
     for col in ("layer", "shape", "L2 before", "L2 after", f"top-{top_k} align before", f"top-{top_k} align after"):
         table.add_column(col, justify="left" if col in ("layer", "shape") else "right", no_wrap=col == "layer")
     for layer in result.layers:
-        table.add_row(layer.name, "x".join(map(str, layer.shape)), f"{layer.distance_before:.4g}",
+        table.add_row(safe(layer.name), "x".join(map(str, layer.shape)), f"{layer.distance_before:.4g}",
                       f"{layer.distance_after:.4g}", " ".join(f"{x:.2f}" for x in layer.alignment_before),
                       " ".join(f"{x:.2f}" for x in layer.alignment_after))
     out_console.print(table)

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from modelsurgery.cli.common import emit_json, err_console, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.cli.options import debug_option, force_option, json_option, quiet_option
 from modelsurgery.recipe import RecipeFailed, RunOptions, run_recipe
 
 
@@ -43,10 +44,10 @@ def run_command(
                                 ".safetensors); steps: the folder that holds every step's output."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (steps, inputs with sizes, outputs, "
                                  "what is cached) and do nothing."),
-    force: bool = typer.Option(False, "--force", help="Rerun every step, replacing existing outputs."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with every step's result."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    force: bool = force_option(help="Rerun every step, replacing existing outputs."),
+    json_out: bool = json_option(help="Print one JSON object with every step's result."),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """Run a recipe: a mergekit YAML config as it is, or steps chaining surgery commands.
 
