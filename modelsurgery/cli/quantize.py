@@ -19,6 +19,7 @@ from modelsurgery.cli.common import (
     safe,
     user_errors,
 )
+from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
 from modelsurgery.ops.quantize import QuantizeOptions, quantize_checkpoint
 from modelsurgery.ops.quantize.base import all_methods
 from modelsurgery.ops.quantize.distributed import world
@@ -71,7 +72,7 @@ def quantize_command(
     fmt: str = typer.Option("fake", "--format", help=f"One of {', '.join(FORMATS)}. fake: float weights with "
                             "the quantization applied; packed: integer codes, scales and zero points."),
     eval_data: Path = typer.Option(None, "--eval", help="Evaluate float vs quantized on this data file."),
-    model: str = typer.Option(None, "--model", help="Custom model factory 'package.module:function'."),
+    model: str = model_option(),
     seed: int = typer.Option(0, "--seed", help="Random seed for batch order."),
     low_memory: bool = typer.Option(True, "--low-memory/--fast", help="While blocks train, return freed memory "
                                     "to the OS every step (peak memory within twice the model plus one block's "
@@ -83,10 +84,10 @@ def quantize_command(
     streaming: bool = typer.Option(True, "--streaming/--whole-model", help="Read the checkpoint a tensor (RTN) or "
                                    "a block (calibration) at a time, or build the whole float model first "
                                    "(the same output; --eval always builds it)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    json_out: bool = json_option(),
+    force: bool = force_option(),
+    quiet: bool = quiet_option(),
+    debug: bool = debug_option(),
     **method_params,
 ) -> None:
     """Quantize Linear and Conv weights to 2-8 bits, learning the rounding block by block.
