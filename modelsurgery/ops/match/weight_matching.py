@@ -12,12 +12,17 @@ Faster than the plain algorithm, with the same fixed points:
 - a step is accepted only if it strictly improves (gains summed in float64).
 Attention head groups are solved in two levels: per pair of heads the best unit assignment (Q/K
 together, V/O together), then the head order (Verma & Elbayad 2024).
+
+``streaming=True`` keeps neither model in float32: A's tensors and B's permuted tensors are made
+from the (memory-mapped) inputs each time a similarity term is computed, and dropped after; only
+the permutations and the cached similarity matrices (at most CACHE_MIN_BYTES) stay. The steps are
+the same, so are the permutations (as long as the same terms fit in the cache).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +47,22 @@ class MatchResult:
 
 def _float(state: dict[str, torch.Tensor], spec: PermutationSpec, device) -> dict[str, torch.Tensor]:
     return {k: state[k].to(device=device, dtype=torch.float32) for k in spec.axes}
+
+
+class _OnDemand(Mapping):
+    """Tensors made by ``make(name)`` each time they are asked for, never kept."""
+
+    def __init__(self, names, make: Callable[[str], torch.Tensor]):
+        self.names, self.make = list(names), make
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.make(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 CACHE_MIN_BYTES = 256 * 2**20
@@ -83,18 +104,27 @@ def weight_matching(
     progress: Callable[[str, int, int, dict], None] | None = None,
     init: Perms | None = None,
     fast: bool = True,
+    streaming: bool = False,
 ) -> MatchResult:
     """Permutations taking B into A's basis (apply them to B with ``apply_permutation``).
 
-    ``fast=False`` recomputes every similarity product (no cache, no incremental updates)."""
+    ``fast=False`` recomputes every similarity product (no cache, no incremental updates);
+    ``streaming=True`` holds no float copy of either model (module docstring)."""
     device = torch.device(device)
     rng = random.Random(seed)
     spec = spec.matched()
-    A = _float(state_a, spec, device)
-    B = _float(state_b, spec, device)
     perms = init or spec.identity(device)
     perms = {g: {k: v.to(device) for k, v in p.items()} for g, p in perms.items()}
-    Bp = {k: permute_tensor(spec, k, B[k], perms) for k in B}
+    if streaming:
+        A = _OnDemand(spec.axes, lambda k: state_a[k].to(device=device, dtype=torch.float32))
+        B = _OnDemand(spec.axes, lambda k: state_b[k].to(device=device, dtype=torch.float32))
+        Bp = _OnDemand(spec.axes, lambda k: permute_tensor(spec, k, B[k], perms))
+        budget = CACHE_MIN_BYTES
+    else:
+        A = _float(state_a, spec, device)
+        B = _float(state_b, spec, device)
+        Bp = {k: permute_tensor(spec, k, B[k], perms) for k in B}
+        budget = max(CACHE_MIN_BYTES, sum(t.numel() * t.element_size() for t in B.values()) // 2)
     before = objective(A, Bp)
     members = {g: spec.tensors_of(g) for g in spec.groups}
     neighbours = {g: {s.group for t, _ in members[g] for segs in spec.axes[t].values() for s in segs} - {g}
@@ -102,7 +132,7 @@ def weight_matching(
     history = [before]
     solves = 0
     it = 0
-    cache = _Cache(max(CACHE_MIN_BYTES, sum(t.numel() * t.element_size() for t in B.values()) // 2))
+    cache = _Cache(budget)
     versions = dict.fromkeys(spec.groups, 0)
     stale = set(spec.groups)  # groups whose assignment problem may have changed since last solved
     while stale and solves < max_iter * len(spec.groups):
@@ -121,7 +151,8 @@ def weight_matching(
                 sim, stamp, idx = cache[key]
                 cache[key] = (sim[:, q], stamp, idx)
             for t, _ in members[g]:
-                Bp[t] = permute_tensor(spec, t, B[t], perms)
+                if not streaming:  # else made from perms when next asked for
+                    Bp[t] = permute_tensor(spec, t, B[t], perms)
             stale |= neighbours[g]
             history.append(history[-1] + gain)
         if progress:

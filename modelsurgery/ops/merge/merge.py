@@ -2,7 +2,9 @@
 (Ainsworth et al. 2023, Git Re-Basin; N models: Ito et al. 2024, each aligned to the first).
 
 Pure function: checkpoints + options -> written checkpoint + report. Tensors are produced one at a
-time while the output streams, so memory holds the models being matched plus one merged tensor.
+time while the output streams. Weight matching reads the memory-mapped inputs tensor by tensor
+(``weight_matching(streaming=True)``): memory holds the permutations, the similarity matrices and
+one merged tensor, not the models in float32.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ def align_models(states: list[dict[str, torch.Tensor]], spec: PermutationSpec, o
             out.append((None, {}))
             continue
         r = weight_matching(states[0] if reference is None else reference, state, spec, max_iter=options.max_iter,
-                            seed=options.seed, backend=options.backend, device=options.device, progress=progress)
+                            seed=options.seed, backend=options.backend, device=options.device, progress=progress,
+                            streaming=True)  # the states stay memory-mapped: no float copy of either
         out.append(({g: {k: v.cpu() for k, v in p.items()} for g, p in r.perms.items()}, {"model": i, **r.to_dict()}))
     return out
 
