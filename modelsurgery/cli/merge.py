@@ -73,7 +73,7 @@ def merge_command(
     """
     with user_errors(debug):
         check_finite_option(alpha, "--alpha")
-        check_range(points, "--points", 2, MAX_POINTS, integer=True)
+        check_range(points, "--points", 1, MAX_POINTS, integer=True)
         check_range(seed, "--seed", 0, integer=True)
         check_device(device)
         for name, value in method_params.items():

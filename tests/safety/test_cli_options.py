@@ -179,3 +179,77 @@ def test_check_device():
     if not torch.cuda.is_available():
         with pytest.raises(SurgeryError, match="CUDA is not available"):
             check_device("cuda")
+
+
+MERGE_CASES = [
+    (["--weights", "nan,1"], ["--weights", "finite"]),
+    (["--weights", "inf,1"], ["--weights", "finite"]),
+    (["--alpha", "nan"], ["--alpha", "finite"]),
+    (["--points", "0"], ["--points", "[1, 1001]"]),
+    (["--points", "-1"], ["--points", "[1, 1001]"]),
+    (["--points", "100000"], ["--points", "[1, 1001]"]),
+    (["--device", "bogus"], ["--device", "not a device"]),
+]
+
+
+@pytest.mark.parametrize("args,words", MERGE_CASES)
+def test_merge_options_range_checked(tmp_path, fixtures_dir, args, words):
+    a, b = fixtures_dir / "digits" / "mlp_seed0.safetensors", fixtures_dir / "digits" / "mlp_seed1.safetensors"
+    r = runner.invoke(app, ["merge", str(a), str(b), "-o", str(tmp_path / "m.safetensors"), *args])
+    _one_line_error(r, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,words", [(["--top-k", "0"], ["--top-k", ">= 1"]),
+                                        (["--top-k", "-1"], ["--top-k", ">= 1"])])
+def test_analyze_options_range_checked(fixtures_dir, args, words):
+    a, b = fixtures_dir / "digits" / "mlp_seed0.safetensors", fixtures_dir / "digits" / "mlp_seed1.safetensors"
+    _one_line_error(runner.invoke(app, ["analyze", str(a), str(b), *args]), *words)
+
+
+def test_merge_plot_and_eval_follow_the_output_rules(tmp_path, fixtures_dir):
+    """Issue #14 item 7: an existing plot is not overwritten, a plot in a missing folder is refused before
+    the merged checkpoint is written, and the evaluation data is never the output."""
+    a, b = fixtures_dir / "digits" / "mlp_seed0.safetensors", fixtures_dir / "digits" / "mlp_seed1.safetensors"
+    data = tmp_path / "eval.safetensors"
+    data.write_bytes((fixtures_dir / "data" / "digits_eval.safetensors").read_bytes())
+    plot = tmp_path / "p.png"
+    plot.write_bytes(b"an older plot")
+    before = snapshot(tmp_path)
+    common = ["merge", str(a), str(b), "--eval", str(data), "--points", "3"]
+    for args, words in [(["-o", str(tmp_path / "m.safetensors"), "--plot", str(plot)], ["p.png", "already exists"]),
+                        (["-o", str(tmp_path / "m.safetensors"), "--plot", str(tmp_path / "nodir" / "p.png")],
+                         ["output folder does not exist"]),
+                        (["-o", str(data), "--force"], ["would overwrite the input"])]:
+        _one_line_error(runner.invoke(app, [*common, *args]), *words)
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--samples", "0"], ["--samples", "[1, 1000000]"]),
+    (["--samples", "-1"], ["--samples", "[1, 1000000]"]),
+    (["--seq-len", "0"], ["--seq-len", ">= 1"]),
+    (["--method", "flexround", "--lr", "inf"], ["--lr", "finite"]),
+    (["--method", "flexround", "--lr", "nan"], ["--lr", "finite"]),
+    (["--method", "adaround", "--steps", "-1"], ["--steps"]),
+])
+def test_quantize_options_range_checked(tmp_path, fixtures_dir, args, words):
+    src = fixtures_dir / "digits" / "mlp_seed0.safetensors"
+    calib = fixtures_dir / "data" / "digits_calib.safetensors"
+    r = runner.invoke(app, ["quantize", str(src), "-o", str(tmp_path / "q.safetensors"), "--calib", str(calib),
+                            *args])
+    _one_line_error(r, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_never_writes_over_its_calibration_data(tmp_path, fixtures_dir):
+    """Issue #14 item 6: `-o calib.safetensors --calib calib.safetensors --force` replaced the data."""
+    src = fixtures_dir / "digits" / "mlp_seed0.safetensors"
+    calib = tmp_path / "calib.safetensors"
+    calib.write_bytes((fixtures_dir / "data" / "digits_calib.safetensors").read_bytes())
+    before = snapshot(tmp_path)
+    for flag in ("--calib", "--eval"):
+        r = runner.invoke(app, ["quantize", str(src), "-o", str(calib), flag, str(calib), "--method", "rtn",
+                                "--force"])
+        _one_line_error(r, "would overwrite the input")
+    assert snapshot(tmp_path) == before
