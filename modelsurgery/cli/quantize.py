@@ -20,6 +20,8 @@ from modelsurgery.cli.common import (
     user_errors,
 )
 from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
+from modelsurgery.deploy import FORMATS as DEPLOY_FORMATS
+from modelsurgery.deploy import writes_folder
 from modelsurgery.ops.quantize import QuantizeOptions, quantize_checkpoint
 from modelsurgery.ops.quantize.base import all_methods
 from modelsurgery.ops.quantize.distributed import world
@@ -69,8 +71,14 @@ def quantize_command(
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per calibration sample."),
     grid: str = typer.Option(None, "--grid", help="Grid init: minmax, or search (Lp clipping search). "
                              "Default: minmax for rtn, search for learned methods."),
-    fmt: str = typer.Option("fake", "--format", help=f"One of {', '.join(FORMATS)}. fake: float weights with "
-                            "the quantization applied; packed: integer codes, scales and zero points."),
+    fmt: str = typer.Option("fake", "--format", help=f"One of {', '.join((*FORMATS, *DEPLOY_FORMATS))}. fake: "
+                            "float weights with the quantization applied; packed: integer codes, scales and zero "
+                            "points; gptq, compressed-tensors (folders for transformers/vLLM) and gguf (llama.cpp; "
+                            "Q8_0/Q4_0/Q4_1: --granularity group --group-size 32) hold the same codes with fp16 "
+                            "scales, which the quantizer then learns on."),
+    gguf_tokenizer: str = typer.Option("auto", "--gguf-tokenizer", help="--format gguf: auto (the folder's "
+                                       "tokenizer, refused where llama.cpp's converter refuses it) or none (token "
+                                       "ids only)."),
     eval_data: Path = typer.Option(None, "--eval", help="Evaluate float vs quantized on this data file."),
     model: str = model_option(),
     seed: int = typer.Option(0, "--seed", help="Random seed for batch order."),
@@ -114,13 +122,14 @@ def quantize_command(
         for name, value in method_params.items():
             if isinstance(value, float):
                 check_finite_option(value, "--" + name.replace("_", "-"))
-        check_output(output, force, [input, *(p for p in (calib, eval_data) if p is not None)])
+        check_output(output, force, [input, *(p for p in (calib, eval_data) if p is not None)],
+                     folder=writes_folder(fmt) if fmt in DEPLOY_FORMATS else None)  # a .gguf is one file
         options = QuantizeOptions(
             bits=bits, method=method, granularity=granularity, group_size=group_size, symmetric=symmetric,
             skip=list(skip), default_skips=not no_default_skips, calib=calib, samples=samples, seq_len=seq_len,
             params={k: v for k, v in method_params.items() if v is not None}, grid=grid, format=fmt,
             eval=eval_data, model=model, seed=seed, low_memory=low_memory, streaming=streaming, device=device,
-            offload_dir=offload_dir, force=force,
+            offload_dir=offload_dir, force=force, gguf_tokenizer=gguf_tokenizer,
         )
         rank = world()[0]  # under torchrun only rank 0 shows progress and prints
         with progress_bar(quiet or json_out or rank != 0) as progress:

@@ -107,7 +107,7 @@ def test_method_flags_come_from_the_declaration_and_reach_the_provenance(tmp_pat
     assert used == {**AdaRoundQuantizer.resolve(), "steps": 4, "reg_weight": 0.05}
     assert used["beta_start"] == 20.0 and used["warmup"] == 0.2 and used["batch_size"] == 32
     assert json.loads(r.stdout)["options"]["reg_weight"] == 0.05
-    help_text = " ".join(runner.invoke(app, ["quantize", "--help"]).stdout.split())
+    help_text = " ".join(runner.invoke(app, ["quantize", "--help"]).stdout.replace("│", " ").split())
     for flag in ("--steps", "--lr", "--batch-size", "--reg-weight", "--beta-start", "--beta-end", "--warmup"):
         assert flag in help_text
     assert "adaround: 10000" in help_text and "flexround: 5000" in help_text

@@ -29,6 +29,7 @@ from modelsurgery.ops.quantize.grids import (
     group_size_for,
     grouped,
     make_grid,
+    stored_grid,
     to_matrix,
 )
 from modelsurgery.ops.quantize.params import BATCH_SIZE, MethodParam, resolve_params
@@ -134,7 +135,7 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
-        grid = Grid(self.grid().scale.detach().float(), self.zero)
+        grid = stored_grid(Grid(self.grid().scale.detach().float(), self.zero), self.scheme)
         q = self.hard_codes()
         return QuantizedWeight(
             stored_codes=q.reshape(self.rows, self.row_length).to(torch.uint8),

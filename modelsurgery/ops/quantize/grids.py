@@ -25,6 +25,9 @@ class QuantScheme:
     granularity: str = "channel"
     group_size: int | None = None
     symmetric: bool = True
+    #: a deployment format (``modelsurgery.deploy``) whose stored grid the scales and zero points
+    #: must be (fp16 scales; GPTQ v1 zero points >= 1), so what is learned is what is stored
+    storage: str | None = None
 
     def validate(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -147,10 +150,20 @@ def lp_error(g: torch.Tensor, grid: Grid, scheme: QuantScheme, p: float) -> torc
 
 def make_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int, init: str = "minmax") -> Grid:
     if init == "minmax":
-        return minmax_grid(matrix, scheme, group)
+        return stored_grid(minmax_grid(matrix, scheme, group), scheme)
     if init == "search":
-        return search_grid(matrix, scheme, group)
+        return stored_grid(search_grid(matrix, scheme, group), scheme)
     raise SurgeryError(f"--grid {init}: expected minmax or search")
+
+
+def stored_grid(grid: Grid, scheme: QuantScheme) -> Grid:
+    """``grid`` as ``scheme.storage`` stores it (unchanged without one)."""
+    if scheme.storage is None:
+        return grid
+    from modelsurgery.deploy import storable_grid
+
+    scale, zero = storable_grid(scheme.storage, grid.scale, grid.zero, scheme)
+    return Grid(scale, zero)
 
 
 # ----- rounding ---------------------------------------------------------------------------------

@@ -96,10 +96,14 @@ class QuantizeOptions:
     #: keep cached calibration activations in memory-mapped files in this folder
     offload_dir: Path | None = None
     force: bool = False
+    #: --format gguf: "auto" (the folder's tokenizer, as llama.cpp's converter reads it) or "none"
+    gguf_tokenizer: str = "auto"
+    #: a deployment format whose stored grid the quantizer uses (set by ``modelsurgery.deploy.quantize``)
+    storage: str | None = None
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.granularity, self.group_size, self.symmetric)
+        return QuantScheme(self.bits, self.granularity, self.group_size, self.symmetric, self.storage)
 
 
 @dataclass
@@ -115,6 +119,8 @@ class QuantizeResult:
     bytes_in: int
     bytes_out: int
     evaluation: dict | None = None
+    #: --format gptq|compressed-tensors|gguf: the writer's report (files, block type, scale rounding)
+    deploy: dict | None = None
     device: str = "cpu"
     streamed: bool = False
     #: processes that calibrated together (torchrun); 1 for a single process
@@ -190,8 +196,14 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     scheme.validate()
     method = method_by_name(opts.method)
     settings = method.resolve(opts.params)
+    from modelsurgery.deploy import FORMATS as DEPLOYED  # imported late: deploy reads packing.py
+
+    if opts.format in DEPLOYED:  # GPTQ, compressed-tensors, GGUF (modelsurgery.deploy.quantize)
+        from modelsurgery.deploy.quantize import quantize_to_format
+
+        return quantize_to_format(path, out, opts, progress)
     if opts.format not in FORMATS:
-        raise SurgeryError(f"--format {opts.format}: expected one of {', '.join(FORMATS)}")
+        raise SurgeryError(f"--format {opts.format}: expected one of {', '.join((*FORMATS, *DEPLOYED))}")
     ckpt = Checkpoint.open(path)
     family = detect_family(ckpt, opts.model)
     if not family.runnable:
