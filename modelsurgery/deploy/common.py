@@ -37,6 +37,11 @@ class DeploySource:
     #: the operation and parameters recorded as the output's provenance (default: this conversion)
     operation: str = "deploy"
     parameters: dict = field(default_factory=dict)
+    #: the files the provenance names (default: the checkpoint's own)
+    sources: list[str] | None = None
+
+    def source_files(self) -> list[Path]:
+        return [Path(p) for p in self.sources] if self.sources is not None else list(self.ckpt.source_files)
 
     @property
     def config(self) -> dict:
@@ -204,7 +209,7 @@ def write_quantized_folder(src: DeploySource, out: Path, planned: list, quantiza
               "layers": {w.name: {"shape": list(w.shape), "bits": w.bits, "group_size": w.group_size}
                          for w in src.weights}}
     return write_checkpoint(
-        out, planned, provenance=Provenance(src.operation, {"format": fmt, **src.parameters}, src.ckpt.source_files),
+        out, planned, provenance=Provenance(src.operation, {"format": fmt, **src.parameters}, src.source_files()),
         metadata={"modelsurgery.quantization": json.dumps(record, sort_keys=True)},
         config={**src.config, "quantization_config": quantization_config},
         extra_files=src.ckpt.extra_files(), force=force)

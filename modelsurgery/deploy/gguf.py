@@ -323,7 +323,7 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
         tok = write_tokenizer(writer, src.folder, config["vocab_size"], tokenizer)
         writer.add_string("modelsurgery", json.dumps(
             {"tool": "modelsurgery", "operation": src.operation, "parameters": {"format": NAME, **src.parameters},
-             "sources": [str(p) for p in src.ckpt.source_files]}, sort_keys=True, default=str))
+             "sources": [str(p) for p in src.source_files()]}, sort_keys=True, default=str))
         writer.add_string("modelsurgery.quantization", json.dumps(
             {"format": NAME, "method": src.method, "type": qtype.name, **src.scheme.to_dict()}, sort_keys=True))
         for p in planned:
