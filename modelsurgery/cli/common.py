@@ -18,7 +18,6 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from modelsurgery.errors import SurgeryError, SurgeryWarning
 
@@ -123,23 +122,11 @@ ProgressCallback = Callable[[str, int, int, dict], None]
 
 @contextmanager
 def progress_bar(quiet: bool = False) -> Iterator[ProgressCallback]:
-    """A callback ``(task, done, total, info)`` for operations; a rich bar on stderr when it is a TTY."""
-    if quiet or not err_console.is_terminal:
-        yield lambda task, done, total, info=None: None
-        return
-    with Progress(
-        TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=err_console, transient=True,
-    ) as progress:
-        tasks: dict[str, int] = {}
+    """A callback ``(task, done, total, info)`` for operations: a rich bar with rate and ETA on stderr when it
+    is a terminal, one plain line per task every 10 % or 30 s when it is not (CI logs), nothing when ``quiet``."""
+    from modelsurgery.cli.progress import progress_display
 
-        def update(task: str, done: int, total: int, info: dict | None = None) -> None:
-            if task not in tasks:
-                tasks[task] = progress.add_task(plain(task), total=total, info="")
-            text = plain(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in (info or {}).items()))
-            progress.update(tasks[task], completed=done, total=total, info=text)
-
+    with progress_display(err_console, plain, quiet) as update:
         yield update
 
 

@@ -326,6 +326,7 @@ def _reconstruct(model, targets, calib, scheme, method, options, settings, progr
     masks = [b.get("attention_mask") for b in calib]
     masks = [m.to(device) if m is not None else None for m in masks]
     n_blocks = len(stages.blocks)
+    progress("blocks", 0, n_blocks, {})  # the whole-run bar from the start, not after block 1
     for i, qblock in enumerate(stages.blocks):
         start = time.perf_counter()
         params = list(qblock.parameters())
