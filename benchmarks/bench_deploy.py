@@ -4,7 +4,7 @@ compressed-tensors pack-quantized, beside the float checkpoint and our packed fo
 Every quantized output comes from `surgery quantize --method rtn` (its library call) at 8-bit
 symmetric, 4-bit symmetric and 4-bit asymmetric weights in groups of 32 (the three GGUF block
 types), with embeddings and the output head kept float (the default) and the rows that 32 does not
-divide kept float too (the char LLaMA's 176-wide down_proj). The "max |dW|" column is the largest
+divide kept float too (the char LLaMA's 176-wide down_proj). The "max abs dW" column is the largest
 difference between the weights the format stores and those our quantizer produced (0: written
 exactly; the quantizer learns on the format's fp16 scales).
 
@@ -120,7 +120,7 @@ def large_llama(folder: Path) -> Path:
 
 def print_table(title: str, float_bytes: int, rows: list[dict]) -> None:
     print(f"\n{title}: float checkpoint {float_bytes / 2**20:.3f} MiB")
-    print("| scheme | format | weight files MiB | of float | max |dW| | seconds |")
+    print("| scheme | format | weight files MiB | of float | max abs dW | seconds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scheme']} | {r['format']} | {r['bytes'] / 2**20:.3f} | {r['bytes'] / float_bytes:.1%} | "
