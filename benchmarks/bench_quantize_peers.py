@@ -188,7 +188,12 @@ def run_autoround(cfg: dict):
     ar = AutoRound(model, tokenizer(cfg), bits=bits, group_size=group or -1, sym=True, iters=cfg["steps"],
                    nsamples=cfg["samples"], seqlen=seqlen, batch_size=cfg["batch_size"], dataset=data,
                    device_map="cpu", low_gpu_mem_usage=False)
-    model, _ = ar.quantize()
+    model, layer_config = ar.quantize()
+    left = sorted(n for n, c in layer_config.items() if c.get("bits", 16) >= 16 and n in dict(model.named_modules())
+                  and not n.endswith("lm_head"))
+    if left:  # auto-round keeps a Linear float unless both its dims are multiples of 32 (its packing rule)
+        raise RuntimeError(f"auto-round left {len(left)} Linear layers float ({left[0]} ...): "
+                           "a dimension is not a multiple of 32")
     return lambda: model
 
 
