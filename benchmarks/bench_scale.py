@@ -1,0 +1,170 @@
+"""Quantize and merge at LLM scale: on a random bf16 LLaMA-shaped checkpoint (full size: hidden 2048,
+16 layers, intermediate 5632, vocab 32000, about 1.7 GB in two shards), wall time and peak anonymous
+resident memory (RssAnon summed over the process tree, polled every 20 ms: heap and anonymous
+mappings, not the file-backed pages of memory-mapped inputs) of
+
+- a plain copy of the checkpoint's bytes (the floor for anything that reads and writes them);
+- RTN 4-bit packed, streaming (the default) and --whole-model (the float model built first);
+- FlexRound 4-bit packed with a few steps on random token ids, streaming and --whole-model;
+- a match-merge of two such models (``surgery merge --method match``; max_iter 1), streaming weight
+  matching (the default) and the in-memory matching (``weight_matching(streaming=False)``).
+
+Each run is its own child process, side by side in the same run. ``--small`` uses a model of hidden
+256, 4 layers, intermediate 704, vocab 4000 (about 11 MB) for a quick check.
+
+    python benchmarks/bench_scale.py [--small] [--workdir /tmp] [--steps 2] [--skip-merge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FULL = {"hidden": 2048, "layers": 16, "inner": 5632, "vocab": 32000, "heads": 16}
+SMALL = {"hidden": 256, "layers": 4, "inner": 704, "vocab": 4000, "heads": 4}
+
+
+def generate(folder: Path, shape: dict, seed: int) -> None:
+    """The checkpoint in two shards, each tensor generated when the writer reaches it."""
+    import torch
+
+    from modelsurgery.checkpoint import PlannedTensor, write_checkpoint
+
+    h, inner, vocab = shape["hidden"], shape["inner"], shape["vocab"]
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
+    for i in range(shape["layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (h, h),
+                       p + "self_attn.v_proj.weight": (h, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (inner, h), p + "mlp.up_proj.weight": (inner, h),
+                       p + "mlp.down_proj.weight": (h, inner)})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (vocab, h)})
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name, s):
+        if name.endswith("norm.weight"):
+            return torch.ones(s, dtype=torch.bfloat16)
+        return (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
+
+    total = sum(torch.Size(s).numel() * 2 for s in shapes.values())
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+              "intermediate_size": inner, "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
+              "num_key_value_heads": shape["heads"], "vocab_size": vocab, "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    write_checkpoint(folder, [PlannedTensor(n, s, torch.bfloat16, lambda n=n, s=s: make(n, s))
+                              for n, s in shapes.items()],
+                     config=config, max_shard_size=total // 2 + 1)
+
+
+def _tree(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _anon_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def measure(cmd: list[str]) -> dict:
+    """Wall seconds and peak RssAnon (MB) of the process tree of ``cmd``."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, sum(_anon_kb(p) for p in _tree(proc.pid)))
+            time.sleep(0.02)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
+    return {"seconds": round(seconds, 2), "peak_anon_mb": round(peak / 1024, 1)}
+
+
+WHOLE_MATCH = """
+import sys
+from pathlib import Path
+import modelsurgery.ops.merge.merge as m
+inner = m.weight_matching
+m.weight_matching = lambda *a, **k: inner(*a, **{**k, "streaming": False})
+m.merge_checkpoints([Path(sys.argv[1]), Path(sys.argv[2])], Path(sys.argv[3]), m.MergeOptions(max_iter=1), force=True)
+"""
+STREAM_MATCH = WHOLE_MATCH.replace('{**k, "streaming": False}', "k")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", action="store_true", help="hidden 256, 4 layers (quick check)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--steps", type=int, default=2, help="FlexRound steps per block")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--skip-merge", action="store_true")
+    args = ap.parse_args()
+    shape = SMALL if args.small else FULL
+    work = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=args.workdir))
+    py = sys.executable
+    try:
+        for name, seed in (("a", 0), ("b", 1)) if not args.skip_merge else (("a", 0),):
+            subprocess.run([py, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                            f"from bench_scale import generate, {'SMALL' if args.small else 'FULL'} as S; "
+                            f"from pathlib import Path; generate(Path({str(work / name)!r}), S, {seed})"], check=True)
+        model = work / "a"
+        size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        import torch
+
+        calib = work / "calib.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({"input_ids": torch.randint(shape["vocab"], (args.samples, args.seq_len),
+                                              generator=torch.Generator().manual_seed(0))}, calib)
+        rows = {}
+        rows["plain copy"] = measure([py, "-c", f"import shutil; shutil.copytree({str(model)!r}, "
+                                      f"{str(work / 'copy')!r}, dirs_exist_ok=True)"])
+        q = [py, "-m", "modelsurgery", "quantize", str(model), "--bits", "4", "--format", "packed", "--force", "-q"]
+        for mode in ("streaming", "whole-model"):
+            rows[f"rtn packed, {mode}"] = measure([*q, "-o", str(work / f"rtn-{mode}"), "--method", "rtn",
+                                                   f"--{mode}"])
+        for mode in ("streaming", "whole-model"):
+            rows[f"flexround {args.steps} steps, {mode}"] = measure(
+                [*q, "-o", str(work / f"flex-{mode}"), "--method", "flexround", "--calib", str(calib),
+                 "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                 "--batch-size", str(min(4, args.samples)), f"--{mode}"])
+        if not args.skip_merge:
+            for mode, code in (("streaming", STREAM_MATCH), ("in-memory matching", WHOLE_MATCH)):
+                rows[f"match-merge, {mode}"] = measure([py, "-c", code, str(work / "a"), str(work / "b"),
+                                                        str(work / f"merge-{mode.split()[0]}")])
+        print(json.dumps({"model": shape, "checkpoint_mb": round(size / 2**20, 1), "runs": rows}, indent=1))
+        print(f"\n{'run':40} {'seconds':>8} {'peak RssAnon MB':>16}")
+        for k, v in rows.items():
+            print(f"{k:40} {v['seconds']:8.2f} {v['peak_anon_mb']:16.1f}")
+        copy = rows["plain copy"]["seconds"]
+        print(f"\nRTN streaming / plain copy time: {rows['rtn packed, streaming']['seconds'] / copy:.2f}x "
+              f"(checkpoint {size / 2**20:.0f} MB)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
