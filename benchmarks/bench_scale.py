@@ -13,6 +13,7 @@ Each run is its own child process, side by side in the same run. ``--small`` use
 256, 4 layers, intermediate 704, vocab 4000 (about 11 MB) for a quick check.
 
     python benchmarks/bench_scale.py [--small] [--workdir /tmp] [--steps 2] [--skip-merge]
+    python benchmarks/bench_scale.py --formula   # the memory formula at 1.7 GB, 7B and 70B (no runs)
 """
 
 from __future__ import annotations
@@ -113,6 +114,33 @@ m.merge_checkpoints([Path(sys.argv[1]), Path(sys.argv[2])], Path(sys.argv[3]), m
 STREAM_MATCH = WHOLE_MATCH.replace('{**k, "streaming": False}', "k")
 
 
+#: LLaMA shapes for the extrapolation: hidden, intermediate, layers, vocab, key/value heads' width
+SIZES = {"1.7 GB bench model": (2048, 5632, 16, 32000, 2048), "LLaMA-2 7B": (4096, 11008, 32, 32000, 4096),
+         "LLaMA-2 70B": (8192, 28672, 80, 32000, 1024)}
+
+
+def formula(samples: int = 128, seq_len: int = 128) -> None:
+    """Memory by formula (GB), beyond the runtime's own ~0.2 GB (what the --small rows show):
+    streaming FlexRound = 20 bytes per parameter of one block (float32 weight, S2, its gradient, Adam's
+    two moments) + the cached activations (quantized input and float target: 2 x samples x seq_len x
+    hidden x 4 bytes); streaming RTN = 4 bytes x 3 (weight, scaled copy, codes) x the largest quantized
+    tensor (an MLP matrix: embeddings and head are kept float by default);
+    whole model = 4 bytes per parameter (the float32 model) + the same block state; streaming
+    match-merge = the 256 MiB similarity cache + 3 x the largest tensor in float32; in-memory
+    matching = 12 bytes per parameter (A, B and permuted B in float32)."""
+    print(f"\n{'model':20} {'params':>8} {'RTN stream':>10} {'Flex stream':>11} {'Flex whole':>10} "
+          f"{'match stream':>12} {'match in-mem':>12}   (GB, formula: --formula)")
+    for name, (h, inner, layers, vocab, kv) in SIZES.items():
+        block = 2 * h * h + 2 * h * kv + 3 * h * inner
+        params = layers * block + 2 * vocab * h
+        largest = max(vocab * h, h * inner)
+        acts = 2 * samples * seq_len * h * 4
+        flex = 20 * block + acts
+        gb = 1e9
+        print(f"{name:20} {params / 1e9:7.2f}B {12 * h * inner / gb:10.2f} {flex / gb:11.2f} "
+              f"{(4 * params + flex) / gb:10.2f} {(2**28 + 12 * largest) / gb:12.2f} {12 * params / gb:12.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="hidden 256, 4 layers (quick check)")
@@ -121,7 +149,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--formula", action="store_true", help="only print the memory formula for 1.7 GB, 7B, 70B")
     args = ap.parse_args()
+    if args.formula:
+        formula(args.samples if args.samples != 8 else 128)
+        return
     shape = SMALL if args.small else FULL
     work = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=args.workdir))
     py = sys.executable
