@@ -197,5 +197,7 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
                 f"{name}: {safe(src.name)} -> {safe(dst.name)}: {report.params_before:,} -> {report.params_after:,} "
                 f"parameters; runs, output {list(b.shape)}, "
                 f"max change vs input {results[name]['max_output_change']:.3g}"
+                + (" (stacking changes the function by design: training continues from it)" if name == "stack"
+                   else " (function-preserving: should be ~0)")
             )
     return results
