@@ -199,9 +199,6 @@ def parse_config(doc: dict, where: str = "recipe") -> MergekitConfig:
             raise SurgeryError(f"{where}: slices[{i}]: slerp merges exactly two models, got {len(names)}")
         if name == "passthrough" and len(names) != 1:
             raise SurgeryError(f"{where}: slices[{i}]: passthrough takes exactly one source, got {len(names)}")
-    if name == "ties":
-        _refuse_constant(doc, parameters, slices, "normalize", True,
-                         "ties with normalize: false (the disjoint mean is how our ties merges)")
     tok = doc.get("tokenizer_source")
     if tok is not None and tok not in ("base", "union"):
         raise SurgeryError(f"{where}: tokenizer_source '{tok}' is not supported (supported: base, union)")
@@ -210,13 +207,3 @@ def parse_config(doc: dict, where: str = "recipe") -> MergekitConfig:
     return MergekitConfig(method, slices, "models" in doc, base, parameters, _dtype(doc.get("dtype"), "dtype"),
                           _dtype(doc.get("out_dtype"), "out_dtype"), tok, doc)
 
-
-def _refuse_constant(doc: dict, parameters: dict, slices: list[OutSlice], name: str, value: Any, what: str) -> None:
-    for scope in [parameters] + [s.parameters for s in slices]:
-        setting = scope.get(name)
-        if setting is None:
-            continue
-        values = [setting] if not isinstance(setting, list) else [
-            c["value"] if isinstance(c, dict) else c for c in setting]
-        if any(v != value for v in values):
-            raise SurgeryError(f"merge_method {doc['merge_method']}: parameter '{name}': {what} is not supported")

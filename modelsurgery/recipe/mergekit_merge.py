@@ -216,7 +216,8 @@ def merge_tensor(method: str, tensors: dict[str, torch.Tensor], job: TensorJob) 
                 kept = kept * (before / after)
         trimmed.append(base + kept)
     ours = get_method("ties")
-    return ours.fn(trimmed, weights, base, ours.resolve({"density": 1.0, "scale": float(gp["lambda"])}))
+    return ours.fn(trimmed, weights, base, ours.resolve({"density": 1.0, "scale": float(gp["lambda"]),
+                                                             "normalize": bool(gp["normalize"])}))
 
 
 @dataclass

@@ -60,7 +60,7 @@ def test_method_flags_come_from_the_declarations(fixtures_dir, tmp_path):
     r = runner.invoke(app, [*args, "--method", "ties", "--base", str(d / "mlp_seed0.safetensors"),
                             "--density", "0.5", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["params"] == {"density": 0.5, "scale": 1.0}
+    assert json.loads(r.stdout)["params"] == {"density": 0.5, "scale": 1.0, "normalize": True}
     prov = json.loads(Checkpoint.open(out).metadata["modelsurgery"])["parameters"]
     assert (prov["density"], prov["scale"]) == (0.5, 1.0)
     # a boolean parameter: mergekit's linear with normalize false is the plain weighted sum

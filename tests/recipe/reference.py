@@ -49,7 +49,7 @@ def slerp(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def ties(base: np.ndarray, xs: list[np.ndarray], weights: list[float], densities: list[float],
-         lam: float = 1.0, rescale: bool = False) -> np.ndarray:
+         lam: float = 1.0, rescale: bool = False, normalize: bool = True) -> np.ndarray:
     deltas = []
     for x, w, d in zip(xs, weights, densities):
         delta = (x - base).ravel()
@@ -67,7 +67,9 @@ def ties(base: np.ndarray, xs: list[np.ndarray], weights: list[float], densities
     sign = np.where(deltas.sum(0) >= 0, 1.0, -1.0)
     agree = np.sign(deltas) == sign
     w = np.array(weights)[:, None]
-    divisor = (w * agree).sum(0)
-    divisor[divisor == 0] = 1
-    merged = (deltas * agree).sum(0) / divisor
+    merged = (deltas * agree).sum(0)
+    if normalize:  # mergekit's normalize: true divides by the agreeing weights; false keeps the sum
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+        merged = merged / divisor
     return base + lam * merged.reshape(base.shape)

@@ -223,6 +223,21 @@ def test_ties_rescale_lambda(tmp_path, llamas):
         np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
 
 
+def test_ties_without_normalize_sums_the_agreeing_deltas(tmp_path, llamas):
+    """mergekit's ties with ``normalize: false``: the elected-sign deltas are summed, not averaged."""
+    config = TIES.replace("normalize: true", "normalize: false")
+    assert "normalize: false" in config
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 0, r.output
+    base, f1, f2, got = ref.load(llamas["base"]), ref.load(llamas["ft1"]), ref.load(llamas["ft2"]), ref.load(out)
+    for name in base:
+        i = layer_of(name)
+        t = 0.0 if i is None else i / 2
+        expected = ref.ties(base[name], [f1[name], f2[name]], [1.0, ref.gradient([0, 0.3, 0.7, 1], t)],
+                            [ref.gradient([1, 0.7, 0.1], t), 0.5], normalize=False)
+        np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
+
+
 def test_task_arithmetic_lambda_out_dtype(tmp_path, llamas):
     """task_arithmetic: base + lambda * sum w_i (x_i - base), no normalisation by default; written as out_dtype."""
     config = TASK_ARITHMETIC
@@ -294,8 +309,6 @@ tokenizer_source: union
     ("models: [{model: a}, {model: b}]\nmerge_method: slerp\nbase_model: a\n", "'t'"),
     ("models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\n"
      "merge_method: linear\ntokenizer_source: a\n", "tokenizer_source"),
-    ("models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\n"
-     "merge_method: ties\nbase_model: a\nparameters: {normalize: false}\n", "normalize"),
     ("slices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 3]}]}]\n"
      "merge_method: linear\n", "same number of layers"),
     ("slices: [{sources: [{model: a, layer_range: [0, 7]}]}]\nmerge_method: passthrough\n", "layer_range"),

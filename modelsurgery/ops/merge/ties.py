@@ -6,7 +6,8 @@ with mergekit's definitions (``ties``: magnitude sparsification, "sum" sign cons
 2. elect: the sign of sum_i w_i * delta_i per entry, where a zero sum counts as + (mergekit:
    ``sum >= 0`` gives +1, so no entry is left without a sign);
 3. disjoint mean: sum of the weighted deltas whose sign equals the elected one, divided by the sum
-   of their weights (1 where none agrees); theta = base + lambda * that.
+   of their weights (1 where none agrees); theta = base + lambda * that. With ``normalize`` false
+   (mergekit's ``normalize: false``) the agreeing weighted deltas are summed, not averaged.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def ties(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor,
     deltas = torch.stack([trim(t.to(torch.float32) - b, float(params["density"])) for t in tensors]) * w
     elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
     agree = torch.sign(deltas) == elected  # a trimmed (zero) entry has sign 0 and never agrees
-    divisor = (w * agree).sum(0)
-    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    merged = (deltas * agree).sum(0) / divisor
+    merged = (deltas * agree).sum(0)
+    if params.get("normalize", True):
+        divisor = (w * agree).sum(0)
+        merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     return b + float(params["scale"]) * merged
 
 
@@ -51,6 +53,8 @@ PARAMS = (
           paper="Yadav et al. 2023: top-k 20%", low=0.0, high=1.0),
     Param("scale", float, 1.0, "lambda: scale of the merged task vector",
           paper="Yadav et al. 2023: lambda = 1 without validation data; mergekit: 1"),
+    Param("normalize", bool, True, "divide the agreeing deltas by their summed weights (disjoint mean)",
+          paper="Yadav et al. 2023 Alg. 1: disjoint mean; mergekit ties: normalize true"),
 )
 
 register_method(Method("ties", ties, PARAMS, needs_base=True, paper="Yadav et al. 2023"))

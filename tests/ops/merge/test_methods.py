@@ -115,11 +115,12 @@ def test_every_method_declares_its_parameters():
             assert p.name and p.help and p.type in (float, int, bool)
             assert p.check(p.default, method.name) == p.default  # the default passes its own validation
         assert method.resolve({}) == method.defaults()
-    assert get_method("ties").defaults() == {"density": 0.2, "scale": 1.0}  # TIES paper: top-20%, lambda = 1
+    # TIES paper: top-20%, lambda = 1, disjoint mean
+    assert get_method("ties").defaults() == {"density": 0.2, "scale": 1.0, "normalize": True}
 
 
 @pytest.mark.parametrize("name,params,message", [
-    ("ties", {"alpha": 1.0}, "merge method 'ties' has no parameter 'alpha' \\(its parameters: density, scale\\)"),
+    ("ties", {"alpha": 1.0}, "merge method 'ties' has no parameter 'alpha' \\(its parameters: density, scale, normalize\\)"),
     ("ties", {"density": 1.5}, "parameter 'density' = 1.5: expected a value in \\[0.0, 1.0\\]"),
     ("ties", {"density": "dense"}, "parameter 'density' is a number"),
     ("linear", {"normalize": 1}, "parameter 'normalize' is true or false"),
@@ -132,3 +133,13 @@ def test_resolve_refuses_in_one_line(name, params, message):
 def test_unknown_method():
     with pytest.raises(SurgeryError, match="merge method 'nope'"):
         get_method("nope")
+
+
+def test_ties_without_normalize_sums_the_agreeing_deltas():
+    # mergekit's ties with normalize: false: deltas (2, -1) and (1, 3), weights 1 and 1, density 1:
+    # sums (3, 2) elect (+, +); entry 0: 2 + 1 = 3; entry 1: only 3 agrees -> 3 (not divided by 1 or 2)
+    base = torch.zeros(2)
+    torch.testing.assert_close(run("ties", [t(2, -1), t(1, 3)], [1.0, 1.0], base, density=1.0, normalize=False),
+                               t(3, 3))
+    # normalize: true averages over the agreeing models: entry 0 -> 3/2, entry 1 -> 3/1
+    torch.testing.assert_close(run("ties", [t(2, -1), t(1, 3)], [1.0, 1.0], base, density=1.0), t(1.5, 3))
