@@ -100,10 +100,7 @@ def resolve_opset(options: ExportOptions, weights: list[PackedWeight], source: s
 def runnable_family(ckpt: Checkpoint, model: str | None, source: str) -> Family:
     family = detect_family(ckpt, model)
     if not family.runnable:
-        raise SurgeryError(
-            f"{source}: no known model family matches this checkpoint's tensors; pass --model "
-            "package.module:function to build it"
-        )
+        raise SurgeryError(f"{source}: {family.not_runnable_reason()}")
     return family
 
 

@@ -53,16 +53,15 @@ class UnknownFamily(Family):
 
         return closest_family(self.ckpt)
 
-    def build_module(self, state=None, dtype=None):
+    def not_runnable_reason(self) -> str:
         closest = self.closest_family
         if closest is None:
-            return super().build_module(state, dtype)
+            return ("no known model family matches this checkpoint's tensors; pass --model "
+                    "package.module:function to build it")
         model_type = self.config.get("model_type") or self.config.get("architectures")
-        raise SurgeryError(
-            f"{self.ckpt.path}: config.json model_type {model_type!r} is not a supported family; its tensor "
-            f"names follow the '{closest}' layout (closest family: {closest}), but an unknown architecture is "
-            "not run as a look-alike"
-        )
+        return (f"config.json model_type {model_type!r} is not a supported family; its tensor names follow "
+                f"the '{closest}' layout (closest family: {closest}), but an unknown architecture is not run "
+                "as a look-alike")
 
     def describe(self) -> dict:
         d = super().describe()

@@ -346,10 +346,12 @@ class Family:
     def build_module(self, state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
                      ) -> nn.Module:
         """A torch module in eval mode holding ``state`` (default: the checkpoint's tensors)."""
-        raise SurgeryError(
-            f"{self.ckpt.path}: family '{self.name}' cannot be run; pass --model package.module:function "
-            "to build the module"
-        )
+        raise SurgeryError(f"{self.ckpt.path}: {self.not_runnable_reason()}")
+
+    def not_runnable_reason(self) -> str:
+        """Why ``build_module`` cannot run this checkpoint, for the one-line refusal of any operation
+        that needs a forward pass (families that run never get asked)."""
+        return f"family '{self.name}' cannot be run; pass --model package.module:function to build the module"
 
     def build_empty(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """``build_module`` with every parameter on the meta device (no memory, no data) and the buffers

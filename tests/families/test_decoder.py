@@ -438,3 +438,25 @@ def test_inspect_names_the_closest_family_of_a_lookalike(tiny, tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(folder)], env={"COLUMNS": "400"})
     assert result.exit_code == 0
     assert "family unknown" in result.stdout and "follow the llama layout" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["quantize", "--method", "rtn"], ["export"]])
+def test_quantize_and_export_refuse_a_lookalike_naming_the_closest_family(tiny, tmp_path, command):
+    """Operations that run the model give the family's own refusal (the closest layout), not a generic one."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from modelsurgery.cli.app import app
+
+    folder = tmp_path / "olmo"
+    shutil.copytree(tiny["llama3"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg |= {"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / ("out.onnx" if command[0] == "export" else "out")
+    result = CliRunner().invoke(app, [command[0], str(folder), *command[1:], "-o", str(out)],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 1
+    assert "model_type 'olmo2' is not a supported family" in result.output
+    assert "closest family: llama" in result.output and not out.exists()

@@ -44,7 +44,7 @@ def test_unknown_and_registry():
     odd = Checkpoint.from_state_dict({"emb": torch.zeros(3, 4, 5), "x": torch.zeros(2)})
     fam = detect_family(odd)
     assert isinstance(fam, UnknownFamily) and not fam.runnable
-    with pytest.raises(SurgeryError, match="cannot be run"):
+    with pytest.raises(SurgeryError, match="no known model family matches this checkpoint's tensors; pass --model"):
         fam.build_module()
     assert {"mlp", "cnn", "resnet", "custom"} <= set(registered())
     assert family_by_name("resnet").name == "resnet"

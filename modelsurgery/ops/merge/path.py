@@ -41,7 +41,7 @@ def evaluate_path(family, ckpts, aligned, spec, merged, weights, options, progre
     if options.eval_data is None:
         raise SurgeryError("--repair needs --eval DATA (statistics are measured on it)")
     if not family.runnable:
-        raise SurgeryError(f"{ckpts[0].path}: family '{family.name}' cannot be run, so --eval is not possible")
+        raise SurgeryError(f"{ckpts[0].path}: {family.not_runnable_reason()} (--eval and --repair run the model)")
     data = load_eval_data(options.eval_data, ckpts[0])
     inputs = data.model_inputs(family)
     states = [c.state_dict() for c in ckpts]

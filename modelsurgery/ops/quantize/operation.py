@@ -207,7 +207,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     ckpt = Checkpoint.open(path)
     family = detect_family(ckpt, opts.model)
     if not family.runnable:
-        raise SurgeryError(f"{path}: family '{family.name}' cannot be run; pass --model package.module:function")
+        raise SurgeryError(f"{path}: {family.not_runnable_reason()}")
     if method.learned and opts.calib is None:
         raise SurgeryError(f"--method {opts.method} learns the rounding from data: pass --calib FILE")
     device = resolve_device(opts.device)
