@@ -76,6 +76,12 @@ def detect_family(ckpt: Checkpoint, model: str | None = None) -> Family:
         from modelsurgery.families.custom import CustomFamily
 
         return CustomFamily(ckpt, model)
+    config = ckpt.config or {}
+    kind, archs = config.get("model_type"), config.get("architectures")
+    if kind is not None and not isinstance(kind, str):
+        raise SurgeryError(f"{ckpt.path}: config.json model_type is not a string")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise SurgeryError(f"{ckpt.path}: config.json architectures is not a list of strings")
     candidates = [
         cls for cls in sorted(registered().values(), key=lambda c: -c.priority)
         if cls.name != "custom" and cls.detect(ckpt)

@@ -183,6 +183,11 @@ class Family:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.config: dict = dict(ckpt.config or {})
+        self.check_config()
+
+    def check_config(self) -> None:
+        """Refuse config.json values of the wrong type or range in one line before anything reads them
+        (families that read config.json declare their keys; the default reads none)."""
 
     # ----- detection ----------------------------------------------------------------------------
     @classmethod

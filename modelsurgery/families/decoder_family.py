@@ -183,6 +183,11 @@ class DecoderFamily(TransformerFamily):
             if self.config.get(key):
                 raise SurgeryError(f"{self.ckpt.path}: config.json {key}={self.config[key]} is not supported "
                                    "(causal decoders only)")
+        o_proj = self.block_linears(0)["o"].weight
+        if self.ckpt.shape(o_proj)[1] != att.num_heads * att.head_dim:
+            raise SurgeryError(f"{self.ckpt.path}: config.json num_attention_heads={att.num_heads} x head_dim="
+                               f"{att.head_dim} does not match tensor '{o_proj}' of shape "
+                               f"{tuple(self.ckpt.shape(o_proj))}")
         lay, sw = self.layout, self.switches
         rope, rope_local = self.ropes(att.head_dim)
         scalar = sw.get("query_pre_attn_scalar") if lay.attention_scalar else None

@@ -179,6 +179,47 @@ class TransformerModule(nn.Module):
 
 
 # ----- family helpers ---------------------------------------------------------------------------
+# config.json keys the transformer families read, with the values a model can have; a value outside
+# them (a string head count, zero heads, a NaN epsilon) is refused naming the key, never met later as a
+# TypeError or ZeroDivisionError in the middle of a build.
+_POSITIVE_INT = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "intermediate_size",
+                 "vocab_size", "max_position_embeddings", "sliding_window", "sliding_window_pattern",
+                 "n_head", "n_embd", "n_inner", "n_positions", "n_ctx", "type_vocab_size")
+_COUNT = ("num_hidden_layers", "n_layer", "max_window_layers")
+_POSITIVE_FLOAT = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base",
+                   "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+_FRACTION = ("partial_rotary_factor", "rotary_pct")
+_BOOL = ("tie_word_embeddings", "use_parallel_residual", "use_sliding_window", "attention_bias", "mlp_bias")
+_TEXT = ("hidden_act", "activation_function", "model_type")
+_MAPPING = ("rope_scaling", "rope_parameters")
+
+
+def config_problem(key: str, value) -> str | None:
+    """What is wrong with config.json's ``key: value`` for a transformer family, or None."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if value is None:
+        return None
+    if key in _POSITIVE_INT and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return "a whole number >= 1"
+    if key in _COUNT and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return "a whole number >= 0"
+    if key in _POSITIVE_FLOAT and not (number(value) and value > 0):
+        return "a finite number > 0"
+    if key in _FRACTION and not (number(value) and 0 < value <= 1):
+        return "a number in (0, 1]"
+    if key in _BOOL and not isinstance(value, bool):
+        return "true or false"
+    if key in _TEXT and not isinstance(value, str):
+        return "a string"
+    if key in _MAPPING and not isinstance(value, dict):
+        return "an object"
+    if key == "layer_types" and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+        return "a list of strings"
+    return None
+
+
 class TransformerFamily(Family):
     """Common questions of the Hugging Face transformer families: config values, prefixes, inputs."""
 
@@ -189,6 +230,14 @@ class TransformerFamily(Family):
     norm_placement: str = "pre"
     #: True when positions enter as rotary embeddings of q and k (head dims are then paired)
     rotary: bool = False
+
+    def check_config(self) -> None:
+        for key, value in self.config.items():
+            problem = config_problem(key, value)
+            if problem:
+                shown = repr(value)
+                shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                raise SurgeryError(f"{self.ckpt.path}: config.json {key}={shown} is not valid (expected {problem})")
 
     @classmethod
     def config_allows(cls, ckpt) -> bool:
