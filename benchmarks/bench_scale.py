@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--only", choices=["rtn", "flexround", "merge"], help="run the copy and this one only")
     ap.add_argument("--formula", action="store_true", help="only print the memory formula for 1.7 GB, 7B, 70B")
     args = ap.parse_args()
     if args.formula:
@@ -158,7 +159,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=args.workdir))
     py = sys.executable
     try:
-        for name, seed in (("a", 0), ("b", 1)) if not args.skip_merge else (("a", 0),):
+        merging = not args.skip_merge and args.only in (None, "merge")
+        for name, seed in (("a", 0), ("b", 1)) if merging else (("a", 0),):
             subprocess.run([py, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                             f"from bench_scale import generate, {'SMALL' if args.small else 'FULL'} as S; "
                             f"from pathlib import Path; generate(Path({str(work / name)!r}), S, {seed})"], check=True)
@@ -175,15 +177,15 @@ def main() -> None:
         rows["plain copy"] = measure([py, "-c", f"import shutil; shutil.copytree({str(model)!r}, "
                                       f"{str(work / 'copy')!r}, dirs_exist_ok=True)"])
         q = [py, "-m", "modelsurgery", "quantize", str(model), "--bits", "4", "--format", "packed", "--force", "-q"]
-        for mode in ("streaming", "whole-model"):
+        for mode in ("streaming", "whole-model") if args.only in (None, "rtn") else ():
             rows[f"rtn packed, {mode}"] = measure([*q, "-o", str(work / f"rtn-{mode}"), "--method", "rtn",
                                                    f"--{mode}"])
-        for mode in ("streaming", "whole-model"):
+        for mode in ("streaming", "whole-model") if args.only in (None, "flexround") else ():
             rows[f"flexround {args.steps} steps, {mode}"] = measure(
                 [*q, "-o", str(work / f"flex-{mode}"), "--method", "flexround", "--calib", str(calib),
                  "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                  "--batch-size", str(min(4, args.samples)), f"--{mode}"])
-        if not args.skip_merge:
+        if not args.skip_merge and args.only in (None, "merge"):
             for mode, code in (("streaming", STREAM_MATCH), ("in-memory matching", WHOLE_MATCH)):
                 rows[f"match-merge, {mode}"] = measure([py, "-c", code, str(work / "a"), str(work / "b"),
                                                         str(work / f"merge-{mode.split()[0]}")])
@@ -192,8 +194,9 @@ def main() -> None:
         for k, v in rows.items():
             print(f"{k:40} {v['seconds']:8.2f} {v['peak_anon_mb']:16.1f}")
         copy = rows["plain copy"]["seconds"]
-        print(f"\nRTN streaming / plain copy time: {rows['rtn packed, streaming']['seconds'] / copy:.2f}x "
-              f"(checkpoint {size / 2**20:.0f} MB)")
+        if "rtn packed, streaming" in rows:
+            print(f"\nRTN streaming / plain copy time: {rows['rtn packed, streaming']['seconds'] / copy:.2f}x "
+                  f"(checkpoint {size / 2**20:.0f} MB)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
