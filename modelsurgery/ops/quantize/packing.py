@@ -203,7 +203,10 @@ def read_packed_weight(ckpt, name: str, layer: dict) -> PackedWeight:
         group = None
     else:
         groups = scale.shape[1]
-        stated = int(layer.get("group_size") or 0)
+        stated = layer.get("group_size") or 0
+        if isinstance(stated, bool) or not isinstance(stated, int) or stated < 0:
+            raise SurgeryError(f"{ckpt.path}: quantization entry for '{name}' has group_size {stated!r}; "
+                               "expected a whole number of elements")
         group = None if groups == 1 else (stated or math.ceil(length / groups))
         if group is not None and math.ceil(length / group) != groups:
             raise SurgeryError(f"{ckpt.path}: tensor '{name}.scale' has {groups} groups, which does not fit rows "

@@ -100,3 +100,15 @@ def test_one_reader_validates_what_quantize_and_export_read(tmp_path):
     assert read_packed(fake) == []  # fake-quantized weights are plain floats
     with pytest.raises(SurgeryError, match=f"not a packed quantized checkpoint .*{METADATA_KEY}"):
         dequantize_checkpoint(fake)
+
+
+@pytest.mark.parametrize("group_size", ["abc", float("inf"), -2, 2.5, True, [2]])
+def test_group_size_of_the_wrong_type_is_one_line(tmp_path, group_size):
+    """Issue #14 item 13: packed metadata group_size "abc"/Infinity raised ValueError/OverflowError."""
+    q = torch.tensor([[0, 15, 8, 9], [3, 4, 5, 6]])
+    tensors = {"w.qweight": pack_codes(q, 4), "w.scale": torch.ones(2, 2),
+               "w.zero_point": torch.zeros(2, 2, dtype=torch.uint8)}
+    layers = {"w": {"shape": [2, 4], "bits": 4, "group_size": group_size}}
+    ckpt = _write(tmp_path / "g.safetensors", tensors, layers)
+    with pytest.raises(SurgeryError, match=r"g.safetensors: quantization entry for 'w' has group_size .*expected a whole"):
+        dequantize_checkpoint(ckpt)
