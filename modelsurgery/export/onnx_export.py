@@ -8,6 +8,7 @@ file holds the integers and the graph computes the dequantized forward exactly.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from modelsurgery.checkpoint import Checkpoint, check_output
+from modelsurgery.checkpoint import Checkpoint, check_finite, check_output
 from modelsurgery.checkpoint.output import move_into_place, remove_stale_temporaries, temp_name
 from modelsurgery.data import TENSOR_SUFFIXES
 from modelsurgery.deploy import deployed_state, read_deployed
@@ -202,7 +203,12 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
         state = deployed_state(src, weights, dtype) if deployed else dequantized_state(src, weights, dtype)
         view = Checkpoint.from_state_dict(state, path=src.path, config=src.config, metadata=metadata)
     family = runnable_family(view, options.model, str(path))
+    limit = family.max_positions()
+    if options.check and options.data is None and limit is not None and options.seq_len > limit:
+        raise SurgeryError(f"--seq-len {options.seq_len}: {path} holds positions for {limit} tokens at most")
     module = family.build_module(dtype=dtype)
+    for name, param in module.named_parameters():  # a NaN/Inf weight would export and "check" as NaN == NaN
+        check_finite(name, param.detach(), path)
     trace_inputs = sample_inputs(family, options, 2, 8, options.seed)
     output_names = family.output_names()
     progress("export", 1, 4, {"stage": "trace"})
@@ -243,6 +249,9 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
         progress("export", 3, 4, {"stage": "check"})
         inputs = check_inputs(family, options, trace_inputs, src.folder or path)
         res = check_export(tmp_path, module, inputs, tolerance, session_config)
+        if not (math.isfinite(res.max_abs_reference) and math.isfinite(res.max_abs_diff)):
+            raise SurgeryError(f"{out}: the model's output holds NaN/Inf on the check inputs; nothing was written "
+                               "(--no-check writes it anyway)")
         if not res.passed:
             raise SurgeryError(
                 f"{out}: ONNX Runtime differs from torch by {res.max_abs_diff:.3g} (tolerance {tolerance:g}); "

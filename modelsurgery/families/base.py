@@ -353,6 +353,10 @@ class Family:
         """A torch module in eval mode holding ``state`` (default: the checkpoint's tensors)."""
         raise SurgeryError(f"{self.ckpt.path}: {self.not_runnable_reason()}")
 
+    def max_positions(self) -> int | None:
+        """The longest sequence the model takes (learned position tables, config limits); None: no limit."""
+        return None
+
     def not_runnable_reason(self) -> str:
         """Why ``build_module`` cannot run this checkpoint, for the one-line refusal of any operation
         that needs a forward pass (families that run never get asked)."""

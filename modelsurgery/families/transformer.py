@@ -231,6 +231,9 @@ class TransformerFamily(Family):
     #: True when positions enter as rotary embeddings of q and k (head dims are then paired)
     rotary: bool = False
 
+    def max_positions(self) -> int | None:
+        return self.cfg("max_position_embeddings", "n_positions", "n_ctx")
+
     def check_config(self) -> None:
         for key, value in self.config.items():
             problem = config_problem(key, value)

@@ -71,3 +71,25 @@ def test_missing_input(tmp_path):
     with pytest.raises(SurgeryError, match=r"nope\.safetensors: no such file"):
         export_checkpoint(tmp_path / "nope.safetensors", tmp_path / "o.onnx")
     assert_nothing_written(tmp_path, set())
+
+
+def test_nan_weight_is_refused_naming_the_tensor(tmp_path):
+    """Issue #14 item 9: a NaN model exported and its check reported "ok" (NaN compared to NaN)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 4)
+    w[2, 1] = float("nan")
+    src = tmp_path / "nan.safetensors"
+    save_file({"0.weight": w, "0.bias": torch.randn(8), "2.weight": torch.randn(3, 8)}, str(src))
+    with pytest.raises(SurgeryError, match=r"nan\.safetensors: tensor '0\.weight' holds 1 NaN/Inf value"):
+        export_checkpoint(src, tmp_path / "o.onnx")
+    assert_nothing_written(tmp_path, {"nan.safetensors"})
+
+
+def test_check_length_beyond_the_positions_is_refused(tmp_path):
+    """Issue #14 item 13: --seq-len past the position table ended in an ONNX Runtime dump."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "fixtures" / "charlm" / "gpt2"
+    with pytest.raises(SurgeryError, match=r"--seq-len 100000: .*gpt2 holds positions for \d+ tokens at most"):
+        export_checkpoint(src, tmp_path / "o.onnx", ExportOptions(seq_len=100000))
+    assert_nothing_written(tmp_path, set())
