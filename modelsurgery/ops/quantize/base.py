@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from modelsurgery.checkpoint import check_finite
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.grids import (
     Grid,
@@ -100,6 +101,7 @@ class WeightQuantizer(nn.Module):
     def __init__(self, weight: torch.Tensor, scheme: QuantScheme, transposed: bool = False,
                  grid: str | None = None, tensor_name: str = "weight", settings: Mapping[str, Any] | None = None):
         super().__init__()
+        check_finite(tensor_name, weight)  # one NaN would become a NaN row (its scale) and spread downstream
         self.settings = self.resolve(settings)
         self.scheme = scheme
         self.shape = tuple(weight.shape)

@@ -155,3 +155,15 @@ def test_existing_output_needs_force(tmp_path):
     assert out.read_bytes() == b"keep"
     quantize_checkpoint(MLP, out, QuantizeOptions(method="rtn", force=True))
     assert out.stat().st_size > 4
+
+
+@pytest.mark.parametrize("fmt", ["fake", "packed"])
+def test_nan_weight_is_refused_naming_the_tensor(tmp_path, fmt):
+    """Issue #14 item 9: RTN turned one NaN weight into a NaN row (its group's scale) with exit 0."""
+    state = load_file(str(ROOT / "fixtures" / "digits" / "mlp_seed0.safetensors"))
+    state["2.weight"][3, 4] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(SurgeryError, match=r"tensor '2\.weight' holds 1 NaN/Inf value"):
+        quantize_checkpoint(tmp_path / "nan.safetensors", tmp_path / "q.safetensors",
+                            QuantizeOptions(method="rtn", format=fmt))
+    assert {p.name for p in tmp_path.iterdir()} == {"nan.safetensors"}
