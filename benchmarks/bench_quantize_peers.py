@@ -90,7 +90,9 @@ def calib_batches(cfg: dict) -> list[dict]:
     if cfg["model"] == "minilm":
         tok = tokenizer(cfg)
         lines = [s for s in Path(cfg["calib"]).read_text().splitlines() if s][: cfg["samples"]]
-        return [dict(tok(s, truncation=True, max_length=cfg["seq_len"], return_tensors="pt")) for s in lines]
+        # padded to one length with their attention masks: auto-round concatenates cached block inputs
+        return [dict(tok(s, truncation=True, padding="max_length", max_length=cfg["seq_len"], return_tensors="pt"))
+                for s in lines]
     from safetensors.torch import load_file
 
     ids = load_file(cfg["calib"])["input_ids"]
