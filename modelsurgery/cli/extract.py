@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Column, Table
 
-from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, safe, user_errors
 from modelsurgery.cli.options import debug_option, force_option, json_option, quiet_option
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.adapters import ExtractOptions, extract_lora
@@ -63,13 +63,13 @@ def extract_command(
     table = Table(Column("layer", overflow="fold"), "shape (out, in)", "rank", "relative error", "svd",
                   show_edge=False)
     for layer in report.layers:
-        table.add_row(layer.module, f"{layer.shape[0]} x {layer.shape[1]}", str(layer.rank),
-                      f"{layer.relative_error:.4f}", layer.svd)
+        table.add_row(safe(layer.module), f"{layer.shape[0]} x {layer.shape[1]}", str(layer.rank),
+                      f"{layer.relative_error:.4f}", safe(layer.svd))
     out_console.print(table)
     if report.unchanged:
         out_console.print(f"unchanged (left out): {len(report.unchanged)} layers")
     if report.other_changed:
         out_console.print(f"[yellow]note:[/] {len(report.other_changed)} other tensors differ and are not in the "
-                          f"adapter (e.g. {report.other_changed[0]})")
-    out_console.print(f"adapter: {report.output}: {len(report.layers)} layers, {report.adapter_parameters:,} "
+                          f"adapter (e.g. {safe(report.other_changed[0])})")
+    out_console.print(f"adapter: {safe(report.output)}: {len(report.layers)} layers, {report.adapter_parameters:,} "
                       f"parameters, {human_bytes(report.adapter_bytes)}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, safe, user_errors
 from modelsurgery.cli.options import debug_option, force_option, json_option, max_shard_size_option, quiet_option
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.adapters import FoldOptions, fold_adapters
@@ -49,13 +49,13 @@ def fold_command(
         emit_json(report.to_dict())
         return
     table = Table(show_header=False, show_edge=False)
-    table.add_row("base", f"{report.base} ({report.family})")
+    table.add_row("base", safe(f"{report.base} ({report.family})"))
     for a in report.adapters:
-        table.add_row("adapter", f"{a['path']} ({a['peft_type']}: {a['modules']} modules, "
-                      f"{a['whole_tensors']} whole tensors)")
+        table.add_row("adapter", safe(f"{a['path']} ({a['peft_type']}: {a['modules']} modules, "
+                                      f"{a['whole_tensors']} whole tensors)"))
     table.add_row("scale", f"{report.scale:g}")
     table.add_row("tensors", f"{report.tensors_updated} updated, {report.tensors_copied} copied")
-    table.add_row("output", f"{report.output} ({human_bytes(report.bytes_written)})")
+    table.add_row("output", f"{safe(report.output)} ({human_bytes(report.bytes_written)})")
     out_console.print(table)
 
 
@@ -97,6 +97,7 @@ def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:
               "max_logit_change": change, "extracted_layers": len(extracted.layers),
               "extract_max_relative_error": worst}
     if not quiet:
-        out_console.print(f"fold: rank-4 LoRA into {base.name}: {fold.tensors_updated} tensors updated, max logit "
-                          f"change {change:.3g}; extract at rank 4 recovers it (max relative error {worst:.2g})")
+        out_console.print(f"fold: rank-4 LoRA into {safe(base.name)}: {fold.tensors_updated} tensors updated, "
+                          f"max logit change {change:.3g}; extract at rank 4 recovers it "
+                          f"(max relative error {worst:.2g})")
     return result

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, err_console, human_bytes, out_console, progress_bar, user_errors
+from modelsurgery.cli.common import emit_json, err_console, human_bytes, out_console, progress_bar, safe, user_errors
 from modelsurgery.cli.options import debug_option, force_option, json_option, quiet_option
 from modelsurgery.recipe import RecipeFailed, RunOptions, run_recipe
 
@@ -73,23 +73,23 @@ def run_command(
     if json_out:
         emit_json(result.to_dict())
         if failed is not None:
-            err_console.print(f"[bold red]error:[/] {failed}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {safe(failed)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         return
     render(result.to_dict())
 
 
 def render(r: dict) -> None:
-    title = f"{r['recipe']} ({r['kind']}) -> {r['output']}" + (" [dry run]" if r["dry_run"] else "")
+    title = safe(f"{r['recipe']} ({r['kind']}) -> {r['output']}") + (" \\[dry run]" if r["dry_run"] else "")
     table = Table(title=title, show_edge=False)
     for col in ("step", "status", "inputs", "output", "seconds"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
     for s in r["steps"]:
         ins = "\n".join(f"{i['path']} ({'step ' + i['from_step'] if i['from_step'] else human_bytes(i['bytes'] or 0)})"
                         for i in s["inputs"])
-        table.add_row(f"{s['name']} ({s['run']})", s["status"], ins, s["output"],
+        table.add_row(safe(f"{s['name']} ({s['run']})"), s["status"], safe(ins), safe(s["output"]),
                       "" if s["status"] == "planned" else f"{s['seconds']:.2f}")
     out_console.print(table)
     if r["dry_run"]:
         for s in r["steps"]:
-            out_console.print(f"  {s['name']}: {s['command']}", highlight=False, soft_wrap=True)
+            out_console.print(f"  {safe(s['name'])}: {safe(s['command'])}", highlight=False, soft_wrap=True)

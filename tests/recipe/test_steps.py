@@ -337,3 +337,14 @@ def test_bad_recipe_files(tmp_path, text, named):
     r = run(recipe, out)
     assert r.exit_code == 1 and named in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def test_step_names_print_as_written(tmp_path, llamas, lora):
+    """Issue #14 item 3 for `surgery run`: a step name from the recipe is shown, never read as rich markup."""
+    text = PIPELINE.format(a=llamas["a"], b=llamas["b"], lora=lora, factor=2).replace(
+        "name: tuned", "name: '[white on white]tuned[/]'").replace(
+        "inputs: [tuned, ", "inputs: ['[white on white]tuned[/]', ")
+    recipe = write(tmp_path, text)
+    r = run(recipe, tmp_path / "build", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "[white on white]tuned[/]" in r.stdout and "[dry run]" in r.stdout
