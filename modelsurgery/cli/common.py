@@ -192,23 +192,7 @@ def check_choice(value: str | None, flag: str, choices) -> str | None:
 
 
 def check_device(value: str | None, flag: str = "--device") -> str | None:
-    """A torch device this machine has: 'cpu', 'cuda', 'cuda:N' (or 'mps' where present)."""
-    if value is None:
-        return None
-    import torch
+    """A torch device this machine has, 'auto' resolved (``modelsurgery.devices.resolve_device``)."""
+    from modelsurgery.devices import resolve_device
 
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise SurgeryError(f"{flag} {value}: not a device (expected cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SurgeryError(f"{flag} {value}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SurgeryError(f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise SurgeryError(f"{flag} {value}: MPS is not available on this machine (use --device cpu)")
-    elif device.type != "cpu":
-        raise SurgeryError(f"{flag} {value}: unsupported device type (expected cpu, cuda or cuda:N)")
-    return value
+    return resolve_device(value, flag)

@@ -75,7 +75,7 @@ def merge_command(
         check_finite_option(alpha, "--alpha")
         check_range(points, "--points", 1, MAX_POINTS, integer=True)
         check_range(seed, "--seed", 0, integer=True)
-        check_device(device)
+        device = check_device(device)
         for name, value in method_params.items():
             if isinstance(value, float):
                 check_finite_option(value, f"--{name}")
@@ -208,7 +208,7 @@ def analyze_command(
     """
     with user_errors(debug), progress_bar(quiet or json_out) as progress:
         check_range(top_k, "--top-k", 1, integer=True)
-        check_device(device)
+        device = check_device(device)
         result = analyze_pair(a, b, AnalyzeOptions(top_k=top_k, backend=backend, device=device, model=model),
                               progress=progress)
     for note in result.notes:

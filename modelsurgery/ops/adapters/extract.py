@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, plan_tensor
+from modelsurgery.devices import resolve_device
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, detect_family
 from modelsurgery.ops.adapters.peft_format import lora_config, module_key, write_lora_adapter
@@ -175,9 +176,7 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
         raise SurgeryError(f"--rank {options.rank}: expected a whole rank >= 1 or an energy fraction in (0, 1)")
     if options.dtype is not None and options.dtype not in DTYPES:
         raise SurgeryError(f"--dtype {options.dtype}: expected one of {', '.join(DTYPES)}")
-    device = torch.device(options.device or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SurgeryError(f"--device {options.device}: CUDA is not available on this machine")
+    device = torch.device(resolve_device(options.device or "cpu"))
     base, tuned = Checkpoint.open(base_path), Checkpoint.open(tuned_path)
     bf, tf = detect_family(base), detect_family(tuned)
     check_same_architecture(base, tuned, bf, tf)

@@ -29,6 +29,7 @@ from modelsurgery.checkpoint import (
     write_checkpoint,
 )
 from modelsurgery.data import Dataset, check_fits, load_data
+from modelsurgery.devices import resolve_device
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.ops.quantize import distributed, streaming
@@ -132,24 +133,6 @@ class QuantizeResult:
 
 def _skipped(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") for p in patterns)
-
-
-def resolve_device(value: str) -> str:
-    """'auto' -> cuda when present, else cpu; a device this machine lacks is a one-line error."""
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise SurgeryError(f"--device {value}: not a device (expected cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SurgeryError(f"--device {value}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SurgeryError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise SurgeryError(f"--device {value}: unsupported device type (expected cpu, cuda, cuda:N or auto)")
-    return value
 
 
 def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_len: int | None,
