@@ -156,7 +156,10 @@ def weight_matching(
             stale |= neighbours[g]
             history.append(history[-1] + gain)
         if progress:
-            progress("weight matching", it, max_iter, {"objective": history[-1]})
+            info = {"objective": history[-1]}
+            if not stale:  # no group can gain any more: say so rather than leave the bar at it/max_iter
+                info["state"] = "converged"
+            progress("weight matching", it, max_iter, info)
     after = objective(A, Bp)
     return MatchResult(perms, it, before, after, solves, history)
 

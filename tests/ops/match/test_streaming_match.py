@@ -39,3 +39,15 @@ def test_streaming_matching_finds_the_same_permutations(tmp_path, kind):
     assert moved > 0  # a real matching, not the identity both ways
     assert stream.objective_after == whole.objective_after and stream.iterations == whole.iterations
 
+
+
+def test_progress_ends_in_a_converged_state(tmp_path):
+    """Issue #18 item 3: the bar stayed at 'weight matching 6/100' after convergence and looked hung;
+    the last report now says converged, and only the last one."""
+    a, b = _pair("mlp", tmp_path)
+    spec = permutation_spec(detect_family(a))
+    calls = []
+    r = weight_matching(a.state_dict(), b.state_dict(), spec, progress=lambda *c: calls.append(c))
+    assert r.iterations < 100 and len(calls) == r.iterations
+    assert calls[-1][3].get("state") == "converged"
+    assert all("state" not in info for _, _, _, info in calls[:-1])
