@@ -150,6 +150,10 @@ def render_result(r: dict) -> None:
         f"{'symmetric' if o['symmetric'] else 'asymmetric'}, {len(r['layers'])} weights quantized, "
         f"{len(r['skipped'])} kept float, {o['format']} format"
     )
+    if o.get("samples_used"):
+        short = o["samples_used"] < o["samples"]
+        out_console.print(f"calibration: {o['samples_used']} samples" + (
+            f" (the file holds fewer than the {o['samples']} asked for)" if short else ""))
     if any(b["loss"] is not None for b in r["blocks"]):
         table = Table(show_edge=False, title="block reconstruction error (calibration data)")
         for col in ("block", "weights", "RTN", o["method"], "seconds"):

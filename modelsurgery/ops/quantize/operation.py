@@ -217,10 +217,11 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     if not targets:
         raise SurgeryError(f"{path}: no Linear, Conv or Embedding weight left to quantize (check --skip)")
 
-    calib = []
+    calib, used = [], 0
     if opts.calib is not None:
         data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, opts.seq_len,
                          None if streamed else model)
+        used = len(data)  # a file with fewer samples than --samples gives what it has
         calib = list(data.batches(settings["batch_size"], family))
     parallel = None
     if world_size > 1 and calib:
@@ -287,7 +288,8 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     return QuantizeResult(
         output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
                                                       **scheme.to_dict(), **settings,
-                                                      "samples": opts.samples if calib else 0},
+                                                      "samples": opts.samples if calib else 0,
+                                                      "samples_used": used},
         layers=layers, skipped=skipped, blocks=[b.to_dict() for b in blocks],
         seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20,
         bytes_in=ckpt.nbytes, bytes_out=bytes_out, evaluation=evaluation, device=device,

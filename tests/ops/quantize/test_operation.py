@@ -167,3 +167,17 @@ def test_nan_weight_is_refused_naming_the_tensor(tmp_path, fmt):
         quantize_checkpoint(tmp_path / "nan.safetensors", tmp_path / "q.safetensors",
                             QuantizeOptions(method="rtn", format=fmt))
     assert {p.name for p in tmp_path.iterdir()} == {"nan.safetensors"}
+
+
+def test_the_samples_actually_used_are_reported(tmp_path):
+    """Issue #18 item 4: a calibration file shorter than --samples used what it had without saying so."""
+    from modelsurgery.data import load_data
+
+    held = len(load_data(CALIB))
+    res = quantize_checkpoint(MLP, tmp_path / "q.safetensors",
+                              QuantizeOptions(method="flexround", calib=CALIB, samples=held + 1000,
+                                              params={"steps": 1}))
+    assert res.options["samples"] == held + 1000 and res.options["samples_used"] == held
+    res = quantize_checkpoint(MLP, tmp_path / "q2.safetensors",
+                              QuantizeOptions(method="flexround", calib=CALIB, samples=7, params={"steps": 1}))
+    assert res.options["samples_used"] == 7
