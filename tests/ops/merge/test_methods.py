@@ -120,7 +120,8 @@ def test_every_method_declares_its_parameters():
 
 
 @pytest.mark.parametrize("name,params,message", [
-    ("ties", {"alpha": 1.0}, "merge method 'ties' has no parameter 'alpha' \\(its parameters: density, scale, normalize\\)"),
+    ("ties", {"alpha": 1.0},
+     "merge method 'ties' has no parameter 'alpha' \\(its parameters: density, scale, normalize\\)"),
     ("ties", {"density": 1.5}, "parameter 'density' = 1.5: expected a value in \\[0.0, 1.0\\]"),
     ("ties", {"density": "dense"}, "parameter 'density' is a number"),
     ("linear", {"normalize": 1}, "parameter 'normalize' is true or false"),
