@@ -210,8 +210,14 @@ def test_ties_density_weight_gradients_normalize(tmp_path, gpt2s):
     assert not np.allclose(got[name], base[name]) and not np.allclose(got[name], f1[name])
 
 
-def test_ties_rescale_lambda(tmp_path, llamas):
-    config = TIES.replace("int8_mask: true", "rescale: true\n  lambda: 0.6")
+@pytest.mark.parametrize(("edit", "settings"), [
+    (("int8_mask: true", "rescale: true\n  lambda: 0.6"), {"lam": 0.6, "rescale": True}),
+    # mergekit's ties with normalize: false: the elected-sign deltas are summed, not averaged
+    (("normalize: true", "normalize: false"), {"normalize": False}),
+])
+def test_ties_rescale_lambda_and_normalize(tmp_path, llamas, edit, settings):
+    config = TIES.replace(*edit)
+    assert edit[1] in config
     r, out = run(tmp_path, config, llamas)
     assert r.exit_code == 0, r.output
     base, f1, f2, got = ref.load(llamas["base"]), ref.load(llamas["ft1"]), ref.load(llamas["ft2"]), ref.load(out)
@@ -219,22 +225,7 @@ def test_ties_rescale_lambda(tmp_path, llamas):
         i = layer_of(name)
         t = 0.0 if i is None else i / 2
         expected = ref.ties(base[name], [f1[name], f2[name]], [1.0, ref.gradient([0, 0.3, 0.7, 1], t)],
-                            [ref.gradient([1, 0.7, 0.1], t), 0.5], lam=0.6, rescale=True)
-        np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
-
-
-def test_ties_without_normalize_sums_the_agreeing_deltas(tmp_path, llamas):
-    """mergekit's ties with ``normalize: false``: the elected-sign deltas are summed, not averaged."""
-    config = TIES.replace("normalize: true", "normalize: false")
-    assert "normalize: false" in config
-    r, out = run(tmp_path, config, llamas)
-    assert r.exit_code == 0, r.output
-    base, f1, f2, got = ref.load(llamas["base"]), ref.load(llamas["ft1"]), ref.load(llamas["ft2"]), ref.load(out)
-    for name in base:
-        i = layer_of(name)
-        t = 0.0 if i is None else i / 2
-        expected = ref.ties(base[name], [f1[name], f2[name]], [1.0, ref.gradient([0, 0.3, 0.7, 1], t)],
-                            [ref.gradient([1, 0.7, 0.1], t), 0.5], normalize=False)
+                            [ref.gradient([1, 0.7, 0.1], t), 0.5], **settings)
         np.testing.assert_allclose(got[name], expected, atol=1e-5, err_msg=name)
 
 
