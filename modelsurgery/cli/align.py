@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.checkpoint import check_output
 from modelsurgery.cli.common import (
     check_choice,
     check_range,
@@ -63,8 +62,6 @@ def align_command(
         check_range(old_classes, "--old-classes", 1, integer=True)
         check_choice(norm, "--norm", (1, 2))
         check_choice(bias, "--bias", ("scale", "keep"))
-        if output is not None:  # the inputs as given, --eval included
-            check_output(output, force, [path, *([eval_data] if eval_data is not None else [])])
         options = AlignOptions(
             old_classes=old_classes, groups=parse_class_groups(classes) if classes is not None else None,
             layer=layer, norm=norm, bias=bias, clamp=clamp, eval_data=eval_data, model=model, force=force,

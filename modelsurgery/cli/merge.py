@@ -9,7 +9,6 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from modelsurgery.checkpoint import check_output
 from modelsurgery.cli.common import (
     check_device,
     check_finite_option,
@@ -80,7 +79,6 @@ def merge_command(
             if isinstance(value, float):
                 check_finite_option(value, f"--{name}")
         inputs = [*models, *([base] if base is not None else []), *([eval_data] if eval_data is not None else [])]
-        check_output(output, force, inputs)
         options = MergeOptions(
             method=method, alpha=alpha, weights=parse_float_list(weights, "--weights"), base=base, align=align,
             params=given_params(method_params), backend=backend, device=device, seed=seed, model=model,

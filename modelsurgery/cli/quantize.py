@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.checkpoint import check_output
 from modelsurgery.cli.common import (
     check_finite_option,
     check_range,
@@ -21,7 +20,6 @@ from modelsurgery.cli.common import (
 )
 from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
 from modelsurgery.deploy import FORMATS as DEPLOY_FORMATS
-from modelsurgery.deploy import writes_folder
 from modelsurgery.ops.quantize import QuantizeOptions, quantize_checkpoint
 from modelsurgery.ops.quantize.base import all_methods
 from modelsurgery.ops.quantize.distributed import world
@@ -122,8 +120,6 @@ def quantize_command(
         for name, value in method_params.items():
             if isinstance(value, float):
                 check_finite_option(value, "--" + name.replace("_", "-"))
-        check_output(output, force, [input, *(p for p in (calib, eval_data) if p is not None)],
-                     folder=writes_folder(fmt) if fmt in DEPLOY_FORMATS else None)  # a .gguf is one file
         options = QuantizeOptions(
             bits=bits, method=method, granularity=granularity, group_size=group_size, symmetric=symmetric,
             skip=list(skip), default_skips=not no_default_skips, calib=calib, samples=samples, seq_len=seq_len,

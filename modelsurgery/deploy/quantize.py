@@ -43,7 +43,7 @@ def quantize_to_format(path: str | Path, out: str | Path, opts, progress=None):
     scheme = packed_opts.scheme
     scheme.validate()
     check_before_calibration(path, opts, scheme)
-    check_output(out, opts.force, [path], folder=writes_folder(fmt))
+    check_output(out, opts.force, [path, *opts.data_files()], folder=writes_folder(fmt))
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.packed-") as tmp:
         packed = Path(tmp) / "packed"
         result = quantize_checkpoint(path, packed, packed_opts, progress)

@@ -208,7 +208,8 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
     ckpt = Checkpoint.open(path)
     require_float([ckpt], "align")
     if out is not None:
-        check_output(Path(out), options.force, [*ckpt.source_files, Path(path)])
+        data = [Path(options.eval_data)] if options.eval_data is not None else []
+        check_output(Path(out), options.force, [*ckpt.source_files, Path(path), *data])
     family = detect_family(ckpt, options.model)
     lin = find_classifier(family, options.layer)
     weight = ckpt.get(lin.weight)

@@ -130,7 +130,7 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
         raise SurgeryError("merge needs at least two models")
-    inputs = paths + ([Path(options.base)] if options.base else [])
+    inputs = paths + [Path(p) for p in (options.base, options.eval_data) if p]
     check_output(Path(out), force, inputs)
     method_name = options.method
     method = None if method_name == "match" else get_method(method_name)

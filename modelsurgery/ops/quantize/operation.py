@@ -102,6 +102,10 @@ class QuantizeOptions:
     #: a deployment format whose stored grid the quantizer uses (set by ``modelsurgery.deploy.quantize``)
     storage: str | None = None
 
+    def data_files(self) -> list[Path]:
+        """The calibration and evaluation files: inputs an output may never replace."""
+        return [Path(p) for p in (self.calib, self.eval) if p is not None]
+
     @property
     def scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.granularity, self.group_size, self.symmetric, self.storage)
@@ -195,7 +199,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         raise SurgeryError(f"--method {opts.method} learns the rounding from data: pass --calib FILE")
     device = resolve_device(opts.device)
     if rank == 0:
-        check_output(out, opts.force, [path])
+        check_output(out, opts.force, [path, *opts.data_files()])
 
     # --eval compares the whole float and quantized models: it builds them; otherwise the module is
     # built empty and the weights are read a tensor or a block at a time (``streaming.py``)

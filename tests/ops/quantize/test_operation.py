@@ -181,3 +181,13 @@ def test_the_samples_actually_used_are_reported(tmp_path):
     res = quantize_checkpoint(MLP, tmp_path / "q2.safetensors",
                               QuantizeOptions(method="flexround", calib=CALIB, samples=7, params={"steps": 1}))
     assert res.options["samples_used"] == 7
+
+
+def test_library_call_never_writes_over_its_calibration_data(tmp_path):
+    """The output rules live in the operation, not only in the CLI: --calib is an input."""
+    calib = tmp_path / "calib.safetensors"
+    calib.write_bytes(CALIB.read_bytes())
+    with pytest.raises(SurgeryError, match="calib.safetensors"):
+        quantize_checkpoint(MLP, calib, QuantizeOptions(method="flexround", calib=calib, force=True,
+                                                        params={"steps": 1}))
+    assert calib.read_bytes() == CALIB.read_bytes()
