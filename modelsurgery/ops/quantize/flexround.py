@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modelsurgery.ops.quantize.base import WeightQuantizer, register
-from modelsurgery.ops.quantize.grids import Grid
+from modelsurgery.ops.quantize.grids import Grid, stored_grid
 from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS
 
 
@@ -46,35 +46,37 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class FlexRoundFakeQuant(torch.autograd.Function):
-    """(q - z) * s1 with q = clamp(round(x) + z, 0, qmax), x = W / exp(log s1 + log S2 + log s3 [+ log s4]).
+    """(q - z) * s with q = clamp(round(x) + z, 0, qmax), x = W / exp(log s1 + log S2 + log s3 [+ log s4]),
+    where s is s1 as stored (``stored_s1``: s1 itself, or for a deployment format with fp16 scales
+    the nearest scale it stores exactly, so that what is learned is what is written).
 
-    Gradients (round is straight-through, clamp passes where round(x) + z lies in [0, qmax]):
-    dL/dx = g * s1 * inside; every log-scale enters x as x = W * exp(-log_div), so its gradient
-    is -dL/dx * x summed over the dimensions it is broadcast along; s1 also scales the output
-    directly, adding g * (q - z) * s1.
+    Gradients (round is straight-through, clamp passes where round(x) + z lies in [0, qmax], and the
+    storage rounding of s1 is straight-through too, ds/dlog s1 = s1): dL/dx = g * s * inside; every
+    log-scale enters x as x = W * exp(-log_div), so its gradient is -dL/dx * x summed over the
+    dimensions it is broadcast along; s1 also scales the output directly, adding g * (q - z) * s1.
     """
 
     @staticmethod
-    def forward(ctx, w, log_s1, log_s2, log_s3, log_s4, zero, qmax):
-        ctx.save_for_backward(w, log_s1, log_s2, log_s3, log_s4, zero)
+    def forward(ctx, w, log_s1, log_s2, log_s3, log_s4, zero, qmax, stored_s1):
+        ctx.save_for_backward(w, log_s1, log_s2, log_s3, log_s4, zero, stored_s1)
         ctx.qmax = qmax
         x = _scaled(w, log_s1, log_s2, log_s3, log_s4)
-        return x.round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(log_s1.exp())
+        return x.round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(stored_s1)
 
     @staticmethod
     def backward(ctx, g):
-        w, log_s1, log_s2, log_s3, log_s4, zero = ctx.saved_tensors
+        w, log_s1, log_s2, log_s3, log_s4, zero, s = ctx.saved_tensors
         s1 = log_s1.exp()
         x = _scaled(w, log_s1, log_s2, log_s3, log_s4)
         v = torch.round(x).add_(zero)
         inside = (v >= 0).logical_and_(v <= ctx.qmax)
         direct = _sum_to(v.clamp_(0, ctx.qmax).sub_(zero).mul_(g), log_s1.shape).mul_(s1)
-        grad = torch.mul(g, s1, out=v).mul_(inside).mul_(x).neg_()  # dL/d(log_div), reusing v
+        grad = torch.mul(g, s, out=v).mul_(inside).mul_(x).neg_()  # dL/d(log_div), reusing v
         del x, inside
         g_s1 = _sum_to(grad, log_s1.shape).add_(direct)
         g_s3 = _sum_to(grad, log_s3.shape)
         g_s4 = _sum_to(grad, log_s4.shape) if log_s4 is not None else None
-        return None, g_s1, grad, g_s3, g_s4, None, None
+        return None, g_s1, grad, g_s3, g_s4, None, None, None
 
 
 @register
@@ -116,6 +118,13 @@ class FlexRoundQuantizer(WeightQuantizer):
     def hard_codes(self) -> torch.Tensor:
         return torch.clamp(torch.round(self.w / self.divisor()) + self.zero, 0, self.scheme.qmax)
 
+    @torch.no_grad()
+    def stored_s1(self) -> torch.Tensor:
+        """s1 as the output stores it (``export`` writes this grid): itself, or the nearest scale a
+        deployment format with fp16 scales holds exactly."""
+        return stored_grid(Grid(self.log_s1.exp(), self.zero), self.scheme).scale
+
     def forward(self) -> torch.Tensor:
         return self.to_stored(FlexRoundFakeQuant.apply(
-            self.w, self.log_s1, self.log_s2, self.log_s3, self._log_s4(), self.zero, self.scheme.qmax))
+            self.w, self.log_s1, self.log_s2, self.log_s3, self._log_s4(), self.zero, self.scheme.qmax,
+            self.stored_s1()))
