@@ -14,42 +14,79 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from modelsurgery.errors import SurgeryError
 
-# safetensors dtype names <-> torch dtypes (the subset torch can hold).
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# Headers are read without torch (``surgery inspect`` answers in a fraction of a second): dtypes are
+# names until a tensor's value or a torch dtype is asked for. safetensors dtype name -> torch's name
+# for the same dtype (the subset torch can hold) and its size in bytes.
+ST_NAMES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+ITEMSIZE: dict[str, int] = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+                            "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference limit
 
 
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def __getattr__(name: str):
+    """``ST_DTYPES`` (safetensors name -> torch dtype) and ``TORCH_TO_ST``, built on first use (they need torch)."""
+    if name in ("ST_DTYPES", "TORCH_TO_ST"):
+        import torch
+
+        st_dtypes = {k: getattr(torch, v) for k, v in ST_NAMES.items()}
+        globals().update(ST_DTYPES=st_dtypes, TORCH_TO_ST={v: k for k, v in st_dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def name_of_dtype(dtype: str | torch.dtype) -> str:
+    """torch's name of a dtype ("float32", "bfloat16"), from a torch dtype or the name itself."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def dtype_size(dtype: str | torch.dtype) -> int:
+    name = name_of_dtype(dtype)
+    if name in ITEMSIZE:
+        return ITEMSIZE[name]
+    import torch
+
+    return torch.empty((), dtype=getattr(torch, name)).element_size()
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives and what it is, known without reading its data."""
+    """Where one tensor lives and what it is, known without reading its data, nor importing torch:
+    ``dtype_name`` is torch's name of the dtype (given as that name or as a torch dtype), ``dtype``
+    the torch dtype, imported when asked for."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str
     file: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype_name", name_of_dtype(self.dtype_name))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     @property
     def numel(self) -> int:
@@ -57,7 +94,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * dtype_size(self.dtype)
+        return self.numel * dtype_size(self.dtype_name)
 
 
 MAX_DIMS = 64
@@ -138,9 +175,9 @@ def _header_entry(path: Path, name, entry, data_len: int) -> tuple[TensorInfo, i
         raise SurgeryError(f"{path}: malformed header entry for tensor {shown} (needs exactly dtype, shape and "
                            "data_offsets)")
     dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype_name, str) or dtype_name not in ST_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in ST_NAMES:
         raise SurgeryError(f"{path}: tensor {shown} has unsupported dtype {str(dtype_name)[:40]!r} "
-                           f"(expected one of {', '.join(ST_DTYPES)})")
+                           f"(expected one of {', '.join(ST_NAMES)})")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(_is_int(d) and 0 <= d < 2**63 for d in shape)):
         raise SurgeryError(f"{path}: tensor {shown} has an invalid shape {str(shape)[:80]} (expected a list of "
@@ -149,8 +186,8 @@ def _header_entry(path: Path, name, entry, data_len: int) -> tuple[TensorInfo, i
         raise SurgeryError(f"{path}: tensor {shown} has invalid data_offsets {str(offsets)[:80]} (expected "
                            "[start, end] integers)")
     start, end = offsets
-    dtype = ST_DTYPES[dtype_name]
-    expected = math.prod(shape) * dtype_size(dtype)
+    dtype = ST_NAMES[dtype_name]
+    expected = math.prod(shape) * ITEMSIZE[dtype]
     if end - start != expected:
         raise SurgeryError(
             f"{path}: header lies about tensor {shown}: offsets [{start}, {end}) hold {end - start} bytes, "
@@ -251,6 +288,8 @@ MAX_PICKLE_DEPTH = 32
 
 
 def _flatten_state(obj, prefix: str, out: dict[str, torch.Tensor], path: Path, depth: int = 0) -> None:
+    import torch
+
     if depth > MAX_PICKLE_DEPTH:
         raise SurgeryError(f"{path}: dicts nested deeper than {MAX_PICKLE_DEPTH} levels at '{prefix[:80]}'")
     for key, value in obj.items():
@@ -270,6 +309,8 @@ def _flatten_state(obj, prefix: str, out: dict[str, torch.Tensor], path: Path, d
 
 
 def _holds_tensor(seq, depth: int = 0) -> bool:
+    import torch
+
     for v in seq:
         if isinstance(v, torch.Tensor):
             return True
@@ -282,6 +323,8 @@ def _holds_tensor(seq, depth: int = 0) -> bool:
 
 def check_dense(t: torch.Tensor, name: str, path: Path) -> None:
     """Only dense tensors with data are weights."""
+    import torch
+
     if t.is_meta or t.device.type == "meta":
         raise SurgeryError(f"{path}: tensor '{name[:200]}' is a meta tensor (shape only, no data)")
     if getattr(t, "is_nested", False):
@@ -295,6 +338,8 @@ def check_dense(t: torch.Tensor, name: str, path: Path) -> None:
 
 def check_finite(name: str, tensor: torch.Tensor, where: str | Path = "") -> None:
     """Refuse a floating tensor holding NaN or Inf, naming it and how many values are bad."""
+    import torch
+
     if not tensor.dtype.is_floating_point or tensor.numel() == 0:
         return
     bad = int((~torch.isfinite(tensor)).sum())
@@ -306,6 +351,8 @@ def check_finite(name: str, tensor: torch.Tensor, where: str | Path = "") -> Non
 
 def load_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Load a .pt/.pth/.bin with weights_only=True; unwrap ``state_dict``/``model`` containers."""
+    import torch
+
     require_regular_file(path, "PyTorch checkpoint")
     try:
         try:

@@ -73,7 +73,7 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
     groups: dict[str, list[dict]] = {}
     dtypes: dict[str, int] = {}
     for info in ckpt.infos.values():
-        dt = str(info.dtype).replace("torch.", "")
+        dt = info.dtype_name
         dtypes[dt] = dtypes.get(dt, 0) + info.numel
         groups.setdefault(_group_of(family, info.name), []).append(
             {"name": info.name, "shape": list(info.shape), "dtype": dt, "parameters": info.numel,
