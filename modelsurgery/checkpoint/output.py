@@ -116,15 +116,26 @@ def check_replaceable(out: Path, folder: bool) -> None:
     entries = list(os.scandir(out))
     if not entries:
         return
-    odd = [e.name for e in entries if not e.is_file(follow_symlinks=False)]
-    if odd:
-        raise SurgeryError(f"{out}: holds {odd[0]!r}, which is not a plain file; --force replaces only "
-                           "checkpoint folders this tool wrote")
     listed = written_files(out)
-    foreign = sorted(e.name for e in entries if e.name not in listed)
+    names = [n for e in entries for n in _plain_files(e, e.name, out, listed)]
+    foreign = sorted(n for n in names if n not in listed)
     if foreign:
         raise SurgeryError(f"{out}: holds {foreign[0]!r}, which this tool did not write there; --force "
                            "replaces only checkpoint folders this tool wrote (move it or remove the folder)")
+
+
+def _plain_files(entry: os.DirEntry, name: str, out: Path, listed: set[str]) -> list[str]:
+    """The plain files ``entry`` of a folder output stands for, as "sub/file" inside a sub-folder (carried
+    ones such as sentence-transformers' 1_Pooling/); anything but files and folders is refused."""
+    if entry.is_file(follow_symlinks=False):
+        return [name]
+    if not entry.is_dir(follow_symlinks=False):
+        raise SurgeryError(f"{out}: holds {name!r}, which is not a plain file; --force replaces only "
+                           "checkpoint folders this tool wrote")
+    if not any(n.startswith(f"{name}/") for n in listed):
+        return [f"{name}/"]  # a folder we did not write (or an empty one): not walked, not ours
+    inner = [n for e in os.scandir(entry.path) for n in _plain_files(e, f"{name}/{e.name}", out, listed)]
+    return inner or [f"{name}/"]
 
 
 def written_files(folder: Path) -> set[str]:

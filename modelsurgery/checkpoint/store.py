@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from modelsurgery.checkpoint.carry import CarriedFile, carried_files
 from modelsurgery.checkpoint.formats import (
     TensorInfo,
     load_torch_pickle,
@@ -24,7 +24,7 @@ from modelsurgery.checkpoint.formats import (
     read_shard_index,
 )
 from modelsurgery.checkpoint.hub import link_root, resolve_input
-from modelsurgery.errors import SurgeryError, SurgeryWarning
+from modelsurgery.errors import SurgeryError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -224,29 +224,15 @@ class Checkpoint:
         return list(dict.fromkeys([*([self.folder] if self.folder is not None else []), self.path,
                                    *self.source_files]))
 
-    def extra_files(self) -> list[Path]:
-        """Non-weight files of a folder checkpoint (tokenizer, generation config...) to carry along:
-        only regular files that resolve inside the folder; others are skipped with a SurgeryWarning."""
+    def extra_files(self) -> list[CarriedFile]:
+        """Non-weight files of a folder checkpoint to carry along (tokenizer, generation config, and
+        sub-folders such as sentence-transformers' 1_Pooling/), each with its name in the output: only
+        regular files that resolve inside the folder; others are skipped with a SurgeryWarning (rules in
+        ``checkpoint.carry``)."""
         if self.folder is None:
             return []
-        weights = set(self.source_files) | {self.path}
-        root = link_root(self.folder)  # a hub snapshot's files link into its cache folder
-        out = []
-        for p in sorted(self.folder.iterdir()):
-            if p in weights or p.name == "config.json" or p.is_dir():
-                continue
-            if p.name.endswith((".safetensors", ".index.json")) or p.name.endswith(PICKLE_SUFFIXES):
-                continue
-            if p.is_symlink() and root not in p.resolve().parents:
-                warnings.warn(SurgeryWarning(f"{p}: not carried into the output: a link to a file outside "
-                                             f"the checkpoint folder"), stacklevel=2)
-                continue
-            if not p.is_file():
-                warnings.warn(SurgeryWarning(f"{p}: not carried into the output: not a regular file"),
-                              stacklevel=2)
-                continue
-            out.append(p)
-        return out
+        # a hub snapshot's files link into its cache folder
+        return carried_files(self.folder, [*self.source_files, self.path], link_root(self.folder))
 
     def dtype(self) -> torch.dtype:
         """The dominant floating dtype (by bytes)."""

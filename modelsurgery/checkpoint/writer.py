@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery import __version__
+from modelsurgery.checkpoint.carry import CarriedFile
 from modelsurgery.checkpoint.formats import TORCH_TO_ST, dtype_size
 from modelsurgery.checkpoint.output import FILES_KEY, atomic_path, output_is_folder
 from modelsurgery.errors import SurgeryError
@@ -255,7 +256,7 @@ def write_checkpoint(
     provenance: Provenance | None = None,
     metadata: dict[str, str] | None = None,
     config: dict | None = None,
-    extra_files: Iterable[Path] = (),
+    extra_files: Iterable[Path | CarriedFile] = (),
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
     dtype: torch.dtype | None = None,
     force: bool = False,
@@ -290,7 +291,7 @@ def write_checkpoint(
                 files = _write_folder(tmp, out, tensors, md, max_bytes, config, extra_files)
             if pending is not None:
                 pending.patch(tmp.parent / f.relative_to(out.parent) for f in files
-                              if f.name.endswith(".safetensors"))
+                              if f.name.endswith(".safetensors") and f.parent in (out, out.parent))
     finally:
         if pending is not None:
             pending.close()
@@ -319,7 +320,8 @@ def _carry(src: Path, dst: Path) -> None:
 
 def _write_folder(tmp: Path, out: Path, tensors, md, max_bytes, config, extra_files) -> list[Path]:
     shards = split_shards(tensors, max_bytes)
-    extra_files = [Path(p) for p in extra_files]
+    # a Path is carried under its own name, a CarriedFile (Checkpoint.extra_files) under its name in the folder
+    extra_files = [p if isinstance(p, CarriedFile) else CarriedFile(Path(p), Path(p).name) for p in extra_files]
     names = _shard_names(len(shards)) + (["model.safetensors.index.json"] if len(shards) > 1 else [])
     names += (["config.json"] if config is not None else []) + [p.name for p in extra_files]
     md = {**md, FILES_KEY: json.dumps(names)}
@@ -341,6 +343,7 @@ def _write_folder(tmp: Path, out: Path, tensors, md, max_bytes, config, extra_fi
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files.append(out / "config.json")
     for src in extra_files:
-        _carry(src, tmp / src.name)
+        (tmp / src.name).parent.mkdir(parents=True, exist_ok=True)  # sub-folders: "1_Pooling/config.json"
+        _carry(src.source, tmp / src.name)
         files.append(out / src.name)
     return files
