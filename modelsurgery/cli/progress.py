@@ -4,6 +4,8 @@ without a file descriptor, such as a test runner's).
 
 Operations call ``progress(task, done, total, info)``. ``info["state"] = "converged"`` (or any word) ends a
 task early: the bar is completed and shows the word, the plain line says it, instead of a bar stuck at 6 %.
+``info["message"]`` is a one-off line (such as quantize's time estimate), printed as it is above the bars
+or among the plain lines, never a task of its own.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class PlainLines:
         self.last: dict[str, tuple[float, int]] = {}  # task -> (time printed, 10 % step printed)
 
     def __call__(self, task: str, done: int, total: int, info: dict | None = None) -> None:
+        if (info or {}).get("message"):
+            self.console.print(self.plain(info["message"]), markup=False, highlight=False, soft_wrap=True)
+            return
         now = self.clock()
         start = self.started.setdefault(task, now)
         state = (info or {}).get("state")
@@ -100,6 +105,9 @@ def progress_display(console: Console, plain: Callable[[object], str], quiet: bo
         started: dict[str, float] = {}
 
         def update(task: str, done: int, total: int, info: dict | None = None) -> None:
+            if (info or {}).get("message"):
+                progress.console.print(plain(info["message"]), markup=False, highlight=False)
+                return
             now = time.monotonic()
             if task not in tasks:
                 tasks[task] = progress.add_task(plain(task), total=total, info="", rate="")

@@ -65,7 +65,11 @@ def quantize_command(
                                           "output head (kept in float by default)."),
     calib: Path = typer.Option(None, "--calib", help="Calibration data: text (one sample a line, needs the "
                                "folder's tokenizer.json) or .safetensors/.pt/.npz with inputs or input_ids."),
-    samples: int = typer.Option(128, "--samples", help="Calibration samples."),
+    samples: int = typer.Option(None, "--samples", help="Calibration samples (default: the preset's; 128 at "
+                                "--preset default)."),
+    preset: str = typer.Option(None, "--preset", help="adaround/flexround: fast, default or best: the steps, "
+                               "samples and batch size that you do not set yourself (default: each method's "
+                               "declared values; table in the README)."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per calibration sample."),
     grid: str = typer.Option(None, "--grid", help="Grid init: minmax, or search (Lp clipping search). "
                              "Default: minmax for rtn, search for learned methods."),
@@ -108,12 +112,14 @@ def quantize_command(
     Examples:\n
       surgery quantize mlp.safetensors -o q.safetensors --bits 3 --calib calib.safetensors\n
       surgery quantize gpt2/ -o gpt2-q4/ --method flexround --calib text.txt --samples 256 --format packed\n
+      surgery quantize gpt2/ -o gpt2-q4/ --calib text.txt --preset fast\n
       surgery quantize bert/ -o q/ --bits 4 --granularity group --group-size 64 --asymmetric --calib s.txt\n
       surgery quantize model/ -o rtn/ --method rtn --bits 8 --eval eval.safetensors --json\n
       torchrun --nproc_per_node 2 -m modelsurgery quantize model/ -o q/ --calib text.txt --device cuda
     """
     with user_errors(debug):
-        check_range(samples, "--samples", 1, MAX_SAMPLES, integer=True)
+        if samples is not None:
+            check_range(samples, "--samples", 1, MAX_SAMPLES, integer=True)
         check_range(seq_len, "--seq-len", 1, integer=True)
         check_range(group_size, "--group-size", 1, integer=True)
         check_range(seed, "--seed", 0, integer=True)
@@ -123,7 +129,7 @@ def quantize_command(
         options = QuantizeOptions(
             bits=bits, method=method, granularity=granularity, group_size=group_size, symmetric=symmetric,
             skip=list(skip), default_skips=not no_default_skips, calib=calib, samples=samples, seq_len=seq_len,
-            params={k: v for k, v in method_params.items() if v is not None}, grid=grid, format=fmt,
+            params={k: v for k, v in method_params.items() if v is not None}, preset=preset, grid=grid, format=fmt,
             eval=eval_data, model=model, seed=seed, low_memory=low_memory, streaming=streaming, device=device,
             offload_dir=offload_dir, force=force, gguf_tokenizer=gguf_tokenizer,
         )
@@ -144,8 +150,14 @@ def render_result(r: dict) -> None:
     out_console.print(
         f"[bold]{safe(r['output'])}[/]: {o['method']} {o['bits']}-bit {gran} "
         f"{'symmetric' if o['symmetric'] else 'asymmetric'}, {len(r['layers'])} weights quantized, "
-        f"{len(r['skipped'])} kept float, {o['format']} format"
+        f"{len(r['kept_float'])} kept float, {o['format']} format"
+        + (f", preset {o['preset']} ({o['steps']} steps, batch {o['batch_size']})" if o.get("preset") else "")
     )
+    if r["kept_float"]:
+        out_console.print("kept float: " + "; ".join(_kept(r["kept_float"])), soft_wrap=True)
+    if r.get("estimate"):
+        e = r["estimate"]
+        out_console.print(f"{safe(e['message'])}, timed on the first {e['timed_steps']} steps of block 1")
     if o.get("samples_used"):
         short = o["samples_used"] < o["samples"]
         out_console.print(f"calibration: {o['samples_used']} samples" + (
@@ -156,7 +168,7 @@ def render_result(r: dict) -> None:
             table.add_column(col, justify="right" if col != "weights" else "left")
         for b in r["blocks"]:
             if b["weights"]:
-                table.add_row(safe(b["block"]), safe(_weights(b["weights"])), _num(b["rtn_loss"]), _num(b["loss"]),
+                table.add_row(str(b["block"]), safe(_weights(b)), _num(b["rtn_loss"]), _num(b["loss"]),
                               f"{b['seconds']:.1f}")
         out_console.print(table)
     if r.get("evaluation"):
@@ -178,8 +190,18 @@ def render_result(r: dict) -> None:
                       f"peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
-def _weights(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{len(names)} ({names[0].rsplit('.', 2)[0]}.*)"
+def _weights(block: dict) -> str:
+    names = block["weights"]
+    return names[0] if len(names) == 1 else f"{len(names)} ({block.get('label') or names[0]})"
+
+
+def _kept(entries: list[dict], shown: int = 3) -> list[str]:
+    """'name, name (reason)' per reason, at most ``shown`` names each."""
+    by_reason: dict[str, list[str]] = {}
+    for e in entries:
+        by_reason.setdefault(e["reason"], []).append(e["name"])
+    return [safe(", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+                 + f" ({reason})") for reason, names in by_reason.items()]
 
 
 def _num(x) -> str:

@@ -5,6 +5,7 @@ fake clock (elapsed / done * remaining)."""
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,12 @@ def test_piped_quantize_prints_lines_unless_quiet(tmp_path):
     lines = r.stderr.splitlines()
     assert "blocks: 3/3 (100%)" in "\n".join(lines) and any("block 1/3: 20/20 (100%)" in x for x in lines)
     assert any("ETA" in x for x in lines)
+    # the estimate: after step 6 of block 1 (5 timed steps), before block 1 ends; 2 blocks train (the head is
+    # a default skip)
+    estimate = [i for i, x in enumerate(lines) if x.startswith("estimated ")]
+    assert len(estimate) == 1 and re.fullmatch(r"estimated [\d.]+ (s|min) for 2 blocks x 20 steps \([\d.e-]+ s/step\)",
+                                               lines[estimate[0]])
+    assert lines.index(next(x for x in lines if "block 1/3: 20/20" in x)) > estimate[0]
     r = subprocess.run([*base, "-o", str(tmp_path / "b.safetensors"), "-q"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stderr == ""

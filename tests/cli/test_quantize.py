@@ -126,3 +126,41 @@ def test_method_flags_that_do_not_apply_are_refused(tmp_path, args, message):
     assert r.exit_code == 1
     assert message in " ".join(r.stderr.split())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_block_labels_are_the_blocks_own_prefix(tmp_path):
+    """A GPT-2 block holds attention and MLP weights: its label is its own prefix (transformer.h.i.*), not its
+    first weight's (transformer.h.i.attn.*)."""
+    r = runner.invoke(app, ["quantize", str(ROOT / "fixtures" / "charlm" / "gpt2"), "-o", str(tmp_path / "g"),
+                            "--method", "rtn", "--calib", str(ROOT / "fixtures" / "data" / "charlm_calib.txt"),
+                            "--samples", "4", "--seq-len", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    blocks = json.loads(r.stdout)["blocks"]
+    assert [b["label"] for b in blocks] == [f"transformer.h.{i}.*" for i in range(4)]
+    assert {w.split(".")[3] for w in blocks[0]["weights"]} == {"attn", "mlp"}
+
+
+def test_kept_float_counts_every_float_weight_matrix_left_float(tmp_path):
+    """A BertModel saved by transformers: its pooler is no weight of the encoder that quantize runs, the three
+    embedding tables are default skips; every 2-D float tensor of the file is either quantized or listed."""
+    from safetensors import safe_open
+
+    from tests.hf_tiny import save_tiny_bert
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    with safe_open(str(bert / "model.safetensors"), "pt") as f:
+        matrices = {k for k in f.keys() if len(f.get_slice(k).get_shape()) == 2}  # noqa: SIM118
+    r = runner.invoke(app, ["quantize", str(bert), "-o", str(tmp_path / "q"), "--method", "rtn", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    kept = {e["name"]: e["reason"] for e in report["kept_float"]}
+    assert set(kept) | set(report["layers"]) == matrices and not set(kept) & set(report["layers"])
+    assert kept["pooler.dense.weight"].startswith("not a Linear, Conv or Embedding weight of the bert")
+    assert {k for k, v in kept.items() if v == "embedding: default skip"} == {
+        f"embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")}
+    r = runner.invoke(app, ["quantize", str(bert), "-o", str(tmp_path / "q2"), "--method", "rtn",
+                            "--skip", "encoder.layer.0.*"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stdout.split())
+    assert "12 weights quantized, 10 kept float" in text  # 6 Linear in each of the 2 other blocks; 6 + 3 + 1
+    assert "(--skip encoder.layer.0.*)" in text and "pooler.dense.weight (not a Linear" in text

@@ -4,8 +4,9 @@
 Writes fake-quantized float weights under the same names, or the packed format (``packing.py``);
 ``FORMATS`` maps each output format to the function that turns one quantized weight into the
 tensors written for it. Each method's parameters (steps, learning rate, regulariser ...) come from
-its declaration (``params.py``); ``QuantizeOptions.params`` overrides some of them, and the values
-used are written to the output's provenance.
+its declaration (``params.py``); ``QuantizeOptions.params`` overrides some of them, a preset
+(``params.PRESETS``: fast, default, best) sets steps, samples and batch size that the user left
+out, and the values used are written to the output's provenance.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import fnmatch
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,11 @@ from modelsurgery.ops.quantize.packing import (
     packed_tensors,
     scheme_metadata,
 )
+from modelsurgery.ops.quantize.params import PRESETS
 from modelsurgery.ops.quantize.reconstruct import (
     Progress,
     ReconstructOptions,
+    Target,
     find_targets,
     reconstruct_blocks,
     reconstruct_iter,
@@ -78,11 +81,15 @@ class QuantizeOptions:
     skip: list[str] = field(default_factory=list)
     default_skips: bool = True
     calib: Path | None = None
-    samples: int = 128
+    #: calibration samples; None: the preset's (``params.PRESETS``; 128 at "default")
+    samples: int | None = None
     seq_len: int = 128
     #: the method's parameters to override (steps, lr, batch_size, reg_weight ...: ``method.params``);
     #: any left out, or None, take the method's default
     params: dict[str, Any] = field(default_factory=dict)
+    #: learned methods: "fast", "default" or "best" (``params.PRESETS``): steps, samples and batch size
+    #: where ``params``/``samples`` leave them out; None: "default" (the method's declared values)
+    preset: str | None = None
     grid: str | None = None
     format: str = "fake"
     eval: Path | None = None
@@ -124,6 +131,10 @@ class QuantizeResult:
     bytes_in: int
     bytes_out: int
     evaluation: dict | None = None
+    #: float weight matrices that stay float, each {name, reason} (``kept_float``)
+    kept_float: list[dict] = field(default_factory=list)
+    #: the calibration's estimated training time, from the first block's first steps (``CalibrationEstimate``)
+    estimate: dict | None = None
     #: --format gptq|compressed-tensors|gguf: the writer's report (files, block type, scale rounding)
     deploy: dict | None = None
     device: str = "cpu"
@@ -137,6 +148,112 @@ class QuantizeResult:
 
 def _skipped(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") for p in patterns)
+
+
+def with_preset(opts: QuantizeOptions, method) -> QuantizeOptions:
+    """``opts`` with the preset's steps, samples and batch size where the user set none (``params.PRESETS``;
+    no preset is "default": the method's declared steps and batch size, 128 samples)."""
+    if opts.preset is not None and opts.preset not in PRESETS:
+        raise SurgeryError(f"--preset {opts.preset}: expected one of {', '.join(PRESETS)}")
+    if opts.preset is not None and not method.learned:
+        raise SurgeryError(f"--preset {opts.preset}: --method {method.name} learns nothing (a preset sets the "
+                           "steps, samples and batch size of adaround and flexround)")
+    preset = PRESETS[opts.preset or "default"]
+    params = {k: v for k, v in opts.params.items() if v is not None}
+    if method.learned and "steps" not in params and method.name in preset.steps:
+        params["steps"] = preset.steps[method.name]
+    if method.learned and "batch_size" not in params and preset.batch_size is not None:
+        params["batch_size"] = preset.batch_size
+    samples = opts.samples if opts.samples is not None else preset.samples
+    return replace(opts, params=params, samples=samples, preset=preset.name if method.learned else None)
+
+
+#: steps of the first trained block timed before the estimate is reported (after the first step, which
+#: also allocates the block's training state)
+ESTIMATE_STEPS = 5
+
+
+class CalibrationEstimate:
+    """The progress callback, timing the first trained block: after ESTIMATE_STEPS steps (past the first)
+    it reports one line, "estimated N min for B blocks x S steps (T s/step)", as ``info["message"]``, and
+    keeps the figures (``estimate``) for the report. Blocks other than the first may differ in size: it is
+    an estimate of the training time, not of reading, writing or evaluation."""
+
+    def __init__(self, progress: Progress | None, trained_blocks: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.progress = progress or (lambda *a, **k: None)
+        self.clock = clock
+        #: blocks that hold weights to learn (default: every block of the run)
+        self.trained = trained_blocks
+        self.blocks: int | None = None
+        self.first: tuple[str, float] | None = None  # (task, time of its step 1)
+        self.estimate: dict | None = None
+
+    def __call__(self, task: str, done: int, total: int, info: dict | None = None) -> None:
+        now = self.clock()
+        self.progress(task, done, total, info or {})
+        if task == "blocks":
+            self.blocks = self.trained if self.trained is not None else total
+            return
+        if self.estimate is not None or self.blocks is None or total <= 1:
+            return
+        if self.first is None:
+            if done == 1:
+                self.first = (task, now)
+            return
+        if task != self.first[0] or not (done - 1 >= ESTIMATE_STEPS or done == total):
+            return
+        per_step = (now - self.first[1]) / (done - 1)
+        seconds = self.blocks * total * per_step
+        self.estimate = {"seconds": seconds, "blocks": self.blocks, "steps": total, "seconds_per_step": per_step,
+                         "timed_steps": done - 1}
+        took = f"{seconds / 60:.1f} min" if seconds >= 6 else f"{seconds:.1f} s"
+        self.estimate["message"] = f"estimated {took} for {self.blocks} blocks x {total} steps ({per_step:.3g} s/step)"
+        self.progress("estimate", 0, 0, {"message": self.estimate["message"]})
+
+
+def block_label(family, names: list[str]) -> str:
+    """A block's own prefix ("transformer.h.0.*", whatever weights it holds), from the family's block
+    names; outside a block stack the weights' common prefix, or the one weight's name."""
+    if not names:
+        return ""
+    where = family.block_of(names[0])
+    if where is not None:
+        return names[0][: len(names[0]) - len(where[1])] + "*"
+    if len(names) == 1:
+        return names[0]
+    common = []
+    for parts in zip(*(n.split(".") for n in names)):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) + ".*" if common else "*"
+
+
+def kept_float(ckpt: Checkpoint, family, quantized: set[str], targets: dict[int, Target], skip: list[str],
+               default_skips: bool) -> list[dict[str, str]]:
+    """Every float weight matrix (2 or more dimensions: biases and norms always stay float) of the checkpoint
+    that stays float, with the reason: a default skip (embedding, output head), a --skip pattern, or not a
+    Linear, Conv or Embedding weight of the model the family runs (a pooler, a tied copy)."""
+    embeddings, heads = family.embedding_names(), family.head_names()
+    target_names = {t.name for t in targets.values()}
+    out = []
+    for name in ckpt.keys():  # noqa: SIM118 - Checkpoint is not iterable
+        info = ckpt.info(name)
+        if name in quantized or not info.dtype.is_floating_point or len(info.shape) < 2:
+            continue
+        if name not in target_names:
+            reason = f"not a Linear, Conv or Embedding weight of the {family.name} model"
+        elif user := next((p for p in skip if _skipped(name, [p])), None):
+            reason = f"--skip {user}"
+        elif default_skips and _skipped(name, embeddings):
+            reason = "embedding: default skip"
+        elif default_skips and _skipped(name, heads):
+            reason = "output head: default skip"
+        else:
+            reason = "not quantized"
+        out.append({"name": name, "reason": reason})
+    return out
 
 
 def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_len: int | None,
@@ -182,6 +299,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     scheme = opts.scheme
     scheme.validate()
     method = method_by_name(opts.method)
+    opts = with_preset(opts, method)
     settings = method.resolve(opts.params)
     from modelsurgery.deploy import FORMATS as DEPLOYED  # imported late: deploy reads packing.py
 
@@ -206,7 +324,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     streamed = opts.streaming and opts.eval is None
     model = family.build_empty() if streamed else family.build_module()
     ckpt.close()  # the module holds the weights: the mapped file need not stay resident
-    targets = find_targets(model)
+    targets = all_targets = find_targets(model)
     patterns = list(opts.skip)
     if opts.default_skips:
         patterns += family.embedding_names() + family.head_names()
@@ -236,6 +354,8 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
 
     tensors_for = FORMATS[opts.format]
+    in_targets = [any(id(p) in targets for p in b.parameters()) for b in model.stages().blocks]
+    timer = CalibrationEstimate(progress, sum(in_targets))
     recon = ReconstructOptions(settings=settings, grid=opts.grid, seed=opts.seed, low_memory=opts.low_memory,
                                device=device, offload_dir=opts.offload_dir, parallel=parallel)
     blocks: list = []
@@ -245,12 +365,12 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         planned = streaming.plan_rtn(ckpt, targets, scheme, method, opts.grid, opts.format, tensors_for)
     elif streamed:
         layers = streaming.layer_entries(ckpt, targets, scheme, opts.bits)
-        steps = reconstruct_iter(model, targets, calib, scheme, method, recon, progress,
+        steps = reconstruct_iter(model, targets, calib, scheme, method, recon, timer,
                                  streaming.LazyWeights(ckpt, model))
         planned = streaming.plan_calibrated(ckpt, family, targets, steps, opts.format, scheme, tensors_for,
                                             blocks.append)
     else:
-        result = reconstruct_blocks(model, targets, calib, scheme, method, recon, progress)
+        result = reconstruct_blocks(model, targets, calib, scheme, method, recon, timer)
         blocks = result.blocks
         layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}
         planned = []
@@ -291,10 +411,13 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         evaluation = compare_models(reference, model, family, eval_data)
     return QuantizeResult(
         output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
-                                                      **scheme.to_dict(), **settings,
+                                                      **scheme.to_dict(), **settings, "preset": opts.preset,
                                                       "samples": opts.samples if calib else 0,
                                                       "samples_used": used},
-        layers=layers, skipped=skipped, blocks=[b.to_dict() for b in blocks],
+        layers=layers, skipped=skipped,
+        kept_float=kept_float(ckpt, family, set(layers), all_targets, opts.skip, opts.default_skips),
+        blocks=[{**b.to_dict(), "label": block_label(family, b.weights)} for b in blocks],
+        estimate=timer.estimate,
         seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20,
         bytes_in=ckpt.nbytes, bytes_out=bytes_out, evaluation=evaluation, device=device,
         streamed=streamed, world_size=world_size,

@@ -61,6 +61,31 @@ BATCH_SIZE = MethodParam("batch_size", int, 32, "Calibration samples per reconst
                          "pass when measuring block errors).", minimum=1)
 
 
+@dataclass(frozen=True)
+class Preset:
+    """``--preset NAME`` of the learned methods: the reconstruction steps (per method), calibration samples
+    and batch size used where the user sets none of their own. None keeps the method's declared default."""
+
+    name: str
+    #: method name -> steps per block; a method left out keeps its declared default
+    steps: Mapping[str, int]
+    samples: int
+    batch_size: int | None
+    #: where the values come from
+    source: str
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("fast", {"flexround": 250, "adaround": 500}, 64, 8,
+           "this project's: 1/20 of each method's declared steps, 64 samples in batches of 8, so a block trains "
+           "in about 1/80 of the default's sample-steps; the trade-off is measured by benchmarks/bench_presets.py"),
+    Preset("default", {}, 128, None,
+           "each method's declared steps and batch size (its paper's or reference code's, above); 128 samples"),
+    Preset("best", {"flexround": 20_000, "adaround": 20_000}, 1024, 32,
+           "BRECQ's main_imagenet.py (iters_w 20000, num_samples 1024) and block_reconstruction (batch 32)"),
+)}
+
+
 def resolve_params(method_name: str, declared: Iterable[MethodParam], given: Mapping[str, Any]) -> dict[str, Any]:
     """Every declared parameter's value: ``given`` (checked) where set and not None, else its default.
 

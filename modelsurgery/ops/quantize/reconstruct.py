@@ -408,5 +408,5 @@ def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ct
             sched.step()
         if low_memory:
             release_freed_memory()  # the step's transients: the next step reuses their pages or not at all
-        if step % every == 0 or step == steps - 1:
+        if step % every == 0 or step == steps - 1 or step <= 5:  # the first steps time the run (its estimate)
             report(step + 1, loss.item())
