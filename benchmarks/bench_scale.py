@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,11 +88,12 @@ def _anon_kb(pid: int) -> int:
     return 0
 
 
-def measure(cmd: list[str]) -> dict:
-    """Wall seconds and peak RssAnon (MB) of the process tree of ``cmd``."""
+def measure(cmd: list[str], threads: int | None = None) -> dict:
+    """Wall seconds and peak RssAnon (MB) of the process tree of ``cmd`` (torch limited to ``threads``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
         peak = 0
         while proc.poll() is None:
             peak = max(peak, sum(_anon_kb(p) for p in _tree(proc.pid)))
@@ -150,6 +152,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--only", choices=["rtn", "flexround", "merge"], help="run the copy and this one only")
+    ap.add_argument("--threads", type=int, help="torch threads in each measured run (OMP_NUM_THREADS)")
     ap.add_argument("--formula", action="store_true", help="only print the memory formula for 1.7 GB, 7B, 70B")
     args = ap.parse_args()
     if args.formula:
@@ -174,21 +177,26 @@ def main() -> None:
         save_file({"input_ids": torch.randint(shape["vocab"], (args.samples, args.seq_len),
                                               generator=torch.Generator().manual_seed(0))}, calib)
         rows = {}
-        rows["plain copy"] = measure([py, "-c", f"import shutil; shutil.copytree({str(model)!r}, "
-                                      f"{str(work / 'copy')!r}, dirs_exist_ok=True)"])
+
+        def run(cmd: list[str]) -> dict:
+            row = measure(cmd, args.threads)
+            print(f"{row} <- {' '.join(cmd[:6])} ...", file=sys.stderr, flush=True)
+            return row
+
+        rows["plain copy"] = run([py, "-c", f"import shutil; shutil.copytree({str(model)!r}, "
+                                  f"{str(work / 'copy')!r}, dirs_exist_ok=True)"])
         q = [py, "-m", "modelsurgery", "quantize", str(model), "--bits", "4", "--format", "packed", "--force", "-q"]
         for mode in ("streaming", "whole-model") if args.only in (None, "rtn") else ():
-            rows[f"rtn packed, {mode}"] = measure([*q, "-o", str(work / f"rtn-{mode}"), "--method", "rtn",
-                                                   f"--{mode}"])
+            rows[f"rtn packed, {mode}"] = run([*q, "-o", str(work / f"rtn-{mode}"), "--method", "rtn", f"--{mode}"])
         for mode in ("streaming", "whole-model") if args.only in (None, "flexround") else ():
-            rows[f"flexround {args.steps} steps, {mode}"] = measure(
+            rows[f"flexround {args.steps} steps, {mode}"] = run(
                 [*q, "-o", str(work / f"flex-{mode}"), "--method", "flexround", "--calib", str(calib),
                  "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                  "--batch-size", str(min(4, args.samples)), f"--{mode}"])
         if not args.skip_merge and args.only in (None, "merge"):
             for mode, code in (("streaming", STREAM_MATCH), ("in-memory matching", WHOLE_MATCH)):
-                rows[f"match-merge, {mode}"] = measure([py, "-c", code, str(work / "a"), str(work / "b"),
-                                                        str(work / f"merge-{mode.split()[0]}")])
+                rows[f"match-merge, {mode}"] = run([py, "-c", code, str(work / "a"), str(work / "b"),
+                                                    str(work / f"merge-{mode.split()[0]}")])
         print(json.dumps({"model": shape, "checkpoint_mb": round(size / 2**20, 1), "runs": rows}, indent=1))
         print(f"\n{'run':40} {'seconds':>8} {'peak RssAnon MB':>16}")
         for k, v in rows.items():

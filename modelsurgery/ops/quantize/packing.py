@@ -38,10 +38,19 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """[rows, R] integer codes in [0, 2^bits) -> uint8 [rows, ceil(R * bits / 8)]."""
     if not MIN_BITS <= bits <= MAX_BITS:
         raise SurgeryError(f"bit width {bits}: the packed format holds {MIN_BITS} to {MAX_BITS} bits")
-    a = q.to(torch.int64).cpu().numpy()
+    a = q.to(torch.int64).cpu().numpy() if q.dtype != torch.uint8 else q.cpu().numpy()
     if a.size and (a.min() < 0 or a.max() >= 2**bits):
         raise SurgeryError(f"codes out of range for {bits} bits")
     rows, length = a.shape
+    if 8 % bits == 0 and length * bits % 8 == 0:
+        # whole codes per byte: the same stream as below, element k of a byte at bit k * bits,
+        # without the bit-per-byte intermediate (8x the codes) the general width needs
+        per = 8 // bits
+        lanes = a.astype(np.uint8, copy=False).reshape(rows, length // per, per)
+        out = lanes[:, :, 0].copy()
+        for k in range(1, per):
+            out |= lanes[:, :, k] << np.uint8(k * bits)
+        return torch.from_numpy(out)
     shifts = np.arange(bits, dtype=np.int64)
     bitstream = ((a[:, :, None] >> shifts) & 1).astype(np.uint8).reshape(rows, length * bits)
     return torch.from_numpy(np.packbits(bitstream, axis=1, bitorder="little"))

@@ -111,6 +111,43 @@ def _planned(ckpt: Checkpoint, names: list[str], targets: dict[str, Target], fmt
     return planned
 
 
+#: elements of a weight (whole rows) that streaming RTN rounds at a time: 2 MB of float32, so that the
+#: quantizer's passes over them run in the CPU's cache and its temporaries stay small
+RTN_CHUNK_ELEMENTS = 1 << 19
+
+
+def rounded_in_chunks(weight: torch.Tensor, target: Target, scheme: QuantScheme, method, grid: str | None,
+                      fmt: str, tensors_for: TensorsFor, chunk_elements: int | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """``tensors_for`` of the weight rounded to nearest, computed a few rows at a time: per channel or
+    per group every row has its own grid, so rounding rows apart gives the same tensors as rounding
+    the whole weight at once (a per-tensor grid needs the whole weight: one piece). Only the rows
+    being rounded are in float32, not the whole weight."""
+    shape, dtype = tuple(weight.shape), weight.dtype
+    axis = 1 if target.transposed else 0  # the stored axis of the rows (``grids.to_matrix``)
+    rows = shape[axis]
+    length = math.prod(shape) // max(rows, 1)
+    step = rows if scheme.granularity == "tensor" else max(1, (chunk_elements or RTN_CHUNK_ELEMENTS) // length)
+    outputs = {name: (full_shape, 1 if target.transposed and not suffix else 0)
+               for suffix, full_shape, _ in output_shapes(fmt, shape, dtype, target, scheme)
+               for name in [target.name + suffix]}
+    result: dict[str, torch.Tensor] = {}
+    for start in range(0, rows, step):
+        piece = weight.narrow(axis, start, min(step, rows - start)).float()
+        qw = rounded_to_nearest(piece, target, scheme, method, grid).export()
+        del piece
+        for name, value in tensors_for(target.name, qw, scheme.bits, dtype).items():
+            if step >= rows:
+                result[name] = value
+                continue
+            full_shape, along = outputs[name]
+            if name not in result:
+                result[name] = value.new_empty(full_shape)
+            result[name].narrow(along, start, value.shape[along]).copy_(value)
+        del qw
+    return result
+
+
 def plan_rtn(ckpt: Checkpoint, targets: dict[int, Target], scheme: QuantScheme, method, grid: str | None,
              fmt: str, tensors_for: TensorsFor) -> list[PlannedTensor]:
     """Every checkpoint tensor in its order; a weight to quantize is read, rounded to nearest and
@@ -119,11 +156,7 @@ def plan_rtn(ckpt: Checkpoint, targets: dict[int, Target], scheme: QuantScheme, 
 
     def fill(key: str) -> None:
         name = next(n for n in (key, key.rsplit(".", 1)[0]) if n in by_name)
-        t = by_name[name]
-        weight = ckpt.get(name).float()
-        qw = rounded_to_nearest(weight, t, scheme, method, grid).export()
-        del weight
-        produced.add(tensors_for(name, qw, scheme.bits, ckpt.info(name).dtype))
+        produced.add(rounded_in_chunks(ckpt.get(name), by_name[name], scheme, method, grid, fmt, tensors_for))
 
     produced = _Produced(fill)
     return _planned(ckpt, ckpt.keys(), by_name, fmt, scheme, produced)

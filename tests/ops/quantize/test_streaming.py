@@ -49,6 +49,26 @@ def test_rtn_streams_the_same_bytes(tmp_path, src, fmt):
     assert _weights_file(stream.output).read_bytes() == _weights_file(whole.output).read_bytes()
 
 
+GPT2 = ROOT / "fixtures" / "charlm" / "gpt2"
+
+
+@pytest.mark.parametrize(("src", "fmt", "granularity"), [
+    (LLAMA, "packed", "channel"), (LLAMA, "fake", "group"), (GPT2, "packed", "group"), (GPT2, "fake", "channel"),
+    (ROOT / "fixtures" / "digits" / "cnn_seed0.safetensors", "packed", "channel"), (MLP, "packed", "tensor"),
+], ids=["llama-packed-channel", "llama-fake-group", "gpt2-packed-group", "gpt2-fake-channel", "cnn-packed-channel",
+        "mlp-packed-tensor"])
+def test_rtn_in_row_chunks_writes_the_same_bytes(tmp_path, monkeypatch, src, fmt, granularity):
+    """Rows rounded a few at a time (here one row at a time: columns of GPT-2's transposed Conv1D, a conv's output
+    channels, an embedding's rows) give the whole-model path's bytes; per tensor, one piece."""
+    from modelsurgery.ops.quantize import streaming
+
+    monkeypatch.setattr(streaming, "RTN_CHUNK_ELEMENTS", 1)  # one row per piece
+    stream, whole = _both(src, tmp_path, method="rtn", bits=4, format=fmt, default_skips=False,
+                          granularity=granularity, group_size=16 if granularity == "group" else None,
+                          symmetric=granularity != "channel")
+    assert _weights_file(stream.output).read_bytes() == _weights_file(whole.output).read_bytes()
+
+
 @pytest.mark.parametrize("method", ["flexround", "adaround"])
 def test_lazy_blocks_learn_the_same_codes_mlp(tmp_path, method):
     stream, whole = _both(MLP, tmp_path, method=method, bits=3, format="packed", default_skips=False,
