@@ -57,21 +57,24 @@ def render_inspect(report, all_tensors: bool = False) -> None:
     table.add_column("parameters", justify="right")
     table.add_column("bytes", justify="right")
     for group, tensors in report.groups.items():
-        if all_tensors or len(tensors) == 1:
-            for t in tensors:
+        rows = _display_rows(tensors, report.quantized_layers)
+        if all_tensors or len(rows) == 1:
+            for t in rows:
                 table.add_row(safe(t["name"]), "x".join(map(str, t["shape"])) or "scalar", safe(t["dtype"]),
                               f"{t['parameters']:,}", human_bytes(t["bytes"]))
         else:
-            dts = ",".join(sorted({t["dtype"] for t in tensors}))
+            dts = ",".join(sorted({t["dtype"] for t in rows}))
             table.add_row(f"{safe(group)} ({len(tensors)} tensors)", "", safe(dts),
-                          f"{sum(t['parameters'] for t in tensors):,}",
-                          human_bytes(sum(t["bytes"] for t in tensors)))
+                          f"{sum(t['parameters'] for t in rows):,}",
+                          human_bytes(sum(t["bytes"] for t in rows)))
     out_console.print(table)
     out_console.print(
         f"total: {report.num_tensors} tensors, {report.num_parameters:,} parameters, "
         f"{human_bytes(report.num_bytes)}"
     )
-    if report.quantization:
+    if report.scheme:
+        render_scheme(report.scheme)
+    elif report.quantization:
         out_console.print(f"quantization: {safe(report.quantization)}")
     if report.provenance:
         p = report.provenance
@@ -82,6 +85,51 @@ def render_inspect(report, all_tensors: bool = False) -> None:
             out_console.print(safe(f"provenance (malformed, a JSON {type(p).__name__}): {p}"))
     if report.metadata:
         out_console.print(f"metadata: {safe(report.metadata)}")
+
+
+def _display_rows(tensors: list[dict], layers: dict[str, dict]) -> list[dict]:
+    """One row per stored tensor, except that the parts of a quantized weight (codes, scales, zero
+    points) make one row: the weight's name, its stored shape, its bits, and the parts' bytes."""
+    rows: list[dict] = []
+    merged: dict[str, dict] = {}
+    for t in tensors:
+        weight = t.get("quantized_weight")
+        if weight is None:
+            rows.append(t)
+            continue
+        if weight not in merged:
+            layer = layers.get(weight, {})
+            merged[weight] = {"name": weight, "shape": layer.get("shape", []), "dtype": f"{layer.get('bits')}-bit",
+                              "parameters": 0, "bytes": 0}
+            rows.append(merged[weight])
+        merged[weight]["parameters"] += t["parameters"]
+        merged[weight]["bytes"] += t["bytes"]
+    return rows
+
+
+SCHEME_LABELS = {"format": "format", "method": "method", "type": "type", "file_type": "file type", "bits": "bits",
+                 "granularity": "granularity", "group_size": "group size", "symmetric": "symmetric",
+                 "quantized_weights": "quantized weights", "kept_float": "kept float"}
+
+
+def render_scheme(scheme: dict) -> None:
+    """The quantization scheme as a short two-column table (kept float: a count and the first names)."""
+    table = Table(show_edge=False, show_header=False, title="quantization", title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    order = list(SCHEME_LABELS)
+    for key, value in sorted(scheme.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        if value is None:
+            continue
+        if key == "kept_float":
+            names = ", ".join(value[:4]) + (f", ... ({len(value) - 4} more)" if len(value) > 4 else "")
+            value = f"{len(value)} weight matrices" + (f" ({names})" if value else "")
+        elif key == "symmetric":
+            value = "yes" if value else "no (zero points stored)"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        table.add_row(safe(SCHEME_LABELS.get(key, key)), safe(value))
+    out_console.print(table)
 
 
 def demo_step(fixtures: Path, workdir: Path, quiet: bool = False) -> dict:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.checkpoint.formats import TensorInfo
+from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 
 
@@ -23,6 +27,11 @@ class InspectReport:
     provenance: dict | None = None
     quantization: dict | None = None
     files: list[str] = field(default_factory=list)
+    #: a quantized checkpoint's scheme in short (format, method, bits, granularity, group size,
+    #: symmetric, quantized weights, float matrices kept); None for a float checkpoint
+    scheme: dict | None = None
+    #: each quantized weight ``X.weight``: its stored ``shape``, ``bits`` and ``group_size``
+    quantized_layers: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         tensors = [t for g in self.groups.values() for t in g]
@@ -42,6 +51,8 @@ class InspectReport:
             "metadata": self.metadata,
             "provenance": self.provenance,
             "quantization": self.quantization,
+            "scheme": self.scheme,
+            "quantized_layers": self.quantized_layers,
             "files": self.files,
         }
 
@@ -62,28 +73,142 @@ def _json_field(metadata: dict, key: str) -> dict | None:
         return {"raw": metadata[key]}
 
 
+def _is_float(dtype_name: str) -> bool:
+    return dtype_name.startswith(("float", "bfloat"))
+
+
+@dataclass
+class QuantizedLayout:
+    """The weights a quantized checkpoint stands for: ``weights`` maps each quantized ``X.weight`` to
+    its stored shape, bits and group size; ``parts`` each stored tensor of one (codes, scales, zero
+    points) to the weight it holds; ``scheme`` the short description ``surgery inspect`` shows."""
+
+    weights: dict[str, dict]
+    parts: dict[str, str]
+    scheme: dict
+
+    def float_checkpoint(self, ckpt: Checkpoint) -> Checkpoint:
+        """``ckpt`` seen with each quantized weight as a float ``X.weight`` of its stored shape, at the
+        position of its first part (names and shapes only: what family detection reads)."""
+        infos: OrderedDict[str, TensorInfo] = OrderedDict()
+        for name, info in ckpt.infos.items():
+            weight = self.parts.get(name)
+            if weight is None:
+                infos[name] = info
+            elif weight not in infos:
+                infos[weight] = TensorInfo(weight, tuple(self.weights[weight]["shape"]), "float32", info.file)
+        return Checkpoint(ckpt.path, infos, ckpt.metadata, ckpt.config, ckpt.folder)
+
+
+def _layers_of(record: dict, where: object) -> dict[str, dict]:
+    """The per-weight entries of a quantization record, checked enough to trust their shapes."""
+    out = {}
+    for name, layer in record["layers"].items():
+        shape = (layer or {}).get("shape") if isinstance(layer, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise SurgeryError(f"{where}: quantized weight '{str(name)[:200]}' has no stored shape in its metadata")
+        out[name] = {"shape": shape, "bits": layer.get("bits", record.get("bits")),
+                     "group_size": layer.get("group_size", record.get("group_size"))}
+    return out
+
+
+def quantized_layout(ckpt: Checkpoint) -> QuantizedLayout | None:
+    """How ``ckpt`` stores quantized weights, from headers and metadata (None for a float checkpoint).
+
+    modelsurgery's record (``modelsurgery.quantization``, owned by ``ops.quantize.packing``) lists every
+    quantized weight with its shape, for the packed format and for the GPTQ and compressed-tensors folders
+    ``surgery quantize`` writes; another tool's GPTQ or compressed-tensors folder is read by
+    ``modelsurgery.deploy`` (which reads its tensors)."""
+    from modelsurgery.ops.quantize.packing import METADATA_KEY, read_scheme
+
+    qc = (ckpt.config or {}).get("quantization_config")
+    if METADATA_KEY not in ckpt.metadata and not isinstance(qc, dict):
+        return None  # a float checkpoint: nothing quantization-related is imported
+    record = read_scheme(ckpt.metadata, ckpt.path)
+    if record is not None:
+        fmt = str(record.get("format", "packed"))
+        weights = _layers_of(record, ckpt.path)
+        scheme = {"format": fmt, "method": record.get("method"), "granularity": record.get("granularity"),
+                  "group_size": record.get("group_size"), "symmetric": record.get("symmetric")}
+    else:
+        from modelsurgery.deploy import FORMATS, read_deployed
+
+        fmt = str(qc.get("quant_method") or qc.get("format") or "unknown")
+        deployed = read_deployed(ckpt) if fmt in FORMATS else None
+        if deployed is None:  # a quantization this tool does not read: say what config.json says
+            return QuantizedLayout({}, {}, {"format": fmt, "bits": qc.get("bits"), "quantized_weights": None})
+        weights = {w.name: {"shape": list(w.shape), "bits": w.bits, "group_size": w.group_size} for w in deployed}
+        granularities = sorted({w.granularity for w in deployed})
+        sym = qc.get("sym", next((g.get("weights", {}).get("symmetric") for g in qc.get("config_groups", {}).values()
+                                  if isinstance(g, dict)), None))
+        scheme = {"format": fmt, "method": None, "granularity": ",".join(granularities) or None,
+                  "group_size": qc.get("group_size"), "symmetric": sym}
+    parts: dict[str, str] = {}
+    if fmt == "packed":
+        from modelsurgery.ops.quantize.packing import SUFFIXES
+
+        parts = {w + s: w for w in weights for s in SUFFIXES}
+    elif fmt != "fake":
+        from modelsurgery.deploy import FORMATS
+
+        suffixes = getattr(FORMATS.get(fmt), "SUFFIXES", ())
+        parts = {w.removesuffix(".weight") + s: w for w in weights for s in suffixes}
+    parts = {k: v for k, v in parts.items() if k in ckpt}
+    missing = [w for w in weights if fmt != "fake" and w not in parts.values()]
+    if missing:
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{missing[0][:200]}' is listed in the metadata but none "
+                           "of its tensors is in the checkpoint")
+    bits = sorted({int(w["bits"]) for w in weights.values() if isinstance(w["bits"], int)})
+    quantized = set(weights)
+    kept = [n for n, i in ckpt.infos.items()
+            if n not in parts and n not in quantized and _is_float(i.dtype_name) and len(i.shape) >= 2]
+    if scheme.get("granularity") != "group":
+        scheme["group_size"] = None
+    scheme = {**scheme, "bits": bits[0] if len(bits) == 1 else bits, "quantized_weights": len(weights),
+              "kept_float": kept}
+    return QuantizedLayout(weights, parts, scheme)
+
+
 def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectReport:
-    """Read only headers (and config.json): nothing is loaded for safetensors inputs."""
+    """Read only headers (and config.json): nothing is loaded for safetensors inputs. A quantized
+    checkpoint is shown as the model it stands for: family and blocks from its weights' names (the
+    codes, scales and zero points of ``X.weight`` stand for ``X.weight``), parameters counted once per
+    weight (on its first stored part), and the scheme summarised."""
     if Path(path).suffix == ".gguf":
         from modelsurgery.deploy.gguf import inspect_report
 
-        return inspect_report(path)
+        report = inspect_report(path)
+        report.scheme = {k: v for k, v in (report.quantization or {}).items() if not isinstance(v, (dict, list))}
+        return report
     ckpt = Checkpoint.open(path)
-    family = detect_family(ckpt, model)
+    layout = quantized_layout(ckpt)
+    family = detect_family(layout.float_checkpoint(ckpt) if layout else ckpt, model)
     groups: dict[str, list[dict]] = {}
     dtypes: dict[str, int] = {}
+    num_parameters = 0
+    first_parts: set[str] = set()
     for info in ckpt.infos.values():
-        dt = info.dtype_name
-        dtypes[dt] = dtypes.get(dt, 0) + info.numel
-        groups.setdefault(_group_of(family, info.name), []).append(
-            {"name": info.name, "shape": list(info.shape), "dtype": dt, "parameters": info.numel,
-             "bytes": info.nbytes}
-        )
+        weight = layout.parts.get(info.name) if layout else None
+        entry = {"name": info.name, "shape": list(info.shape), "dtype": info.dtype_name,
+                 "parameters": info.numel, "bytes": info.nbytes}
+        if weight is not None:  # the weight's parameters count once, on its first stored part
+            w = layout.weights[weight]
+            entry["quantized_weight"] = weight
+            entry["parameters"] = 0 if weight in first_parts else math.prod(w["shape"])
+            first_parts.add(weight)
+            if entry["parameters"]:
+                key = f"{w['bits']}-bit"
+                dtypes[key] = dtypes.get(key, 0) + entry["parameters"]
+        else:
+            dtypes[info.dtype_name] = dtypes.get(info.dtype_name, 0) + info.numel
+        num_parameters += entry["parameters"]
+        groups.setdefault(_group_of(family, weight or info.name), []).append(entry)
     metadata = {k: v for k, v in ckpt.metadata.items() if not k.startswith("modelsurgery")}
     return InspectReport(
         path=str(path),
         family=family.describe(),
-        num_parameters=ckpt.num_parameters,
+        num_parameters=num_parameters,
         num_bytes=ckpt.nbytes,
         num_tensors=len(ckpt),
         dtypes=dtypes,
@@ -92,5 +217,7 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
         provenance=_json_field(ckpt.metadata, "modelsurgery"),
         quantization=(_json_field(ckpt.metadata, "modelsurgery.quantization")
                       or (ckpt.config or {}).get("quantization_config")),  # GPTQ, compressed-tensors
+        scheme=layout.scheme if layout else None,
+        quantized_layers=layout.weights if layout else {},
         files=[str(f) for f in ckpt.source_files],
     )

@@ -132,3 +132,123 @@ def test_table_output_lists_family_and_totals(fixtures_dir):
     assert "resnet" in result.stdout and "layer2.0.shortcut.0.weight" in result.stdout
     n = sum(t.numel() for t in load_file(fixtures_dir / "digits" / "resnet_seed0.safetensors").values())
     assert f"{n:,} parameters" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
+                                   torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_dtype_names_and_bytes_from_the_header(tmp_path, dtype):
+    """Headers are read without torch: the names and sizes must still be torch's own."""
+    path = tmp_path / "t.safetensors"
+    tensors = {"a": torch.zeros(3, 5).to(dtype), "b": torch.zeros(7).to(dtype)}
+    save_file(tensors, path)
+    report = inspect_json(path)
+    _check_fields(report, tensors)
+    assert report["num_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ----- quantized checkpoints: shown as the model they stand for ---------------------------------------
+def _quantize(src, out, fmt: str, group: int) -> None:
+    r = runner.invoke(app, ["quantize", str(src), "-o", str(out), "--method", "rtn", "--bits", "4",
+                            "--granularity", "group", "--group-size", str(group), "--format", fmt, "--quiet"])
+    assert r.exit_code == 0, r.output
+
+
+def _check_quantized(report: dict, float_report: dict, source: dict[str, torch.Tensor],
+                     stored: dict[str, torch.Tensor], fmt: str, group: int, method: str | None = "rtn") -> None:
+    # the underlying model: the family, layers and block groups of the float checkpoint it came from
+    for key in ("family", "num_layers", "hidden_size"):
+        assert report[key] == float_report[key], key
+    assert list(report["groups"]) == list(float_report["groups"])
+    # parameters of the float model (counted by torch on the source), bytes and tensors as stored
+    assert report["num_parameters"] == sum(t.numel() for t in source.values())
+    assert report["num_tensors"] == len(stored)
+    assert report["num_bytes"] == sum(t.numel() * t.element_size() for t in stored.values())
+    layers = report["quantized_layers"]
+    assert layers and all(list(source[w].shape) == layers[w]["shape"] for w in layers)
+    assert all(w not in stored for w in layers)  # they are stored as codes, not as floats
+    for t in report["tensors"]:
+        assert (t.get("quantized_weight") in layers) == (t["name"] not in source), t["name"]
+    # the scheme, in short: kept float = the float matrices copied from the source unchanged
+    kept = sorted(n for n, t in stored.items() if n in source and t.is_floating_point() and t.dim() >= 2)
+    assert report["scheme"] == {"format": fmt, "method": method, "bits": 4, "granularity": "group",
+                                "group_size": group, "symmetric": True, "quantized_weights": len(layers),
+                                "kept_float": kept}
+
+
+def _stored(path) -> dict[str, torch.Tensor]:
+    files = [path] if path.suffix == ".safetensors" else sorted(path.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("kind,fmt,group", [("gpt2", "packed", 32), ("llama", "packed", 16),
+                                            ("llama", "gptq", 16), ("llama", "compressed-tensors", 16)])
+def test_quantized_folder_shows_family_blocks_and_scheme(fixtures_dir, tmp_path, kind, fmt, group):
+    src = fixtures_dir / "charlm" / kind
+    out = tmp_path / "q"
+    _quantize(src, out, fmt, group)
+    report = inspect_json(out)
+    _check_quantized(report, inspect_json(src), load_file(src / "model.safetensors"), _stored(out), fmt, group)
+    text = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
+    assert text.exit_code == 0, text.output
+    assert f"family {kind}" in text.output and "block 0 (" in text.output
+    assert "quantized weights" in text.output and "'layers'" not in text.output  # a table, not a dict dump
+    listing = runner.invoke(app, ["inspect", str(out), "--all"], env={"COLUMNS": "200"}).output
+    first = next(iter(report["quantized_layers"]))
+    shape = "x".join(map(str, report["quantized_layers"][first]["shape"]))
+    assert any(line.split()[:3] == [first, "│", shape] for line in listing.splitlines()), listing
+
+
+def test_packed_single_file_mlp(fixtures_dir, tmp_path):
+    src = fixtures_dir / "digits" / "mlp_seed0.safetensors"
+    out = tmp_path / "q.safetensors"
+    r = runner.invoke(app, ["quantize", str(src), "-o", str(out), "--method", "rtn", "--bits", "4",
+                            "--format", "packed", "--quiet"])
+    assert r.exit_code == 0, r.output
+    report = inspect_json(out)
+    assert report["family"] == "mlp" and report["num_layers"] == inspect_json(src)["num_layers"]
+    source = load_file(src)
+    assert report["num_parameters"] == sum(t.numel() for t in source.values())
+    assert report["scheme"]["granularity"] == "channel" and report["scheme"]["group_size"] is None
+
+
+def test_gptq_folder_of_another_tool_is_read_by_its_owner(fixtures_dir, tmp_path):
+    """A GPTQ folder without modelsurgery's record (as other tools write it): weights read by
+    modelsurgery.deploy, the scheme from config.json and the tensors."""
+    src = fixtures_dir / "charlm" / "llama"
+    out = tmp_path / "q"
+    _quantize(src, out, "gptq", 16)
+    stored = load_file(out / "model.safetensors")
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})  # drop our records
+    report = inspect_json(out)
+    assert report["provenance"] is None
+    # the method is not recorded in a GPTQ folder
+    _check_quantized(report, inspect_json(src), load_file(src / "model.safetensors"), stored, "gptq", 16, None)
+
+
+def test_quantization_record_without_shapes_is_refused(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    record = {"format": "packed", "method": "rtn", "bits": 4, "layers": {"w": {"bits": 4}}}
+    save_file({"w.qweight": torch.zeros(2, 2, dtype=torch.uint8)}, path,
+              metadata={"modelsurgery.quantization": json.dumps(record)})
+    r = runner.invoke(app, ["inspect", str(path)])
+    assert r.exit_code != 0 and r.output.count("\n") == 1
+    assert str(path) in r.output and "'w' has no stored shape" in r.output
+
+
+def test_gguf_scheme_as_a_table(tmp_path):
+    from modelsurgery.deploy import deploy
+    from modelsurgery.ops.quantize.grids import QuantScheme
+    from tests.deploy.conftest import rtn_source
+
+    path = tmp_path / "m.gguf"
+    deploy(rtn_source("gguf", QuantScheme(4, "group", 32, True)), path, "gguf", gguf_tokenizer="none")
+    report = inspect_json(path)
+    assert report["family"] == "gguf:llama" and report["scheme"]["type"] == "Q4_0"
+    text = runner.invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"}).output
+    rows = {tuple(line.split("│")[0].split()): line.split("│")[1].strip() for line in text.splitlines()
+            if line.count("│") == 1}
+    assert rows[("type",)] == "Q4_0" and rows[("group", "size")] == "32" and rows[("bits",)] == "4"
