@@ -11,9 +11,7 @@ import json
 import struct
 from collections import OrderedDict
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
 from modelsurgery.checkpoint.carry import CarriedFile, carried_files
 from modelsurgery.checkpoint.formats import (
@@ -25,6 +23,9 @@ from modelsurgery.checkpoint.formats import (
 )
 from modelsurgery.checkpoint.hub import link_root, resolve_input
 from modelsurgery.errors import SurgeryError
+
+if TYPE_CHECKING:  # torch is imported when a tensor's value is read, never for headers
+    import torch
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -173,6 +174,8 @@ class Checkpoint:
         info = self.info(name)
         handle = self._handles.get(info.file)
         if handle is None:
+            from safetensors import safe_open
+
             try:
                 handle = safe_open(str(info.file), framework="pt", device="cpu")
             except Exception as e:  # the Rust reader reports its own validation failures
@@ -236,6 +239,8 @@ class Checkpoint:
 
     def dtype(self) -> torch.dtype:
         """The dominant floating dtype (by bytes)."""
+        import torch
+
         totals: dict[torch.dtype, int] = {}
         for i in self.infos.values():
             if i.dtype.is_floating_point:
