@@ -20,7 +20,7 @@ import torch
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
-from modelsurgery.ops.quantize.packing import SUFFIXES, PackedWeight, read_packed, read_scheme
+from modelsurgery.ops.quantize.packing import SUFFIXES, PackedWeight, read_scheme
 
 if TYPE_CHECKING:
     from modelsurgery.ops.quantize.grids import QuantScheme
@@ -31,7 +31,8 @@ class DeploySource:
     """A quantized model ready to be written: its weights, float tensors and folder files."""
 
     ckpt: Checkpoint
-    weights: list[PackedWeight]
+    #: in memory (a quantizer's output) or ``PackedRef`` (read from a packed checkpoint as written)
+    weights: list[PackedWeight | PackedRef]
     scheme: QuantScheme
     method: str = "unknown"
     #: the operation and parameters recorded as the output's provenance (default: this conversion)
@@ -59,7 +60,7 @@ class DeploySource:
         quantized = {w.name + s: w.name for w in self.weights for s in SUFFIXES}
         return list(dict.fromkeys(quantized.get(k, k) for k in self.ckpt.keys()))  # noqa: SIM118
 
-    def quantized(self) -> dict[str, PackedWeight]:
+    def quantized(self) -> dict[str, PackedWeight | PackedRef]:
         return {w.name: w for w in self.weights}
 
 
@@ -87,12 +88,157 @@ def scheme_of(meta: dict) -> QuantScheme:
 
 
 def open_packed(path: str | Path) -> DeploySource:
-    """A packed checkpoint (``surgery quantize --format packed``) as a deployment source."""
+    """A packed checkpoint (``surgery quantize --format packed``) as a deployment source. Its weights are
+    ``PackedRef``s, checked against the header now and read one at a time as the writer reaches them."""
     ckpt = Checkpoint.open(path)
     meta = read_scheme(ckpt.metadata, ckpt.path)
     if meta is None or meta.get("format") != "packed":
         raise SurgeryError(f"{path}: not a packed quantized checkpoint (run surgery quantize --format packed)")
-    return DeploySource(ckpt, read_packed(ckpt), scheme_of(meta), meta.get("method", "unknown"))
+    refs = [packed_ref(ckpt, name, layer or {}) for name, layer in meta["layers"].items()]
+    return DeploySource(ckpt, refs, scheme_of(meta), meta.get("method", "unknown"))
+
+
+# ----- streaming reads of a packed checkpoint -------------------------------------------------------
+def read_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """One stored tensor read with a plain file read into a fresh buffer: no mapped pages stay resident,
+    so converting a multi-GB checkpoint holds about one tensor (``Checkpoint.get`` for other formats)."""
+    where = ckpt.byte_range(name)
+    if where is None:
+        return ckpt.get(name)
+    info = ckpt.info(name)
+    file, offset, count = where
+    buf = np.empty(count, np.uint8)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        if f.readinto(memoryview(buf)) != count:
+            raise SurgeryError(f"{file}: tensor '{name}' ends before its {count} bytes (truncated file?)")
+    return torch.from_numpy(buf).view(info.dtype).reshape(info.shape)
+
+
+def unpack_stream(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """uint8 [rows, ceil(n * bits / 8)] little-endian bit streams (the packed ``qweight``) -> uint8 codes
+    [rows, n], by shift and mask over whole arrays: at 1, 2, 4 and 8 bits a byte holds 8 / bits codes;
+    otherwise every ``bits`` bytes hold 8 codes, code j starting at bit j * bits of them."""
+    raw = np.asarray(raw, dtype=np.uint8)
+    rows, mask = raw.shape[0], (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        chunks = raw[:, :, None]
+    else:
+        per = 8
+        chunks = np.zeros((rows, -(-n // 8) * bits), np.uint8)
+        chunks[:, : raw.shape[1]] = raw
+        chunks = chunks.reshape(rows, -1, bits)
+    codes = np.empty((rows, chunks.shape[1], per), np.uint8)
+    for j in range(per):  # at most 8 code positions, each a few whole-array operations
+        byte, shift = divmod(j * bits, 8)
+        out = codes[:, :, j]
+        np.right_shift(chunks[:, :, byte], shift, out=out)
+        if shift + bits > 8:  # the code continues in the next byte
+            np.bitwise_or(out, np.left_shift(chunks[:, :, byte + 1], 8 - shift), out=out)
+        if shift + bits != 8:
+            np.bitwise_and(out, mask, out=out)
+    codes = codes.reshape(rows, -1)
+    return codes if codes.shape[1] == n else np.ascontiguousarray(codes[:, :n])
+
+
+@dataclass
+class PackedRef:
+    """One weight of a packed checkpoint, not yet read: the shape, bits and grouping from the header,
+    and its codes, scale and zero point read from the file each time they are asked for (one weight
+    in memory at a time). ``load`` gives the ``PackedWeight``."""
+
+    ckpt: Checkpoint
+    name: str
+    shape: tuple[int, ...]
+    bits: int
+    group_size: int | None
+    transposed: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.shape[1] if self.transposed else self.shape[0]
+
+    @property
+    def row_length(self) -> int:
+        return self.shape[0] if self.transposed else math.prod(self.shape[1:])
+
+    def stream(self) -> np.ndarray:
+        """The stored bit streams, uint8 [rows, ceil(R * bits / 8)]."""
+        return read_tensor(self.ckpt, self.name + ".qweight").numpy()
+
+    @property
+    def scale(self) -> np.ndarray:
+        return read_tensor(self.ckpt, self.name + ".scale").to(torch.float32).numpy()
+
+    @property
+    def zero_point(self) -> np.ndarray:
+        zero = read_tensor(self.ckpt, self.name + ".zero_point").numpy()
+        if int(zero.max(initial=0)) >= 1 << self.bits:
+            raise SurgeryError(f"{self.ckpt.path}: quantized weight '{self.name}' has zero points above "
+                               f"{self.bits} bits")
+        return zero
+
+    @property
+    def codes(self) -> np.ndarray:
+        return unpack_stream(self.stream(), self.bits, self.row_length)
+
+    def load(self) -> PackedWeight:
+        return PackedWeight(self.name, self.shape, self.bits, self.group_size, self.codes, self.scale,
+                            self.zero_point, self.transposed)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.load().dequantize(dtype)
+
+
+def loaded(w: PackedWeight | PackedRef) -> PackedWeight:
+    return w.load() if isinstance(w, PackedRef) else w
+
+
+def packed_ref(ckpt: Checkpoint, name: str, layer: dict) -> PackedRef:
+    """``name`` of a packed checkpoint checked against the format from the header alone (the checks of
+    ``packing.read_packed_weight`` that need no data; zero points are checked when read)."""
+    for suffix in SUFFIXES:
+        if name + suffix not in ckpt:
+            raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has no tensor '{name}{suffix}'")
+    try:
+        shape = tuple(int(d) for d in layer["shape"])
+        bits = int(layer["bits"])
+    except (KeyError, TypeError, ValueError):
+        raise SurgeryError(f"{ckpt.path}: quantization entry for '{name}' needs 'shape' and 'bits'") from None
+    if not 1 <= bits <= 8:
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has {bits} bits; 1 to 8 are supported")
+    transposed = bool(layer.get("transposed", False))
+    if not shape or (transposed and len(shape) != 2):
+        raise SurgeryError(f"{ckpt.path}: quantized weight '{name}' has shape {shape}"
+                           + (" and is marked transposed" if transposed else ""))
+    ref = PackedRef(ckpt, name, shape, bits, None, transposed)
+    rows, length = ref.rows, ref.row_length
+    packed, scale, zero = (ckpt.info(name + s) for s in SUFFIXES)
+    want = (rows, math.ceil(length * bits / 8))
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
+        raise SurgeryError(f"{ckpt.path}: tensor '{name}.qweight' is {packed.dtype} {tuple(packed.shape)}, "
+                           f"expected uint8 {want} for shape {shape} at {bits} bits")
+    if len(scale.shape) != 2 or scale.shape[0] not in (1, rows) or tuple(zero.shape) != tuple(scale.shape) \
+            or not scale.dtype.is_floating_point or zero.dtype != torch.uint8:
+        raise SurgeryError(f"{ckpt.path}: tensors '{name}.scale' {scale.dtype} {tuple(scale.shape)} and "
+                           f"'{name}.zero_point' {zero.dtype} {tuple(zero.shape)} do not fit a weight of {rows} "
+                           "rows (float scale, uint8 zero point)")
+    groups = scale.shape[1]
+    if scale.shape[0] == 1 and rows > 1:
+        if groups != 1:
+            raise SurgeryError(f"{ckpt.path}: tensor '{name}.scale' {tuple(scale.shape)}: one row of groups "
+                               "for several weight rows is not in the packed format")
+        return ref
+    stated = layer.get("group_size") or 0
+    if isinstance(stated, bool) or not isinstance(stated, int) or stated < 0:
+        raise SurgeryError(f"{ckpt.path}: quantization entry for '{name}' has group_size {stated!r}; "
+                           "expected a whole number of elements")
+    ref.group_size = None if groups == 1 else (stated or math.ceil(length / groups))
+    if ref.group_size is not None and math.ceil(length / ref.group_size) != groups:
+        raise SurgeryError(f"{ckpt.path}: tensor '{name}.scale' has {groups} groups, which does not fit rows "
+                           f"of {length} elements in groups of {ref.group_size}")
+    return ref
 
 
 def weight_from_quantized(name: str, shape: tuple[int, ...], bits: int, qw) -> PackedWeight:
@@ -133,25 +279,26 @@ def storable_scale(scale: torch.Tensor, zero: torch.Tensor, min_offset: bool = F
 _SIGNIFICANT_BITS = torch.tensor([(z >> ((z & -z).bit_length() - 1)).bit_length() if z else 0 for z in range(256)])
 
 
-def max_abs_difference(weights: list[PackedWeight], stored_scales: dict[str, np.ndarray],
-                       stored_offsets: dict[str, np.ndarray] | None = None) -> float:
-    """Largest |W_stored - W_ours| when scales (and Q4_1 offsets) are replaced by what is stored."""
+def scale_rounding_error(w: PackedWeight, stored_scale: np.ndarray, stored_offset: np.ndarray | None = None
+                         ) -> float:
+    """Largest |W_stored - W_ours| of one weight when its scale (and Q4_1's offset m) is replaced by what
+    the format stores: W_stored = (q - z) * s_stored, or q * d + m with an offset. Both are linear in the
+    code q within a group, so the largest difference is at the group's smallest or largest code."""
+    scale = np.asarray(w.scale, np.float32)
+    if stored_offset is None and np.array_equal(np.asarray(stored_scale, np.float32), scale):
+        return 0.0  # the same products, bit for bit
+    codes, zero = w.codes, w.zero_point.astype(np.int32)
+    if codes.size == 0:
+        return 0.0
+    starts = np.arange(0, w.row_length, w.group_size or w.row_length)
     worst = 0.0
-    for w in weights:
-        s = stored_scales.get(w.name)
-        if s is None:
-            continue
-        ours = w.dequantize().float()
-        q = torch.from_numpy(w.codes.astype(np.float32))
-        size = w.group_size or w.row_length
-        s_full = torch.from_numpy(s).repeat_interleave(size, dim=1)
-        if stored_offsets is not None and w.name in stored_offsets:
-            m_full = torch.from_numpy(stored_offsets[w.name]).repeat_interleave(size, dim=1)
-            stored = q * s_full + m_full
+    for q in (np.minimum.reduceat(codes, starts, axis=1), np.maximum.reduceat(codes, starts, axis=1)):
+        ours = (q.astype(np.int32) - zero).astype(np.float32) * scale
+        if stored_offset is not None:
+            stored = q.astype(np.float32) * stored_scale + stored_offset
         else:
-            z_full = torch.from_numpy(w.zero_point.astype(np.float32)).repeat_interleave(size, dim=1)
-            stored = (q - z_full) * s_full
-        worst = max(worst, float((w.to_stored(stored) - ours).abs().max()) if ours.numel() else 0.0)
+            stored = (q.astype(np.float32) - zero.astype(np.float32)) * stored_scale
+        worst = max(worst, float(np.abs(stored - ours).max()))
     return worst
 
 
@@ -177,6 +324,21 @@ def pack_words(codes: np.ndarray, bits: int) -> np.ndarray:
     out = np.zeros((rows, words * 4), np.uint8)
     out[:, : packed.shape[1]] = packed
     return out.view("<i4")
+
+
+def stream_words(w: PackedWeight | PackedRef) -> np.ndarray:
+    """``pack_words(w.codes, w.bits)`` [rows, ceil(R * bits / 32)] int32. From a packed checkpoint that is
+    its stored bit stream itself, zero-padded to whole words (the same little-endian stream): nothing
+    is unpacked."""
+    if not isinstance(w, PackedRef):
+        return pack_words(w.codes, w.bits)
+    raw = w.stream()
+    used = w.row_length * w.bits
+    words = np.zeros((raw.shape[0], -(-used // 32) * 4), np.uint8)
+    words[:, : raw.shape[1]] = raw
+    if used % 8:  # bits past the last code are not part of the stream
+        words[:, raw.shape[1] - 1] &= (1 << (used % 8)) - 1
+    return words.view("<i4")
 
 
 def unpack_words(words: np.ndarray, bits: int, n: int) -> np.ndarray:

@@ -18,15 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelsurgery.checkpoint import Checkpoint, plan_copy, plan_tensor
+from modelsurgery.checkpoint import Checkpoint, PlannedTensor, plan_copy, plan_tensor
 from modelsurgery.deploy.common import (
     DeployReport,
     DeploySource,
+    PackedRef,
     check_folder_output,
-    max_abs_difference,
     module_of,
     pack_words,
     plain_2d,
+    scale_rounding_error,
+    stream_words,
     unpack_words,
     write_quantized_folder,
 )
@@ -64,43 +66,54 @@ def quantization_config(src: DeploySource) -> dict:
     }
 
 
-def compressed_tensors(w: PackedWeight, symmetric: bool, scale_dtype: torch.dtype
-                       ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """The module's stored tensors and the scale they hold (as float32)."""
+def planned_tensors(w: PackedWeight | PackedRef, symmetric: bool, scale_dtype: torch.dtype,
+                    errors: dict[str, float]) -> list[PlannedTensor]:
+    """The module's stored tensors, each produced when the writer reaches it; writing the scale records
+    in ``errors`` how far storing it in ``scale_dtype`` moves the weight."""
     plain_2d(w, NAME)
     module = module_of(w.name)
-    stored = torch.from_numpy(w.scale).to(scale_dtype)
-    scale = stored.float().numpy()
-    out = {f"{module}.weight_packed": torch.from_numpy(pack_words(w.codes, w.bits).copy()),
-           f"{module}.weight_scale": stored,
-           f"{module}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+    rows, length = w.shape
+    groups = -(-length // (w.group_size or length))
+    words = -(-length * w.bits // 32)
+
+    def weight_scale() -> torch.Tensor:
+        stored = torch.from_numpy(w.scale).to(scale_dtype)
+        errors[w.name] = scale_rounding_error(w, stored.float().numpy())
+        return stored
+
+    def weight_zero_point() -> torch.Tensor:
+        return torch.from_numpy(pack_words(w.zero_point.T, w.bits).T.copy())
+
+    out = [PlannedTensor(f"{module}.weight_packed", (rows, words), torch.int32,
+                         lambda: torch.from_numpy(stream_words(w))),
+           PlannedTensor(f"{module}.weight_scale", (rows, groups), scale_dtype, weight_scale),
+           plan_tensor(f"{module}.weight_shape", torch.tensor([rows, length], dtype=torch.int64))]
     if not symmetric:
-        out[f"{module}.weight_zero_point"] = torch.from_numpy(pack_words(w.zero_point.T, w.bits).T.copy())
-    return out, scale
+        out.append(PlannedTensor(f"{module}.weight_zero_point", (-(-rows * w.bits // 32), groups), torch.int32,
+                                 weight_zero_point))
+    return out
 
 
 def write_compressed_tensors(src: DeploySource, out: str | Path, force: bool = False) -> DeployReport:
+    """Write ``src`` as a compressed-tensors folder, tensor by tensor (float tensors copied file to file)."""
     out = Path(out)
     check_folder_output(src, out, NAME)
     check_scheme(src.scheme)
     quantized = src.quantized()
-    for w in src.weights:
+    for w in src.weights:  # every weight checked before anything is written (zero points are small)
         plain_2d(w, NAME)
         if src.scheme.symmetric and (w.zero_point != 1 << (w.bits - 1)).any():
             raise SurgeryError(f"tensor '{w.name}': a symmetric scheme needs zero point {1 << (w.bits - 1)}")
-    planned, scales = [], {}
+    planned, errors = [], {}
     scale_dtype = scale_dtype_for(src)
     for name in src.tensor_names():
         w = quantized.get(name)
-        if w is None:
-            planned.append(plan_copy(src.ckpt, name))
-            continue
-        tensors, scales[name] = compressed_tensors(w, src.scheme.symmetric, scale_dtype)
-        planned += [plan_tensor(k, v) for k, v in tensors.items()]
+        planned += ([plan_copy(src.ckpt, name, raw=True)] if w is None
+                    else planned_tensors(w, src.scheme.symmetric, scale_dtype, errors))
     report = write_quantized_folder(src, out, planned, quantization_config(src), NAME, force)
     return DeployReport(NAME, str(out), [str(f) for f in report.files], sum(Path(f).stat().st_size
                         for f in report.files), len(src.weights), src.scheme.to_dict(),
-                        max_abs_difference(src.weights, scales), {"quant_method": QUANT_METHOD, "format": FORMAT})
+                        max(errors.values(), default=0.0), {"quant_method": QUANT_METHOD, "format": FORMAT})
 
 
 # ----- reader ---------------------------------------------------------------------------------------

@@ -26,7 +26,15 @@ import torch
 
 from modelsurgery.checkpoint import check_output
 from modelsurgery.checkpoint.writer import atomic_path
-from modelsurgery.deploy.common import DeployReport, DeploySource, fp16, max_abs_difference
+from modelsurgery.deploy.common import (
+    DeployReport,
+    DeploySource,
+    PackedRef,
+    fp16,
+    loaded,
+    read_tensor,
+    scale_rounding_error,
+)
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.packing import PackedWeight
 
@@ -291,8 +299,7 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
     tmap = gguf.get_tensor_name_map(arch, n_blocks)
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     quantized = src.quantized()
-    stored_d: dict[str, np.ndarray] = {}
-    stored_m: dict[str, np.ndarray] = {}
+    errors: dict[str, float] = {}
     planned: list[_Planned] = []
     for name in src.tensor_names():
         if name.endswith(SKIPPED_SUFFIXES):
@@ -307,7 +314,7 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
         if w is not None:
             nbytes = w.rows * (w.row_length // BLOCK) * gguf.GGML_QUANT_SIZES[qtype][1]
             planned.append(_Planned(gname, (w.rows, nbytes // w.rows), np.dtype(np.uint8), nbytes, qtype,
-                                    _quantized_loader(w, qtype, perm, stored_d, stored_m)))
+                                    _quantized_loader(w, qtype, perm, errors)))
         else:
             info = src.ckpt.info(name)
             dtype = np.dtype(np.float16) if info.dtype == torch.float16 else np.dtype(np.float32)
@@ -337,24 +344,23 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
                 raise SurgeryError(f"tensor '{p.name}': {data.nbytes} bytes, planned {p.nbytes}")
             writer.write_tensor_data(data)
         writer.close()
-    error = max_abs_difference(src.weights, stored_d, stored_m or None)
     return DeployReport(NAME, str(out), [str(out)], out.stat().st_size, len(src.weights), src.scheme.to_dict(),
-                        error, {"type": qtype.name, "architecture": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tok})
+                        max(errors.values(), default=0.0),
+                        {"type": qtype.name, "architecture": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tok})
 
 
-def _quantized_loader(w: PackedWeight, qtype: Q, perm, stored_d: dict, stored_m: dict):
+def _quantized_loader(ref: PackedWeight | PackedRef, qtype: Q, perm, errors: dict[str, float]):
     def load() -> np.ndarray:
+        w = loaded(ref)
         blocks, d, m = encode(w, qtype)
-        stored_d[w.name] = d
-        if m is not None:
-            stored_m[w.name] = m
+        errors[w.name] = scale_rounding_error(w, d, m)
         return blocks[perm] if perm is not None else blocks
     return load
 
 
 def _float_loader(ckpt, name: str, dtype: np.dtype, perm):
     def load() -> np.ndarray:
-        t = ckpt.get(name)
+        t = read_tensor(ckpt, name)
         a = (t.to(torch.float16) if dtype == np.float16 else t.float()).numpy()
         return np.ascontiguousarray(a[perm] if perm is not None else a)
     return load

@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelsurgery.checkpoint import Checkpoint, plan_copy, plan_tensor
+from modelsurgery.checkpoint import Checkpoint, PlannedTensor, plan_copy
 from modelsurgery.deploy.common import (
     DeployReport,
     DeploySource,
+    PackedRef,
     check_folder_output,
     fp16,
-    max_abs_difference,
     module_of,
     pack_words,
     plain_2d,
+    scale_rounding_error,
+    stream_words,
     unpack_words,
     write_quantized_folder,
 )
@@ -75,45 +77,63 @@ def check_shape(name: str, shape: tuple[int, ...], bits: int) -> None:
                            f"in and out features times {bits} must be multiples of 32 (keep it float with --skip)")
 
 
-def gptq_tensors(w: PackedWeight) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """The module's GPTQ tensors and the fp16 scale they hold, [rows, groups] like ours."""
-    plain_2d(w, NAME)
-    check_shape(w.name, w.shape, w.bits)
-    in_features = w.shape[1]
+def check_zero_points(w: PackedWeight | PackedRef) -> None:
     if int(w.zero_point.min(initial=1)) < 1:
         raise SurgeryError(f"tensor '{w.name}': a zero point of 0 cannot be stored in GPTQ v1 (zeros are stored "
                            "minus one); quantize with --format gptq so the grid keeps zero points >= 1")
+
+
+def gptq_planned(w: PackedWeight | PackedRef, errors: dict[str, float]) -> list[PlannedTensor]:
+    """The module's four GPTQ tensors, each produced when the writer reaches it; writing ``scales``
+    records in ``errors`` how far the fp16 scale moves the weight."""
+    plain_2d(w, NAME)
+    check_shape(w.name, w.shape, w.bits)
+    out_features, in_features = w.shape
     group = w.group_size or in_features
+    groups = -(-in_features // group)
     module = module_of(w.name)
-    scale = fp16(w.scale)
     mask = (1 << w.bits) - 1
-    tensors = {
-        f"{module}.qweight": torch.from_numpy(pack_words(w.codes, w.bits).T.copy()),
-        f"{module}.qzeros": torch.from_numpy(pack_words(((w.zero_point.astype(np.int64) - 1) & mask).T
-                                                        .astype(np.uint8), w.bits).copy()),
-        f"{module}.scales": torch.from_numpy(scale.T.copy()).to(torch.float16),
-        f"{module}.g_idx": torch.arange(in_features, dtype=torch.int32) // group,
-    }
-    return tensors, scale
+
+    def qweight() -> torch.Tensor:
+        return torch.from_numpy(stream_words(w).T.copy())
+
+    def qzeros() -> torch.Tensor:
+        stored = ((w.zero_point.astype(np.int64) - 1) & mask).T.astype(np.uint8)
+        return torch.from_numpy(pack_words(stored, w.bits).copy())
+
+    def scales() -> torch.Tensor:
+        scale = fp16(w.scale)
+        errors[w.name] = scale_rounding_error(w, scale)  # reads the codes only when the scale moved
+        return torch.from_numpy(scale.T.copy()).to(torch.float16)
+
+    def g_idx() -> torch.Tensor:
+        return torch.arange(in_features, dtype=torch.int32) // group
+
+    words = in_features * w.bits // 32
+    return [PlannedTensor(f"{module}.qweight", (words, out_features), torch.int32, qweight),
+            PlannedTensor(f"{module}.qzeros", (groups, out_features * w.bits // 32), torch.int32, qzeros),
+            PlannedTensor(f"{module}.scales", (groups, out_features), torch.float16, scales),
+            PlannedTensor(f"{module}.g_idx", (in_features,), torch.int32, g_idx)]
 
 
 def write_gptq(src: DeploySource, out: str | Path, force: bool = False) -> DeployReport:
+    """Write ``src`` as a GPTQ folder, tensor by tensor (float tensors copied file to file)."""
     out = Path(out)
     check_folder_output(src, out, NAME)
     check_scheme(src.scheme)
     quantized = src.quantized()
-    built = {w.name: gptq_tensors(w) for w in src.weights}  # validates every weight before writing
-    planned, scales = [], {}
+    for w in src.weights:  # every weight checked before anything is written (zero points are small)
+        plain_2d(w, NAME)
+        check_shape(w.name, w.shape, w.bits)
+        check_zero_points(w)
+    planned, errors = [], {}
     for name in src.tensor_names():
-        if name not in quantized:
-            planned.append(plan_copy(src.ckpt, name))
-            continue
-        tensors, scales[name] = built.pop(name)
-        planned += [plan_tensor(k, v) for k, v in tensors.items()]
+        w = quantized.get(name)
+        planned += [plan_copy(src.ckpt, name, raw=True)] if w is None else gptq_planned(w, errors)
     report = write_quantized_folder(src, out, planned, quantization_config(src), NAME, force)
     return DeployReport(NAME, str(out), [str(f) for f in report.files],
                         sum(Path(f).stat().st_size for f in report.files), len(src.weights), src.scheme.to_dict(),
-                        max_abs_difference(src.weights, scales), {"checkpoint_format": "gptq"})
+                        max(errors.values(), default=0.0), {"checkpoint_format": "gptq"})
 
 
 # ----- reader ---------------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""Converting a packed checkpoint streams it weight by weight (``PackedRef``: nothing read until the
+writer reaches it, packed bit streams copied into GPTQ/compressed-tensors words without unpacking):
+the files are those written from the same weights unpacked in memory by the packed format's own
+reader, and each format's reader gives our weights back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.deploy import convert_packed, deploy, read_deployed
+from modelsurgery.deploy.common import DeploySource, PackedRef, open_packed, unpack_stream
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.operation import QuantizeOptions, quantize_checkpoint
+from modelsurgery.ops.quantize.packing import read_packed, unpack_codes
+from tests.deploy.conftest import LLAMA
+
+#: (format, bits, granularity, group size, symmetric, skipped): one packed checkpoint each
+CASES = {"gptq-w3-g16-asym": ("gptq", 3, "group", 16, False, ["mlp"]),
+         "gptq-w4-channel-sym": ("gptq", 4, "channel", None, True, ["down_proj"]),
+         "ct-w5-g16-asym": ("compressed-tensors", 5, "group", 16, False, []),
+         "ct-w2-channel-sym": ("compressed-tensors", 2, "channel", None, True, []),
+         "gguf-q4_1": ("gguf", 4, "group", 32, False, ["down_proj"]),
+         "gguf-q8_0": ("gguf", 8, "group", 32, True, ["down_proj"])}
+
+
+@given(bits=st.integers(1, 8), rows=st.integers(1, 4), n=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_unpack_stream_matches_the_packed_formats_reader(bits, rows, n, seed):
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, -(-n * bits // 8)), dtype=np.uint8)
+    np.testing.assert_array_equal(unpack_stream(raw, bits, n), unpack_codes(raw, bits, n))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def converted(request, tmp_path_factory):
+    fmt, bits, granularity, group_size, symmetric, skip = CASES[request.param]
+    work = tmp_path_factory.mktemp(request.param)
+    packed = work / "packed"  # float32 scales: the conversion rounds them and reports by how much
+    quantize_checkpoint(LLAMA, packed, QuantizeOptions(bits=bits, method="rtn", granularity=granularity,
+                                                       group_size=group_size, symmetric=symmetric, format="packed",
+                                                       skip=skip, force=True))
+    suffix = ".gguf" if fmt == "gguf" else ""
+    streamed = convert_packed(packed, work / f"streamed{suffix}", fmt, gguf_tokenizer="none")
+    ckpt = Checkpoint.open(packed)
+    in_memory = DeploySource(ckpt, read_packed(ckpt), open_packed(packed).scheme, open_packed(packed).method)
+    reference = deploy(in_memory, work / f"in-memory{suffix}", fmt, gguf_tokenizer="none")
+    return fmt, packed, streamed, reference
+
+
+def _contents(path):
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return path.read_bytes()
+    with safe_open(str(path / "model.safetensors"), "np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (path / "config.json").read_text()  # noqa: SIM118
+
+
+def test_streamed_output_equals_the_in_memory_one(converted):
+    fmt, packed, streamed, reference = converted
+    assert isinstance(open_packed(packed).weights[0], PackedRef)
+    ours, theirs = _contents(streamed.output), _contents(reference.output)
+    if fmt == "gguf":
+        assert ours == theirs
+    else:
+        assert ours[1] == theirs[1] and ours[0].keys() == theirs[0].keys()
+        for name, value in ours[0].items():
+            assert value.dtype == theirs[0][name].dtype
+            np.testing.assert_array_equal(value, theirs[0][name], err_msg=name)
+    assert streamed.max_scale_rounding_error == reference.max_scale_rounding_error
+    assert streamed.bytes_out == reference.bytes_out
+
+
+def test_reported_rounding_error_is_what_the_reader_finds(converted):
+    """The report's largest |W_stored - W_ours|, against the format's own reading of the file."""
+    fmt, packed, streamed, _ = converted
+    ours = {w.name: w.dequantize() for w in read_packed(Checkpoint.open(packed))}
+    if fmt == "gguf":
+        import gguf
+        from gguf.quants import dequantize
+
+        tensors = {t.name: t for t in gguf.GGUFReader(streamed.output).tensors}
+        stored = {}
+        for name in ours:  # v_proj and o_proj: rows in transformers' order (no Q/K permutation)
+            layer, role = name.split(".")[2], {"v_proj": "attn_v", "o_proj": "attn_output"}.get(name.split(".")[4])
+            if role:
+                t = tensors[f"blk.{layer}.{role}.weight"]
+                stored[name] = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+    else:
+        stored = {w.name: w.dequantize() for w in read_deployed(Checkpoint.open(streamed.output))}
+    worst = max(float((stored[n] - ours[n]).abs().max()) for n in stored)
+    assert streamed.max_scale_rounding_error >= worst
+    assert streamed.max_scale_rounding_error == pytest.approx(worst, rel=1e-3) or fmt == "gguf"
+    if fmt == "compressed-tensors":  # scales kept in the model's float32: nothing moves
+        assert streamed.max_scale_rounding_error == 0.0
+    else:
+        assert 0 < streamed.max_scale_rounding_error < 1e-3
+
+
+def test_bad_packed_weight_refused_before_writing(tmp_path):
+    """A packed checkpoint whose header does not fit its layer table is refused in one line naming
+    the tensor, before anything is written."""
+    from modelsurgery.checkpoint import Provenance, plan_copy, write_checkpoint
+
+    packed = tmp_path / "packed"
+    quantize_checkpoint(LLAMA, packed, QuantizeOptions(bits=4, method="rtn", granularity="group", group_size=32,
+                                                       format="packed", skip=["down_proj"], force=True))
+    ckpt = Checkpoint.open(packed)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    planned = [plan_copy(ckpt, k) for k in ckpt.keys() if k != name + ".qweight"]  # noqa: SIM118
+    bad = tmp_path / "bad"
+    write_checkpoint(bad, planned, provenance=Provenance("test", {}, []), metadata=dict(ckpt.metadata),
+                     config=ckpt.config)
+    out = tmp_path / "out"
+    with pytest.raises(SurgeryError, match=f"quantized weight '{name}' has no tensor '{name}.qweight'") as e:
+        convert_packed(bad, out, "gptq")
+    assert "\n" not in str(e.value) and not out.exists()
+
+    meta = json.loads(ckpt.metadata["modelsurgery.quantization"])
+    meta["layers"][name]["bits"] = 2  # codes and zero points of 4 bits do not fit
+    too_wide = tmp_path / "too-wide"
+    write_checkpoint(too_wide, [plan_copy(ckpt, k) for k in ckpt.keys()],  # noqa: SIM118
+                     provenance=Provenance("test", {}, []),
+                     metadata={**ckpt.metadata, "modelsurgery.quantization": json.dumps(meta)}, config=ckpt.config)
+    with pytest.raises(SurgeryError, match=f"tensor '{name}.qweight' is torch.uint8 .* expected uint8"):
+        convert_packed(too_wide, out, "compressed-tensors")
+    assert not out.exists()
