@@ -31,6 +31,10 @@ from modelsurgery.errors import SurgeryError
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
+#: the output float types a command writes on request (``--dtype``), by PyTorch's names and the short ones
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 @dataclass
 class PlannedTensor:
@@ -118,6 +122,41 @@ class PendingDigests:
     def close(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def float_dtype(value: str | torch.dtype | None, flag: str = "--dtype") -> torch.dtype | None:
+    """``value`` as one of the output float types (None stays None: keep each tensor's dtype)."""
+    if value is None or (isinstance(value, torch.dtype) and value in FLOAT_DTYPES.values()):
+        return value
+    if isinstance(value, str) and value.strip().lower().removeprefix("torch.") in FLOAT_DTYPES:
+        return FLOAT_DTYPES[value.strip().lower().removeprefix("torch.")]
+    raise SurgeryError(f"{flag} {value}: expected float32, float16 or bfloat16 (or fp32, fp16, bf16)")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class WriteOptions:
+    """How an operation writes its checkpoint, shared by every operation that writes one (the CLI's
+    ``--dtype``, ``--max-shard-size`` and ``--no-input-hash``); an operation's options extend it."""
+
+    #: float type of every floating tensor written (float32/float16/bfloat16 or a torch dtype); None: as produced
+    dtype: str | torch.dtype | None = None
+    #: a folder output is split into shards of at most this size ("5GB", "500MB", bytes)
+    max_shard_size: int | str = DEFAULT_MAX_SHARD
+    #: record the inputs' SHA-256 in the provenance (a full read of every input; skippable for big ones)
+    hash_inputs: bool = True
+
+    def check_write_options(self) -> None:
+        """Refuse a bad dtype or shard size in one line, before the operation does any work."""
+        float_dtype(self.dtype)
+        parse_size(self.max_shard_size)
+
+    def write_kwargs(self) -> dict:
+        """``write_checkpoint``'s keyword arguments for these options."""
+        return {"dtype": self.dtype, "max_shard_size": self.max_shard_size, "hash_inputs": self.hash_inputs}
 
 
 def parse_size(text: str | int) -> int:
@@ -258,17 +297,27 @@ def write_checkpoint(
     config: dict | None = None,
     extra_files: Iterable[Path | CarriedFile] = (),
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
+    hash_inputs: bool = True,
     force: bool = False,
 ) -> WriteReport:
     """Write ``tensors`` to ``out``: a .safetensors file, a .pt file, or a folder (sharded above
-    ``max_shard_size``, with config.json and carried-along files). ``dtype`` casts floating tensors."""
+    ``max_shard_size``, with config.json and carried-along files). ``dtype`` casts floating tensors
+    (and sets config.json's ``torch_dtype``/``dtype``); without ``hash_inputs`` the provenance lists
+    its sources as ``inputs_unhashed`` and hashes nothing."""
     out = Path(out)
     max_bytes = parse_size(max_shard_size)
+    dtype = float_dtype(dtype)
     if dtype is not None:
-        tensors = [
-            PlannedTensor(t.name, t.shape, dtype, t.load) if t.dtype.is_floating_point else t for t in tensors
-        ]
+        tensors = cast_floats(tensors, dtype)
+        if config is not None:
+            config = {**config, **{k: dtype_name(dtype) for k in ("torch_dtype", "dtype") if k in config}}
+        if provenance is not None and "dtype" not in provenance.parameters:
+            provenance = Provenance(provenance.operation, {**provenance.parameters, "dtype": dtype_name(dtype)},
+                                    provenance.sources)
+    if provenance is not None and not hash_inputs:
+        provenance = Provenance(provenance.operation, {**provenance.parameters,
+                                                       "inputs_unhashed": [str(p) for p in provenance.sources]})
     md = {"format": "pt", **(metadata or {})}
     pending = PendingDigests(provenance.sources) if provenance is not None else None
     if provenance is not None:
@@ -296,6 +345,20 @@ def write_checkpoint(
         if pending is not None:
             pending.close()
     return WriteReport(out, files, len(tensors), total)
+
+
+def cast_floats(tensors: Sequence[PlannedTensor], dtype: torch.dtype) -> list[PlannedTensor]:
+    """``tensors`` with every floating one planned as ``dtype``. float8 tensors are refused: they are
+    quantized values whose scales live in other tensors, and a cast would not apply them."""
+    out = []
+    for t in tensors:
+        if t.dtype.is_floating_point and t.dtype.itemsize == 1:
+            raise SurgeryError(f"tensor '{t.name}' is {dtype_name(t.dtype)} (quantized values with separate "
+                               f"scales): --dtype {dtype_name(dtype)} would cast it without them; dequantize first")
+        if t.dtype.is_floating_point and t.dtype != dtype:
+            t = PlannedTensor(t.name, t.shape, dtype, t.load)
+        out.append(t)
+    return out
 
 
 def _shard_names(count: int) -> list[str]:
