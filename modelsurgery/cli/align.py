@@ -18,7 +18,16 @@ from modelsurgery.cli.common import (
     user_errors,
     warn,
 )
-from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
+from modelsurgery.cli.options import (
+    debug_option,
+    dtype_option,
+    force_option,
+    json_option,
+    max_shard_size_option,
+    model_option,
+    no_input_hash_option,
+    quiet_option,
+)
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.align import AlignOptions, AlignReport, align_checkpoint, parse_class_groups
 
@@ -43,6 +52,9 @@ def align_command(
     eval_data: Path = typer.Option(None, "--eval", help="Evaluation data (inputs, labels): accuracy overall, "
                                    "on old and on new classes, before and after."),
     model: str = model_option(),
+    dtype: str = dtype_option(),
+    max_shard_size: str = max_shard_size_option(),
+    no_input_hash: bool = no_input_hash_option(),
     json_out: bool = json_option(),
     force: bool = force_option(),
     quiet: bool = quiet_option(),
@@ -65,7 +77,9 @@ def align_command(
         options = AlignOptions(
             old_classes=old_classes, groups=parse_class_groups(classes) if classes is not None else None,
             layer=layer, norm=norm, bias=bias, clamp=clamp, eval_data=eval_data, model=model, force=force,
+            dtype=dtype, max_shard_size=max_shard_size, hash_inputs=not no_input_hash,
         )
+        options.check_write_options()
         with progress_bar(quiet or json_out) as progress:
             report = align_checkpoint(path, output, options, progress)
     for w in report.warnings:

@@ -9,6 +9,7 @@ import typer
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, safe, user_errors
 from modelsurgery.cli.options import (
     debug_option,
+    dtype_option,
     force_option,
     json_option,
     max_shard_size_option,
@@ -21,8 +22,8 @@ def dequantize_command(
     input: Path = typer.Argument(..., help="Quantized checkpoint: a packed .safetensors file or folder "
                                  "(surgery quantize --format packed), a GPTQ or a compressed-tensors folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output: a folder or a .safetensors file."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the dtype of the "
-                              "input's float tensors)."),
+    dtype: str = dtype_option(help="Write the float tensors as float32, float16 or bfloat16 (also fp32, fp16, "
+                              "bf16; default: the dtype of the input's float tensors)."),
     max_shard_size: str = max_shard_size_option(),
     no_input_hash: bool = no_input_hash_option(),
     json_out: bool = json_option(),

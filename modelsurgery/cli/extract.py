@@ -8,7 +8,7 @@ import typer
 from rich.table import Column, Table
 
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, safe, user_errors
-from modelsurgery.cli.options import debug_option, force_option, json_option, quiet_option
+from modelsurgery.cli.options import debug_option, dtype_option, force_option, json_option, quiet_option
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.adapters import ExtractOptions, extract_lora
 from modelsurgery.ops.adapters.extract import PARAMETERS
@@ -32,7 +32,8 @@ def extract_command(
     targets: str = typer.Option(None, "--targets", help="Comma-separated module names or suffixes "
                                 "(e.g. q_proj,v_proj); default: every linear in the blocks."),
     device: str = typer.Option(None, "--device", help="Device for the SVDs (cpu, cuda, cuda:1)."),
-    dtype: str = typer.Option(None, "--dtype", help="Adapter dtype: float32, bfloat16, float16 (default: BASE's)."),
+    dtype: str = dtype_option(help="Adapter dtype: float32, float16 or bfloat16 (also fp32, fp16, bf16; "
+                              "default: BASE's)."),
     lowrank_above: int = typer.Option(DEFAULT["lowrank_above"], "--lowrank-above", help=HELP["lowrank_above"]),
     oversample: int = typer.Option(DEFAULT["oversample"], "--oversample", help=HELP["oversample"]),
     niter: int = typer.Option(DEFAULT["niter"], "--niter", help=HELP["niter"]),

@@ -8,7 +8,15 @@ import typer
 from rich.table import Table
 
 from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, safe, user_errors
-from modelsurgery.cli.options import debug_option, force_option, json_option, max_shard_size_option, quiet_option
+from modelsurgery.cli.options import (
+    debug_option,
+    dtype_option,
+    force_option,
+    json_option,
+    max_shard_size_option,
+    no_input_hash_option,
+    quiet_option,
+)
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.adapters import FoldOptions, fold_adapters
 
@@ -21,7 +29,9 @@ def fold_command(
                                         "folded in the order given."),
     scale: float = typer.Option(FoldOptions.scale, "--scale", help="Fraction of each adapter's change to fold "
                                 "(1 = PEFT's merge_and_unload; 0.5 = half the fine-tune)."),
+    dtype: str = dtype_option(),
     max_shard_size: str = max_shard_size_option(),
+    no_input_hash: bool = no_input_hash_option(),
     json_out: bool = json_option(),
     force: bool = force_option(),
     quiet: bool = quiet_option(),
@@ -31,18 +41,22 @@ def fold_command(
 
     Adapter types: LORA (with DoRA, rsLoRA, rank/alpha patterns, fan_in_fan_out), MISS, BONE, LOKR.
 
-    Names, dtypes, config.json and tokenizer files of BASE are kept; provenance names each adapter.
+    Names, dtypes (unless --dtype), config.json and tokenizer files of BASE are kept; provenance names each
+    adapter.
 
     Examples:\n
       surgery fold llama/ my-lora/ -o llama-tuned/\n
       surgery fold llama/ a-lora/ --adapter b-dora/ -o merged/\n
-      surgery fold gpt2/ lora/ -o half/ --scale 0.5 --json
+      surgery fold gpt2/ lora/ -o half/ --scale 0.5 --json\n
+      surgery fold llama/ lora/ -o llama-bf16/ --dtype bfloat16 --max-shard-size 2GB
     """
     with user_errors(debug):
         paths = ([adapter] if adapter else []) + list(adapters or [])
         if output is None:
             raise SurgeryError("no output given: pass -o OUT (a folder or a .safetensors file)")
-        options = FoldOptions(scale=scale, max_shard_size=max_shard_size, force=force)
+        options = FoldOptions(scale=scale, dtype=dtype, max_shard_size=max_shard_size,
+                              hash_inputs=not no_input_hash, force=force)
+        options.check_write_options()
         with progress_bar(quiet or json_out) as progress:
             report = fold_adapters(base, paths, output, options, progress)
     if json_out:

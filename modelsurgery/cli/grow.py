@@ -20,6 +20,7 @@ from modelsurgery.cli.common import (
 )
 from modelsurgery.cli.options import (
     debug_option,
+    dtype_option,
     force_option,
     json_option,
     max_shard_size_option,
@@ -52,6 +53,7 @@ def grow_command(
     tokens: str = typer.Option(None, "--tokens", help="--plan: target training tokens, e.g. 300B."),
     compute: str = typer.Option(None, "--compute", help="--plan: target compute in FLOPs (instead of --tokens)."),
     model: str = model_option(),
+    dtype: str = dtype_option(),
     max_shard_size: str = max_shard_size_option(),
     no_input_hash: bool = no_input_hash_option(),
     json_out: bool = json_option(),
@@ -66,7 +68,7 @@ def grow_command(
     mixture (MixtureGrowth: K same-shape models into one K times as wide).
 
     Examples:\n
-      surgery grow small/ -o big/ --method stack --factor 4\n
+      surgery grow small/ -o big/ --method stack --factor 4 --dtype bfloat16 --max-shard-size 2GB\n
       surgery grow llama/ -o up/ --method stack --layers "0:24,8:32"\n
       surgery grow gpt2/ -o deeper/ --method interleave --every 2\n
       surgery grow mlp.safetensors -o wide.safetensors --method width --factor 2 --split\n
@@ -92,8 +94,9 @@ def grow_command(
         options = GrowOptions(
             method=method, factor=factor, layers=layers, every=every, split=split, init_scale=init_scale,
             coef_scale=coef_scale, num_templates=templates, seed=seed, model=model,
-            max_shard_size=max_shard_size, force=force, hash_inputs=not no_input_hash,
+            dtype=dtype, max_shard_size=max_shard_size, force=force, hash_inputs=not no_input_hash,
         )
+        options.check_write_options()
         with progress_bar(quiet or json_out) as progress:
             report = grow(inputs, output, options, progress)
     if json_out:

@@ -21,7 +21,16 @@ from modelsurgery.cli.common import (
     user_errors,
     warn,
 )
-from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
+from modelsurgery.cli.options import (
+    debug_option,
+    dtype_option,
+    force_option,
+    json_option,
+    max_shard_size_option,
+    model_option,
+    no_input_hash_option,
+    quiet_option,
+)
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.analyze import AnalyzeOptions, analyze_pair
 from modelsurgery.ops.merge import all_methods
@@ -56,6 +65,9 @@ def merge_command(
     repair: bool = typer.Option(False, "--repair",
                                 help="Reset BatchNorm statistics / REPAIR rescaling on --eval data."),
     plot: Path = typer.Option(None, "--plot", help="Write the loss/accuracy path to a PNG or SVG file."),
+    dtype: str = dtype_option(),
+    max_shard_size: str = max_shard_size_option(),
+    no_input_hash: bool = no_input_hash_option(),
     json_out: bool = json_option(),
     force: bool = force_option(),
     quiet: bool = quiet_option(),
@@ -67,7 +79,7 @@ def merge_command(
     Examples:\n
       surgery merge a.safetensors b.safetensors -o merged.safetensors\n
       surgery merge a.safetensors b.safetensors -o m.safetensors --eval eval.safetensors --plot path.png\n
-      surgery merge a b c -o m --weights 0.5,0.25,0.25\n
+      surgery merge a b c -o m --weights 0.5,0.25,0.25 --dtype bfloat16\n
       surgery merge ft1 ft2 --method ties --base base -o m --density 0.2
     """
     with user_errors(debug):
@@ -82,8 +94,10 @@ def merge_command(
         options = MergeOptions(
             method=method, alpha=alpha, weights=parse_float_list(weights, "--weights"), base=base, align=align,
             params=given_params(method_params), backend=backend, device=device, seed=seed, model=model,
-            eval_data=eval_data, points=points, repair=repair, plot=plot,
+            eval_data=eval_data, points=points, repair=repair, plot=plot, dtype=dtype,
+            max_shard_size=max_shard_size, hash_inputs=not no_input_hash,
         )
+        options.check_write_options()
         if plot is not None:
             if eval_data is None:
                 raise SurgeryError(f"{plot}: --plot needs --eval DATA")

@@ -35,8 +35,9 @@ def model_option() -> str:
     return typer.Option(None, "--model", help=MODEL_HELP)
 
 
-def max_shard_size_option() -> str:
-    return typer.Option("5GB", "--max-shard-size", help="Shard folder outputs above this size (e.g. 500MB, 2GiB).")
+def max_shard_size_option(default: str | None = "5GB", help: str = "Shard folder outputs above this size (e.g. "
+                          "500MB, 2GiB).") -> str:
+    return typer.Option(default, "--max-shard-size", help=help)
 
 
 def no_input_hash_option() -> bool:
@@ -44,6 +45,6 @@ def no_input_hash_option() -> bool:
                         "(hashing reads every input in full).", metavar="", show_default=False)
 
 
-def dtype_option(help: str = "Float type of the output's float tensors: float32, float16 or bfloat16 (default: "
-                 "as the input).") -> str:
+def dtype_option(help: str = "Write the output's float tensors as float32, float16 or bfloat16 (also fp32, fp16, "
+                 "bf16; default: as the input).") -> str:
     return typer.Option(None, "--dtype", help=help)

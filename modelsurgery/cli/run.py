@@ -9,7 +9,15 @@ import typer
 from rich.table import Table
 
 from modelsurgery.cli.common import emit_json, err_console, human_bytes, out_console, progress_bar, safe, user_errors
-from modelsurgery.cli.options import debug_option, force_option, json_option, quiet_option
+from modelsurgery.cli.options import (
+    debug_option,
+    dtype_option,
+    force_option,
+    json_option,
+    max_shard_size_option,
+    no_input_hash_option,
+    quiet_option,
+)
 from modelsurgery.recipe import RecipeFailed, RunOptions, run_recipe
 
 
@@ -44,6 +52,11 @@ def run_command(
                                 ".safetensors); steps: the folder that holds every step's output."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (steps, inputs with sizes, outputs, "
                                  "what is cached) and do nothing."),
+    dtype: str = dtype_option(help="mergekit config: write the float tensors as float32, float16 or bfloat16 "
+                              "(the config's out_dtype; both given must agree). Steps: set it in a step's options."),
+    max_shard_size: str = max_shard_size_option(None, help="mergekit config: shard a folder output above this size "
+                                                "(default 5GB). Steps: set it in a step's options."),
+    no_input_hash: bool = no_input_hash_option(),
     force: bool = force_option(help="Rerun every step, replacing existing outputs."),
     json_out: bool = json_option(help="Print one JSON object with every step's result."),
     quiet: bool = quiet_option(),
@@ -51,11 +64,13 @@ def run_command(
 ) -> None:
     """Run a recipe: a mergekit YAML config as it is, or steps chaining surgery commands.
 
-    Step options are the commands' own long options without the dashes. A step is skipped (cached)
-    when its output's record shows the same operation, options and input hashes.
+    Step options are the commands' own long options without the dashes (dtype, max_shard_size and
+    no_input_hash on every step that writes a checkpoint, mergekit steps included). A step is skipped
+    (cached) when its output's record shows the same operation, options and input hashes.
 
     Examples:\n
       surgery run slerp.yml -o merged/\n
+      surgery run slerp.yml -o merged/ --dtype bfloat16 --max-shard-size 2GB\n
       surgery run pipeline.yml -o build/ --dry-run\n
       surgery run pipeline.yml -o build/ --json
     """
@@ -63,7 +78,10 @@ def run_command(
     with user_errors(debug):
         with progress_bar(quiet or json_out) as progress:
             try:
-                result = run_recipe(recipe, output, _Commands(), RunOptions(dry_run=dry_run, force=force), progress)
+                write = {k: v for k, v in (("dtype", dtype), ("max_shard_size", max_shard_size),
+                                           ("no_input_hash", no_input_hash)) if v not in (None, False)}
+                result = run_recipe(recipe, output, _Commands(), RunOptions(dry_run=dry_run, force=force, write=write),
+                                    progress)
             except RecipeFailed as e:
                 failed, result = e, e.result
         if failed is not None and not json_out:

@@ -29,6 +29,7 @@ from modelsurgery.checkpoint import (
     plan_tensor,
     write_checkpoint,
 )
+from modelsurgery.checkpoint.writer import WriteOptions
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, Linear, detect_family
@@ -42,7 +43,10 @@ Progress = Callable[[str, int, int, dict], None]
 
 
 @dataclass
-class AlignOptions:
+class AlignOptions(WriteOptions):
+    """Which rows to align and how; how the output is written (dtype, max_shard_size, hash_inputs) as
+    ``WriteOptions``."""
+
     old_classes: int | None = None
     #: class groups as (start, end) row ranges; the first is the reference, the others are aligned to it
     groups: list[tuple[int, int]] | None = None
@@ -205,6 +209,7 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
         raise SurgeryError(f"--bias {options.bias}: expected scale or keep")
     if options.norm not in (1, 2):
         raise SurgeryError(f"--norm {options.norm}: expected 1 or 2")
+    options.check_write_options()
     ckpt = Checkpoint.open(path)
     require_float([ckpt], "align")
     if out is not None:
@@ -308,5 +313,6 @@ def write_aligned(ckpt: Checkpoint, out: Path, lin: Linear, new_w: torch.Tensor,
     written = write_checkpoint(
         out, planned, provenance=Provenance("align", options.parameters(), ckpt.source_files),
         config=ckpt.config, metadata=metadata, extra_files=ckpt.extra_files(), force=options.force,
+        **options.write_kwargs(),
     )
     return [str(f) for f in written.files]

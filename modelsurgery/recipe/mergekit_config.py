@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from modelsurgery.checkpoint.writer import FLOAT_DTYPES
 from modelsurgery.errors import SurgeryError
 from modelsurgery.recipe.settings import check_setting
 
@@ -44,8 +45,8 @@ REFUSED_METHODS = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
             "tokenizer_source")
 REFUSED_KEYS = ("modules", "tokenizer", "chat_template")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: the dtype names mergekit's dtype/out_dtype take: the same table as every command's --dtype
+DTYPES = FLOAT_DTYPES
 
 
 @dataclass

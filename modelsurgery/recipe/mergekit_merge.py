@@ -6,11 +6,13 @@ each source's layer ``layer_range[0] + i``), then the post-block tensors (final 
 the last slice's models. Parameters are evaluated per tensor: global ones by the output tensor's
 name, per-model ones by that model's input tensor name, at the layer's position t in its slice
 (t = 0 for pre and post tensors). Each merged tensor is computed in float32 from inputs cast to
-``dtype`` and written as ``out_dtype`` (else ``dtype``, else the inputs' dtype).
+``dtype`` and written as ``out_dtype`` (else ``dtype``, else the inputs' dtype); ``--dtype`` / a step's
+``dtype:`` option sets ``out_dtype`` and must agree with it when the config gives one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, write_checkpoint
+from modelsurgery.checkpoint.writer import WriteOptions, dtype_name, float_dtype
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.ops.merge import get_method
@@ -155,7 +158,10 @@ class MergekitPlan:
 
     def output_dtype(self, job: TensorJob) -> torch.dtype:
         model, name = job.inputs[0]
-        return self.cfg.out_dtype or self.cfg.dtype or self.ckpts[model].info(name).dtype
+        dtype = self.ckpts[model].info(name).dtype
+        if not dtype.is_floating_point:  # passed through as it is (compute returns it unchanged)
+            return dtype
+        return self.cfg.out_dtype or self.cfg.dtype or dtype
 
     def compute(self, job: TensorJob) -> torch.Tensor:
         """The merged tensor for ``job`` (float32 unless passed through as it is)."""
@@ -253,10 +259,27 @@ def _vocabulary(ckpt: Checkpoint) -> Any:
     return (tok.get("model", {}).get("vocab"), [(a.get("id"), a.get("content")) for a in tok.get("added_tokens", [])])
 
 
+def with_out_dtype(cfg: MergekitConfig, write: WriteOptions) -> MergekitConfig:
+    """``cfg`` written as ``write.dtype`` when given: the config's ``out_dtype`` by another name, so the two
+    must agree when both are given."""
+    dtype = float_dtype(write.dtype)
+    if dtype is None:
+        return cfg
+    if cfg.out_dtype is not None and cfg.out_dtype != dtype:
+        raise SurgeryError(f"--dtype {dtype_name(dtype)}: the mergekit config says out_dtype: "
+                           f"{dtype_name(cfg.out_dtype)}; give one of them")
+    return dataclasses.replace(cfg, out_dtype=dtype)
+
+
 def run_mergekit(cfg: MergekitConfig, out: Path, force: bool = False,
-                 progress: Callable[[str, int, int, dict], None] | None = None) -> MergekitResult:
-    """Write the merge ``cfg`` describes to ``out`` (a folder or a .safetensors file)."""
+                 progress: Callable[[str, int, int, dict], None] | None = None,
+                 write: WriteOptions | None = None) -> MergekitResult:
+    """Write the merge ``cfg`` describes to ``out`` (a folder or a .safetensors file); ``write``: the
+    output's dtype (the config's ``out_dtype``), shard size and input hashing."""
     out = Path(out)
+    write = write or WriteOptions()
+    write.check_write_options()
+    cfg = with_out_dtype(cfg, write)
     check_output(out, force, [Path(m) for m in cfg.referenced_models()])
     plan = MergekitPlan(cfg)
     try:
@@ -281,7 +304,9 @@ def run_mergekit(cfg: MergekitConfig, out: Path, force: bool = False,
             config = plan.families[plan.donor].config_for_layers(plan.num_layers) or donor.config
         report = write_checkpoint(out, planned, provenance=Provenance("mergekit", {"config": cfg.raw},
                                                                       plan.source_files()),
-                                  config=config, extra_files=extra, force=force)
+                                  config=config, extra_files=extra, force=force,
+                                  dtype=cfg.out_dtype or cfg.dtype,  # config.json's torch_dtype, as mergekit sets it
+                                  max_shard_size=write.max_shard_size, hash_inputs=write.hash_inputs)
     finally:
         plan.close()
     return MergekitResult(str(out), cfg.method.name, len(planned), plan.num_layers, list(plan.ckpts),

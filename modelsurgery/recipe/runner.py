@@ -12,6 +12,7 @@ A recipe file is either a mergekit merge configuration (it has ``merge_method``)
       - name: mk
         run: mergekit
         config: {merge_method: slerp, ...}   # or a path to a mergekit YAML file
+        options: {dtype: bfloat16}      # optional: dtype (= out_dtype), max_shard_size, no_input_hash
 
 Steps run in order; each is skipped when its record shows the same operation, parameters and
 input hashes and its output is unchanged (``--force`` reruns all). The first failing step stops
@@ -40,6 +41,9 @@ STEP_KEYS = ("name", "run", "inputs", "options", "output", "config")
 class RunOptions:
     dry_run: bool = False
     force: bool = False
+    #: writing options for a mergekit config recipe, by their recipe names (dtype, max_shard_size,
+    #: no_input_hash); a steps recipe gives them per step, in its options
+    write: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,12 +99,18 @@ def load_recipe(path: Path) -> Any:
     return doc
 
 
-def plan_recipe(path: Path, out: Path, commands: Mapping[str, Any]) -> tuple[str, list[Step]]:
-    """The steps of a recipe file, resolved (options parsed, inputs and outputs named); runs nothing."""
+def plan_recipe(path: Path, out: Path, commands: Mapping[str, Any], write: Mapping[str, Any] | None = None
+                ) -> tuple[str, list[Step]]:
+    """The steps of a recipe file, resolved (options parsed, inputs and outputs named); runs nothing.
+    ``write``: writing options for a mergekit config (a steps recipe sets them per step)."""
     doc = load_recipe(path)
     out = Path(out)
     if is_mergekit_config(doc):
-        return "mergekit", [mergekit_step("merge", doc, out, {}, f"{path}")]
+        return "mergekit", [mergekit_step("merge", doc, out, {}, f"{path}", write)]
+    if write:
+        flags = ", ".join("--" + k.replace("_", "-") for k in write)
+        raise SurgeryError(f"{path}: {flags} apply to a mergekit config; in a steps recipe give them in each step's "
+                           "options (e.g. options: {dtype: bfloat16})")
     extra = [k for k in doc if k != "steps"]
     if extra:
         raise SurgeryError(f"{path}: key '{extra[0]}' is not a recipe key (a recipe has 'steps:', or is a mergekit "
@@ -134,9 +144,12 @@ def plan_recipe(path: Path, out: Path, commands: Mapping[str, Any]) -> tuple[str
                 config = load_recipe(Path(config))
             if not is_mergekit_config(config):
                 raise SurgeryError(f"{where}: run: mergekit needs 'config:', a mergekit config or its YAML file")
-            if "inputs" in raw or "options" in raw:
-                raise SurgeryError(f"{where}: a mergekit step names its models in its config, not inputs/options")
-            step = mergekit_step(name, config, output, outputs, where)
+            if "inputs" in raw:
+                raise SurgeryError(f"{where}: a mergekit step names its models in its config, not inputs")
+            options = raw.get("options") or {}
+            if not isinstance(options, dict):
+                raise SurgeryError(f"{where}: options is a mapping (dtype, max_shard_size, no_input_hash)")
+            step = mergekit_step(name, config, output, outputs, where, options)
         else:
             if run not in commands:
                 raise SurgeryError(f"{where}: run '{run}' is not a surgery command (commands: "
@@ -158,7 +171,7 @@ def run_recipe(path: Path, out: Path, commands: Mapping[str, Any], options: RunO
                progress: Callable[[str, int, int, dict], None] | None = None) -> RecipeResult:
     """Run (or with ``dry_run`` only plan) a recipe; raises RecipeFailed naming the first failing step."""
     out = Path(out)
-    kind, steps = plan_recipe(path, out, commands)
+    kind, steps = plan_recipe(path, out, commands, options.write)
     recipe = Path(path).resolve()
     for step in steps:
         target = step.output.resolve()

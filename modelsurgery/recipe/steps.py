@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelsurgery.checkpoint.writer import DEFAULT_MAX_SHARD, WriteOptions
 from modelsurgery.errors import SurgeryError
 from modelsurgery.recipe.mergekit_config import MergekitConfig, parse_config
-from modelsurgery.recipe.mergekit_merge import run_mergekit
+from modelsurgery.recipe.mergekit_merge import run_mergekit, with_out_dtype
 
 #: options the runner sets itself
 RUNNER_OPTIONS = ("output", "json_out", "force", "quiet", "debug")
+#: the options a mergekit step takes: the writing options of every command that writes a checkpoint
+MERGEKIT_OPTIONS = ("dtype", "max_shard_size", "no_input_hash")
 
 
 @dataclass
@@ -170,9 +173,31 @@ def _invoke(command: Any, run: str, params: dict) -> dict:
         return {"stdout": text}
 
 
+def write_options(options: Mapping[str, Any], where: str) -> WriteOptions:
+    """A mergekit step's ``options`` (dtype, max_shard_size, no_input_hash: named and checked as on the
+    commands' command lines) as the writer's options."""
+    given = {str(k).replace("-", "_"): v for k, v in options.items()}
+    for key, value in given.items():
+        if key not in MERGEKIT_OPTIONS:
+            raise SurgeryError(f"{where}: '{key}' is not an option of a mergekit step (its options: "
+                               f"{', '.join(MERGEKIT_OPTIONS)}; the merge itself is described by its config)")
+        if key == "no_input_hash" and not isinstance(value, bool):
+            raise SurgeryError(f"{where}: option 'no_input_hash' is true or false, got {value!r}")
+        if key != "no_input_hash" and (isinstance(value, (bool, list, dict)) or value is None):
+            raise SurgeryError(f"{where}: option '{key}' takes one value, got {value!r}")
+    write = WriteOptions(dtype=given.get("dtype"), max_shard_size=given.get("max_shard_size", DEFAULT_MAX_SHARD),
+                         hash_inputs=not given.get("no_input_hash", False))
+    try:
+        write.check_write_options()
+    except SurgeryError as e:
+        raise SurgeryError(f"{where}: {e}") from None
+    return write
+
+
 def mergekit_step(name: str, config: Mapping[str, Any], output: Path, outputs: Mapping[str, Path],
-                  where: str) -> Step:
-    """A step running a mergekit config; model references may name earlier steps."""
+                  where: str, options: Mapping[str, Any] | None = None) -> Step:
+    """A step running a mergekit config; model references may name earlier steps. ``options``: the
+    writing options (dtype as the config's out_dtype, max_shard_size, no_input_hash)."""
     depends: list[str] = []
 
     def resolve(value: Any) -> Any:
@@ -190,9 +215,15 @@ def mergekit_step(name: str, config: Mapping[str, Any], output: Path, outputs: M
 
     doc = resolve(dict(config))
     cfg: MergekitConfig = parse_config(doc, where)
+    write = write_options(options or {}, where)
+    try:
+        with_out_dtype(cfg, write)  # a dtype that contradicts the config's out_dtype fails before any step runs
+    except SurgeryError as e:
+        raise SurgeryError(f"{where}: {e}") from None
     inputs = [Path(m) for m in cfg.referenced_models()]
+    parameters: dict[str, Any] = {"config": doc, **({"options": dict(options)} if options else {})}
 
     def execute(force: bool) -> dict:
-        return run_mergekit(parse_config(doc, where), output, force=force).to_dict()
+        return run_mergekit(parse_config(doc, where), output, force=force, write=write).to_dict()
 
-    return Step(name, "mergekit", output, inputs, {"config": doc}, [], list(dict.fromkeys(depends)), execute)
+    return Step(name, "mergekit", output, inputs, parameters, [], list(dict.fromkeys(depends)), execute)

@@ -24,15 +24,13 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, plan_tensor
+from modelsurgery.checkpoint.writer import float_dtype
 from modelsurgery.devices import resolve_device
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, detect_family
 from modelsurgery.ops.adapters.peft_format import lora_config, module_key, write_lora_adapter
 
 Progress = Callable[[str, int, int, dict], None]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 @dataclass(frozen=True)
 class Declared:
     name: str
@@ -174,15 +172,14 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     out = Path(out)
     if not ((options.rank >= 1 and float(options.rank).is_integer()) or 0 < options.rank < 1):
         raise SurgeryError(f"--rank {options.rank}: expected a whole rank >= 1 or an energy fraction in (0, 1)")
-    if options.dtype is not None and options.dtype not in DTYPES:
-        raise SurgeryError(f"--dtype {options.dtype}: expected one of {', '.join(DTYPES)}")
+    dtype = float_dtype(options.dtype)
     device = torch.device(resolve_device(options.device or "cpu"))
     base, tuned = Checkpoint.open(base_path), Checkpoint.open(tuned_path)
     bf, tf = detect_family(base), detect_family(tuned)
     check_same_architecture(base, tuned, bf, tf)
     targets = linear_targets(bf, options.targets)
     check_output(out, options.force, [base.path, tuned.path])
-    dtype = DTYPES[options.dtype] if options.dtype else base.dtype()
+    dtype = dtype or base.dtype()
 
     report = ExtractReport(str(base.path), str(tuned.path), str(out), bf.name, options.rank)
     tensors: list[PlannedTensor] = []

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, plan_copy, write_checkpoint
+from modelsurgery.checkpoint.writer import WriteOptions, float_dtype
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.ops.adapters.peft_format import Adapter, read_adapter
@@ -37,10 +38,12 @@ def no_progress(task: str, done: int, total: int, info: dict | None = None) -> N
 
 
 @dataclass
-class FoldOptions:
+class FoldOptions(WriteOptions):
+    """How much of each adapter to fold; how the output is written (dtype, max_shard_size, hash_inputs)
+    as ``WriteOptions``."""
+
     #: fraction of each adapter's change to fold (PEFT's merge_and_unload folds all of it: 1.0)
     scale: float = 1.0
-    max_shard_size: int | str = 5 * 1000**3
     force: bool = False
 
 
@@ -140,6 +143,8 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
         raise SurgeryError("no adapter given (pass ADAPTER, or --adapter several times)")
     if options.scale != options.scale:
         raise SurgeryError("--scale is NaN")
+    options.check_write_options()
+    target = float_dtype(options.dtype)  # a folded tensor goes from float32 to it directly: one rounding
     base = Checkpoint.open(base_path)
     family = detect_family(base)
     transposed = {lin.weight for i in range(family.num_layers) for lin in family.block_linears(i).values()
@@ -187,13 +192,13 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
         value = apply(name, value)
         done[0] += 1
         progress("fold", done[0], len(updates), {})
-        return value.to(base.info(name).dtype)
+        return value.to(target or base.info(name).dtype)
 
     plans: list[PlannedTensor] = []
     for name in names:
         if name in updates:
             info = base.info(name)
-            plans.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: fold_one(n)))
+            plans.append(PlannedTensor(name, info.shape, target or info.dtype, lambda n=name: fold_one(n)))
         else:
             plans.append(plan_copy(base, name, raw=True))
     provenance = Provenance("fold", {
@@ -203,8 +208,7 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
     metadata = {k: v for k, v in base.metadata.items()
                 if k.startswith("modelsurgery.") and k != "modelsurgery.quantization"}
     written = write_checkpoint(out, plans, provenance=provenance, config=base.config, metadata=metadata,
-                               extra_files=base.extra_files(), max_shard_size=options.max_shard_size,
-                               force=options.force)
+                               extra_files=base.extra_files(), force=options.force, **options.write_kwargs())
     report = FoldReport(
         base=str(base.path), output=str(out), family=family.name, scale=options.scale,
         adapters=[{"path": str(a.path), "peft_type": a.peft_type, "modules": len(a.modules),

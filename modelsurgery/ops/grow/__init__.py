@@ -34,6 +34,7 @@ def grow(inputs: Sequence[str | Path | Checkpoint], out: str | Path, options: Gr
         raise SurgeryError(f"unknown growth method '{options.method}' (known: {', '.join(METHODS)})")
     if not inputs:
         raise SurgeryError("no input checkpoint given")
+    options.check_write_options()
     ckpts = [c if isinstance(c, Checkpoint) else Checkpoint.open(c) for c in inputs]
     require_float(ckpts, "grow")
     return METHODS[options.method](ckpts, Path(out), options, progress)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, write_checkpoint
+from modelsurgery.checkpoint.writer import WriteOptions
 from modelsurgery.families import Family
 
 Progress = Callable[[str, int, int, dict], None]
@@ -20,8 +21,9 @@ def no_progress(task: str, done: int, total: int, info: dict | None = None) -> N
 
 
 @dataclass
-class GrowOptions:
-    """What to grow and how. ``factor``: depth multiple (stack) or width multiple (width)."""
+class GrowOptions(WriteOptions):
+    """What to grow and how. ``factor``: depth multiple (stack) or width multiple (width); how the output
+    is written (dtype, max_shard_size, hash_inputs) as ``WriteOptions``."""
 
     method: str = "stack"
     factor: float | None = None
@@ -33,9 +35,7 @@ class GrowOptions:
     num_templates: int | None = None  # mixture, plain inputs: templates per layer (default K*K - K + 1)
     seed: int = 0
     model: str | None = None  # custom family factory 'package.module:function'
-    max_shard_size: int | str = 5 * 1000**3
     force: bool = False
-    hash_inputs: bool = True  # provenance digests of the inputs (a full read of each)
 
     def parameters(self) -> dict:
         keys = ("factor", "layers", "every", "split", "init_scale", "coef_scale", "num_templates", "seed")
@@ -85,17 +85,13 @@ def write_grown(
 ) -> GrowReport:
     """Write the planned tensors (config and the first input's extra files carried along) and finish the report."""
     sources = [f for c in ckpts for f in c.source_files]
-    params = options.parameters()
-    if not options.hash_inputs:  # the digest is a full read of every input: skippable for multi-GB inputs
-        params["inputs_unhashed"] = [str(f) for f in sources]
-        sources = []
-    provenance = Provenance(f"grow.{options.method}", params, sources)
+    provenance = Provenance(f"grow.{options.method}", options.parameters(), sources)
     # descriptive metadata (activation, CNN arch, input shape) still holds; quantization and provenance don't
     metadata = {k: v for k, v in ckpts[0].metadata.items()
                 if k.startswith("modelsurgery.") and k != "modelsurgery.quantization"}
     written = write_checkpoint(
         out, tensors, provenance=provenance, config=config, metadata=metadata, extra_files=ckpts[0].extra_files(),
-        max_shard_size=options.max_shard_size, force=options.force,
+        force=options.force, **options.write_kwargs(),
     )
     report.params_after = count_params(tensors)
     report.bytes_written = written.total_bytes

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check_output, write_checkpoint
+from modelsurgery.checkpoint.writer import WriteOptions, float_dtype
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.ops.float_input import float_view
@@ -27,7 +28,10 @@ from modelsurgery.ops.merge import Method, get_method
 
 
 @dataclass
-class MergeOptions:
+class MergeOptions(WriteOptions):
+    """The merge method and its settings; how the output is written (dtype, max_shard_size, hash_inputs)
+    as ``WriteOptions``."""
+
     method: str = "match"  # match (weight matching + linear) | linear | slerp | task-arithmetic | ties
     alpha: float | None = None  # two models: (1-alpha)*A + alpha*B
     weights: list[float] | None = None
@@ -132,6 +136,8 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
         raise SurgeryError("merge needs at least two models")
     inputs = paths + [Path(p) for p in (options.base, options.eval_data) if p]
     check_output(Path(out), force, inputs)
+    options.check_write_options()
+    target = float_dtype(options.dtype)  # merged in float32, rounded once to the output's dtype
     method_name = options.method
     method = None if method_name == "match" else get_method(method_name)
     align = options.align if options.align is not None else method_name == "match"
@@ -174,7 +180,7 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
             return first
         tensors = [load(name, i) for i in range(len(ckpts))]
         b = base.get(name) if base is not None else None
-        return combine(tensors, weights, b, params).to(first.dtype)
+        return combine(tensors, weights, b, params).to(target or first.dtype)
 
     state_override = None
     evaluation = None
@@ -187,10 +193,11 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     names = ckpts[0].keys()
     for name in names:
         info = ckpts[0].info(name)
+        dtype = target if target is not None and info.dtype.is_floating_point else info.dtype
         if state_override is not None and name in state_override:
-            planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: state_override[n]))
+            planned.append(PlannedTensor(name, info.shape, dtype, lambda n=name: state_override[n]))
         else:
-            planned.append(PlannedTensor(name, info.shape, info.dtype, lambda n=name: merged(n)))
+            planned.append(PlannedTensor(name, info.shape, dtype, lambda n=name: merged(n)))
     recorded = {"method": method_name, "weights": weights, "aligned": align, "backend": options.backend,
                 "base": str(options.base) if options.base else None, "repair": options.repair, **params}
     if notes:
@@ -204,7 +211,7 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     report = write_checkpoint(
         out, planned, provenance=Provenance("merge", recorded, sources), metadata=metadata,
         config=ckpts[0].config if ckpts[0].folder is not None else None,
-        extra_files=ckpts[0].extra_files(), force=force,
+        extra_files=ckpts[0].extra_files(), force=force, **options.write_kwargs(),
     )
     return MergeResult(str(out), method_name, family.name, len(paths), weights, matching, evaluation,
                        [str(f) for f in report.files], params, notes)
