@@ -348,3 +348,78 @@ def test_step_names_print_as_written(tmp_path, llamas, lora):
     r = run(recipe, tmp_path / "build", "--dry-run")
     assert r.exit_code == 0, r.output
     assert "[white on white]tuned[/]" in r.stdout and "[dry run]" in r.stdout
+
+
+def _shards(folder):
+    """Every tensor of a folder's shards, read with safetensors, and the shards' provenance records."""
+    from safetensors import safe_open
+
+    tensors, records = {}, []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            records.append(json.loads(f.metadata()["modelsurgery"]))
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return tensors, records
+
+
+def test_writing_options_in_command_and_mergekit_steps(tmp_path, llamas):
+    """dtype, max_shard_size and no_input_hash are step options under the commands' own names, on a
+    command step and on a mergekit step (where dtype is the config's out_dtype)."""
+    writing = "{dtype: bfloat16, max_shard_size: 20KB, no_input_hash: true}"
+    text = f"""
+steps:
+  - name: soup
+    run: mergekit
+    config:
+      merge_method: linear
+      models:
+        - model: {llamas['a']}
+          parameters: {{weight: 1.0}}
+        - model: {llamas['b']}
+          parameters: {{weight: 1.0}}
+    options: {writing}
+  - name: deeper
+    run: grow
+    inputs: [{llamas['a']}]
+    options: {{method: stack, factor: 2, dtype: bfloat16, max_shard_size: 20KB, no_input_hash: true}}
+"""
+    out = tmp_path / "build"
+    r = run(write(tmp_path, text), out, "--json")
+    assert r.exit_code == 0, r.output
+    a = load_file(llamas["a"] / "model.safetensors")
+    b = load_file(llamas["b"] / "model.safetensors")
+    for step in ("soup", "deeper"):
+        tensors, records = _shards(out / step)
+        assert len(records) >= 2 and (out / step / "model.safetensors.index.json").is_file()
+        assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+        assert all(r["sources"] == [] and r["parameters"]["inputs_unhashed"] for r in records)
+        config = json.loads((out / step / "config.json").read_text())
+        assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    soup, _ = _shards(out / "soup")
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(soup[name], ((a[name] + b[name]) / 2).to(torch.bfloat16))
+    r = run(write(tmp_path, text), out, "--json")
+    assert [s["status"] for s in json.loads(r.stdout)["steps"]] == ["cached", "cached"]
+
+
+@pytest.mark.parametrize("options, named", [
+    ("{method: linear}", "'method' is not an option of a mergekit step"),
+    ("{dtype: int8}", "--dtype int8"),
+    ("{max_shard_size: lots}", "max shard size 'lots'"),
+    ("{no_input_hash: 1}", "'no_input_hash' is true or false"),
+    ("{dtype: bfloat16}", "out_dtype: float16"),
+])
+def test_bad_mergekit_step_options_refused_before_anything_runs(tmp_path, llamas, options, named):
+    text = f"""
+steps:
+  - name: soup
+    run: mergekit
+    config: {{merge_method: linear, out_dtype: float16, models: [{{model: {llamas['a']}, parameters: {{weight: 1}}}},
+             {{model: {llamas['b']}, parameters: {{weight: 1}}}}]}}
+    options: {options}
+"""
+    out = tmp_path / "build"
+    r = run(write(tmp_path, text), out)
+    assert r.exit_code == 1
+    assert named in r.stderr and "step 'soup'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
