@@ -252,3 +252,17 @@ def test_run_writing_options_belong_to_a_mergekit_config(work, tmp_path):
     got, _ = read_folder(tmp_path / "merged")
     assert {t.dtype for t in got.values()} == {torch.float16}
     assert json.loads((tmp_path / "merged" / "config.json").read_text()).get("dtype") == "float16"
+
+
+def test_dtype_refuses_float8_tensors_nothing_written(tmp_path):
+    """float8 values are quantized codes whose scales live elsewhere: a cast would not apply them."""
+    from modelsurgery.checkpoint import plan_tensor, write_checkpoint
+    from modelsurgery.errors import SurgeryError
+
+    codes = torch.ones(4, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(SurgeryError, match="'w' is float8_e4m3fn"):
+        write_checkpoint(tmp_path / "out.safetensors", [plan_tensor("w", codes)], dtype="bfloat16")
+    assert list(tmp_path.iterdir()) == []
+    write_checkpoint(tmp_path / "out.safetensors", [plan_tensor("w", codes)])  # without --dtype: kept as it is
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        assert f.get_tensor("w").dtype == torch.float8_e4m3fn
