@@ -18,7 +18,16 @@ from modelsurgery.cli.common import (
     safe,
     user_errors,
 )
-from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
+from modelsurgery.cli.options import (
+    debug_option,
+    dtype_option,
+    force_option,
+    json_option,
+    max_shard_size_option,
+    model_option,
+    no_input_hash_option,
+    quiet_option,
+)
 from modelsurgery.deploy import FORMATS as DEPLOY_FORMATS
 from modelsurgery.ops.quantize import QuantizeOptions, quantize_checkpoint
 from modelsurgery.ops.quantize.base import all_methods
@@ -94,6 +103,10 @@ def quantize_command(
     streaming: bool = typer.Option(True, "--streaming/--whole-model", help="Read the checkpoint a tensor (RTN) or "
                                    "a block (calibration) at a time, or build the whole float model first "
                                    "(the same output; --eval always builds it)."),
+    dtype: str = dtype_option(help="--format fake: write the float tensors (the quantized weights included) as "
+                              "float32, float16 or bfloat16 (default: as the input); refused for other formats."),
+    max_shard_size: str = max_shard_size_option(),
+    no_input_hash: bool = no_input_hash_option(),
     json_out: bool = json_option(),
     force: bool = force_option(),
     quiet: bool = quiet_option(),
@@ -131,7 +144,8 @@ def quantize_command(
             skip=list(skip), default_skips=not no_default_skips, calib=calib, samples=samples, seq_len=seq_len,
             params={k: v for k, v in method_params.items() if v is not None}, preset=preset, grid=grid, format=fmt,
             eval=eval_data, model=model, seed=seed, low_memory=low_memory, streaming=streaming, device=device,
-            offload_dir=offload_dir, force=force, gguf_tokenizer=gguf_tokenizer,
+            offload_dir=offload_dir, force=force, gguf_tokenizer=gguf_tokenizer, dtype=dtype,
+            max_shard_size=max_shard_size, hash_inputs=not no_input_hash,
         )
         rank = world()[0]  # under torchrun only rank 0 shows progress and prints
         with progress_bar(quiet or json_out or rank != 0) as progress:

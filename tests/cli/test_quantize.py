@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from modelsurgery.cli.app import app
@@ -164,3 +165,50 @@ def test_kept_float_counts_every_float_weight_matrix_left_float(tmp_path):
     text = " ".join(r.stdout.split())
     assert "12 weights quantized, 10 kept float" in text  # 6 Linear in each of the 2 other blocks; 6 + 3 + 1
     assert "(--skip encoder.layer.0.*)" in text and "pooler.dense.weight (not a Linear" in text
+
+
+def test_writing_options(tmp_path):
+    """--dtype bfloat16 writes torch's cast of the float32 fake output (the grid is applied in float32, then
+    rounded once); --max-shard-size shards a folder; --no-input-hash records the input without a digest."""
+    from safetensors import safe_open
+
+    gpt2 = ROOT / "fixtures" / "charlm" / "gpt2"
+    base = ["quantize", str(gpt2), "--method", "rtn", "--bits", "3", "-q"]
+    assert runner.invoke(app, [*base, "-o", str(tmp_path / "f32")]).exit_code == 0
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "bf16"), "--dtype", "bfloat16", "--max-shard-size", "300KB",
+                            "--no-input-hash"])
+    assert r.exit_code == 0, r.output
+
+    def read(folder):
+        tensors, records = {}, []
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                records.append(json.loads(f.metadata()["modelsurgery"]))
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+        return tensors, records
+
+    ref, _ = read(tmp_path / "f32")
+    got, records = read(tmp_path / "bf16")
+    assert len(records) > 1 and (tmp_path / "bf16" / "model.safetensors.index.json").exists()
+    assert got.keys() == ref.keys()
+    for k, t in ref.items():
+        assert torch.equal(got[k], t.to(torch.bfloat16) if t.is_floating_point() else t), k
+    for rec in records:
+        assert rec["sources"] == [] and rec["parameters"]["inputs_unhashed"] == [str(gpt2 / "model.safetensors")]
+        assert rec["parameters"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "packed", "--dtype", "float16"], "error: --dtype float16: only for --format fake"),
+    (["--format", "gptq", "--no-input-hash"], "error: --no-input-hash: not available with --format gptq"),
+    (["--format", "compressed-tensors", "--max-shard-size", "1MB"],
+     "error: --max-shard-size: not available with --format compressed-tensors"),
+    (["--dtype", "int8"], "error: --dtype int8: expected float32, float16 or bfloat16"),
+    (["--max-shard-size", "lots"], "error: max shard size 'lots': expected a size"),
+])
+def test_writing_options_refused_in_one_line(tmp_path, args, message):
+    r = runner.invoke(app, ["quantize", str(ROOT / "fixtures" / "charlm" / "gpt2"), "-o", str(tmp_path / "q"),
+                            "--method", "rtn", *args])
+    assert r.exit_code == 1, r.output
+    assert message in " ".join(r.stderr.split()) and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -22,13 +22,16 @@ from typing import Any
 import torch
 
 from modelsurgery.checkpoint import (
+    DEFAULT_MAX_SHARD,
     Checkpoint,
     Provenance,
     check_output,
+    parse_size,
     plan_copy,
     plan_tensor,
     write_checkpoint,
 )
+from modelsurgery.checkpoint.writer import WriteOptions
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.devices import resolve_device
 from modelsurgery.errors import SurgeryError
@@ -72,7 +75,10 @@ FORMATS: dict[str, Callable[[str, QuantizedWeight, int, torch.dtype], dict[str, 
 
 
 @dataclass
-class QuantizeOptions:
+class QuantizeOptions(WriteOptions):
+    """What to quantize and how; the writing options (``WriteOptions``: dtype, max_shard_size,
+    hash_inputs) apply to --format fake and packed (dtype to fake only: see ``check_writing``)."""
+
     bits: int = 4
     method: str = "flexround"
     granularity: str = "channel"
@@ -166,6 +172,24 @@ def with_preset(opts: QuantizeOptions, method) -> QuantizeOptions:
         params["batch_size"] = preset.batch_size
     samples = opts.samples if opts.samples is not None else preset.samples
     return replace(opts, params=params, samples=samples, preset=preset.name if method.learned else None)
+
+
+def check_writing(opts: QuantizeOptions) -> None:
+    """The writing options, refused in one line where the format has no use for them: --dtype casts the float
+    tensors of --format fake (its quantized weights included); packed and the deployment formats store their
+    scales in the dtype their readers expect, and the deployment writers shard and hash on their own."""
+    from modelsurgery.deploy import FORMATS as DEPLOYED
+
+    opts.check_write_options()
+    if opts.dtype is not None and opts.format != "fake":
+        raise SurgeryError(f"--dtype {opts.dtype}: only for --format fake (--format {opts.format} keeps its "
+                           "scales in the dtype its readers expect); use surgery dequantize --dtype on its output")
+    if opts.format in DEPLOYED:
+        given = [flag for flag, used in (("--max-shard-size", parse_size(opts.max_shard_size) != DEFAULT_MAX_SHARD),
+                                         ("--no-input-hash", not opts.hash_inputs)) if used]
+        if given:
+            raise SurgeryError(f"{', '.join(given)}: not available with --format {opts.format} (its writer shards "
+                               "and records the inputs itself); use --format fake or packed")
 
 
 #: steps of the first trained block timed before the estimate is reported (after the first step, which
@@ -301,6 +325,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     method = method_by_name(opts.method)
     opts = with_preset(opts, method)
     settings = method.resolve(opts.params)
+    check_writing(opts)
     from modelsurgery.deploy import FORMATS as DEPLOYED  # imported late: deploy reads packing.py
 
     if opts.format in DEPLOYED:  # GPTQ, compressed-tensors, GGUF (modelsurgery.deploy.quantize)
@@ -381,9 +406,10 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
             else:
                 planned += [plan_tensor(k, v)
                             for k, v in tensors_for(name, qw, opts.bits, ckpt.info(name).dtype).items()]
-    # how the weights were read does not change what is written: streaming and offload_dir are left out
+    # how the weights were read does not change what is written: streaming and offload_dir are left out; the
+    # writer records the writing options (the dtype written, the inputs left unhashed)
     params = {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items()
-              if k not in ("force", "streaming", "offload_dir")}
+              if k not in ("force", "streaming", "offload_dir", "dtype", "max_shard_size", "hash_inputs")}
     params["params"] = settings  # the values used, defaults included
     if world_size > 1:  # the gradients were summed in another order: the codes may differ in rare ties
         params["world_size"] = world_size
@@ -396,7 +422,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
                              if k.startswith("modelsurgery.") and k != METADATA_KEY},
                           **scheme_metadata(opts.format, opts.method, scheme.to_dict(), layers)},
                 config=folder_config(ckpt.config, opts.format, opts.bits), extra_files=ckpt.extra_files(),
-                force=opts.force,
+                force=opts.force, **opts.write_kwargs(),
             ).total_bytes
         if steps is not None:
             streaming.finish(steps, blocks.append)
