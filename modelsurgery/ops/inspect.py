@@ -13,6 +13,9 @@ from modelsurgery.checkpoint.formats import TensorInfo
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 
+#: packing.METADATA_KEY, spelled out so that a float checkpoint's inspect imports nothing of ops.quantize
+QUANTIZATION_KEY = "modelsurgery.quantization"
+
 
 @dataclass
 class InspectReport:
@@ -120,11 +123,11 @@ def quantized_layout(ckpt: Checkpoint) -> QuantizedLayout | None:
     quantized weight with its shape, for the packed format and for the GPTQ and compressed-tensors folders
     ``surgery quantize`` writes; another tool's GPTQ or compressed-tensors folder is read by
     ``modelsurgery.deploy`` (which reads its tensors)."""
-    from modelsurgery.ops.quantize.packing import METADATA_KEY, read_scheme
-
     qc = (ckpt.config or {}).get("quantization_config")
-    if METADATA_KEY not in ckpt.metadata and not isinstance(qc, dict):
-        return None  # a float checkpoint: nothing quantization-related is imported
+    if QUANTIZATION_KEY not in ckpt.metadata and not isinstance(qc, dict):
+        return None  # a float checkpoint: nothing quantization-related is imported (torch, numpy)
+    from modelsurgery.ops.quantize.packing import read_scheme
+
     record = read_scheme(ckpt.metadata, ckpt.path)
     if record is not None:
         fmt = str(record.get("format", "packed"))
@@ -215,7 +218,7 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
         groups=groups,
         metadata=metadata,
         provenance=_json_field(ckpt.metadata, "modelsurgery"),
-        quantization=(_json_field(ckpt.metadata, "modelsurgery.quantization")
+        quantization=(_json_field(ckpt.metadata, QUANTIZATION_KEY)
                       or (ckpt.config or {}).get("quantization_config")),  # GPTQ, compressed-tensors
         scheme=layout.scheme if layout else None,
         quantized_layers=layout.weights if layout else {},

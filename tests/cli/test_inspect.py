@@ -252,3 +252,10 @@ def test_gguf_scheme_as_a_table(tmp_path):
     rows = {tuple(line.split("│")[0].split()): line.split("│")[1].strip() for line in text.splitlines()
             if line.count("│") == 1}
     assert rows[("type",)] == "Q4_0" and rows[("group", "size")] == "32" and rows[("bits",)] == "4"
+
+
+def test_quantization_key_is_the_packed_format_owners():
+    from modelsurgery.ops.inspect import QUANTIZATION_KEY
+    from modelsurgery.ops.quantize.packing import METADATA_KEY
+
+    assert QUANTIZATION_KEY == METADATA_KEY
