@@ -23,7 +23,8 @@ runner = CliRunner()
 
 # the layout sentence-transformers' SentenceTransformer.save writes for a BERT encoder + mean pooling +
 # a Dense projection + normalization: the encoder at the top, each further module in the folder named in
-# modules.json (Normalize has no files, so git-based hubs have no 2_Normalize/ at all)
+# modules.json (1_Pooling/config.json with the pooling_mode_* keys of sentence-transformers 2-3, as on the
+# hub for all-MiniLM-L6-v2; 3_Normalize/config.json as 6.x writes it, older versions leave the folder empty)
 MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
     {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -43,11 +44,15 @@ def sentence_transformers_folder(folder: Path, seed: int = 0) -> Path:
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(POOLING, indent=2))
     (folder / "2_Dense").mkdir()
     (folder / "2_Dense" / "config.json").write_text(json.dumps(
-        {"in_features": 32, "out_features": 16, "bias": True, "activation_function": "torch.nn.modules.linear.Identity"}))
+        {"in_features": 32, "out_features": 16, "bias": True,
+         "activation_function": "torch.nn.modules.linear.Identity"}))
     gen = torch.Generator().manual_seed(seed)
     save_file({"linear.weight": torch.randn(16, 32, generator=gen), "linear.bias": torch.randn(16, generator=gen)},
               folder / "2_Dense" / "model.safetensors")
     (folder / "3_Normalize").mkdir()
+    (folder / "3_Normalize" / "config.json").write_text(json.dumps(
+        {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"}, indent=4))
+    (folder / "4_Empty").mkdir()  # an empty folder: nothing to carry
     return folder
 
 
@@ -69,9 +74,11 @@ def invoke(*args: str) -> None:
 
 def assert_modules_carried(src: Path, out: Path) -> None:
     want = module_files(src)
-    assert set(want) == {"1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"}
+    assert set(want) == {"1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors",
+                         "3_Normalize/config.json"}
     assert module_files(out) == want  # the same names, the same bytes
     assert (out / "modules.json").read_bytes() == (src / "modules.json").read_bytes()
+    assert not (out / "4_Empty").exists()
 
 
 @pytest.mark.parametrize("command", ["merge", "grow", "quantize", "dequantize"])
@@ -91,7 +98,7 @@ def test_sub_folders_reach_every_output(st_pair, tmp_path, command):
         invoke("dequantize", str(packed), "-o", str(out))
     assert_modules_carried(a, out)
     # the output's own weights are the model's, not 2_Dense's: the Dense weights stay in their folder
-    assert not any(k.startswith("linear.") for k in Checkpoint.open(out).keys())
+    assert not any(k.startswith("linear.") for k in Checkpoint.open(out))
 
 
 def test_force_replaces_an_output_with_sub_folders(st_pair, tmp_path):
