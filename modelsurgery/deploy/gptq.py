@@ -18,6 +18,7 @@ group_size, sym, desc_act false, checkpoint_format gptq).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +63,26 @@ def min_zero_point(scheme) -> int:
     return 0 if scheme.symmetric else 1
 
 
+def modules_in_block_to_quantize(src: DeploySource) -> list[list[str]]:
+    """The quantized modules, named inside their block ("self_attn.q_proj"). optimum, transformers' GPTQ
+    loader, turns every Linear of every block into a QuantLinear unless this lists them: a Linear kept
+    float (--skip) would be replaced and left without its weight. Full module names when blocks differ
+    (optimum matches by name suffix)."""
+    modules = [module_of(w.name) for w in src.weights]
+    inside = [re.sub(r"^.*?\.\d+\.", "", m) for m in modules]
+    per_block: dict[str, set[str]] = {}
+    for module, name in zip(modules, inside):
+        per_block.setdefault(module[: len(module) - len(name)], set()).add(name)
+    uniform = len({frozenset(v) for v in per_block.values()}) == 1
+    return [list(dict.fromkeys(inside if uniform else modules))]
+
+
 def quantization_config(src: DeploySource) -> dict:
     s = src.scheme
     return {"quant_method": "gptq", "bits": s.bits, "group_size": s.group_size if s.granularity == "group" else -1,
             "sym": s.symmetric, "desc_act": False, "checkpoint_format": "gptq", "true_sequential": True,
             "damp_percent": 0.01, "static_groups": False,
-            "modules_in_block_to_quantize": None, "quantized_by": "modelsurgery"}
+            "modules_in_block_to_quantize": modules_in_block_to_quantize(src), "quantized_by": "modelsurgery"}
 
 
 def check_shape(name: str, shape: tuple[int, ...], bits: int) -> None:
