@@ -201,3 +201,32 @@ def test_carried_names_stay_inside_the_output(tmp_path):
         with pytest.raises(SurgeryError, match="not a path inside the output folder"):
             CarriedFile(f, bad)
     assert os.fspath(CarriedFile(f, "sub/x.json")) == str(f)
+
+
+def test_sentence_transformers_loads_the_output(tmp_path):
+    """With sentence-transformers installed (not a test dependency): a folder it saved itself, quantized
+    (fake, 8-bit), loads back with every module and gives the same embeddings within 8-bit rounding."""
+    st = pytest.importorskip("sentence_transformers")
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz",
+                                "the", "cat", "dog"]) + "\n")
+    hf = tmp_path / "hf"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=34, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(hf)
+    BertTokenizer(str(vocab)).save_pretrained(hf)
+    m = pytest.importorskip("sentence_transformers.models")
+    model = st.SentenceTransformer(modules=[m.Transformer(str(hf), max_seq_length=32), m.Pooling(32, "mean"),
+                                            m.Dense(32, 16), m.Normalize()])
+    src, out = tmp_path / "st", tmp_path / "q8"
+    model.save(str(src))
+    invoke("quantize", str(src), "-o", str(out), "--method", "rtn", "--bits", "8", "--format", "fake")
+    got = st.SentenceTransformer(str(out))
+    assert [type(x).__name__ for x in got] == [type(x).__name__ for x in model]
+    sentences = ["the cat", "a dog"]
+    ref = st.SentenceTransformer(str(src)).encode(sentences, convert_to_tensor=True)
+    emb = got.encode(sentences, convert_to_tensor=True)
+    assert emb.shape == (2, 16)
+    assert torch.nn.functional.cosine_similarity(emb, ref).min() > 0.99
