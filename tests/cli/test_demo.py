@@ -85,3 +85,13 @@ def test_whole_demo(tmp_path):
             data_bytes = sum(f.get_tensor(k).nbytes for k in f.keys())  # noqa: SIM118 (not iterable)
         assert result["quantize"][method]["bytes"] == data_bytes, method
     assert result["quantize"]["rtn"]["bytes"] == result["quantize"]["flexround"]["bytes"]
+    # what the notes printed above each step say to look for
+    merge, align, fold = result["merge"], result["align"], result["fold"]
+    assert merge["matched_midpoint_accuracy"] > merge["naive_midpoint_accuracy"]
+    assert merge["matched_barrier"] < merge["naive_barrier"]
+    assert result["analyze"]["distance_after"] < result["analyze"]["distance_before"]
+    assert result["grow"]["width"]["max_output_change"] < 1e-5 < result["grow"]["stack"]["max_output_change"]
+    assert align["accuracy_after"] > align["accuracy_before"]
+    assert align["new_prediction_share_after"] < align["new_prediction_share_before"]
+    assert all(x["max_abs_diff"] < 1e-4 for x in result["export"].values())
+    assert fold["max_logit_change"] > 0.01 and fold["extract_max_relative_error"] < 1e-4
