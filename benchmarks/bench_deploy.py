@@ -9,27 +9,39 @@ difference between the weights the format stores and those our quantizer produce
 exactly; the quantizer learns on the format's fp16 scales).
 
   python benchmarks/bench_deploy.py            # the char LLaMA fixture (seconds)
-  python benchmarks/bench_deploy.py --large    # also a 1.7 GB LLaMA-shaped random fp16 model: about
-                                               # 5 GB of memory and minutes per scheme; converted from one
-                                               # packed run per scheme (convert_packed) to save time
+  python benchmarks/bench_deploy.py --large    # also a 1.7 GB LLaMA-shaped random fp16 model, converted
+                                               # from one packed run per scheme (convert_packed)
   python benchmarks/bench_deploy.py --large --large-schemes "4-bit sym g32"   # one scheme of it
+  python benchmarks/bench_deploy.py --large --workdir /tmp/bd   # keep (and reuse) the model and packed runs
+
+With --large every step runs in a fresh process of its own, and its seconds and peak resident memory
+(VmHWM) are that process's alone; "at start" is the peak before the step ran (Python, torch and
+modelsurgery imported), so the step's own memory is the difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import multiprocessing
+import resource
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("modelsurgery") is None:  # an installed (or PYTHONPATH) modelsurgery comes first
+    sys.path.insert(0, str(ROOT))
+
 from modelsurgery.checkpoint import PlannedTensor, Provenance, write_checkpoint
 from modelsurgery.deploy import convert_packed
 from modelsurgery.ops.quantize.operation import QuantizeOptions, quantize_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 LLAMA = ROOT / "fixtures" / "charlm" / "llama"
 #: (label, bits, symmetric, GGUF block type)
 SCHEMES = [("8-bit sym g32", 8, True, "Q8_0"), ("4-bit sym g32", 4, True, "Q4_0"), ("4-bit asym g32", 4, False, "Q4_1")]
@@ -67,24 +79,68 @@ def bench_direct(model: Path, work: Path, skip: list[str]) -> list[dict]:
     return rows
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM (ru_maxrss keeps the forking parent's peak
+    across exec, so a fresh process would report the benchmark's own)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+
+
+def _measured(fn, args):
+    start_rss, start = _peak_rss(), time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start, start_rss, _peak_rss()
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new process: (result, seconds, peak RSS at start, peak RSS at the end)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measured, (fn, args))
+
+
+def _quantize_packed(model: Path, out: Path, bits: int, sym: bool, skip: list[str]) -> None:
+    quantize_checkpoint(model, out, options(bits, sym, "packed", skip))
+
+
+def _copy(packed: Path, out: Path) -> None:
+    shutil.copytree(packed, out, dirs_exist_ok=True)
+
+
+def _convert(packed: Path, out: Path, fmt: str) -> float:
+    return convert_packed(packed, out, fmt, force=True, gguf_tokenizer="none").max_scale_rounding_error
+
+
 def bench_converted(model: Path, work: Path, skip: list[str], schemes: list[str]) -> list[dict]:
-    """One packed run per scheme, converted to each deployment format (convert_packed)."""
+    """One packed run per scheme (reused when ``work`` already holds it), converted to each deployment
+    format (convert_packed); each step in a fresh process."""
     rows = []
     for label, bits, sym, block in SCHEMES:
         if label not in schemes:
             continue
         packed = output_name(work, "packed", label)
-        start = time.perf_counter()
-        quantize_checkpoint(model, packed, options(bits, sym, "packed", skip))
-        rows.append({"scheme": label, "format": "packed", "bytes": weight_bytes(packed),
-                     "seconds": time.perf_counter() - start, "max_dw": None})
+        if packed.exists():
+            row = {"seconds": None, "rss_start": None, "rss_peak": None, "max_dw": None}
+        else:
+            _, seconds, rss_start, rss_peak = in_fresh_process(_quantize_packed, model, packed, bits, sym, skip)
+            row = {"seconds": seconds, "rss_start": rss_start, "rss_peak": rss_peak, "max_dw": None}
+        rows.append({"scheme": label, "format": "packed", "bytes": weight_bytes(packed), **row})
+        copy = work / f"{packed.name}-copy"  # the baseline: copying the packed files as they are
+        _, seconds, rss_start, rss_peak = in_fresh_process(_copy, packed, copy)
+        rows.append({"scheme": label, "format": "(copy of the packed folder)", "bytes": weight_bytes(copy),
+                     "seconds": seconds, "rss_start": rss_start, "rss_peak": rss_peak, "max_dw": None})
+        shutil.rmtree(copy)
         for fmt in FORMATS[1:]:
             out = output_name(work, fmt, label)
-            start = time.perf_counter()
-            report = convert_packed(packed, out, fmt, force=True, gguf_tokenizer="none")
+            max_dw, seconds, rss_start, rss_peak = in_fresh_process(_convert, packed, out, fmt)
             rows.append({"scheme": label, "format": fmt if fmt != "gguf" else f"gguf {block}",
-                         "bytes": weight_bytes(out), "seconds": time.perf_counter() - start,
-                         "max_dw": report.max_scale_rounding_error})
+                         "bytes": weight_bytes(out), "seconds": seconds, "rss_start": rss_start,
+                         "rss_peak": rss_peak, "max_dw": max_dw})
     return rows
 
 
@@ -120,31 +176,45 @@ def large_llama(folder: Path) -> Path:
 
 def print_table(title: str, float_bytes: int, rows: list[dict]) -> None:
     print(f"\n{title}: float checkpoint {float_bytes / 2**20:.3f} MiB")
-    print("| scheme | format | weight files MiB | of float | max abs dW | seconds |")
-    print("|---|---|---|---|---|---|")
+    memory = any("rss_peak" in r for r in rows)
+    print("| scheme | format | weight files MiB | of float | max abs dW | seconds |"
+          + (" peak RSS GiB (at start) |" if memory else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if memory else ""))
     for r in rows:
-        print(f"| {r['scheme']} | {r['format']} | {r['bytes'] / 2**20:.3f} | {r['bytes'] / float_bytes:.1%} | "
-              f"{'' if r['max_dw'] is None else format(r['max_dw'], '.1e')} | {r['seconds']:.1f} |")
+        line = (f"| {r['scheme']} | {r['format']} | {r['bytes'] / 2**20:.3f} | {r['bytes'] / float_bytes:.1%} | "
+                f"{'' if r['max_dw'] is None else format(r['max_dw'], '.1e')} | "
+                f"{'reused' if r['seconds'] is None else format(r['seconds'], '.1f')} |")
+        if memory:
+            line += ("  |" if r.get("rss_peak") is None
+                     else f" {r['rss_peak'] / 2**30:.2f} ({r['rss_start'] / 2**30:.2f}) |")
+        print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--large", action="store_true", help="also the 1.7 GB LLaMA-shaped model (minutes, ~6 GB)")
+    parser.add_argument("--large", action="store_true", help="also the 1.7 GB LLaMA-shaped model (minutes)")
     parser.add_argument("--large-schemes", default=",".join(s[0] for s in SCHEMES),
                         help="with --large: which schemes, comma-separated (each costs minutes)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="with --large: keep the model and packed runs here and reuse them when present")
+    parser.add_argument("--skip-small", action="store_true", help="with --large: leave out the char LLaMA runs")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "charlm").mkdir()
-        rows = bench_direct(LLAMA, work / "charlm", ["down_proj"])
-        print_table("char LLaMA fixture (fixtures/charlm/llama)", weight_bytes(LLAMA), rows)
-        results["charlm_llama"] = rows
+        if not args.skip_small:
+            (work / "charlm").mkdir()
+            rows = bench_direct(LLAMA, work / "charlm", ["down_proj"])
+            print_table("char LLaMA fixture (fixtures/charlm/llama)", weight_bytes(LLAMA), rows)
+            results["charlm_llama"] = rows
         if args.large:
-            model = large_llama(work / "large")
-            (work / "large-out").mkdir()
-            rows = bench_converted(model, work / "large-out", [], args.large_schemes.split(","))
+            large = args.workdir or work
+            model = large / "large"
+            if not (model / "config.json").exists():
+                large_llama(model)
+            (large / "large-out").mkdir(parents=True, exist_ok=True)
+            rows = bench_converted(model, large / "large-out", [], args.large_schemes.split(","))
             print_table("LLaMA-shaped random fp16 model", weight_bytes(model), rows)
             results["large_llama"] = rows
     if args.json:
