@@ -1,4 +1,4 @@
-"""GGUF, llama.cpp's file format: writer and reader for LLaMA-family models, with the weights in
+"""GGUF, llama.cpp's file format: writer and reader for the decoder families, with the weights in
 the block formats our quantizers learn exactly (ggml-common.h, 32 weights a block):
 
 - Q8_0: fp16 d, 32 int8 q; w = d * q        (our 8-bit symmetric grid, q = code - 128)
@@ -6,11 +6,10 @@ the block formats our quantizers learn exactly (ggml-common.h, 32 weights a bloc
 - Q4_1: fp16 d, fp16 m, 16 bytes of nibbles; w = d * q + m   (our 4-bit asymmetric grid, m = -z * d)
 
 A block's 32 nibbles hold element j in the low half and element j + 16 in the high half of byte j.
-Tensor names, the Q/K row permutation and the metadata keys follow llama.cpp's
-``convert_hf_to_gguf.py`` (``LlamaModel``): names come from the ``gguf`` package's own tensor map,
-q_proj and k_proj rows are reordered from the rotate-half layout to llama.cpp's interleaved pairs,
-and the hyperparameters go under ``llama.*``. The file is written through the ``gguf`` package's
-``GGUFWriter`` one tensor at a time.
+Tensor names, row reorderings, value shifts and metadata keys follow llama.cpp's
+``convert_hf_to_gguf.py`` per family (``gguf_families.py``); names come from the ``gguf`` package's own
+tensor map. The file is written through the ``gguf`` package's ``GGUFWriter``: header, metadata and
+tensor infos first, then each tensor's data as it is produced (one weight in memory at a time).
 """
 
 from __future__ import annotations
@@ -35,6 +34,15 @@ from modelsurgery.deploy.common import (
     read_tensor,
     scale_rounding_error,
 )
+from modelsurgery.deploy.gguf_families import (
+    GGUFFamily,
+    check_family,
+    head_dim,
+    leaves_out,
+    rope_of,
+    row_order,
+    value_shift,
+)
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.packing import PackedWeight
 
@@ -43,21 +51,10 @@ FOLDER = False  # one .gguf file
 BLOCK = 32
 Q = gguf.GGMLQuantizationType
 
-#: config.json model_type -> (GGUF architecture, the converter's LlamaModel specifics: q/k rows
-#: reordered to interleaved pairs and rope.dimension_count written); Qwen2/Qwen3 use NeoX-style rope
-#: in llama.cpp, so their rows keep transformers' order (the converter's Qwen2Model, Qwen3Model)
-ARCHITECTURES = {
-    "llama": (gguf.MODEL_ARCH.LLAMA, True),
-    "mistral": (gguf.MODEL_ARCH.LLAMA, True),
-    "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
-    "qwen3": (gguf.MODEL_ARCH.QWEN3, False),
-}
 #: (bits, symmetric) -> block type and the GGUF file type the converter writes for it
 TYPES = {(8, True): (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
          (4, True): (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
          (4, False): (Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1)}
-#: tensors the converter leaves out
-SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 # ----- scheme ---------------------------------------------------------------------------------------
@@ -82,21 +79,9 @@ def stores_offset(scheme) -> bool:
     return not scheme.symmetric
 
 
-def check_model(config: dict, where: str) -> tuple:
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise SurgeryError(f"{where}: --format gguf supports model_type {', '.join(ARCHITECTURES)} "
-                           f"(as llama.cpp's converter writes them); this model is '{model_type}'")
-    rope = _rope(config)
-    rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "linear") and not (rope_type == "llama3" and ARCHITECTURES[model_type][1]):
-        raise SurgeryError(f"{where}: rope_type '{rope_type}' is not written to GGUF yet (default, linear and, "
-                           "for the llama architecture, llama3 are)")
-    window = config.get("sliding_window")
-    if window and window < config.get("max_position_embeddings", 0) and config.get("use_sliding_window", True):
-        raise SurgeryError(f"{where}: sliding_window {window} < context {config['max_position_embeddings']}: "
-                           "llama.cpp's llama graph attends to the whole context; GGUF would change the model")
-    return ARCHITECTURES[model_type]
+def check_model(config: dict, where: str) -> GGUFFamily:
+    """The family's GGUF description, or a one-line refusal (``gguf_families.check_family``)."""
+    return check_family(config, where)
 
 
 # ----- blocks ---------------------------------------------------------------------------------------
@@ -158,27 +143,11 @@ def decode(raw: np.ndarray, qtype: Q, rows: int, length: int) -> tuple[np.ndarra
 
 
 # ----- the converter's layout -----------------------------------------------------------------------
-def qk_permutation(rows: int, n_head: int) -> np.ndarray:
-    """Row order llama.cpp's converter gives q_proj/k_proj (``LlamaModel.permute``): within each head,
-    the two rotate-half halves are interleaved pairwise."""
-    return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
-
-
-def _rope(config: dict) -> dict:
-    rope = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or {}
-    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    if scaling:
-        rope.setdefault("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        rope.setdefault("factor", scaling.get("factor"))
-    return rope
-
-
 def llama3_rope_factors(config: dict) -> np.ndarray:
     """The ``rope_freqs.weight`` llama.cpp's converter writes for rope_type llama3 (LLaMA 3.1's frequency
     scaling): per rotary frequency, the factor llama.cpp divides it by (1 above the high-frequency
     wavelength, ``factor`` below the low one, smoothly interpolated between)."""
-    rope = _rope(config)
+    rope = rope_of(config)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     freqs = 1.0 / (float(rope["rope_theta"]) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     factor, low, high = float(rope.get("factor", 8.0)), float(rope.get("low_freq_factor", 1.0)), \
@@ -191,12 +160,11 @@ def llama3_rope_factors(config: dict) -> np.ndarray:
     return factors.astype(np.float32)
 
 
-def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int, llama_specifics: bool) -> None:
-    """The keys ``TextModel.set_gguf_parameters`` writes, the vocabulary size, and ``LlamaModel``'s
-    rope dimension count for the llama architecture."""
+def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int, fam: GGUFFamily) -> None:
+    """The keys ``TextModel.set_gguf_parameters`` writes, the vocabulary size, and the family's own
+    (``GGUFFamily.hparams``; ``LlamaModel``'s rope dimension count for the llama architecture)."""
     n_head = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    rope = _rope(config)
+    rope = rope_of(config)
     w.add_name(name)
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(config["max_position_embeddings"])
@@ -205,17 +173,19 @@ def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int, l
     w.add_head_count(n_head)
     w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     w.add_rope_freq_base(float(rope["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    if config.get("head_dim") is not None:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    if fam.arch != gguf.MODEL_ARCH.GPTNEOX:  # LayerNorm: its epsilon is the family's key
+        w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if config.get("head_dim") is not None or fam.norm_shift:  # Gemma's head_dim defaults to 256, not d / heads
+        w.add_key_length(head_dim(config))
+        w.add_value_length(head_dim(config))
     w.add_file_type(int(file_type))
     w.add_vocab_size(config["vocab_size"])  # llama.cpp's n_vocab when the file has no token list
-    if llama_specifics:
-        w.add_rope_dimension_count(head_dim)
+    if fam.interleave_qk:
+        w.add_rope_dimension_count(head_dim(config))
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
+    fam.hparams(w, config)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -290,43 +260,42 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
     """Write ``src`` to one GGUF file (atomic; refuses an existing output without ``force``)."""
     out = Path(out)
     config = src.config
-    arch, llama_specifics = check_model(config, str(src.ckpt.path))
+    fam = check_model(config, str(src.ckpt.path))
+    arch = fam.arch
     qtype = block_type(src.scheme)
     file_type = dict(TYPES.values())[qtype]
     check_tokenizer(src.folder, tokenizer)
     check_output(out, force, src.ckpt.source_files, folder=False)
     n_blocks = config["num_hidden_layers"]
     tmap = gguf.get_tensor_name_map(arch, n_blocks)
-    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     quantized = src.quantized()
     errors: dict[str, float] = {}
     planned: list[_Planned] = []
     for name in src.tensor_names():
-        if name.endswith(SKIPPED_SUFFIXES):
+        if leaves_out(fam, name, config):
             continue
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise SurgeryError(f"tensor '{name}': no GGUF name for it in llama.cpp's {arch.name} tensor map")
-        heads = n_head if gname.endswith("attn_q.weight") else n_kv if gname.endswith("attn_k.weight") else 0
         w = quantized.get(name)
-        rows = w.rows if w is not None else src.ckpt.shape(name)[0]
-        perm = qk_permutation(rows, heads) if llama_specifics and heads else None
+        perm = row_order(fam, gname, w.rows if w is not None else src.ckpt.shape(name)[0], config)
         if w is not None:
             nbytes = w.rows * (w.row_length // BLOCK) * gguf.GGML_QUANT_SIZES[qtype][1]
             planned.append(_Planned(gname, (w.rows, nbytes // w.rows), np.dtype(np.uint8), nbytes, qtype,
                                     _quantized_loader(w, qtype, perm, errors)))
         else:
             info = src.ckpt.info(name)
-            dtype = np.dtype(np.float16) if info.dtype == torch.float16 else np.dtype(np.float32)
+            shift = value_shift(fam, name)
+            dtype = np.dtype(np.float16) if info.dtype == torch.float16 and not shift else np.dtype(np.float32)
             planned.append(_Planned(gname, tuple(info.shape), dtype, math.prod(info.shape) * dtype.itemsize, None,
-                                    _float_loader(src.ckpt, name, dtype, perm)))
-    if _rope(config).get("rope_type") == "llama3":  # generate_extra_tensors in the converter
+                                    _float_loader(src.ckpt, name, dtype, perm, shift)))
+    if rope_of(config).get("rope_type") == "llama3":  # generate_extra_tensors in the converter
         factors = llama3_rope_factors(config)
         planned.insert(0, _Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape,
                                    np.dtype(np.float32), factors.nbytes, None, lambda: factors))
     with atomic_path(out, force, is_dir=False) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        write_hparams(writer, config, (src.folder or out).name, file_type, llama_specifics)
+        write_hparams(writer, config, (src.folder or out).name, file_type, fam)
         tok = write_tokenizer(writer, src.folder, config["vocab_size"], tokenizer)
         writer.add_string("modelsurgery", json.dumps(
             {"tool": "modelsurgery", "operation": src.operation, "parameters": {"format": NAME, **src.parameters},
@@ -358,10 +327,10 @@ def _quantized_loader(ref: PackedWeight | PackedRef, qtype: Q, perm, errors: dic
     return load
 
 
-def _float_loader(ckpt, name: str, dtype: np.dtype, perm):
+def _float_loader(ckpt, name: str, dtype: np.dtype, perm, shift: float = 0.0):
     def load() -> np.ndarray:
         t = read_tensor(ckpt, name)
-        a = (t.to(torch.float16) if dtype == np.float16 else t.float()).numpy()
+        a = (t.to(torch.float16) if dtype == np.float16 else t.float() + shift).numpy()
         return np.ascontiguousarray(a[perm] if perm is not None else a)
     return load
 

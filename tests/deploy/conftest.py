@@ -17,14 +17,19 @@ from modelsurgery.ops.quantize.packing import PackedWeight
 LLAMA = Path(__file__).resolve().parents[2] / "fixtures" / "charlm" / "llama"
 
 
+def llama_linears(name: str) -> bool:
+    return name.endswith("_proj.weight")
+
+
 def rtn_source(fmt: str, scheme: QuantScheme, skip: tuple[str, ...] = ("down_proj",),
-               folder: Path = LLAMA) -> DeploySource:
+               folder: Path = LLAMA, select=llama_linears) -> DeploySource:
     """Round-to-nearest on the grid ``fmt`` stores (scale rounded as the format keeps it, then every
-    weight rounded on that grid): the representation ``surgery quantize --format FMT`` produces."""
+    weight rounded on that grid): the representation ``surgery quantize --format FMT`` produces.
+    ``select(name)`` picks the weights (default: LLaMA's ``*_proj``), ``skip`` leaves some out."""
     ckpt = Checkpoint.open(folder)
     weights = []
     for name in ckpt.keys():  # noqa: SIM118
-        if not name.endswith("_proj.weight") or any(s in name for s in skip):
+        if not select(name) or any(s in name for s in skip):
             continue
         w = ckpt.get(name).float()
         rows, length = w.shape

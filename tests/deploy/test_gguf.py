@@ -131,7 +131,8 @@ def test_other_architecture_refused(tmp_path):
 
     gpt2 = LLAMA.parent / "gpt2"
     src = DeploySource(Checkpoint.open(gpt2), [], SCHEMES["Q4_0"], "rtn")
-    with pytest.raises(SurgeryError, match="supports model_type llama, mistral, qwen2, qwen3 .* 'gpt2'"):
+    with pytest.raises(SurgeryError, match="supports model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, "
+                                           "phi3, gpt_neox .* 'gpt2'"):
         deploy(src, tmp_path / "m.gguf", "gguf", gguf_tokenizer="none")
     assert list(tmp_path.iterdir()) == []
 

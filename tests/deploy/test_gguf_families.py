@@ -1,0 +1,158 @@
+"""GGUF for Gemma 2, Gemma 3, Phi-3 and GPT-NeoX, checked against what llama.cpp's converter does to
+each family (``convert_hf_to_gguf.py``: Gemma's norm weights plus one, GPT-NeoX's per-head qkv rows
+regrouped, Phi-3's fused projections kept fused) with the ``gguf`` package's reader and dequantizer, and,
+for the families transformers' GGUF loader reads (gemma2, gemma3, phi3), by loading the file there and
+comparing logits with transformers' model holding our dequantized weights. transformers has no GGUF
+loader for GPT-NeoX: it is checked with the reader only."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.deploy import deploy
+from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.grids import QuantScheme
+from tests.deploy.conftest import reference_model, rtn_source
+from tests.hf_tiny import save_tiny_decoder
+
+Q4_1 = QuantScheme(4, "group", 32, False)
+#: transformers' GGUF loader reads neither query_pre_attn_scalar nor the soft-caps (its config class
+#: defaults then apply: 256, 50, 30), so the Gemma models use head_dim 256 = query_pre_attn_scalar;
+#: Gemma 3: seven layers, llama.cpp's pattern (five sliding, one full), local rope 10000, global 1e6
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+MODELS = {
+    "gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
+    "gemma3": {"head_dim": 256, "query_pre_attn_scalar": 256, "num_hidden_layers": 7, "sliding_window_pattern": 6,
+               "rope_parameters": GEMMA3_ROPE},
+    "phi3": {},
+    "gpt_neox": {},
+}
+ARCH = {"gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3", "gpt_neox": "gptneox"}
+
+
+def block_weights(name: str) -> bool:
+    """Every Linear weight in the blocks."""
+    return ".layers." in name and name.endswith(".weight") and "norm" not in name
+
+
+def off_grid(folder) -> tuple[str, ...]:
+    """The block weights whose rows 32 does not divide (kept float, as ``surgery quantize`` must)."""
+    ckpt = Checkpoint.open(folder)
+    return tuple(n for n in ckpt.keys() if block_weights(n) and ckpt.shape(n)[1] % 32)  # noqa: SIM118
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def written(request, tmp_path_factory):
+    kind = request.param
+    work = tmp_path_factory.mktemp(kind)
+    folder = save_tiny_decoder(kind, work / "tiny", **MODELS[kind])
+    src = rtn_source("gguf", Q4_1, skip=off_grid(folder), folder=folder, select=block_weights)
+    out = work / "out" / "m.gguf"
+    out.parent.mkdir()
+    report = deploy(src, out, "gguf", gguf_tokenizer="none")
+    return kind, src, out, report
+
+
+def converter_rows(kind: str, name: str, data: np.ndarray, config: dict) -> np.ndarray:
+    """GPTNeoXModel.modify_tensors: query_key_value rows [q_h, k_h, v_h] per head -> [q; k; v]."""
+    if kind == "gpt_neox" and "query_key_value" in name:
+        n_head = config["num_attention_heads"]
+        per = data.reshape(n_head, 3, -1, *data.shape[1:])
+        return np.concatenate([per[:, i].reshape(-1, *data.shape[1:]) for i in range(3)])
+    return data
+
+
+def test_gguf_dequantizer_returns_our_weights_after_the_converters_changes(written):
+    kind, src, out, report = written
+    assert report.max_scale_rounding_error == 0.0 and report.details["architecture"] == ARCH[kind]
+    config = src.config
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == ARCH[kind])
+    tmap = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    quantized = {w.name: w for w in src.weights}
+    assert len(quantized) >= 2 * config["num_hidden_layers"]
+    for name in src.ckpt.keys():  # noqa: SIM118
+        if name.endswith("rotary_emb.inv_freq") or (kind == "gemma2" and name == "lm_head.weight"):
+            continue
+        t = tensors[tmap.get_name(name, try_suffixes=(".weight", ".bias"))]
+        if name in quantized:
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+            ours = converter_rows(kind, name, quantized[name].dequantize().numpy(), config)
+            np.testing.assert_array_equal(dequantize(t.data, t.tensor_type), ours, err_msg=name)
+        else:
+            ours = src.ckpt.get(name).float().numpy()
+            if kind.startswith("gemma") and name.endswith("norm.weight"):  # Gemma's (1 + w) norms
+                ours = ours + np.float32(1)
+            ours = converter_rows(kind, name, ours, config)
+            np.testing.assert_array_equal(np.asarray(t.data, dtype=np.float32).reshape(ours.shape), ours,
+                                          err_msg=name)
+
+
+def test_metadata_llama_cpp_reads(written):
+    kind, src, out, _ = written
+    config, arch = src.config, ARCH[kind]
+    field = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items()}
+    assert field["general.architecture"] == arch
+    for key, value in {"block_count": config["num_hidden_layers"], "embedding_length": config["hidden_size"],
+                       "context_length": config["max_position_embeddings"],
+                       "feed_forward_length": config["intermediate_size"],
+                       "attention.head_count": config["num_attention_heads"]}.items():
+        assert field[f"{arch}.{key}"] == value, key
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if kind == "gemma2":
+        assert field["gemma2.attention.key_length"] == field["gemma2.attention.value_length"] == 256
+        assert field["gemma2.attn_logit_softcapping"] == config["attn_logit_softcapping"]
+        assert field["gemma2.final_logit_softcapping"] == config["final_logit_softcapping"]
+        assert field["gemma2.attention.sliding_window"] == config["sliding_window"]
+    elif kind == "gemma3":
+        assert field["gemma3.attention.sliding_window"] == config["sliding_window"]
+        assert field["gemma3.rope.freq_base"] == GEMMA3_ROPE["full_attention"]["rope_theta"]
+        assert "gemma3.attn_logit_softcapping" not in field
+    elif kind == "phi3":
+        assert field["phi3.rope.dimension_count"] == head_dim
+        assert field["phi3.rope.scaling.original_context_length"] == config["original_max_position_embeddings"]
+        assert field["phi3.attention.sliding_window"] == 0
+    else:
+        assert field["gptneox.rope.dimension_count"] == int(config["rope_parameters"]["partial_rotary_factor"]
+                                                            * head_dim)
+        assert field["gptneox.use_parallel_residual"] is True
+        assert field["gptneox.attention.layer_norm_epsilon"] == pytest.approx(config["layer_norm_eps"])
+        assert "gptneox.attention.layer_norm_rms_epsilon" not in field
+
+
+def test_transformers_gguf_loader_matches_our_forward(written, token_ids):
+    from transformers import AutoModelForCausalLM
+
+    kind, src, out, _ = written
+    if kind == "gpt_neox":
+        pytest.skip("transformers has no GGUF loader for gptneox (checked with gguf's reader above)")
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    ids = token_ids % 97  # 24 tokens: longer than the sliding window 5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,overrides,message", [
+    ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "layer_types": ["full_attention"] * 3},
+     r"sliding layers \[\]: llama.cpp's gemma2 graph fixes them"),
+    ("gemma3", {"head_dim": 16, "query_pre_attn_scalar": 16, "rope_parameters": GEMMA3_ROPE},
+     r"sliding layers \[0, 2\]: llama.cpp's gemma3 graph fixes them as every layer but each 6th"),
+    ("gemma3", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window_pattern": 6},
+     "rope_type 'linear' is not written to GGUF for gemma3_text"),
+    ("phi3", {"sliding_window": 16}, "sliding_window 16 < context 64: llama.cpp's phi3 graph attends"),
+    ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 != head_dim 16"),
+])
+def test_configs_llama_cpp_computes_differently_refused(tmp_path, kind, overrides, message):
+    folder = save_tiny_decoder(kind, tmp_path / "tiny", **overrides)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SurgeryError, match=message) as e:
+        deploy(rtn_source("gguf", Q4_1, skip=off_grid(folder), folder=folder, select=block_weights),
+               out / "m.gguf", "gguf", gguf_tokenizer="none")
+    assert "\n" not in str(e.value) and list(out.iterdir()) == []
