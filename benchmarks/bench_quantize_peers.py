@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 ROWS = {"w4": (4, None), "w3": (3, None), "w2": (2, None), "w4g128": (4, 128), "w4g32": (4, 32)}
 SURGERY = ("rtn", "adaround", "flexround")
-PEERS = {"autoround": "auto_round", "hqq": "hqq"}
+PEERS = {"autoround": "auto_round", "hqq": "hqq", "gptq": "gptqmodel"}  # gptq: benchmarks/peer_gptq.py
 METRIC = {"llama": "perplexity", "gpt2": "perplexity", "minilm": "sentence cosine"}
 
 
@@ -224,7 +224,8 @@ def run_one(cfg: dict) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     start = time.perf_counter()
-    runner = {"hqq": run_hqq, "autoround": run_autoround, "float": lambda c: lambda: load_float(c)}.get(
+    runner = {"hqq": run_hqq, "autoround": run_autoround, "gptq": lambda c: __import__("peer_gptq").run_gptq(c),
+              "float": lambda c: lambda: load_float(c)}.get(
         cfg["method"], run_surgery)
     get_model = runner(cfg)
     seconds = time.perf_counter() - start
