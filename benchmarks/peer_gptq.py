@@ -18,9 +18,25 @@ import os
 from pathlib import Path
 
 
+def check_shapes(layers, bits: int, group: int | None) -> None:
+    """Refuse in one line what GPTQ cannot store (GPTQModel would fail deep inside, or pad a last group):
+    groups that do not divide the inputs, and 3-bit codes, packed 32 to 3 int32 words, on inputs or outputs
+    that are not multiples of 32."""
+    for block in layers:
+        for name, mod in block.named_modules():
+            kind = type(mod).__name__
+            if kind not in ("Linear", "Conv1D"):
+                continue
+            rows, inputs = mod.weight.shape[::-1] if kind == "Conv1D" else mod.weight.shape
+            if group and inputs % group:
+                raise RuntimeError(f"{name}: group size {group} does not divide its {inputs} inputs")
+            if bits == 3 and (inputs % 32 or rows % 32):
+                raise RuntimeError(f"{name} [{rows}, {inputs}]: GPTQ packs 3-bit codes 32 at a time")
+
+
 def run_gptq(cfg: dict):
     import torch
-    from bench_quantize_peers import ROWS, calib_batches, load_float
+    from bench_quantize_peers import ROWS, blocks, calib_batches, load_float
 
     # GPTQModel sizes its CPU worker pool from os.cpu_count() // 2 and then asks for 2 loader workers
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 1) // 2)))
@@ -31,6 +47,7 @@ def run_gptq(cfg: dict):
     qcfg = QuantizeConfig(bits=bits, group_size=group or -1, offload_to_disk=False,
                           **({} if group else {"act_group_aware": False}))
     model = GPTQModel.load(cfg["folder"], qcfg, device="cpu", dtype=torch.float32)
+    check_shapes(blocks(model.model), bits, group)
     model.quantize(calib_batches(cfg)[: cfg["samples"]], batch_size=cfg["batch_size"], backend="gptq_torch")
     model.save(str(out))
     del model
