@@ -39,10 +39,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "fixtures"
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # modelsurgery from this checkout, installed or not
 
 ROWS = {"w4": (4, None), "w3": (3, None), "w2": (2, None), "w4g128": (4, 128), "w4g32": (4, 32)}
-SURGERY = ("rtn", "adaround", "flexround")
+SURGERY = ("rtn", "adaround", "flexround", "flexround-signsgd")
 PEERS = {"autoround": "auto_round", "hqq": "hqq", "gptq": "gptqmodel"}  # gptq: benchmarks/peer_gptq.py
 METRIC = {"llama": "perplexity", "gpt2": "perplexity", "minilm": "sentence cosine"}
 

@@ -44,7 +44,7 @@ def register(cls: type[WeightQuantizer]) -> type[WeightQuantizer]:
 
 
 def method_by_name(name: str) -> type[WeightQuantizer]:
-    from modelsurgery.ops.quantize import adaround, flexround, rtn  # noqa: F401  (registration)
+    from modelsurgery.ops.quantize import adaround, flexround, flexround_signsgd, rtn  # noqa: F401  (registration)
 
     if name not in METHODS:
         raise SurgeryError(f"--method {name}: expected one of {', '.join(sorted(METHODS))}")
@@ -90,8 +90,10 @@ class WeightQuantizer(nn.Module):
     default_grid: ClassVar[str] = "minmax"
     #: the method's parameters with their defaults (the one definition of each default)
     params: ClassVar[tuple[MethodParam, ...]] = (BATCH_SIZE,)
-    #: learning-rate schedule over the steps: "constant" or "cosine" (decay to 0)
+    #: learning-rate schedule over the steps: "constant", "cosine" or "linear" (decay to 0)
     lr_schedule: ClassVar[str] = "constant"
+    #: "adam", or "signsgd": each step moves a parameter by lr * sign(gradient) (SignRound)
+    optimizer: ClassVar[str] = "adam"
 
     @classmethod
     def resolve(cls, given: Mapping[str, Any] | None = None) -> dict[str, Any]:

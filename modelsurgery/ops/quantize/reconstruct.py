@@ -351,7 +351,7 @@ def _reconstruct(model, targets, calib, scheme, method, options, settings, progr
                 task = f"block {i + 1}/{n_blocks}"
                 train_block(qblock, quantizers, xq, ctxs, yf, masks, settings, method.lr_schedule, options.low_memory,
                             gen, lambda s, loss, task=task: progress(task, s, settings["steps"], {"loss": loss}),
-                            options.parallel)
+                            options.parallel, method.optimizer)
             for n, q in quantizers.items():
                 qw = q.export()
                 _store(local[n], qw)
@@ -379,15 +379,19 @@ def _buffers_to(model: nn.Module, device: torch.device) -> None:
 
 def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks, settings: dict,
            schedule: str, low_memory: bool, gen: torch.Generator, report: Callable[[int, float], None],
-           parallel: DataParallel | None = None) -> None:
-    """Adam on the quantizers' parameters; under ``parallel`` each step's gradient is the whole
-    batch's, summed over the ranks (every rank draws the same batch index from ``gen``)."""
+           parallel: DataParallel | None = None, optimizer: str = "adam") -> None:
+    """Adam (or, ``optimizer="signsgd"``, SGD on the sign of the gradient as SignRound; an lr of 0
+    there means 1 / steps, its default) on the quantizers' parameters; under ``parallel`` each step's
+    gradient is the whole batch's, summed over the ranks (every rank draws the same batch index from ``gen``)."""
     steps = settings["steps"]
     params = [p for q in quantizers.values() for p in q.parameters()]
     if not params:  # only embeddings in this block: nothing is learned
         return
-    opt = torch.optim.Adam(params, lr=settings["lr"])
-    decay = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))) if schedule == "cosine" else None
+    signed = optimizer == "signsgd"
+    lr = (settings["lr"] or 1.0 / steps) if signed else settings["lr"]
+    opt = torch.optim.SGD(params, lr=lr) if signed else torch.optim.Adam(params, lr=lr)
+    decay = {"cosine": lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+             "linear": lambda s: max(0.0, 1 - s / steps)}.get(schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay) if decay else None
     every = max(1, steps // 50)
     dim = feature_dim(block)
@@ -403,6 +407,10 @@ def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ct
             (loss + reg).backward()
         if parallel is not None:
             parallel.average_grads(params, b)
+        if signed:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.sign_()
         opt.step()
         if sched is not None:
             sched.step()
