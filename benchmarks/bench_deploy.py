@@ -183,7 +183,7 @@ def print_table(title: str, float_bytes: int, rows: list[dict]) -> None:
     for r in rows:
         line = (f"| {r['scheme']} | {r['format']} | {r['bytes'] / 2**20:.3f} | {r['bytes'] / float_bytes:.1%} | "
                 f"{'' if r['max_dw'] is None else format(r['max_dw'], '.1e')} | "
-                f"{'reused' if r['seconds'] is None else format(r['seconds'], '.1f')} |")
+                f"{'reused' if r['seconds'] is None else format(r['seconds'], '.2f')} |")
         if memory:
             line += ("  |" if r.get("rss_peak") is None
                      else f" {r['rss_peak'] / 2**30:.2f} ({r['rss_start'] / 2**30:.2f}) |")
