@@ -62,7 +62,7 @@ def generate(folder: Path, shape: dict, seed: int) -> None:
               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
     write_checkpoint(folder, [PlannedTensor(n, s, torch.bfloat16, lambda n=n, s=s: make(n, s))
                               for n, s in shapes.items()],
-                     config=config, max_shard_size=total // 2 + 1)
+                     config=config, max_shard_size=total // 2 + vocab * h * 2)  # two shards: the head fits
 
 
 def _tree(pid: int) -> list[int]:
@@ -125,8 +125,9 @@ def formula(samples: int = 128, seq_len: int = 128) -> None:
     """Memory by formula (GB), beyond the runtime's own ~0.2 GB (what the --small rows show):
     streaming FlexRound = 20 bytes per parameter of one block (float32 weight, S2, its gradient, Adam's
     two moments) + the cached activations (quantized input and float target: 2 x samples x seq_len x
-    hidden x 4 bytes); streaming RTN = 4 bytes x 3 (weight, scaled copy, codes) x the largest quantized
-    tensor (an MLP matrix: embeddings and head are kept float by default);
+    hidden x 4 bytes); streaming RTN = the packed output of the largest quantized tensor (an MLP
+    matrix, half a byte per element at 4 bits: embeddings and head are kept float by default) + its
+    rows being rounded (``streaming.RTN_CHUNK_ELEMENTS`` elements, about 3 float32 copies of them);
     whole model = 4 bytes per parameter (the float32 model) + the same block state; streaming
     match-merge = the 256 MiB similarity cache + 3 x the largest tensor in float32; in-memory
     matching = 12 bytes per parameter (A, B and permuted B in float32)."""
@@ -139,7 +140,8 @@ def formula(samples: int = 128, seq_len: int = 128) -> None:
         acts = 2 * samples * seq_len * h * 4
         flex = 20 * block + acts
         gb = 1e9
-        print(f"{name:20} {params / 1e9:7.2f}B {12 * h * inner / gb:10.2f} {flex / gb:11.2f} "
+        rtn = h * inner / 2 + 12 * 2**19
+        print(f"{name:20} {params / 1e9:7.2f}B {rtn / gb:10.2f} {flex / gb:11.2f} "
               f"{(4 * params + flex) / gb:10.2f} {(2**28 + 12 * largest) / gb:12.2f} {12 * params / gb:12.2f}")
 
 
