@@ -248,6 +248,8 @@ def spawn(cfg: dict) -> dict:
 def budget(cfg: dict) -> str:
     if cfg["method"] in ("rtn", "hqq", "float"):
         return "weights only"
+    if cfg["method"] == "gptq":  # one pass over the calibration data, no steps
+        return f"{cfg['samples']} samples, one pass"
     return f"{cfg['samples']} x {cfg['steps']} steps, batch {cfg['batch_size']}"
 
 
