@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -241,7 +242,9 @@ def spawn(cfg: dict) -> dict:
                           cwd=ROOT, check=False)
     if proc.returncode:
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-        return {"error": lines[-1][:160] if lines else f"exit {proc.returncode}"}
+        # the exception's own line: a multi-line message (a printed model) would leave only its last line
+        raised = [x for x in lines if re.match(r"^[\w.]+(Error|Exception)\b", x)]
+        return {"error": (raised or lines)[-1][:160] if lines else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
