@@ -128,6 +128,10 @@ class WeightQuantizer(nn.Module):
     def regularizer(self, progress: float) -> torch.Tensor:
         return self.w.new_zeros(())
 
+    def signed_step(self, steps: int) -> float:
+        """Initial step size of a ``signsgd`` method when no lr is given: SignRound's 1 / steps."""
+        return 1.0 / steps
+
     # ----- shared -------------------------------------------------------------------------------
     def to_stored(self, g: torch.Tensor) -> torch.Tensor:
         return from_matrix(g.reshape(self.rows, self.row_length), self.shape, self.transposed)

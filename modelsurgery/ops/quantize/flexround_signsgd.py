@@ -11,9 +11,13 @@ the budget (lr = 1 / steps, linear decay, so the largest total move of a paramet
 the budget). On ``benchmarks/bench_quantize_peers.py`` (128 samples x 50 steps, batch 8) this
 beats AutoRound at the same budget where ``flexround`` lost (char GPT-2 W2/W3; see the README).
 
-Defaults (``params``): 200 steps, lr 1 / steps (AutoRound's ``iters=200`` and ``lr = 1.0 / iters``,
-linear decay to 0), batches of 8 (AutoRound's ``batch_size``). AutoRound keeps the iterate with
-the lowest batch loss; that rule did not help here (README), so the last iterate is kept.
+Defaults (``params``): 200 steps and batches of 8 (AutoRound's ``iters=200``, ``batch_size=8``), the
+learning rate decayed linearly to 0 as AutoRound's. Its initial value (lr 0 = this rule) is
+2^(2 - bits) / steps: AutoRound's 1 / iters at 2 bits, halved per extra bit, because a step of the
+log-scales moves a code by about lr times the code, and codes reach 2^(bits - 1). That scaling is
+ours, tuned on ``bench_quantize_peers.py`` (char GPT-2 W4/W3/W4 g32, MiniLM W4/W4 g128 at 50 steps;
+README). AutoRound keeps the iterate with the lowest batch loss; that rule did not help here
+(README), so the last iterate is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
     optimizer = "signsgd"
     params = (
         STEPS.with_default(200, "AutoRound/SignRound default iters"),
-        LR.with_default(0.0, "0 means 1 / steps: AutoRound/SignRound's lr = 1.0 / iters, linear decay to 0"),
+        LR.with_default(0.0, "0 means 2^(2 - bits) / steps: AutoRound/SignRound's 1 / iters at 2 bits, halved per "
+                        "extra bit (tuned on bench_quantize_peers.py rows); linear decay to 0"),
         BATCH_SIZE.with_default(8, "AutoRound/SignRound default batch_size"),
     )
+
+    def signed_step(self, steps: int) -> float:
+        """The initial step size when no lr is given: 2^(2 - bits) / steps."""
+        return 2.0 ** (2 - self.scheme.bits) / steps

@@ -381,15 +381,18 @@ def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ct
            schedule: str, low_memory: bool, gen: torch.Generator, report: Callable[[int, float], None],
            parallel: DataParallel | None = None, optimizer: str = "adam") -> None:
     """Adam (or, ``optimizer="signsgd"``, SGD on the sign of the gradient as SignRound; an lr of 0
-    there means 1 / steps, its default) on the quantizers' parameters; under ``parallel`` each step's
+    there means each quantizer's ``signed_step(steps)``) on the quantizers' parameters; under ``parallel`` each step's
     gradient is the whole batch's, summed over the ranks (every rank draws the same batch index from ``gen``)."""
     steps = settings["steps"]
     params = [p for q in quantizers.values() for p in q.parameters()]
     if not params:  # only embeddings in this block: nothing is learned
         return
     signed = optimizer == "signsgd"
-    lr = (settings["lr"] or 1.0 / steps) if signed else settings["lr"]
-    opt = torch.optim.SGD(params, lr=lr) if signed else torch.optim.Adam(params, lr=lr)
+    if signed:  # an lr of 0: each quantizer's own step size (``signed_step``)
+        opt = torch.optim.SGD([{"params": list(q.parameters()), "lr": settings["lr"] or q.signed_step(steps)}
+                               for q in quantizers.values() if any(True for _ in q.parameters())], lr=settings["lr"])
+    else:
+        opt = torch.optim.Adam(params, lr=settings["lr"])
     decay = {"cosine": lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
              "linear": lambda s: max(0.0, 1 - s / steps)}.get(schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay) if decay else None

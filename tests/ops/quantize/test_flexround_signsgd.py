@@ -1,5 +1,5 @@
 """flexround-signsgd: FlexRound's parametrisation trained as SignRound trains (each step moves a parameter by
-lr * sign(gradient), lr = 1 / steps decayed linearly to 0). Checked against AutoRound's own ``SignSGD``
+lr * sign(gradient), lr = 2^(2 - bits) / steps decayed linearly to 0). Checked against AutoRound's own ``SignSGD``
 optimiser and its ``LinearLR(1 -> 0)`` schedule when ``auto-round`` is installed, else against the update
 written out by hand."""
 
@@ -35,8 +35,11 @@ def _reference_optimizer(params, lr):
 def test_defaults_are_autorounds():
     method = method_by_name("flexround-signsgd")
     s = method.resolve()
-    assert (s["steps"], s["batch_size"], s["lr"]) == (200, 8, 0.0)  # lr 0: 1 / steps
+    assert (s["steps"], s["batch_size"], s["lr"]) == (200, 8, 0.0)  # lr 0: signed_step
     assert (method.optimizer, method.lr_schedule) == ("signsgd", "linear")
+    w = torch.randn(4, 8)
+    # AutoRound's 1 / iters at 2 bits, halved per extra bit
+    assert [method(w, QuantScheme(b)).signed_step(50) for b in (2, 3, 4)] == [0.02, 0.01, 0.005]
 
 
 def test_each_step_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():
@@ -50,16 +53,17 @@ def test_each_step_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():
 
     ref = method(block[0].weight, scheme)
     params = list(ref.parameters())
-    opt = _reference_optimizer(params, 1.0 / STEPS)
+    lr = 0.5 / STEPS  # 2^(2 - 3) / steps at 3 bits
+    opt = _reference_optimizer(params, lr)
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, STEPS) if opt is not None else None
     for step in range(STEPS):
         out = functional_call(block, {"0.weight": ref()}, (x,))
         loss = (out - y).pow(2).sum(-1).mean()  # BRECQ's lp_loss, the reconstruction loss
         grads = torch.autograd.grad(loss, params)
-        if opt is None:  # by hand: lr_t = (1 - t / steps) / steps
+        if opt is None:  # by hand: lr_t = lr * (1 - t / steps)
             with torch.no_grad():
                 for p, gr in zip(params, grads):
-                    p.sub_((1 - step / STEPS) / STEPS * torch.sign(gr))
+                    p.sub_(lr * (1 - step / STEPS) * torch.sign(gr))
         else:
             for p, gr in zip(params, grads):
                 p.grad = gr
