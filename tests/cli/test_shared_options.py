@@ -121,10 +121,8 @@ def test_no_input_hash_recorded(work):
 
 # ----- the writing options: every command that writes a checkpoint, each option, its effect ---------------
 def _writing(name: str) -> None:
-    """Skip a command whose writing options are not there yet (quantize's are another change of issue #18)."""
+    """Every writing command has every writing option (quantize included)."""
     missing = [o for o in WRITE_OPTIONS if o not in _option_names(name)]
-    if name == "quantize" and missing:
-        pytest.skip(f"surgery quantize lacks {', '.join(missing)} (added with the quantize options)")
     assert not missing, f"surgery {name} lacks {missing}"
 
 
