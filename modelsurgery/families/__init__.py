@@ -2,6 +2,11 @@
 
 Each family lives in its own module and registers itself with ``@register``; importing this
 package imports them all. Detection uses tensor names, shapes and config.json only.
+
+One rule keeps ``surgery inspect`` and detection free of torch: ``families/<name>.py`` describes a
+family (detection, blocks, roles, config.json -> settings) and imports no torch at module level; the
+torch modules it runs live in ``families/modules/<name>.py`` and are imported by the methods that
+build or feed them (``build_module``, ``example_inputs``).
 """
 
 from __future__ import annotations

@@ -14,40 +14,28 @@ head). Operations ask these questions instead of hard-coding tensor names:
 Operations ask these capability methods and never test a family's name or probe it with
 ``hasattr``: the defaults here say "this family has no such structure", so a new family is one new
 file with a subclass registered through ``@register``.
+
+Describing and running are kept apart: a family file (``families/<name>.py``) describes a checkpoint
+from tensor names, shapes, metadata and config.json, and imports no torch, so that detection and
+``surgery inspect`` answer from headers alone. The torch modules a family runs live in
+``families/modules/<name>.py``; ``build_module`` and ``example_inputs`` import them (and torch) when
+called. ``tests/test_startup.py`` checks the rule: inspecting a safetensors checkpoint imports no torch.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import ClassVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 
-
-@contextmanager
-def parameters_on_meta():
-    """Within this context every parameter a module registers is moved to the meta device (its
-    shape and dtype kept, no storage); buffers are left where they are made."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -347,10 +335,12 @@ class Family:
     # ----- running ------------------------------------------------------------------------------
     # Built modules take the inputs named by ``input_names()`` as keyword arguments, return one
     # tensor (logits or last_hidden_state), are traceable for ONNX export, and have a
-    # ``stages() -> Stages`` method.
-    def build_module(self, state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
+    # ``stages() -> Stages`` method. They are defined in ``families/modules/`` and imported here, in
+    # the methods that build or feed them, so that describing a checkpoint never imports torch.
+    def build_module(self, state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None
                      ) -> nn.Module:
-        """A torch module in eval mode holding ``state`` (default: the checkpoint's tensors)."""
+        """A torch module in eval mode holding ``state`` (default: the checkpoint's tensors), in
+        ``dtype`` (default float32)."""
         raise SurgeryError(f"{self.ckpt.path}: {self.not_runnable_reason()}")
 
     def max_positions(self) -> int | None:
@@ -362,17 +352,22 @@ class Family:
         that needs a forward pass (families that run never get asked)."""
         return f"family '{self.name}' cannot be run; pass --model package.module:function to build the module"
 
-    def build_empty(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+    def build_empty(self, dtype: torch.dtype | None = None) -> nn.Module:
         """``build_module`` with every parameter on the meta device (no memory, no data) and the buffers
         real (rotary tables, persistent ones read from the checkpoint): for work that reads the weights
         a block at a time (``torch.utils.swap_tensors`` puts real tensors in place, keeping identity)."""
+        from modelsurgery.families.modules import parameters_on_meta
+
         with parameters_on_meta():
             return self.build_module(None, dtype)
 
-    def load_state(self, module: nn.Module, state: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> nn.Module:
+    def load_state(self, module: nn.Module, state: dict[str, torch.Tensor] | None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
         """Load ``state`` (default: the checkpoint, read one tensor at a time so that loading holds
         the module and one tensor, never a second model) into ``module`` strictly, naming the
-        first mismatch."""
+        first mismatch; the module is returned in ``dtype`` (default float32), in eval mode."""
+        import torch
+
         own = module.state_dict()
         for k, v in own.items():
             if k not in (self.ckpt if state is None else state):
@@ -387,7 +382,7 @@ class Family:
             for k, v in own.items():
                 if not v.is_meta:  # a parameter of ``build_empty``: read later, block by block
                     v.copy_(self.ckpt.get(k) if state is None else state[k])
-        return module.to(dtype).eval()  # the checkpoint is its opener's to close (Checkpoint.close)
+        return module.to(dtype or torch.float32).eval()  # the checkpoint is its opener's to close (Checkpoint.close)
 
     def input_names(self) -> list[str]:
         return ["input"]

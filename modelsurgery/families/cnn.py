@@ -17,24 +17,26 @@ a ReLU after each conv(+BN) group and after each hidden linear, and before the f
 average pool + flatten when its in_features equals the last channel count, a flatten otherwise.
 Without ``modelsurgery.input_shape`` the input has the first conv's channels and the smallest square
 size whose flattened features fit the first linear (8x8 when a global pool makes any size fit).
-Built modules accept [N, C, H, W] or flattened [N, C*H*W] inputs.
+Built modules (``modules/cnn.SequentialCNN``) accept [N, C, H, W] or flattened [N, C*H*W] inputs.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import register
-from modelsurgery.families.base import Family, Linear, Norm, Stages
-from modelsurgery.families.mlp import natural_key, set_submodule
+from modelsurgery.families.base import Family, Linear, Norm
+from modelsurgery.families.mlp import ACTIVATIONS as ACTIVATION_KINDS
+from modelsurgery.families.mlp import natural_key
 
-ACTIVATION_KINDS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 PARAM_KINDS = ("conv", "bn", "linear")
 OTHER_KINDS = (*ACTIVATION_KINDS, "maxpool", "avgpool", "flatten", "dropout")
 BN_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
@@ -158,79 +160,14 @@ def default_steps(ckpt: Checkpoint, layers: list[tuple[str, str]]) -> list[Step]
     return steps
 
 
-def _pool_geometry(options: dict, default: int) -> tuple[int, int, int]:
+def pool_geometry(options: dict, default: int) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a pooling step, ``default`` kernel unless given."""
     k = int(options.get("kernel", default))
     return k, int(options.get("stride", k)), int(options.get("padding", 0))
 
 
 def _out_size(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
-
-
-class SequentialCNN(nn.Module):
-    """Runs ``steps`` in order; parametric layers keep their checkpoint names."""
-
-    def __init__(self, steps: list[Step], shapes: dict[str, tuple[int, ...]], biases: set[str],
-                 input_shape: tuple[int, ...]):
-        super().__init__()
-        self.input_shape = tuple(input_shape)
-        self.example_input_shape = self.input_shape
-        self._steps = steps
-        self._ops: list[nn.Module] = []
-        for step in steps:
-            op = _make_op(step, shapes, biases)
-            if step.name is not None:
-                set_submodule(self, step.name, op)
-            self._ops.append(op)
-
-    def _to_image(self, input: torch.Tensor) -> torch.Tensor:
-        return input.reshape(input.shape[0], *self.input_shape) if input.dim() == 2 else input
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x = self._to_image(input)
-        for op in self._ops:
-            x = op(x)
-        return x
-
-    def stages(self) -> Stages:
-        """One block per conv (+bn, activation, pool) group and per linear; leading ops go to embed."""
-        groups: list[list[nn.Module]] = []
-        lead: list[nn.Module] = []
-        for step, op in zip(self._steps, self._ops):
-            if step.kind in ("conv", "linear"):
-                groups.append([op])
-            elif groups:
-                groups[-1].append(op)
-            else:
-                lead.append(op)
-        pre = nn.Sequential(*lead)
-
-        def embed(input: torch.Tensor):
-            return pre(self._to_image(input)), {}
-
-        return Stages(embed=embed, blocks=[nn.Sequential(*g) for g in groups], head=lambda h: h)
-
-
-def _make_op(step: Step, shapes: dict[str, tuple[int, ...]], biases: set[str]) -> nn.Module:
-    o = step.options
-    if step.kind == "conv":
-        out_c, in_c, kh, kw = shapes[step.name]
-        return nn.Conv2d(in_c, out_c, (kh, kw), stride=o.get("stride", 1),
-                         padding=o.get("padding", (kh // 2, kw // 2)), bias=step.name in biases)
-    if step.kind == "bn":
-        return nn.BatchNorm2d(shapes[step.name][0], eps=float(o.get("eps", 1e-5)))
-    if step.kind == "linear":
-        out_f, in_f = shapes[step.name]
-        return nn.Linear(in_f, out_f, bias=step.name in biases)
-    if step.kind in ACTIVATION_KINDS:
-        return ACTIVATION_KINDS[step.kind]()
-    if step.kind == "maxpool":
-        return nn.MaxPool2d(*_pool_geometry(o, 2))
-    if step.kind == "avgpool":
-        return nn.AvgPool2d(*_pool_geometry(o, 2)) if "kernel" in o else nn.AdaptiveAvgPool2d(1)
-    if step.kind == "flatten":
-        return nn.Flatten(1)
-    return nn.Identity()  # dropout: identity at inference
 
 
 @register
@@ -344,7 +281,7 @@ class CNNFamily(Family):
                 p = (p, p) if isinstance(p, int) else p
                 c, h, w = out_c, _out_size(h, kh, s[0], p[0]), _out_size(w, kw, s[1], p[1])
             elif step.kind == "maxpool" or (step.kind == "avgpool" and "kernel" in o):
-                k, s, p = _pool_geometry(o, 2)
+                k, s, p = pool_geometry(o, 2)
                 h, w = _out_size(h, k, s, p), _out_size(w, k, s, p)
             elif step.kind == "avgpool":
                 h = w = 1
@@ -381,7 +318,9 @@ class CNNFamily(Family):
         return [n for n in (last.weight, last.bias) if n]
 
     # ----- running ------------------------------------------------------------------------------
-    def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
+    def build_module(self, state=None, dtype=None) -> nn.Module:
+        from modelsurgery.families.modules.cnn import SequentialCNN
+
         steps = self.steps()
         input_shape = self.input_shape()
         shapes = {n: self.ckpt.shape(f"{n}.weight") for n, _ in self._layers()}
@@ -400,6 +339,8 @@ class CNNFamily(Family):
         return self.load_state(module, state, dtype)
 
     def example_inputs(self, batch=2, seq_len=8, generator=None) -> dict[str, torch.Tensor]:
+        import torch
+
         return {"input": torch.randn(batch, *self.input_shape(), generator=generator)}
 
     def describe(self) -> dict:

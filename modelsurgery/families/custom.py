@@ -21,14 +21,16 @@ import os
 import sys
 import types
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import register
 from modelsurgery.families.base import Family, Stages
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 DEFAULT_SPATIAL = 8
 
@@ -115,6 +117,9 @@ class CustomFamily(Family):
         return False  # only ever chosen explicitly with --model
 
     def _instantiate(self, meta: bool = False) -> nn.Module:
+        """The factory's module (on the meta device when ``meta`` and the factory allows it)."""
+        import torch
+
         try:
             takes_config = len([p for p in inspect.signature(self.factory).parameters.values()
                                 if p.default is inspect.Parameter.empty
@@ -133,7 +138,7 @@ class CustomFamily(Family):
                 module = self.factory(*args)
         except Exception as e:
             raise SurgeryError(f"--model '{self.spec}': the factory failed ({type(e).__name__}: {e})") from e
-        if not isinstance(module, nn.Module):
+        if not isinstance(module, torch.nn.Module):
             raise SurgeryError(f"--model '{self.spec}': the factory returned {type(module).__name__}, not an nn.Module")
         return module
 
@@ -153,6 +158,8 @@ class CustomFamily(Family):
 
     # ----- structure ----------------------------------------------------------------------------
     def _first_layer(self, module: nn.Module) -> nn.Module | None:
+        from torch import nn
+
         kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
         return next((m for m in module.modules() if isinstance(m, kinds)), None)
 
@@ -163,7 +170,7 @@ class CustomFamily(Family):
                   if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         return params or ["input"]
 
-    def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
+    def build_module(self, state=None, dtype=None) -> nn.Module:
         module = self._instantiate()
         if state is not None:
             extra = [k for k in state if k not in module.state_dict()]
@@ -175,6 +182,9 @@ class CustomFamily(Family):
         return module
 
     def example_inputs(self, batch=2, seq_len=8, generator=None) -> dict[str, torch.Tensor]:
+        import torch
+        from torch import nn
+
         module = self._instantiate(meta=True)
         name = self.input_names()[0]
         shape = getattr(module, "example_input_shape", None)

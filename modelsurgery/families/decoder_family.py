@@ -1,5 +1,6 @@
 """The decoder LLM families (LLaMA 1-3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text, Phi-3,
-GPT-NeoX/Pythia): one ``DecoderFamily`` per ``Layout`` of ``layouts.py``, all running ``decoder.Decoder``.
+GPT-NeoX/Pythia): one ``DecoderFamily`` per ``Layout`` of ``layouts.py``, all running
+``modules/decoder.Decoder`` with the ``DecoderSettings`` read here from config.json.
 
 Detection: config.json's ``model_type`` (or, without it, ``architectures``) names the family, and the
 tensor names must follow its layout. Without any config.json a layout that only one family has
@@ -11,22 +12,47 @@ attention variant) are refused in one line naming the key and value.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import register
 from modelsurgery.families.base import Attention, Linear, Norm
-from modelsurgery.families.decoder import Decoder, DecoderSettings
 from modelsurgery.families.layouts import LAYOUTS, Layout, layouts_matching
 from modelsurgery.families.rope import Rope, parse_rope
 from modelsurgery.families.transformer import TransformerFamily
 
+if TYPE_CHECKING:
+    from torch import nn
+
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """Everything the decoder module (``modules/decoder.py``) needs besides tensor names, read from
+    config.json and the tensor shapes by ``DecoderFamily.settings()``."""
+
+    vocab: int
+    hidden: int
+    inner: int
+    num_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    activation: str
+    parallel_residual: bool
+    scaling: float
+    attn_softcap: float | None
+    final_softcap: float | None
+    windows: tuple[int | None, ...]  # per layer: sliding window or None
+    rope: Rope
+    rope_local: Rope | None  # rope of sliding layers when it differs (Gemma 3)
+    biases: frozenset[str]  # roles whose linear has a bias
+    tied_head: bool
 
 
 def closest_family(ckpt: Checkpoint) -> str | None:
@@ -208,7 +234,9 @@ class DecoderFamily(TransformerFamily):
         )
 
     # ----- running ------------------------------------------------------------------------------
-    def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
+    def build_module(self, state=None, dtype=None) -> nn.Module:
+        from modelsurgery.families.modules.decoder import Decoder
+
         return self.load_state(Decoder(self.settings(), self.layout), state, dtype)
 
     def features(self) -> list[str]:

@@ -2,21 +2,25 @@
 (``fc1.weight``, ``layers.0.weight``, ...). Linear layers in natural name order with ReLU between.
 
 The activation can be named in safetensors metadata (``modelsurgery.activation``: relu, gelu, tanh).
+The module built is ``modules/mlp.ChainMLP``.
 """
 
 from __future__ import annotations
 
 import re
 from itertools import pairwise
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.families import register
-from modelsurgery.families.base import Family, Linear, Stages
+from modelsurgery.families.base import Family, Linear
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+#: activation name (metadata, CNN layer kinds) -> the ``torch.nn`` class that computes it
+ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "tanh": "Tanh", "sigmoid": "Sigmoid", "silu": "SiLU"}
 
 
 def natural_key(name: str) -> list:
@@ -27,53 +31,6 @@ def module_prefixes(ckpt: Checkpoint) -> list[str]:
     """Module names owning the tensors, in natural order ('fc1', 'layers.0', '0')."""
     mods = {k.rsplit(".", 1)[0] if "." in k else "" for k in ckpt}
     return sorted(mods, key=natural_key)
-
-
-def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    """Place ``module`` at ``dotted`` inside ``root``, creating plain containers on the way."""
-    parts = dotted.split(".")
-    parent = root
-    for p in parts[:-1]:
-        if not hasattr(parent, p):
-            parent.add_module(p, nn.Module())
-        parent = getattr(parent, p)
-    parent.add_module(parts[-1], module)
-
-
-class ChainMLP(nn.Module):
-    """Linears applied in order with an activation between; parameter names kept from the checkpoint."""
-
-    def __init__(self, names: list[str], shapes: list[tuple[int, int]], biases: list[bool], activation: str):
-        super().__init__()
-        self._order = names
-        for name, (out_f, in_f), bias in zip(names, shapes, biases):
-            set_submodule(self, name, nn.Linear(in_f, out_f, bias=bias))
-        self.act = ACTIVATIONS[activation]()
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x = input.flatten(1)
-        for i, name in enumerate(self._order):
-            x = self.get_submodule(name)(x)
-            if i < len(self._order) - 1:
-                x = self.act(x)
-        return x
-
-    def stages(self) -> Stages:
-        """One block per linear layer (with its activation, except the last)."""
-        last = len(self._order) - 1
-        blocks = [_LinearAct(self.get_submodule(n), self.act if i < last else None) for i, n in enumerate(self._order)]
-        return Stages(embed=lambda input: (input.flatten(1), {}), blocks=blocks, head=lambda h: h)
-
-
-class _LinearAct(nn.Module):
-    def __init__(self, linear: nn.Linear, act: nn.Module | None):
-        super().__init__()
-        self.linear = linear
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)
-        return self.act(x) if self.act is not None else x
 
 
 @register
@@ -123,7 +80,9 @@ class MLPFamily(Family):
         last = self.layers()[-1]
         return [n for n in (last.weight, last.bias) if n]
 
-    def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
+    def build_module(self, state=None, dtype=None) -> nn.Module:
+        from modelsurgery.families.modules.mlp import ChainMLP
+
         layers = self.layers()
         module = ChainMLP(
             [lin.weight.rsplit(".", 1)[0] for lin in layers],
@@ -134,6 +93,8 @@ class MLPFamily(Family):
         return self.load_state(module, state, dtype)
 
     def example_inputs(self, batch=2, seq_len=8, generator=None) -> dict[str, torch.Tensor]:
+        import torch
+
         in_features = self.ckpt.shape(self.layers()[0].weight)[1]
         return {"input": torch.randn(batch, in_features, generator=generator)}
 

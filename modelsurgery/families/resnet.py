@@ -12,7 +12,8 @@ first convolution (and its projection shortcut) has stride 2 when the block chan
 1 otherwise; a block that changes channels without a projection uses the parameter-free "option A"
 shortcut (subsample by 2, zero-pad channels equally on both sides). ``modelsurgery.input_shape``
 metadata ("[C, H, W]") gives the input shape (default: the stem's channels, 8x8; a global pool makes
-any size work). Built modules accept [N, C, H, W] or flattened [N, C*H*W] inputs.
+any size work). Built modules (``modules/resnet.ResNetModule``) accept [N, C, H, W] or flattened
+[N, C*H*W] inputs.
 
 For weight matching, ``residual_groups()`` names the tensors that share one residual stream (one
 permutation must be tied across every block of a stage), ``inner_groups()`` the free channels inside
@@ -24,16 +25,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import register
-from modelsurgery.families.base import Block, ChannelGroup, Family, Linear, Norm, Stages, WidthGroup
-from modelsurgery.families.mlp import set_submodule
+from modelsurgery.families.base import Block, ChannelGroup, Family, Linear, Norm, WidthGroup
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 BLOCK_RE = re.compile(r"layer(\d+)\.(\d+)\.")
 BN_STATS = ("weight", "bias", "running_mean", "running_var")
@@ -57,70 +58,6 @@ class ResBlock:
     @property
     def option_a(self) -> bool:
         return self.shortcut is None and self.in_channels != self.out_channels
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, in_c: int, out_c: int, stride: int, biases: set[str], shortcut: str | None, inner_c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_c, inner_c, 3, stride=stride, padding=1, bias="conv1" in biases)
-        self.bn1 = nn.BatchNorm2d(inner_c)
-        self.conv2 = nn.Conv2d(inner_c, out_c, 3, stride=1, padding=1, bias="conv2" in biases)
-        self.bn2 = nn.BatchNorm2d(out_c)
-        self.shortcut_name = shortcut
-        self.pad = (0, 0) if shortcut or in_c == out_c else ((out_c - in_c) // 2, out_c - in_c - (out_c - in_c) // 2)
-        self.stride = stride
-        if shortcut:
-            proj = nn.Sequential(nn.Conv2d(in_c, out_c, 1, stride=stride, bias=shortcut + ".0" in biases),
-                                 nn.BatchNorm2d(out_c))
-            self.add_module(shortcut, proj)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.shortcut_name:
-            short = getattr(self, self.shortcut_name)(x)
-        elif self.pad != (0, 0):  # option A: subsample, zero-pad the new channels
-            short = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, *self.pad))
-        else:
-            short = x
-        return F.relu(out + short)
-
-
-class ResNetModule(nn.Module):
-    def __init__(self, stem: tuple[int, int], blocks: list[ResBlock], head: str, head_shape: tuple[int, int],
-                 biases: set[str], input_shape: tuple[int, ...]):
-        super().__init__()
-        self.input_shape = tuple(input_shape)
-        self.example_input_shape = self.input_shape
-        out_c, in_c = stem
-        self.conv1 = nn.Conv2d(in_c, out_c, 3, padding=1, bias="conv1" in biases)
-        self.bn1 = nn.BatchNorm2d(out_c)
-        self._blocks: list[BasicBlock] = []
-        for b in blocks:
-            local = {n[len(b.prefix):] for n in biases if n.startswith(b.prefix)}
-            block = BasicBlock(b.in_channels, b.out_channels, b.stride, local,
-                               b.shortcut[len(b.prefix):] if b.shortcut else None, b.inner_channels)
-            set_submodule(self, b.prefix.rstrip("."), block)
-            self._blocks.append(block)
-        self._head_name = head
-        set_submodule(self, head, nn.Linear(head_shape[1], head_shape[0], bias=head in biases))
-
-    def _embed(self, input: torch.Tensor):
-        x = input.reshape(input.shape[0], *self.input_shape) if input.dim() == 2 else input
-        return F.relu(self.bn1(self.conv1(x))), {}
-
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self._head_name)(h.mean(dim=(2, 3)))
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x, _ = self._embed(input)
-        for block in self._blocks:
-            x = block(x)
-        return self._head(x)
-
-    def stages(self) -> Stages:
-        """Stem as embed, one block per residual block, global average pool + linear as head."""
-        return Stages(embed=self._embed, blocks=list(self._blocks), head=self._head)
 
 
 @register
@@ -313,7 +250,9 @@ class ResNetFamily(Family):
             raise SurgeryError(f"{self.ckpt.path}: modelsurgery.input_shape {list(shape)} is not [C, H, W]")
         return shape
 
-    def build_module(self, state=None, dtype=torch.float32) -> nn.Module:
+    def build_module(self, state=None, dtype=None) -> nn.Module:
+        from modelsurgery.families.modules.resnet import ResNetModule
+
         biases = {k[: -len(".bias")] for k in self.ckpt if k.endswith(".bias")}
         stem = self.ckpt.shape("conv1.weight")
         module = ResNetModule((stem[0], stem[1]), self.res_blocks(), self.head,
@@ -321,6 +260,8 @@ class ResNetFamily(Family):
         return self.load_state(module, state, dtype)
 
     def example_inputs(self, batch=2, seq_len=8, generator=None) -> dict[str, torch.Tensor]:
+        import torch
+
         return {"input": torch.randn(batch, *self.input_shape(), generator=generator)}
 
     def describe(self) -> dict:

@@ -10,16 +10,14 @@ use, with the frequency definitions of transformers' ``modeling_rope_utils``:
 - ``llama3``: LLaMA 3.1's band scaling (low frequencies divided by ``factor``, high ones kept, a smooth
   blend in between).
 
-Tables are computed from the sequence length through torch ops, so the length-dependent kinds
+This file reads config.json into a ``Rope`` (no torch); the tables are computed in
+``modules/rope.py`` from the sequence length through torch ops, so the length-dependent kinds
 (``dynamic``, ``longrope``) keep their switch inside an exported ONNX graph.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-
-import torch
 
 from modelsurgery.errors import SurgeryError
 
@@ -45,105 +43,26 @@ class Rope:
         factor = self.params.get("factor")
         return f"rope {self.kind}" + (f" x{factor:g}" if factor else "") + f" theta={self.theta:g}"
 
-    # ----- frequencies --------------------------------------------------------------------------
-    def _base_exponents(self) -> torch.Tensor:
-        return torch.arange(0, self.dim, 2, dtype=torch.int64).to(torch.float32) / self.dim
-
-    def static_frequencies(self) -> tuple[torch.Tensor, float]:
+    # ----- tables (torch, in ``modules/rope.py``) -------------------------------------------------
+    def static_frequencies(self):
         """Inverse frequencies [dim/2] and the cos/sin scale, for the kinds that do not depend on the
         sequence length."""
-        inv = 1.0 / (self.theta ** self._base_exponents())
-        p = self.params
-        if self.kind in ("default", "dynamic"):
-            return inv, 1.0
-        if self.kind == "linear":
-            return inv / p["factor"], 1.0
-        if self.kind == "llama3":
-            return _llama3_band_scaling(inv, p), 1.0
-        if self.kind == "yarn":
-            return _yarn(self, p)
-        raise AssertionError(self.kind)
+        from modelsurgery.families.modules.rope import static_frequencies
 
-    def frequencies(self, seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        return static_frequencies(self)
+
+    def frequencies(self, seq_len):
         """Inverse frequencies [dim/2] for a sequence of ``seq_len`` tokens (a 1-element float tensor
         derived from the input's shape) and the cos/sin scale."""
-        p = self.params
-        if self.kind == "dynamic":
-            # the base grows with the length beyond max_position_embeddings, and equals theta below it
-            length = torch.clamp(seq_len, min=float(self.max_positions))
-            growth = (p["factor"] * length / self.max_positions) - (p["factor"] - 1)
-            base = self.theta * growth ** (self.dim / (self.dim - 2))
-            return 1.0 / (base ** self._base_exponents()), 1.0
-        if self.kind == "longrope":
-            original = p["original_max_position_embeddings"]
-            exponents = self._base_exponents()
-            short = 1.0 / (torch.tensor(p["short_factor"], dtype=torch.float32) * self.theta ** exponents)
-            long = 1.0 / (torch.tensor(p["long_factor"], dtype=torch.float32) * self.theta ** exponents)
-            return torch.where(seq_len > original, long, short), _longrope_attention_factor(self, p)
-        return self.static_frequencies()
+        from modelsurgery.families.modules.rope import frequencies
 
-    def tables(self, input_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return frequencies(self, seq_len)
+
+    def tables(self, input_ids, dtype):
         """cos and sin [1, 1, T, dim] for positions 0..T-1."""
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device).to(torch.float32)
-        inv, scale = self.frequencies(pos[-1:] + 1)
-        freqs = pos.unsqueeze(-1) * inv.to(input_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * scale, emb.sin() * scale
-        return cos.to(dtype)[None, None], sin.to(dtype)[None, None]
+        from modelsurgery.families.modules.rope import tables
 
-
-def _llama3_band_scaling(inv: torch.Tensor, p: dict) -> torch.Tensor:
-    """LLaMA 3.1: wavelengths longer than original/low_freq_factor are interpolated by ``factor``,
-    shorter than original/high_freq_factor kept, and blended linearly in 1/wavelength between."""
-    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
-    original = p["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > original / low, inv / factor, inv)
-    smooth = (original / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    middle = (wavelen >= original / high) & (wavelen <= original / low)
-    return torch.where(middle, blended, scaled)
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _yarn(rope: Rope, p: dict) -> tuple[torch.Tensor, float]:
-    """YaRN: dimensions rotating fewer than ``beta_slow`` times over the original context are
-    interpolated, more than ``beta_fast`` times extrapolated, with a linear ramp between."""
-    factor = p["factor"]
-    attention = p.get("attention_factor")
-    if attention is None:
-        if p.get("mscale") and p.get("mscale_all_dim"):
-            attention = _yarn_mscale(factor, p["mscale"]) / _yarn_mscale(factor, p["mscale_all_dim"])
-        else:
-            attention = _yarn_mscale(factor)
-    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
-    original = p["original_max_position_embeddings"]
-
-    def dim_for(rotations: float) -> float:  # the dimension that turns ``rotations`` times in ``original``
-        return rope.dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
-
-    low, high = dim_for(fast), dim_for(slow)
-    if p.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, rope.dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = torch.clamp((torch.arange(rope.dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    powers = rope.theta ** (torch.arange(0, rope.dim, 2).to(torch.float32) / rope.dim)
-    keep = 1 - ramp  # weight of the extrapolated (unscaled) frequency
-    inv = (1.0 / (factor * powers)) * (1 - keep) + (1.0 / powers) * keep
-    return inv, float(attention)
-
-
-def _longrope_attention_factor(rope: Rope, p: dict) -> float:
-    if p.get("attention_factor") is not None:
-        return float(p["attention_factor"])
-    factor = p["factor"]
-    original = p["original_max_position_embeddings"]
-    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return tables(self, input_ids, dtype)
 
 
 # ----- reading config.json ----------------------------------------------------------------------

@@ -17,13 +17,10 @@ import torch
 
 from modelsurgery.checkpoint import DEFAULT_MAX_SHARD, Provenance, open_checkpoint, plan_copy, plan_tensor
 from modelsurgery.checkpoint.output import check_output
-from modelsurgery.checkpoint.writer import write_checkpoint
+from modelsurgery.checkpoint.writer import float_dtype, write_checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.float_input import float_view, quantization_of
 from modelsurgery.ops.quantize.packing import METADATA_KEY
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -51,20 +48,12 @@ class DequantizeResult:
         return dict(self.__dict__)
 
 
-def parse_dtype(name: str | None, flag: str = "--dtype") -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise SurgeryError(f"{flag} {name}: expected one of float32, float16, bfloat16 (or fp32, fp16, bf16)")
-    return DTYPES[name]
-
-
 def dequantize(path: str | Path, out: str | Path, options: DequantizeOptions | None = None) -> DequantizeResult:
     """Write the float checkpoint ``path`` stands for to ``out`` (a folder or a .safetensors file)."""
     opts = options or DequantizeOptions()
     start = time.perf_counter()
     path, out = Path(path), Path(out)
-    dtype = parse_dtype(opts.dtype)
+    dtype = float_dtype(opts.dtype)  # the writing commands' --dtype names (writer.FLOAT_DTYPES)
     check_output(out, opts.force, [path])
     ckpt = open_checkpoint(path)
     q = quantization_of(ckpt)

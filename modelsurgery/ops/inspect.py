@@ -13,8 +13,27 @@ from modelsurgery.checkpoint.formats import TensorInfo
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 
-#: packing.METADATA_KEY, spelled out so that a float checkpoint's inspect imports nothing of ops.quantize
+# The packed format's record, as its owner ``ops.quantize.packing`` writes it (METADATA_KEY, SUFFIXES,
+# read_scheme), spelled out here because importing ops.quantize imports torch: inspect reads a float or a
+# packed checkpoint's headers without it. tests/test_startup.py checks each against the owner's.
+#: packing.METADATA_KEY
 QUANTIZATION_KEY = "modelsurgery.quantization"
+#: packing.SUFFIXES: the stored parts of a packed ``X.weight`` (codes, scale, zero point)
+PACKED_SUFFIXES = (".qweight", ".scale", ".zero_point")
+
+
+def read_record(metadata: dict, source: object = "checkpoint") -> dict | None:
+    """packing.read_scheme: the parsed quantization record of ``metadata``, or None for a float checkpoint."""
+    raw = metadata.get(QUANTIZATION_KEY)
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise SurgeryError(f"{source}: metadata '{QUANTIZATION_KEY}' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict):
+        raise SurgeryError(f"{source}: metadata '{QUANTIZATION_KEY}' has no 'layers' table")
+    return meta
 
 
 @dataclass
@@ -126,9 +145,7 @@ def quantized_layout(ckpt: Checkpoint) -> QuantizedLayout | None:
     qc = (ckpt.config or {}).get("quantization_config")
     if QUANTIZATION_KEY not in ckpt.metadata and not isinstance(qc, dict):
         return None  # a float checkpoint: nothing quantization-related is imported (torch, numpy)
-    from modelsurgery.ops.quantize.packing import read_scheme
-
-    record = read_scheme(ckpt.metadata, ckpt.path)
+    record = read_record(ckpt.metadata, ckpt.path)
     if record is not None:
         fmt = str(record.get("format", "packed"))
         weights = _layers_of(record, ckpt.path)
@@ -149,10 +166,8 @@ def quantized_layout(ckpt: Checkpoint) -> QuantizedLayout | None:
                   "group_size": qc.get("group_size"), "symmetric": sym}
     parts: dict[str, str] = {}
     if fmt == "packed":
-        from modelsurgery.ops.quantize.packing import SUFFIXES
-
-        parts = {w + s: w for w in weights for s in SUFFIXES}
-    elif fmt != "fake":
+        parts = {w + s: w for w in weights for s in PACKED_SUFFIXES}
+    elif fmt != "fake":  # GPTQ or compressed-tensors: the format's owner in deploy (torch) names the parts
         from modelsurgery.deploy import FORMATS
 
         suffixes = getattr(FORMATS.get(fmt), "SUFFIXES", ())

@@ -1,7 +1,8 @@
 """One decoder-only transformer with switches, for the LLaMA-like families (LLaMA 1-3, Mistral, Qwen2/3,
 Gemma 2/3, Phi-3, GPT-NeoX): pre-norm blocks (Xiong et al. 2020), grouped-query attention (Ainslie et al.
-2023), rotary positions (``rope.py``), gated MLPs (Shazeer 2020). Tensor names come from the family's
-``Layout`` (``layouts.py``); the switches come from config.json through ``DecoderSettings``:
+2023), rotary positions (``families/rope.py``), gated MLPs (Shazeer 2020). Tensor names come from the family's
+``Layout`` (``families/layouts.py``); the switches come from config.json through ``DecoderSettings``
+(``families/decoder_family.py``):
 
 - attention: q/k/v/o biases (from the tensors), per-head q/k RMSNorm (Qwen3, Gemma 3), score scale
   ``query_pre_attn_scalar**-0.5`` (Gemma) else head_dim**-0.5, tanh soft-capping of scores and of the
@@ -29,14 +30,13 @@ layers, where the config has them) to each block.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelsurgery.families.rope import Rope
-from modelsurgery.families.transformer import (
+from modelsurgery.families.modules.transformer import (
     Activation,
     RMSNorm,
     TransformerModule,
@@ -45,29 +45,8 @@ from modelsurgery.families.transformer import (
     attention_bias,
 )
 
-
-@dataclass(frozen=True)
-class DecoderSettings:
-    """Everything the module needs besides tensor names; ``DecoderFamily.settings()`` reads it."""
-
-    vocab: int
-    hidden: int
-    inner: int
-    num_layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    eps: float
-    activation: str
-    parallel_residual: bool
-    scaling: float
-    attn_softcap: float | None
-    final_softcap: float | None
-    windows: tuple[int | None, ...]  # per layer: sliding window or None
-    rope: Rope
-    rope_local: Rope | None  # rope of sliding layers when it differs (Gemma 3)
-    biases: frozenset[str]  # roles whose linear has a bias
-    tied_head: bool
+if TYPE_CHECKING:
+    from modelsurgery.families.decoder_family import DecoderSettings
 
 
 def attach(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
