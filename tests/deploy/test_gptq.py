@@ -4,9 +4,9 @@ unpacking of ``qweight`` along the input dimension and ``qzeros`` along the outp
 3-bit codes laid 32 to 3 words with codes 10 and 21 straddling words, v1 zeros stored minus one,
 W = scales[g_idx] * (q - zeros[g_idx])).
 
-No GPTQ reader loads on CPU here: transformers needs GPTQModel for GPTQ checkpoints, and
-GPTQModel is published on PyPI as a source package that builds compiled kernels (no CPU wheel), so
-the reference dequantization is re-stated below instead of imported.
+This is the default-suite check, needing no GPTQ package. GPTQModel itself (transformers' GPTQ path,
+through optimum, with its pure-torch kernel on CPU) loads these folders in the slow
+tests/deploy/test_gptq_gptqmodel.py, where its own dequantization and logits are compared.
 """
 
 from __future__ import annotations
