@@ -29,6 +29,9 @@ from modelsurgery.ops.quantize.base import WeightQuantizer, register
 from modelsurgery.ops.quantize.grids import Grid, stored_grid
 from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS
 
+#: elements (whole rows) of a weight whose backward intermediates exist at a time: 1 MB of float32
+BACKWARD_CHUNK_ELEMENTS = 1 << 18
+
 
 def _scaled(w, log_s1, log_s2, log_s3, log_s4) -> torch.Tensor:
     """W / (s1 * S2 * s3 [* s4]) in one fresh weight-sized tensor."""
@@ -67,12 +70,27 @@ class FlexRoundFakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         w, log_s1, log_s2, log_s3, log_s4, zero, s = ctx.saved_tensors
         s1 = log_s1.exp()
-        x = _scaled(w, log_s1, log_s2, log_s3, log_s4)
-        v = torch.round(x).add_(zero)
-        inside = (v >= 0).logical_and_(v <= ctx.qmax)
-        direct = _sum_to(v.clamp_(0, ctx.qmax).sub_(zero).mul_(g), log_s1.shape).mul_(s1)
-        grad = torch.mul(g, s, out=v).mul_(inside).mul_(x).neg_()  # dL/d(log_div), reusing v
-        del x, inside
+        rows = w.shape[0]
+        # per channel or group the grids are per row, and every intermediate is elementwise or summed
+        # within a row: a few rows at a time give the same gradients with weight-sized temporaries of
+        # those rows only (a per-tensor grid's sum needs them all: one piece)
+        step = max(1, BACKWARD_CHUNK_ELEMENTS // max(w[0].numel(), 1)) if log_s1.shape[0] == rows else rows
+        grad = torch.empty_like(log_s2, memory_format=torch.contiguous_format)  # becomes S2's gradient
+        direct = torch.empty_like(log_s1, memory_format=torch.contiguous_format)
+        for a in range(0, rows, step):
+            n = min(step, rows - a)
+
+            def part(t, a=a, n=n):
+                return t if t is None or t.shape[0] != rows else t.narrow(0, a, n)
+
+            x = _scaled(part(w), part(log_s1), part(log_s2), part(log_s3), log_s4)
+            v = torch.round(x).add_(part(zero))
+            inside = (v >= 0).logical_and_(v <= ctx.qmax)
+            part(direct).copy_(_sum_to(v.clamp_(0, ctx.qmax).sub_(part(zero)).mul_(part(g)), part(log_s1).shape))
+            # dL/d(log_div), reusing v
+            part(grad).copy_(torch.mul(part(g), part(s), out=v).mul_(inside).mul_(x).neg_())
+            del x, v, inside
+        direct.mul_(s1)
         g_s1 = _sum_to(grad, log_s1.shape).add_(direct)
         g_s3 = _sum_to(grad, log_s3.shape)
         g_s4 = _sum_to(grad, log_s4.shape) if log_s4 is not None else None

@@ -122,10 +122,31 @@ def minmax_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int) -> Grid:
     return grid_from_range(_reduce(g, scheme, _amin), _reduce(g, scheme, _amax), scheme)
 
 
+#: elements (whole rows) the clipping search scores at a time: 1 MB of float32, so that its 80 passes
+#: over them run in the CPU's cache (ten times faster on an 11.5M-element LLaMA MLP matrix than whole)
+SEARCH_CHUNK_ELEMENTS = 1 << 18
+
+
 def search_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int, p: float = 2.4,
                 steps: int = 80, min_ratio: float = 0.2) -> Grid:
     """Shrink the min/max range by each ratio in [min_ratio, 1] and keep, per row/group (or per
-    tensor), the grid with the least sum |W - Q(W)|^p."""
+    tensor), the grid with the least sum |W - Q(W)|^p.
+
+    Per channel or group every row has its own grids and errors, so the rows are searched a few at
+    a time (the same grids as all at once); a per-tensor grid needs the whole matrix."""
+    if scheme.granularity == "tensor":
+        return _search_rows(matrix, scheme, group, p, steps, min_ratio)
+    rows, length = matrix.shape
+    step = max(1, SEARCH_CHUNK_ELEMENTS // max(length, 1))
+    if step >= rows:
+        return _search_rows(matrix, scheme, group, p, steps, min_ratio)
+    parts = [_search_rows(matrix[start:start + step], scheme, group, p, steps, min_ratio)
+             for start in range(0, rows, step)]
+    return Grid(torch.cat([g.scale for g in parts]), torch.cat([g.zero for g in parts]))
+
+
+def _search_rows(matrix: torch.Tensor, scheme: QuantScheme, group: int, p: float, steps: int,
+                 min_ratio: float) -> Grid:
     g = grouped(matrix.detach().float(), group)
     lo, hi = _reduce(g, scheme, _amin), _reduce(g, scheme, _amax)
     best = minmax_grid(matrix, scheme, group)
@@ -145,7 +166,9 @@ def _sum(x, dim, keepdim):
 
 
 def lp_error(g: torch.Tensor, grid: Grid, scheme: QuantScheme, p: float) -> torch.Tensor:
-    return (fake_quantize(g, grid, scheme) - g).abs().pow(p)
+    """|fake_quantize(g) - g|^p, the same operations in one fresh tensor (in place after the first)."""
+    q = torch.div(g, grid.scale).round_().add_(grid.zero).clamp_(0, scheme.qmax)
+    return q.sub_(grid.zero).mul_(grid.scale).sub_(g).abs_().pow_(p)
 
 
 def make_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int, init: str = "minmax") -> Grid:

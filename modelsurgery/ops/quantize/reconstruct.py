@@ -41,7 +41,7 @@ from torch.func import functional_call
 from modelsurgery.memory import large_allocations_mapped, release_freed_memory
 from modelsurgery.ops.quantize.base import QuantizedWeight, WeightQuantizer
 from modelsurgery.ops.quantize.distributed import DataParallel
-from modelsurgery.ops.quantize.grids import QuantScheme
+from modelsurgery.ops.quantize.grids import Grid, QuantScheme, codes, dequantize
 from modelsurgery.ops.quantize.rtn import RTNQuantizer
 
 Progress = Callable[[str, int, int, dict], None]
@@ -252,6 +252,28 @@ def rounded_to_nearest(p: nn.Parameter, t: Target, scheme: QuantScheme, method: 
     return RTNQuantizer(p, scheme, t.transposed, grid or method.default_grid, t.name)
 
 
+def _export(quantizers: dict[str, WeightQuantizer], params: dict[str, nn.Parameter], targets: dict[int, Target]
+            ) -> dict[str, QuantizedWeight]:
+    """Each quantizer's result, written into its parameter (``_store``). The quantizers are taken out
+    of ``quantizers`` one by one, so that each one's learned scales and gradients go as soon as it is
+    exported, and none outlives the call (a loop variable left holding the last one kept three
+    weight-sized tensors alive through the next block's training)."""
+    weights = {}
+    for n in list(quantizers):
+        qw = quantizers.pop(n).export()
+        _store(params[n], qw)
+        weights[targets[id(params[n])].name] = qw
+    return weights
+
+
+def rounded_on_initial_grid(q: WeightQuantizer) -> torch.Tensor:
+    """``q``'s weight rounded to nearest on the grid it starts from: what ``rounded_to_nearest`` gives
+    for the same weight (``RTNQuantizer``: the same float32 view, grid and rounding), without running
+    the grid initialisation (the ``--grid search`` clipping search) a second time."""
+    grid = Grid(q.scale0, q.zero)
+    return q.to_stored(dequantize(codes(q.w, grid, q.scheme), grid))
+
+
 def quantize_outside_blocks(model: nn.Module, targets: dict[int, Target], scheme: QuantScheme,
                             method: type[WeightQuantizer], grid: str | None) -> dict[str, QuantizedWeight]:
     """Weights outside the block stack (embeddings, heads when asked) are rounded on their grid
@@ -344,19 +366,14 @@ def _reconstruct(model, targets, calib, scheme, method, options, settings, progr
                           method(p, scheme, targets[id(p)].transposed, options.grid, targets[id(p)].name, settings)
                           for n, p in local.items()}
             if calib:
-                report.rtn_loss = _block_loss(qblock, {
-                    n: rounded_to_nearest(p, targets[id(p)], scheme, method, options.grid)()
-                    for n, p in local.items()}, xq, ctxs, yf, masks, options.parallel)
+                report.rtn_loss = _block_loss(qblock, {n: rounded_on_initial_grid(q) for n, q in quantizers.items()},
+                                              xq, ctxs, yf, masks, options.parallel)
             if method.learned and calib and settings.get("steps", 0) > 0:
                 task = f"block {i + 1}/{n_blocks}"
                 train_block(qblock, quantizers, xq, ctxs, yf, masks, settings, method.lr_schedule, options.low_memory,
                             gen, lambda s, loss, task=task: progress(task, s, settings["steps"], {"loss": loss}),
                             options.parallel, method.optimizer)
-            for n, q in quantizers.items():
-                qw = q.export()
-                _store(local[n], qw)
-                weights[targets[id(local[n])].name] = qw
-            del quantizers  # learned scales, their gradients: gone before the next block's
+            weights = _export(quantizers, local, targets)
             if calib:
                 report.loss = _block_loss(qblock, {}, xq, ctxs, yf, masks, options.parallel)
         with torch.no_grad():  # the next block's quantized input, batch by batch in place
@@ -400,11 +417,13 @@ def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ct
     dim = feature_dim(block)
     for step in range(steps):
         b = int(torch.randint(len(xs), (1,), generator=gen))
+        # the last step's gradients go before the forward pass, not after it: they would sit beside
+        # the activations and fake-quantized weights it keeps for backward (the step's peak)
+        opt.zero_grad(set_to_none=True)
         with torch.enable_grad():
             out = functional_call(block, {n: q() for n, q in quantizers.items()}, (xs[b],), ctxs[b])
             loss = rec_loss(out, ys[b], masks[b], dim)
             reg = sum(q.regularizer(step / steps) for q in quantizers.values())
-            opt.zero_grad(set_to_none=True)
             if low_memory:
                 release_freed_memory()  # the forward pass's temporaries, before backward allocates
             (loss + reg).backward()
