@@ -149,7 +149,8 @@ def run_surgery(cfg: dict):
     params.update(cfg.get("extra") or {})
     opts = QuantizeOptions(bits=bits, method=cfg["method"], granularity="group" if group else "channel",
                            group_size=group, calib=Path(cfg["calib"]), samples=cfg["samples"],
-                           seq_len=cfg["seq_len"], params=params, default_skips=True, force=True)
+                           seq_len=cfg["seq_len"], params=params, grid=cfg.get("grid"), seed=cfg.get("seed", 0),
+                           default_skips=True, force=True)
     out = Path(cfg["workdir"]) / f"{cfg['model']}-{cfg['row']}-{cfg['method']}"
     quantize_checkpoint(cfg["folder"], out, opts)
     return lambda: load_float({**cfg, "folder": str(out)})
@@ -192,7 +193,7 @@ def run_autoround(cfg: dict):
     seqlen = min(d["input_ids"].shape[1] for d in data)  # AutoRound skips samples shorter than seqlen
     ar = AutoRound(model, tokenizer(cfg), bits=bits, group_size=group or -1, sym=True, iters=cfg["steps"],
                    nsamples=cfg["samples"], seqlen=seqlen, batch_size=cfg["batch_size"], dataset=data,
-                   device_map="cpu", low_gpu_mem_usage=False)
+                   device_map="cpu", low_gpu_mem_usage=False, seed=42 + cfg.get("seed", 0))
     model, layer_config = ar.quantize()
     left = sorted(n for n, c in layer_config.items() if c.get("bits", 16) >= 16 and n in dict(model.named_modules())
                   and not n.endswith("lm_head"))
@@ -266,6 +267,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="steps per block (AutoRound's default iters)")
     ap.add_argument("--batch-size", type=int, default=8, help="samples per step (AutoRound's default)")
     ap.add_argument("--extra", default="{}", help="JSON of extra surgery method parameters (ablations)")
+    ap.add_argument("--grid", default=None,
+                    help="surgery's grid initialisation (minmax, search; default: each method's)")
+    ap.add_argument("--seed", type=int, default=0, help="batch-order seed of surgery's methods (AutoRound's: 42 + it, "
+                    "its default at 0): the spread between seeds")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
     args = ap.parse_args()
     if args.one:
@@ -290,7 +295,7 @@ def main() -> None:
             data = prepare(model, Path(tmp), args.samples)
             base = {**data, "model": model, "samples": args.samples, "steps": args.steps,
                     "batch_size": args.batch_size, "threads": args.threads, "workdir": tmp,
-                    "extra": json.loads(args.extra)}
+                    "extra": json.loads(args.extra), "grid": args.grid, "seed": args.seed}
             fl = spawn({**base, "method": "float", "row": "float"})
             results.append({"model": model, "row": "float", "method": "float", "budget": "-", **fl})
             print(f"  {model:7s} float: {fl.get('value', fl.get('error'))}", flush=True)
@@ -298,7 +303,9 @@ def main() -> None:
                 for m in run:
                     cfg = {**base, "row": row, "method": m}
                     res = spawn(cfg)
-                    label = m + (f" {args.extra}" if base["extra"] and m in SURGERY[1:] else "")
+                    label = m + (f" {args.extra}" if base["extra"] and m in SURGERY[1:] else "") + (
+                        f" --grid {args.grid}" if args.grid and m in SURGERY else "") + (
+                        f" --seed {args.seed}" if args.seed and m in (*SURGERY[1:], "autoround") else "")
                     results.append({"model": model, "row": row, "method": label, "budget": budget(cfg), **res})
                     r = results[-1]
                     shown = (f"{r['value']:.4f}  {r['seconds']:.1f} s  {r['peak_rss_mb']:.0f} MB"
