@@ -15,9 +15,8 @@ time and peak RSS are its own; the metric is measured after the time is taken.
 The learned methods all get one calibration budget (``--samples`` x ``--steps`` at ``--batch-size``;
 AutoRound's defaults, 128 samples, 200 iterations, batch 8); surgery's methods are symmetric (its
 default grid), AutoRound runs at its default (symmetric), HQQ is asymmetric by construction
-(it optimises the zero point). GPTQ has no runner yet: ``gptqmodel`` needs torch>=2.14.1 (the project
-pins 2.13.0) and ``llmcompressor`` 0.14 pins an older transformers, so neither installs here; ``--methods gptq``
-is reported as skipped.
+(it optimises the zero point). GPTQ runs through GPTQModel (``benchmarks/peer_gptq.py``; one pass over
+the samples, no steps), installed with ``--no-deps`` as the README's Deploy section says.
 
 Peers are optional (``pip install -e ".[peers]"``); the script prints which were skipped and why.
 
@@ -281,8 +280,6 @@ def main() -> None:
     for m in methods:
         if m in SURGERY or (m in PEERS and importlib.util.find_spec(PEERS[m]) is not None):
             run.append(m)
-        elif m == "gptq":
-            skipped.append("gptq (no runner: gptqmodel needs torch>=2.14.1, llmcompressor an older transformers)")
         elif m in PEERS:
             skipped.append(f"{m} (module {PEERS[m]} not installed)")
         else:
