@@ -163,14 +163,15 @@ def with_preset(opts: QuantizeOptions, method) -> QuantizeOptions:
         raise SurgeryError(f"--preset {opts.preset}: expected one of {', '.join(PRESETS)}")
     if opts.preset is not None and not method.learned:
         raise SurgeryError(f"--preset {opts.preset}: --method {method.name} learns nothing (a preset sets the "
-                           "steps, samples and batch size of adaround and flexround)")
+                           "steps, samples and batch size of the learned methods)")
     preset = PRESETS[opts.preset or "default"]
     params = {k: v for k, v in opts.params.items() if v is not None}
-    if method.learned and "steps" not in params and method.name in preset.steps:
-        params["steps"] = preset.steps[method.name]
-    if method.learned and "batch_size" not in params and preset.batch_size is not None:
-        params["batch_size"] = preset.batch_size
-    samples = opts.samples if opts.samples is not None else preset.samples
+    steps, preset_samples, batch_size = preset.for_method(method.name)
+    if method.learned and "steps" not in params and steps is not None:
+        params["steps"] = steps
+    if method.learned and "batch_size" not in params and batch_size is not None:
+        params["batch_size"] = batch_size
+    samples = opts.samples if opts.samples is not None else preset_samples
     return replace(opts, params=params, samples=samples, preset=preset.name if method.learned else None)
 
 

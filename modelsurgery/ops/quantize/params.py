@@ -12,7 +12,7 @@ list, never a second copy of a default elsewhere.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from modelsurgery.errors import SurgeryError
@@ -73,16 +73,30 @@ class Preset:
     batch_size: int | None
     #: where the values come from
     source: str
+    #: method name -> its own samples and batch size where its reference recipe differs from the above
+    own: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
+    def for_method(self, name: str) -> tuple[int | None, int, int | None]:
+        """(steps, samples, batch size) this preset gives ``name``; None keeps the method's declared value."""
+        own = self.own.get(name, {})
+        return self.steps.get(name), own.get("samples", self.samples), own.get("batch_size", self.batch_size)
+
+
+#: AutoRound's recipes for its SignRound (``auto_round/cli/main.py`` RECIPES: light = 50 iters, default =
+#: 200, best = 1000 iters on 512 samples; always batch 8 and 128 samples otherwise), used by flexround-signsgd
+_SIGNROUND_SOURCE = ("flexround-signsgd: AutoRound's recipes (auto_round/cli/main.py RECIPES: light 50 iters, default "
+                     "200, best 1000 iters and 512 samples; 128 samples and batch 8 otherwise)")
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("fast", {"flexround": 250, "adaround": 500}, 64, 8,
+    Preset("fast", {"flexround": 250, "adaround": 500, "flexround-signsgd": 50}, 64, 8,
            "this project's: 1/20 of each method's declared steps, 64 samples in batches of 8, so a block trains "
-           "in about 1/80 of the default's sample-steps; the trade-off is measured by benchmarks/bench_presets.py"),
+           "in about 1/80 of the default's sample-steps; the trade-off is measured by benchmarks/bench_presets.py; "
+           + _SIGNROUND_SOURCE, own={"flexround-signsgd": {"samples": 128}}),
     Preset("default", {}, 128, None,
            "each method's declared steps and batch size (its paper's or reference code's, above); 128 samples"),
-    Preset("best", {"flexround": 20_000, "adaround": 20_000}, 1024, 32,
-           "BRECQ's main_imagenet.py (iters_w 20000, num_samples 1024) and block_reconstruction (batch 32)"),
+    Preset("best", {"flexround": 20_000, "adaround": 20_000, "flexround-signsgd": 1000}, 1024, 32,
+           "BRECQ's main_imagenet.py (iters_w 20000, num_samples 1024) and block_reconstruction (batch 32); "
+           + _SIGNROUND_SOURCE, own={"flexround-signsgd": {"samples": 512, "batch_size": 8}}),
 )}
 
 

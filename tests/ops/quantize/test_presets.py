@@ -43,6 +43,22 @@ def test_best_is_brecqs_main_imagenet_and_fast_is_a_twentieth():
         assert (settings["steps"], settings["batch_size"], samples) == (declared // 20, 8, 64)
 
 
+def test_flexround_signsgd_presets_are_autorounds_recipes():
+    """fast/default/best = AutoRound's light/default/best recipes (auto_round/cli/main.py RECIPES: 50, 200 and
+    1000 iters; 128, 128 and 512 samples; batch 8); checked against the installed package when it is there."""
+    expected = {"fast": (50, 8, 128), "default": (200, 8, 128), "best": (1000, 8, 512)}
+    for preset, values in expected.items():
+        settings, samples = _resolved("flexround-signsgd", preset)
+        assert (settings["steps"], settings["batch_size"], samples) == values, preset
+    try:
+        from auto_round.cli.main import RECIPES
+    except Exception:  # auto-round is a peer, not a test dependency
+        return
+    for preset, recipe in (("fast", "light"), ("default", "default"), ("best", "best")):
+        r = RECIPES[recipe]
+        assert (r["iters"], r["batch_size"], r["nsamples"]) == expected[preset], recipe
+
+
 def test_what_the_user_sets_wins_over_the_preset():
     settings, samples = _resolved("flexround", "fast", steps=7, samples=16)
     assert (settings["steps"], settings["batch_size"], samples) == (7, 8, 16)
