@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = "import sys; from modelsurgery.cli.app import main; sys.argv = ['surgery', *sys.argv[1:]]; main()"
+#: MAIN, then whether torch was imported (printed on stderr, after the command's own output)
+MAIN_TORCH = ("import sys; from modelsurgery.cli.app import main; sys.argv = ['surgery', *sys.argv[1:]]\n"
+              "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")
 
 
 def write_checkpoint(path: Path, layers: int, hidden: int = 2048, inter: int = 5632, vocab: int = 32000) -> int:
@@ -67,7 +70,14 @@ def timed(cmd: list[str], env: dict, repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure(tree: Path, ckpt: Path, repeat: int) -> dict[str, float]:
+def imports_torch(cmd: list[str], env: dict) -> str:
+    """'yes' or 'no': whether ``cmd`` (a MAIN_TORCH run) imported torch."""
+    r = subprocess.run(cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, check=True)
+    return "yes" if r.stderr.strip().splitlines()[-1] == "True" else "no"
+
+
+def measure(tree: Path, ckpt: Path, repeat: int) -> dict[str, float | str]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     py = [sys.executable]
     where = subprocess.run([*py, "-c", "import modelsurgery.cli.app as m; print(m.__file__)"], env=env, cwd=tree,
@@ -81,6 +91,8 @@ def measure(tree: Path, ckpt: Path, repeat: int) -> dict[str, float]:
         "surgery --help": timed([*py, "-c", MAIN, "--help"], env, repeat),
         f"surgery inspect ({ckpt.stat().st_size / 1e9:.1f} GB)": timed([*py, "-c", MAIN, "inspect", str(ckpt)],
                                                                        env, repeat),
+        "surgery --help imports torch": imports_torch([*py, "-c", MAIN_TORCH, "--help"], env),
+        "surgery inspect imports torch": imports_torch([*py, "-c", MAIN_TORCH, "inspect", str(ckpt)], env),
     }
 
 
@@ -108,7 +120,8 @@ def main() -> None:
     width = max(map(len, names))
     print(f"{'step':<{width}}  " + "  ".join(f"{c:>18}" for c in columns))
     for n in names:
-        print(f"{n:<{width}}  " + "  ".join(f"{col[n]:>17.2f}s" for col in columns.values()))
+        print(f"{n:<{width}}  " + "  ".join(f"{col[n]:>17.2f}s" if isinstance(col[n], float) else f"{col[n]:>18}"
+                                             for col in columns.values()))
 
 
 if __name__ == "__main__":
