@@ -342,8 +342,12 @@ def check_finite(name: str, tensor: torch.Tensor, where: str | Path = "") -> Non
 
     if not tensor.dtype.is_floating_point or tensor.numel() == 0:
         return
+    # a NaN or Inf makes the sum non-finite, so a finite sum (one vectorised pass, no mask) clears the
+    # tensor; a non-finite sum (a bad value, or finite values overflowing) is counted exactly
+    if torch.isfinite(tensor.sum()):
+        return
     bad = int((~torch.isfinite(tensor)).sum())
-    if bad:
+    if bad:  # else the sum overflowed: every value is finite
         prefix = f"{where}: " if str(where) else ""
         raise SurgeryError(f"{prefix}tensor '{name[:200]}' holds {bad} NaN/Inf value(s) of {tensor.numel()}; "
                            "fix the input model first")

@@ -19,3 +19,14 @@ def test_finite_integer_and_empty_tensors_pass():
     check_finite("w", torch.tensor([3e38, -3e38, 0.0]))
     check_finite("ids", torch.tensor([1, 2, 3]))
     check_finite("empty", torch.zeros(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_finite_values_whose_sum_overflows_pass_and_opposite_infinities_are_caught(dtype):
+    """The check sums first: finite values can overflow that sum (60000 x 4 > float16's 65504; 3e38 x 2 in
+    float32) and must still pass; +Inf and -Inf, whose sum is NaN, must still be refused."""
+    big = 60000.0 if dtype == torch.float16 else 3e38
+    check_finite("w", torch.full((4,), big, dtype=dtype))
+    t = torch.tensor([float("inf"), float("-inf"), 1.0], dtype=dtype)
+    with pytest.raises(SurgeryError, match=r"holds 2 NaN/Inf value\(s\) of 3"):
+        check_finite("w", t)
