@@ -22,9 +22,20 @@ README). AutoRound keeps the iterate with the lowest batch loss; that rule did n
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from modelsurgery.ops.quantize.base import register
 from modelsurgery.ops.quantize.flexround import FlexRoundQuantizer
-from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS
+from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS, MethodParam
+
+S1_STEP = MethodParam("s1_step", float, 1.0, "flexround-signsgd: the grid size s1's signed step relative to "
+                      "S2's (0: s1 stays at its initial grid)", minimum=0.0)
+S3_STEP = MethodParam("s3_step", float, 1.0, "flexround-signsgd: the per-output-channel s3's signed step relative "
+                      "to S2's (0: s3 stays 1)", minimum=0.0)
+ROUND_OFFSET = MethodParam("round_offset", float, 0.0, "flexround-signsgd: an additive rounding offset v "
+                           "(round(W / div + v), SignRound's V) with signed step round_offset / steps; 0: none",
+                           minimum=0.0)
 
 
 @register
@@ -37,7 +48,47 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
         LR.with_default(0.0, "0 means 2^(2 - bits) / steps: AutoRound/SignRound's 1 / iters at 2 bits, halved per "
                         "extra bit (tuned on bench_quantize_peers.py rows); linear decay to 0"),
         BATCH_SIZE.with_default(8, "AutoRound/SignRound default batch_size"),
+        S1_STEP.with_default(1.0, "this project's: s1 moves as S2"),
+        S3_STEP.with_default(1.0, "this project's: s3 moves as S2"),
+        ROUND_OFFSET.with_default(0.0, "this project's: no offset (FlexRound's parametrisation only)"),
     )
+
+    def __init__(self, weight, scheme, transposed=False, grid=None, tensor_name="weight", settings=None):
+        super().__init__(weight, scheme, transposed, grid, tensor_name, settings)
+        # log s1 and log s3 become their initial value + factor * a learned offset: the signed step moves the
+        # offset by lr, so the scale moves by factor * lr while S2 moves by lr (a factor 0 freezes it)
+        self.factors = {"log_s1": self.settings["s1_step"], "log_s3": self.settings["s3_step"]}
+        for name, factor in self.factors.items():
+            start = self._parameters.pop(name).detach()
+            self.register_buffer(f"{name}_start", start)
+            self.register_parameter(f"{name}_offset", nn.Parameter(torch.zeros_like(start), requires_grad=factor > 0))
+        steps = max(1, self.settings["steps"])
+        self.v_factor = self.settings["round_offset"] / steps / (self.settings["lr"] or self.signed_step(steps))
+        self.v = nn.Parameter(torch.zeros_like(self.w)) if self.v_factor else None
+
+    def _moved(self, name: str) -> torch.Tensor:
+        # read by FlexRoundQuantizer's grid, divisor and forward through the properties below; while its
+        # __init__ registers the plain parameters, this raises AttributeError (``factors`` is not set yet)
+        return getattr(self, f"{name}_start") + self.factors[name] * getattr(self, f"{name}_offset")
+
+    log_s1 = property(lambda self: self._moved("log_s1"))
+    log_s3 = property(lambda self: self._moved("log_s3"))
+
+    def hard_codes(self) -> torch.Tensor:
+        if self.v is None:
+            return super().hard_codes()
+        x = self.w / self.divisor() + self.v_factor * self.v
+        return torch.clamp(torch.round(x) + self.zero, 0, self.scheme.qmax)
+
+    def forward(self) -> torch.Tensor:
+        if self.v is None:
+            return super().forward()
+        # the offset's form written out (autograd through round's straight-through estimate): an ablation,
+        # without FlexRoundFakeQuant's memory savings
+        s1 = self.log_s1.exp()
+        x = self.w / self.divisor() + self.v_factor * self.v
+        q = torch.clamp(x + (torch.round(x) - x).detach() + self.zero, 0, self.scheme.qmax)
+        return self.to_stored((q - self.zero) * (s1 + (self.stored_s1() - s1).detach()))
 
     def signed_step(self, steps: int) -> float:
         """The initial step size when no lr is given: 2^(2 - bits) / steps."""

@@ -36,6 +36,7 @@ def test_defaults_are_autorounds():
     method = method_by_name("flexround-signsgd")
     s = method.resolve()
     assert (s["steps"], s["batch_size"], s["lr"]) == (200, 8, 0.0)  # lr 0: signed_step
+    assert (s["s1_step"], s["s3_step"], s["round_offset"]) == (1.0, 1.0, 0.0)  # ablation switches, off
     assert (method.optimizer, method.lr_schedule) == ("signsgd", "linear")
     w = torch.randn(4, 8)
     # AutoRound's 1 / iters at 2 bits, halved per extra bit
@@ -72,7 +73,7 @@ def test_each_step_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():
     moved = 0
     for (name, p), q in zip(ours.named_parameters(), params):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
-        moved += int((p != 0).sum()) if name != "log_s1" else 0
+        moved += int((p != 0).sum())  # every learned tensor starts at 0 (log S2, the s1 and s3 offsets)
     assert moved > 0  # the scales did move (the step is not a no-op)
     assert not torch.equal(ours.hard_codes(), method(block[0].weight, scheme).hard_codes())
 
@@ -88,3 +89,44 @@ def test_an_explicit_lr_is_used_as_given():
     step = (q.log_s3.detach() - before).abs()
     assert torch.all((step == 0.125) | (step == 0))
     assert step.max() == pytest.approx(0.125)
+
+
+def _one_step(settings, scheme=QuantScheme(3)):
+    method = method_by_name("flexround-signsgd")
+    block, x, y = _problem()
+    q = method(block[0].weight, scheme, settings=settings)
+    before = {n: getattr(q, n).detach().clone() for n in ("log_s1", "log_s2", "log_s3")}
+    train_block(block, {"0.weight": q}, [x], [{}], [y], [None], method.resolve(settings), method.lr_schedule, False,
+                torch.Generator().manual_seed(0), lambda *a: None, optimizer=method.optimizer)
+    return q, {n: (getattr(q, n).detach() - b).abs() for n, b in before.items()}
+
+
+@pytest.mark.parametrize("s1_step,s3_step", [(0.5, 1.0), (0.0, 2.0), (1.0, 0.0)])
+def test_s1_and_s3_move_by_their_factor_times_the_step(s1_step, s3_step):
+    _, moved = _one_step({"steps": 1, "lr": 0.125, "s1_step": s1_step, "s3_step": s3_step})
+    for name, factor in (("log_s2", 1.0), ("log_s1", s1_step), ("log_s3", s3_step)):
+        step = moved[name]
+        assert torch.allclose(step[step > 0], torch.full_like(step[step > 0], 0.125 * factor)), name
+        assert (step.max() > 0) == (factor > 0), name  # a factor 0 freezes the scale, others move
+
+
+def test_the_rounding_offset_is_added_before_rounding_and_moves_by_its_own_step():
+    w = torch.randn(6, 12, generator=torch.Generator().manual_seed(3))
+    method = method_by_name("flexround-signsgd")
+    scheme = QuantScheme(3)
+    q = method(w, scheme, settings={"steps": 4, "round_offset": 1.0})
+    assert method(w, scheme).v is None  # off by default: FlexRound's parameters only
+    with torch.no_grad():
+        q.v.copy_(torch.rand(q.v.shape, generator=torch.Generator().manual_seed(4)) - 0.5)
+    div = (q.log_s1 + q.log_s2 + q.log_s3).exp()
+    offset = q.v_factor * q.v
+    # by hand: codes round(W / div + v) clamped to the 3-bit grid, times s1 (the fixed zero point 4)
+    codes = torch.clamp(torch.round(q.w / div + offset) + 4, 0, 7)
+    torch.testing.assert_close(q().detach(), ((codes - 4) * q.log_s1.exp()).reshape(6, 12))
+    assert torch.equal(q.export().codes, codes.reshape(6, 12).to(torch.uint8))
+
+    # one step moves the offset by round_offset / steps = 0.5 / 1, whatever the log-scales' lr (0.5 at 3 bits)
+    q, moved = _one_step({"steps": 1, "round_offset": 0.5})
+    offset = (q.v_factor * q.v).detach().abs()
+    assert torch.allclose(offset[offset > 0], torch.full_like(offset[offset > 0], 0.5)) and offset.max() > 0
+    assert torch.allclose(moved["log_s2"].max(), torch.tensor(0.5))
