@@ -63,7 +63,9 @@ def quantize_command(
     input: Path = typer.Argument(..., help="Input checkpoint: .safetensors file or a model folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output: a .safetensors file or a folder."),
     bits: int = typer.Option(4, "--bits", "-b", help="Bit width of the weights, 2 to 8."),
-    method: str = typer.Option("flexround", "--method", "-m", help="rtn, adaround or flexround."),
+    method: str = typer.Option(QuantizeOptions.method, "--method", "-m", help="flexround-signsgd (FlexRound's "
+                               "learned scales trained with SignRound's signed gradient steps), flexround, adaround "
+                               "or rtn."),
     granularity: str = typer.Option("channel", "--granularity", help="One grid per tensor, output channel or group."),
     group_size: int = typer.Option(None, "--group-size", help="Weights per group along a row (--granularity group)."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Zero point fixed at 2^(bits-1), or "
@@ -76,7 +78,7 @@ def quantize_command(
                                "folder's tokenizer.json) or .safetensors/.pt/.npz with inputs or input_ids."),
     samples: int = typer.Option(None, "--samples", help="Calibration samples (default: the preset's; 128 at "
                                 "--preset default)."),
-    preset: str = typer.Option(None, "--preset", help="adaround/flexround: fast, default or best: the steps, "
+    preset: str = typer.Option(None, "--preset", help="learned methods: fast, default or best: the steps, "
                                "samples and batch size that you do not set yourself (default: each method's "
                                "declared values; table in the README)."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per calibration sample."),
@@ -116,7 +118,9 @@ def quantize_command(
     """Quantize Linear and Conv weights to 2-8 bits, learning the rounding block by block.
 
     FlexRound (learned element-wise division) and AdaRound (learned up/down rounding) reconstruct
-    each block's float output on calibration data; RTN rounds to nearest without data.
+    each block's float output on calibration data; the default, flexround-signsgd, trains FlexRound's
+    scales with SignRound's signed gradient steps (AutoRound's optimiser); RTN rounds to nearest
+    without data.
     Embeddings and the output head stay float unless --no-default-skips (embedding tables are then
     rounded to nearest per row). Each method's flags (--steps, --lr, --batch-size; AdaRound's
     --reg-weight, --beta-start, --beta-end, --warmup) default to the values of its paper or reference

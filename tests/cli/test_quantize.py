@@ -32,6 +32,18 @@ def test_json_output_and_inspect(tmp_path):
     assert "0.weight.qweight" in [t["name"] for t in shown["tensors"]]
 
 
+def test_default_method_is_flexround_signsgd_at_autorounds_settings(tmp_path):
+    """No --method: flexround-signsgd (the method that leads bench_quantize_peers.py, README), at its declared
+    200 steps and batch 8 unless given (here --steps 5), with the steps and preset in the provenance."""
+    out = tmp_path / "q.safetensors"
+    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(out), "--calib", str(CALIB), "--samples", "32",
+                            "--steps", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    options = json.loads(r.stdout)["options"]
+    assert (options["method"], options["steps"], options["batch_size"], options["preset"]) == (
+        "flexround-signsgd", 5, 8, "default")
+
+
 def test_human_output(tmp_path):
     r = runner.invoke(app, ["quantize", str(MLP), "-o", str(tmp_path / "q.safetensors"), "--method", "rtn",
                             "--bits", "3", "--calib", str(CALIB), "--eval", str(EVAL), "--no-default-skips"])
