@@ -94,6 +94,10 @@ class WeightQuantizer(nn.Module):
     lr_schedule: ClassVar[str] = "constant"
     #: "adam", or "signsgd": each step moves a parameter by lr * sign(gradient) (SignRound)
     optimizer: ClassVar[str] = "adam"
+    #: which calibration batch each step trains on: "random" (one drawn at random every step, as the
+    #: BRECQ/FlexRound reference code draws its sample indices), or "epochs" (every batch once per
+    #: epoch, in a fresh random order each epoch, as AutoRound's SignRound goes through its samples)
+    batch_order: ClassVar[str] = "random"
 
     @classmethod
     def resolve(cls, given: Mapping[str, Any] | None = None) -> dict[str, Any]:

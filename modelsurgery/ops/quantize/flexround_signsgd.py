@@ -16,7 +16,9 @@ learning rate decayed linearly to 0 as AutoRound's. Its initial value (lr 0 = th
 2^(2 - bits) / steps: AutoRound's 1 / iters at 2 bits, halved per extra bit, because a step of the
 log-scales moves a code by about lr times the code, and codes reach 2^(bits - 1). That scaling is
 ours, tuned on ``bench_quantize_peers.py`` (char GPT-2 W4/W3/W4 g32, MiniLM W4/W4 g128 at 50 steps;
-README). AutoRound keeps the iterate with the lowest batch loss; that rule did not help here
+README). As AutoRound, it goes through the calibration batches once per epoch in a fresh random order
+(``batch_order = "epochs"``; FlexRound and AdaRound draw a batch at random every step, as their
+reference code). AutoRound keeps the iterate with the lowest batch loss; that rule did not help here
 (README), so the last iterate is kept.
 """
 
@@ -43,6 +45,7 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
     name = "flexround-signsgd"
     lr_schedule = "linear"
     optimizer = "signsgd"
+    batch_order = "epochs"  # AutoRound's: every sample once per epoch, reshuffled
     params = (
         STEPS.with_default(200, "AutoRound/SignRound default iters"),
         LR.with_default(0.0, "0 means 2^(2 - bits) / steps: AutoRound/SignRound's 1 / iters at 2 bits, halved per "

@@ -372,7 +372,7 @@ def _reconstruct(model, targets, calib, scheme, method, options, settings, progr
                 task = f"block {i + 1}/{n_blocks}"
                 train_block(qblock, quantizers, xq, ctxs, yf, masks, settings, method.lr_schedule, options.low_memory,
                             gen, lambda s, loss, task=task: progress(task, s, settings["steps"], {"loss": loss}),
-                            options.parallel, method.optimizer)
+                            options.parallel, method.optimizer, method.batch_order)
             weights = _export(quantizers, local, targets)
             if calib:
                 report.loss = _block_loss(qblock, {}, xq, ctxs, yf, masks, options.parallel)
@@ -394,9 +394,25 @@ def _buffers_to(model: nn.Module, device: torch.device) -> None:
                 module._buffers[k] = b.to(device)
 
 
+def batch_indices(n: int, steps: int, order: str, gen: torch.Generator) -> Iterator[int]:
+    """The batch each of ``steps`` steps trains on, out of ``n``: "random" draws one per step
+    (``torch.randint``), "epochs" goes through all n in a fresh ``torch.randperm`` order per epoch.
+    Every rank of a data-parallel run draws the same indices from the same ``gen``."""
+    if order not in ("random", "epochs"):
+        raise ValueError(f"batch order {order!r}: expected random or epochs")
+    epoch: list[int] = []
+    for _ in range(steps):
+        if order == "random":
+            yield int(torch.randint(n, (1,), generator=gen))
+            continue
+        if not epoch:
+            epoch = torch.randperm(n, generator=gen).tolist()[::-1]
+        yield epoch.pop()
+
+
 def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ctxs, ys, masks, settings: dict,
            schedule: str, low_memory: bool, gen: torch.Generator, report: Callable[[int, float], None],
-           parallel: DataParallel | None = None, optimizer: str = "adam") -> None:
+           parallel: DataParallel | None = None, optimizer: str = "adam", batch_order: str = "random") -> None:
     """Adam (or, ``optimizer="signsgd"``, SGD on the sign of the gradient as SignRound; an lr of 0
     there means each quantizer's ``signed_step(steps)``) on the quantizers' parameters; under ``parallel`` each step's
     gradient is the whole batch's, summed over the ranks (every rank draws the same batch index from ``gen``)."""
@@ -415,8 +431,7 @@ def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ct
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay) if decay else None
     every = max(1, steps // 50)
     dim = feature_dim(block)
-    for step in range(steps):
-        b = int(torch.randint(len(xs), (1,), generator=gen))
+    for step, b in enumerate(batch_indices(len(xs), steps, batch_order, gen)):
         # the last step's gradients go before the forward pass, not after it: they would sit beside
         # the activations and fake-quantized weights it keeps for backward (the step's peak)
         opt.zero_grad(set_to_none=True)

@@ -130,3 +130,21 @@ def test_the_rounding_offset_is_added_before_rounding_and_moves_by_its_own_step(
     offset = (q.v_factor * q.v).detach().abs()
     assert torch.allclose(offset[offset > 0], torch.full_like(offset[offset > 0], 0.5)) and offset.max() > 0
     assert torch.allclose(moved["log_s2"].max(), torch.tensor(0.5))
+
+
+def test_batches_go_once_per_epoch_for_signsgd_and_at_random_for_flexround():
+    """flexround-signsgd goes through the batches as AutoRound does (each once per epoch, reshuffled); FlexRound and
+    AdaRound draw one at random every step, the draws of torch.randint itself."""
+    from modelsurgery.ops.quantize.reconstruct import batch_indices
+
+    assert method_by_name("flexround-signsgd").batch_order == "epochs"
+    assert method_by_name("flexround").batch_order == method_by_name("adaround").batch_order == "random"
+    order = list(batch_indices(5, 13, "epochs", torch.Generator().manual_seed(0)))
+    assert sorted(order[:5]) == sorted(order[5:10]) == list(range(5)) and len(set(order[10:])) == 3
+    epochs = list(batch_indices(5, 20, "epochs", torch.Generator().manual_seed(0)))
+    assert len({tuple(epochs[i:i + 5]) for i in range(0, 20, 5)}) > 1  # reshuffled each epoch, not one cycle
+    gen = torch.Generator().manual_seed(0)
+    expected = [int(torch.randint(5, (1,), generator=gen)) for _ in range(13)]
+    assert list(batch_indices(5, 13, "random", torch.Generator().manual_seed(0))) == expected
+    with pytest.raises(ValueError, match="batch order 'cyclic'"):
+        list(batch_indices(5, 1, "cyclic", torch.Generator()))
