@@ -32,11 +32,11 @@ from modelsurgery.ops.quantize.flexround import FlexRoundQuantizer
 from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS, MethodParam
 
 S1_STEP = MethodParam("s1_step", float, 1.0, "flexround-signsgd: the grid size s1's signed step relative to "
-                      "S2's (0: s1 stays at its initial grid)", minimum=0.0)
+                      "S2's (0: s1 stays at its initial grid).", minimum=0.0)
 S3_STEP = MethodParam("s3_step", float, 1.0, "flexround-signsgd: the per-output-channel s3's signed step relative "
-                      "to S2's (0: s3 stays 1)", minimum=0.0)
+                      "to S2's (0: s3 stays 1).", minimum=0.0)
 ROUND_OFFSET = MethodParam("round_offset", float, 0.0, "flexround-signsgd: an additive rounding offset v "
-                           "(round(W / div + v), SignRound's V) with signed step round_offset / steps; 0: none",
+                           "(round(W / div + v), SignRound's V) with signed step round_offset / steps; 0: none.",
                            minimum=0.0)
 
 
