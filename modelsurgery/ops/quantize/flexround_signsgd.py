@@ -13,10 +13,12 @@ beats AutoRound at the same budget where ``flexround`` lost (char GPT-2 W2/W3; s
 
 Defaults (``params``): 200 steps and batches of 8 (AutoRound's ``iters=200``, ``batch_size=8``), the
 learning rate decayed linearly to 0 as AutoRound's. Its initial value (lr 0 = this rule) is
-2^(2 - bits) / steps: AutoRound's 1 / iters at 2 bits, halved per extra bit, because a step of the
-log-scales moves a code by about lr times the code, and codes reach 2^(bits - 1). That scaling is
-ours, tuned on ``bench_quantize_peers.py`` (char GPT-2 W4/W3/W4 g32, MiniLM W4/W4 g128 at 50 steps;
-README). As AutoRound, it goes through the calibration batches once per epoch in a fresh random order
+2^(2 - bits) / sqrt(50 x steps). At 50 steps that is AutoRound's 1 / iters at 2 bits, halved per
+extra bit, because a step of the log-scales moves a code by about lr times the code, and codes reach
+2^(bits - 1); with more steps it shrinks as 1 / sqrt(steps) (``signed_step``), so a longer run can
+move further where the gradient's sign agrees from step to step. Both scalings are ours, tuned on
+``bench_quantize_peers.py`` (50 and 200 steps; README).
+As AutoRound, it goes through the calibration batches once per epoch in a fresh random order
 (``batch_order = "epochs"``; FlexRound and AdaRound draw a batch at random every step, as their
 reference code). AutoRound keeps the iterate with the lowest batch loss; that rule did not help here
 (README), so the last iterate is kept.
@@ -24,12 +26,18 @@ reference code). AutoRound keeps the iterate with the lowest batch loss; that ru
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from modelsurgery.ops.quantize.base import register
 from modelsurgery.ops.quantize.flexround import FlexRoundQuantizer
 from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS, MethodParam
+
+#: the budget at which the initial signed step is 2^(2 - bits) / steps (``signed_step``): the step budget of the
+#: bench_quantize_peers.py rows the rule was tuned on
+REFERENCE_STEPS = 50
 
 S1_STEP = MethodParam("s1_step", float, 1.0, "flexround-signsgd: the grid size s1's signed step relative to "
                       "S2's (0: s1 stays at its initial grid).", minimum=0.0)
@@ -48,8 +56,9 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
     batch_order = "epochs"  # AutoRound's: every sample once per epoch, reshuffled
     params = (
         STEPS.with_default(200, "AutoRound/SignRound default iters"),
-        LR.with_default(0.0, "0 means 2^(2 - bits) / steps: AutoRound/SignRound's 1 / iters at 2 bits, halved per "
-                        "extra bit (tuned on bench_quantize_peers.py rows); linear decay to 0"),
+        LR.with_default(0.0, "0 means 2^(2 - bits) / sqrt(50 x steps): at 50 steps AutoRound/SignRound's 1 / iters "
+                        "at 2 bits, halved per extra bit, shrinking as 1 / sqrt(steps) beyond (tuned on "
+                        "bench_quantize_peers.py rows); linear decay to 0"),
         BATCH_SIZE.with_default(8, "AutoRound/SignRound default batch_size"),
         S1_STEP.with_default(1.0, "this project's: s1 moves as S2"),
         S3_STEP.with_default(1.0, "this project's: s3 moves as S2"),
@@ -94,5 +103,8 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
         return self.to_stored((q - self.zero) * (s1 + (self.stored_s1() - s1).detach()))
 
     def signed_step(self, steps: int) -> float:
-        """The initial step size when no lr is given: 2^(2 - bits) / steps."""
-        return 2.0 ** (2 - self.scheme.bits) / steps
+        """The initial step size when no lr is given: 2^(2 - bits) / sqrt(REFERENCE_STEPS x steps), which is
+        2^(2 - bits) / steps at 50 steps. Beyond 50 it shrinks as 1 / sqrt(steps), not 1 / steps: a parameter
+        whose gradient sign is noise moves as a random walk, about lr x sqrt(steps), and that is what stays
+        fixed, while a parameter with a consistent sign can go further in a longer run."""
+        return 2.0 ** (2 - self.scheme.bits) / math.sqrt(REFERENCE_STEPS * steps)

@@ -1,7 +1,9 @@
 """flexround-signsgd: FlexRound's parametrisation trained as SignRound trains (each step moves a parameter by
-lr * sign(gradient), lr = 2^(2 - bits) / steps decayed linearly to 0). Checked against AutoRound's own ``SignSGD``
-optimiser and its ``LinearLR(1 -> 0)`` schedule when ``auto-round`` is installed, else against the update
+lr * sign(gradient), lr = 2^(2 - bits) / sqrt(50 x steps) decayed linearly to 0). Checked against AutoRound's own
+``SignSGD`` optimiser and its ``LinearLR(1 -> 0)`` schedule when ``auto-round`` is installed, else against the update
 written out by hand."""
+
+import math
 
 import pytest
 import torch
@@ -39,8 +41,9 @@ def test_defaults_are_autorounds():
     assert (s["s1_step"], s["s3_step"], s["round_offset"]) == (1.0, 1.0, 0.0)  # ablation switches, off
     assert (method.optimizer, method.lr_schedule) == ("signsgd", "linear")
     w = torch.randn(4, 8)
-    # AutoRound's 1 / iters at 2 bits, halved per extra bit
+    # at 50 steps AutoRound's 1 / iters at 2 bits, halved per extra bit; at 200 steps half that (1 / sqrt(steps))
     assert [method(w, QuantScheme(b)).signed_step(50) for b in (2, 3, 4)] == [0.02, 0.01, 0.005]
+    assert [method(w, QuantScheme(b)).signed_step(200) for b in (2, 3, 4)] == [0.01, 0.005, 0.0025]
 
 
 def test_each_step_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():
@@ -54,7 +57,7 @@ def test_each_step_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():
 
     ref = method(block[0].weight, scheme)
     params = list(ref.parameters())
-    lr = 0.5 / STEPS  # 2^(2 - 3) / steps at 3 bits
+    lr = 0.5 / math.sqrt(50 * STEPS)  # 2^(2 - 3) / sqrt(50 x steps) at 3 bits
     opt = _reference_optimizer(params, lr)
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, STEPS) if opt is not None else None
     for step in range(STEPS):
@@ -125,11 +128,11 @@ def test_the_rounding_offset_is_added_before_rounding_and_moves_by_its_own_step(
     torch.testing.assert_close(q().detach(), ((codes - 4) * q.log_s1.exp()).reshape(6, 12))
     assert torch.equal(q.export().codes, codes.reshape(6, 12).to(torch.uint8))
 
-    # one step moves the offset by round_offset / steps = 0.5 / 1, whatever the log-scales' lr (0.5 at 3 bits)
+    # one step moves the offset by round_offset / steps = 0.5 / 1, whatever the log-scales' lr (3 bits: 0.5 / sqrt(50))
     q, moved = _one_step({"steps": 1, "round_offset": 0.5})
     offset = (q.v_factor * q.v).detach().abs()
     assert torch.allclose(offset[offset > 0], torch.full_like(offset[offset > 0], 0.5)) and offset.max() > 0
-    assert torch.allclose(moved["log_s2"].max(), torch.tensor(0.5))
+    assert torch.allclose(moved["log_s2"].max(), torch.tensor(0.5 / math.sqrt(50)))  # 2^(2 - 3) / sqrt(50 x 1)
 
 
 def test_batches_go_once_per_epoch_for_signsgd_and_at_random_for_flexround():
