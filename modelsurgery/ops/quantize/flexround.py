@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modelsurgery.ops.quantize.base import WeightQuantizer, register
-from modelsurgery.ops.quantize.grids import Grid, stored_grid
+from modelsurgery.ops.quantize.grids import Grid, rows_per_chunk, stored_grid
 from modelsurgery.ops.quantize.params import BATCH_SIZE, LR, STEPS
 
 #: elements (whole rows) of a weight whose backward intermediates exist at a time: 1 MB of float32
@@ -74,7 +74,7 @@ class FlexRoundFakeQuant(torch.autograd.Function):
         # per channel or group the grids are per row, and every intermediate is elementwise or summed
         # within a row: a few rows at a time give the same gradients with weight-sized temporaries of
         # those rows only (a per-tensor grid's sum needs them all: one piece)
-        step = max(1, BACKWARD_CHUNK_ELEMENTS // max(w[0].numel(), 1)) if log_s1.shape[0] == rows else rows
+        step = rows_per_chunk(w[0].numel(), BACKWARD_CHUNK_ELEMENTS) if log_s1.shape[0] == rows else rows
         grad = torch.empty_like(log_s2, memory_format=torch.contiguous_format)  # becomes S2's gradient
         direct = torch.empty_like(log_s1, memory_format=torch.contiguous_format)
         for a in range(0, rows, step):

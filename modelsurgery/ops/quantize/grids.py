@@ -127,6 +127,13 @@ def minmax_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int) -> Grid:
 SEARCH_CHUNK_ELEMENTS = 1 << 18
 
 
+def rows_per_chunk(row_length: int, elements: int) -> int:
+    """How many whole rows of ``row_length`` fit in ``elements`` (at least one): the piece size of the
+    row-by-row loops (clipping search, FlexRound's backward, streaming RTN), which give the same result
+    as the whole matrix because per channel or group every row has its own grid."""
+    return max(1, elements // max(row_length, 1))
+
+
 def search_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int, p: float = 2.4,
                 steps: int = 80, min_ratio: float = 0.2) -> Grid:
     """Shrink the min/max range by each ratio in [min_ratio, 1] and keep, per row/group (or per
@@ -137,7 +144,7 @@ def search_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int, p: float 
     if scheme.granularity == "tensor":
         return _search_rows(matrix, scheme, group, p, steps, min_ratio)
     rows, length = matrix.shape
-    step = max(1, SEARCH_CHUNK_ELEMENTS // max(length, 1))
+    step = rows_per_chunk(length, SEARCH_CHUNK_ELEMENTS)
     if step >= rows:
         return _search_rows(matrix, scheme, group, p, steps, min_ratio)
     parts = [_search_rows(matrix[start:start + step], scheme, group, p, steps, min_ratio)

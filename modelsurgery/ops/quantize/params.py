@@ -58,7 +58,7 @@ class MethodParam:
 STEPS = MethodParam("steps", int, 0, "Reconstruction steps per block (Adam updates; signed steps for "
                   "flexround-signsgd).", minimum=0)
 LR = MethodParam("lr", float, 0.0, "Learning rate of the learned rounding parameters (Adam's; for "
-               "flexround-signsgd the signed step, 0 meaning 2^(2 - bits) / steps).", minimum=0.0)
+               "flexround-signsgd the signed step, 0 meaning 2^(2 - bits) / sqrt(50 x steps)).", minimum=0.0)
 BATCH_SIZE = MethodParam("batch_size", int, 32, "Calibration samples per reconstruction step (and per forward "
                          "pass when measuring block errors).", minimum=1)
 

@@ -41,7 +41,7 @@ from torch.func import functional_call
 from modelsurgery.memory import large_allocations_mapped, release_freed_memory
 from modelsurgery.ops.quantize.base import QuantizedWeight, WeightQuantizer
 from modelsurgery.ops.quantize.distributed import DataParallel
-from modelsurgery.ops.quantize.grids import Grid, QuantScheme, codes, dequantize
+from modelsurgery.ops.quantize.grids import Grid, QuantScheme, fake_quantize
 from modelsurgery.ops.quantize.rtn import RTNQuantizer
 
 Progress = Callable[[str, int, int, dict], None]
@@ -270,8 +270,7 @@ def rounded_on_initial_grid(q: WeightQuantizer) -> torch.Tensor:
     """``q``'s weight rounded to nearest on the grid it starts from: what ``rounded_to_nearest`` gives
     for the same weight (``RTNQuantizer``: the same float32 view, grid and rounding), without running
     the grid initialisation (the ``--grid search`` clipping search) a second time."""
-    grid = Grid(q.scale0, q.zero)
-    return q.to_stored(dequantize(codes(q.w, grid, q.scheme), grid))
+    return q.to_stored(fake_quantize(q.w, Grid(q.scale0, q.zero), q.scheme))
 
 
 def quantize_outside_blocks(model: nn.Module, targets: dict[int, Target], scheme: QuantScheme,

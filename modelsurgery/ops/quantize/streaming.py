@@ -27,7 +27,7 @@ from torch import nn
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, plan_copy
 from modelsurgery.ops.quantize.base import QuantizedWeight
-from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
+from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for, rows_per_chunk
 from modelsurgery.ops.quantize.packing import layer_entry
 from modelsurgery.ops.quantize.reconstruct import Residency, Target, rounded_to_nearest
 
@@ -127,7 +127,7 @@ def rounded_in_chunks(weight: torch.Tensor, target: Target, scheme: QuantScheme,
     axis = 1 if target.transposed else 0  # the stored axis of the rows (``grids.to_matrix``)
     rows = shape[axis]
     length = math.prod(shape) // max(rows, 1)
-    step = rows if scheme.granularity == "tensor" else max(1, (chunk_elements or RTN_CHUNK_ELEMENTS) // length)
+    step = rows if scheme.granularity == "tensor" else rows_per_chunk(length, chunk_elements or RTN_CHUNK_ELEMENTS)
     outputs = {name: (full_shape, 1 if target.transposed and not suffix else 0)
                for suffix, full_shape, _ in output_shapes(fmt, shape, dtype, target, scheme)
                for name in [target.name + suffix]}
