@@ -65,23 +65,23 @@ BATCH_SIZE = MethodParam("batch_size", int, 32, "Calibration samples per reconst
 
 @dataclass(frozen=True)
 class Preset:
-    """``--preset NAME`` of the learned methods: the reconstruction steps (per method), calibration samples
-    and batch size used where the user sets none of their own. None keeps the method's declared default."""
+    """``--preset NAME`` of the learned methods: the reconstruction steps, calibration samples and batch
+    size used where the user sets none of their own."""
 
     name: str
-    #: method name -> steps per block; a method left out keeps its declared default
-    steps: Mapping[str, int]
     samples: int
+    #: None keeps each method's declared batch size
     batch_size: int | None
     #: where the values come from
     source: str
-    #: method name -> its own samples and batch size where its reference recipe differs from the above
-    own: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: method name -> its own "steps" (left out: the method's declared steps) and, where its reference
+    #: recipe differs from the above, its own "samples" and "batch_size"
+    methods: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def for_method(self, name: str) -> tuple[int | None, int, int | None]:
         """(steps, samples, batch size) this preset gives ``name``; None keeps the method's declared value."""
-        own = self.own.get(name, {})
-        return self.steps.get(name), own.get("samples", self.samples), own.get("batch_size", self.batch_size)
+        own = self.methods.get(name, {})
+        return own.get("steps"), own.get("samples", self.samples), own.get("batch_size", self.batch_size)
 
 
 #: AutoRound's recipes for its SignRound (``auto_round/cli/main.py`` RECIPES: light = 50 iters, default =
@@ -90,15 +90,19 @@ _SIGNROUND_SOURCE = ("flexround-signsgd: AutoRound's recipes (auto_round/cli/mai
                      "200, best 1000 iters and 512 samples; 128 samples and batch 8 otherwise)")
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("fast", {"flexround": 250, "adaround": 500, "flexround-signsgd": 50}, 64, 8,
+    Preset("fast", 64, 8,
            "this project's: 1/20 of each method's declared steps, 64 samples in batches of 8, so a block trains "
            "in about 1/80 of the default's sample-steps; the trade-off is measured by benchmarks/bench_presets.py; "
-           + _SIGNROUND_SOURCE, own={"flexround-signsgd": {"samples": 128}}),
-    Preset("default", {}, 128, None,
+           + _SIGNROUND_SOURCE,
+           {"flexround": {"steps": 250}, "adaround": {"steps": 500},
+            "flexround-signsgd": {"steps": 50, "samples": 128}}),
+    Preset("default", 128, None,
            "each method's declared steps and batch size (its paper's or reference code's, above); 128 samples"),
-    Preset("best", {"flexround": 20_000, "adaround": 20_000, "flexround-signsgd": 1000}, 1024, 32,
+    Preset("best", 1024, 32,
            "BRECQ's main_imagenet.py (iters_w 20000, num_samples 1024) and block_reconstruction (batch 32); "
-           + _SIGNROUND_SOURCE, own={"flexround-signsgd": {"samples": 512, "batch_size": 8}}),
+           + _SIGNROUND_SOURCE,
+           {"flexround": {"steps": 20_000}, "adaround": {"steps": 20_000},
+            "flexround-signsgd": {"steps": 1000, "samples": 512, "batch_size": 8}}),
 )}
 
 
