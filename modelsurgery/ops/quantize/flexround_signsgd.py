@@ -86,11 +86,14 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
     log_s1 = property(lambda self: self._moved("log_s1"))
     log_s3 = property(lambda self: self._moved("log_s3"))
 
+    def _offset_scaled(self) -> torch.Tensor:
+        """W / div + v, what the offset form rounds."""
+        return self.w / self.divisor() + self.v_factor * self.v
+
     def hard_codes(self) -> torch.Tensor:
         if self.v is None:
             return super().hard_codes()
-        x = self.w / self.divisor() + self.v_factor * self.v
-        return torch.clamp(torch.round(x) + self.zero, 0, self.scheme.qmax)
+        return torch.clamp(torch.round(self._offset_scaled()) + self.zero, 0, self.scheme.qmax)
 
     def forward(self) -> torch.Tensor:
         if self.v is None:
@@ -98,7 +101,7 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
         # the offset's form written out (autograd through round's straight-through estimate): an ablation,
         # without FlexRoundFakeQuant's memory savings
         s1 = self.log_s1.exp()
-        x = self.w / self.divisor() + self.v_factor * self.v
+        x = self._offset_scaled()
         q = torch.clamp(x + (torch.round(x) - x).detach() + self.zero, 0, self.scheme.qmax)
         return self.to_stored((q - self.zero) * (s1 + (self.stored_s1() - s1).detach()))
 
