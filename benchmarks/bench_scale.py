@@ -4,15 +4,18 @@ resident memory (RssAnon summed over the process tree, polled every 20 ms: heap 
 mappings, not the file-backed pages of memory-mapped inputs) of
 
 - a plain copy of the checkpoint's bytes (the floor for anything that reads and writes them);
-- RTN 4-bit packed, streaming (the default) and --whole-model (the float model built first);
+- RTN 4-bit packed, streaming (the default) and --whole-model (the float model built first), and
+  streaming with --no-input-hash (the share of the provenance's SHA-256 of the inputs);
 - FlexRound 4-bit packed with a few steps on random token ids, streaming and --whole-model;
 - a match-merge of two such models (``surgery merge --method match``; max_iter 1), streaming weight
   matching (the default) and the in-memory matching (``weight_matching(streaming=False)``).
 
-Each run is its own child process, side by side in the same run. ``--small`` uses a model of hidden
-256, 4 layers, intermediate 704, vocab 4000 (about 11 MB) for a quick check.
+Each run is its own child process, side by side in the same run; ``--repeat N`` runs every row N
+times, interleaved, and reports the best and the median (a copy's time on a shared disk varies
+several-fold from run to run). ``--small`` uses a model of hidden 256, 4 layers, intermediate 704,
+vocab 4000 (about 11 MB) for a quick check.
 
-    python benchmarks/bench_scale.py [--small] [--workdir /tmp] [--steps 2] [--skip-merge]
+    python benchmarks/bench_scale.py [--small] [--workdir /tmp] [--steps 2] [--skip-merge] [--repeat 5]
     python benchmarks/bench_scale.py --formula   # the memory formula at 1.7 GB, 7B and 70B (no runs)
 """
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,6 +159,8 @@ def main() -> None:
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--only", choices=["rtn", "flexround", "merge"], help="run the copy and this one only")
     ap.add_argument("--threads", type=int, help="torch threads in each measured run (OMP_NUM_THREADS)")
+    ap.add_argument("--repeat", type=int, default=1, help="run every row this many times, interleaved "
+                    "(best and median reported)")
     ap.add_argument("--formula", action="store_true", help="only print the memory formula for 1.7 GB, 7B, 70B")
     args = ap.parse_args()
     if args.formula:
@@ -178,35 +184,45 @@ def main() -> None:
 
         save_file({"input_ids": torch.randint(shape["vocab"], (args.samples, args.seq_len),
                                               generator=torch.Generator().manual_seed(0))}, calib)
-        rows = {}
+        runs: dict[str, list[dict]] = {}
 
-        def run(cmd: list[str]) -> dict:
+        def run(label: str, cmd: list[str]) -> None:
             row = measure(cmd, args.threads)
-            print(f"{row} <- {' '.join(cmd[:6])} ...", file=sys.stderr, flush=True)
-            return row
+            print(f"{label}: {row} <- {' '.join(cmd[:6])} ...", file=sys.stderr, flush=True)
+            runs.setdefault(label, []).append(row)
 
-        rows["plain copy"] = run([py, "-c", f"import shutil; shutil.copytree({str(model)!r}, "
-                                  f"{str(work / 'copy')!r}, dirs_exist_ok=True)"])
         q = [py, "-m", "modelsurgery", "quantize", str(model), "--bits", "4", "--format", "packed", "--force", "-q"]
-        for mode in ("streaming", "whole-model") if args.only in (None, "rtn") else ():
-            rows[f"rtn packed, {mode}"] = run([*q, "-o", str(work / f"rtn-{mode}"), "--method", "rtn", f"--{mode}"])
-        for mode in ("streaming", "whole-model") if args.only in (None, "flexround") else ():
-            rows[f"flexround {args.steps} steps, {mode}"] = run(
-                [*q, "-o", str(work / f"flex-{mode}"), "--method", "flexround", "--calib", str(calib),
-                 "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-                 "--batch-size", str(min(4, args.samples)), f"--{mode}"])
-        if not args.skip_merge and args.only in (None, "merge"):
-            for mode, code in (("streaming", STREAM_MATCH), ("in-memory matching", WHOLE_MATCH)):
-                rows[f"match-merge, {mode}"] = run([py, "-c", code, str(work / "a"), str(work / "b"),
-                                                    str(work / f"merge-{mode.split()[0]}")])
-        print(json.dumps({"model": shape, "checkpoint_mb": round(size / 2**20, 1), "runs": rows}, indent=1))
-        print(f"\n{'run':40} {'seconds':>8} {'peak RssAnon MB':>16}")
+        for _ in range(args.repeat):  # interleaved, so that each row meets the same state of the machine
+            shutil.rmtree(work / "copy", ignore_errors=True)
+            run("plain copy", [py, "-c", f"import shutil; shutil.copytree({str(model)!r}, {str(work / 'copy')!r})"])
+            for mode in ("streaming", "whole-model") if args.only in (None, "rtn") else ():
+                run(f"rtn packed, {mode}", [*q, "-o", str(work / f"rtn-{mode}"), "--method", "rtn", f"--{mode}"])
+            if args.only in (None, "rtn"):  # the share of the provenance's SHA-256 of the inputs
+                run("rtn packed, streaming, --no-input-hash",
+                    [*q, "-o", str(work / "rtn-nohash"), "--method", "rtn", "--no-input-hash"])
+            for mode in ("streaming", "whole-model") if args.only in (None, "flexround") else ():
+                run(f"flexround {args.steps} steps, {mode}",
+                    [*q, "-o", str(work / f"flex-{mode}"), "--method", "flexround", "--calib", str(calib),
+                     "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                     "--batch-size", str(min(4, args.samples)), f"--{mode}"])
+            if not args.skip_merge and args.only in (None, "merge"):
+                for mode, code in (("streaming", STREAM_MATCH), ("in-memory matching", WHOLE_MATCH)):
+                    run(f"match-merge, {mode}", [py, "-c", code, str(work / "a"), str(work / "b"),
+                                                 str(work / f"merge-{mode.split()[0]}")])
+        rows = {k: {"seconds": [r["seconds"] for r in v], "best_seconds": min(r["seconds"] for r in v),
+                    "median_seconds": statistics.median(r["seconds"] for r in v),
+                    "peak_anon_mb": max(r["peak_anon_mb"] for r in v)} for k, v in runs.items()}
+        print(json.dumps({"model": shape, "checkpoint_mb": round(size / 2**20, 1), "threads": args.threads,
+                          "repeat": args.repeat, "runs": rows}, indent=1))
+        print(f"\n{'run':40} {'best s':>8} {'median s':>9} {'peak RssAnon MB':>16}")
         for k, v in rows.items():
-            print(f"{k:40} {v['seconds']:8.2f} {v['peak_anon_mb']:16.1f}")
-        copy = rows["plain copy"]["seconds"]
-        if "rtn packed, streaming" in rows:
-            print(f"\nRTN streaming / plain copy time: {rows['rtn packed, streaming']['seconds'] / copy:.2f}x "
-                  f"(checkpoint {size / 2**20:.0f} MB)")
+            print(f"{k:40} {v['best_seconds']:8.2f} {v['median_seconds']:9.2f} {v['peak_anon_mb']:16.1f}")
+        copy = rows["plain copy"]
+        for label in ("rtn packed, streaming", "rtn packed, streaming, --no-input-hash"):
+            if label in rows:
+                print(f"{label} / plain copy: {rows[label]['best_seconds'] / copy['best_seconds']:.2f}x (best), "
+                      f"{rows[label]['median_seconds'] / copy['median_seconds']:.2f}x (median); "
+                      f"checkpoint {size / 2**20:.0f} MB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

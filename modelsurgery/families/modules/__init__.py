@@ -17,7 +17,9 @@ from torch import nn
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Within this context every parameter a module registers is moved to the meta device (its
-    shape and dtype kept, no storage); buffers are left where they are made."""
+    shape and dtype kept, no storage); buffers are left where they are made. ``torch.nn.init``'s
+    functions leave meta tensors alone: they hold no values to initialise, and the first random
+    initialiser run on the meta device costs almost a second (torch loads its meta decompositions)."""
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
@@ -25,11 +27,28 @@ def parameters_on_meta() -> Iterator[None]:
             param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
+    inits = {name: getattr(nn.init, name) for name in _INITIALISERS}
     nn.Module.register_parameter = register
+    for name, fn in inits.items():
+        setattr(nn.init, name, _skipping_meta(fn))
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for name, fn in inits.items():
+            setattr(nn.init, name, fn)
+
+
+#: the ``torch.nn.init`` functions torch's modules call from ``reset_parameters``
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+def _skipping_meta(init):
+    def initialise(tensor, *args, **kwargs):
+        return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+    return initialise
 
 
 def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:

@@ -59,16 +59,20 @@ def all_methods() -> list[type[WeightQuantizer]]:
 @dataclass
 class QuantizedWeight:
     """The result for one weight: scale float32 and zero_point uint8 of shape [rows, n_groups]
-    (rows = 1 per tensor), the dequantized float32 weight in the stored layout, and the integer
-    codes [out, R] (``codes``)."""
+    (rows = 1 per tensor), the integer codes [out, R] (``codes``) and the dequantized float32 weight
+    in the stored layout (``dequantized``). Either is held and the other computed from it when
+    asked: the packed formats need only the codes, the fake output and the module only the floats."""
 
     scale: torch.Tensor
     zero_point: torch.Tensor
-    dequantized: torch.Tensor
     group_size: int
     transposed: bool
+    #: the weight's stored shape
+    shape: tuple[int, ...]
     #: uint8 codes as exported; None once dropped to save memory (``codes`` recomputes them)
     stored_codes: torch.Tensor | None = None
+    #: the dequantized float32 weight when held (``_store`` points it at the module's parameter)
+    stored_dequantized: torch.Tensor | None = None
 
     @property
     def codes(self) -> torch.Tensor:
@@ -80,6 +84,17 @@ class QuantizedWeight:
         matrix = to_matrix(self.dequantized.float(), self.transposed)
         q = torch.round(grouped(matrix, self.group_size) / self.scale[..., None]) + self.zero_point[..., None]
         return q.reshape(matrix.shape).to(torch.uint8)
+
+    @property
+    def dequantized(self) -> torch.Tensor:
+        """(q - z) * s in float32, in the stored layout: the same floats as ``export`` computed them
+        from the float codes (integers, exact in float32 either way)."""
+        if self.stored_dequantized is not None:
+            return self.stored_dequantized
+        q = grouped(self.stored_codes, self.group_size).float()
+        grid = Grid(self.scale[..., None], self.zero_point[..., None].float())
+        return from_matrix(dequantize(q, grid).reshape(self.stored_codes.shape), self.shape,
+                           self.transposed).contiguous()
 
 
 class WeightQuantizer(nn.Module):
@@ -148,12 +163,11 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
         grid = stored_grid(Grid(self.grid().scale.detach().float(), self.zero), self.scheme)
-        q = self.hard_codes()
         return QuantizedWeight(
-            stored_codes=q.reshape(self.rows, self.row_length).to(torch.uint8),
+            stored_codes=self.hard_codes().reshape(self.rows, self.row_length).to(torch.uint8),
             scale=grid.scale.squeeze(-1).contiguous(),
             zero_point=grid.zero.squeeze(-1).to(torch.uint8).contiguous(),
-            dequantized=self.to_stored(dequantize(q, grid)).contiguous(),
             group_size=self.group,
             transposed=self.transposed,
+            shape=self.shape,
         )

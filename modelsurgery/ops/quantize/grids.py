@@ -203,8 +203,9 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def codes(g: torch.Tensor, grid: Grid, scheme: QuantScheme) -> torch.Tensor:
-    """Round-to-nearest unsigned codes of a grouped view, clamped to [0, 2^bits - 1]."""
-    return torch.clamp(torch.round(g / grid.scale) + grid.zero, 0, scheme.qmax)
+    """Round-to-nearest unsigned codes of a grouped view, clamped to [0, 2^bits - 1] (float32 holding
+    integers; the steps after the division in place: one fresh tensor instead of four)."""
+    return torch.div(g, grid.scale).round_().add_(grid.zero).clamp_(0, scheme.qmax)
 
 
 def dequantize(q: torch.Tensor, grid: Grid) -> torch.Tensor:

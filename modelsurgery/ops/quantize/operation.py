@@ -386,10 +386,11 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     recon = ReconstructOptions(settings=settings, grid=opts.grid, seed=opts.seed, low_memory=opts.low_memory,
                                device=device, offload_dir=opts.offload_dir, parallel=parallel)
     blocks: list = []
-    steps = None
+    steps = rounding = None
     if streamed and not calib and not method.learned:
         layers = streaming.layer_entries(ckpt, targets, scheme, opts.bits)
-        planned = streaming.plan_rtn(ckpt, targets, scheme, method, opts.grid, opts.format, tensors_for)
+        rounding = streaming.RoundingPool()
+        planned = streaming.plan_rtn(ckpt, targets, scheme, method, opts.grid, opts.format, tensors_for, rounding)
     elif streamed:
         layers = streaming.layer_entries(ckpt, targets, scheme, opts.bits)
         steps = reconstruct_iter(model, targets, calib, scheme, method, recon, timer,
@@ -431,6 +432,8 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     finally:
         if steps is not None:
             steps.close()
+        if rounding is not None:
+            rounding.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak (Linux: KiB)
     evaluation = None
     if eval_data is not None:  # the float side is built again: calibration never holds two models

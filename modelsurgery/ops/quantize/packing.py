@@ -51,9 +51,18 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
         for k in range(1, per):
             out |= lanes[:, :, k] << np.uint8(k * bits)
         return torch.from_numpy(out)
-    shifts = np.arange(bits, dtype=np.int64)
-    bitstream = ((a[:, :, None] >> shifts) & 1).astype(np.uint8).reshape(rows, length * bits)
-    return torch.from_numpy(np.packbits(bitstream, axis=1, bitorder="little"))
+    # eight codes fill ``bits`` whole bytes: build each eight's 8 * bits-bit word (code k at bit
+    # k * bits) in a little-endian uint64 and keep its low ``bits`` bytes; a row is padded with zero
+    # codes to a multiple of eight, whose zero bits are the stream's padding
+    eights = -(-length // 8)
+    words = np.zeros((rows, eights * 8), dtype="<u8")
+    words[:, :length] = a
+    lanes = words.reshape(rows, eights, 8)
+    word = lanes[:, :, 0].copy()
+    for k in range(1, 8):
+        word |= lanes[:, :, k] << np.uint64(k * bits)
+    stream = word.view(np.uint8).reshape(rows, eights, 8)[:, :, :bits].reshape(rows, eights * bits)
+    return torch.from_numpy(np.ascontiguousarray(stream[:, :math.ceil(length * bits / 8)]))
 
 
 def unpack_codes(packed: np.ndarray | torch.Tensor, bits: int, length: int) -> np.ndarray:

@@ -241,8 +241,8 @@ def _store(param: nn.Parameter, qw: QuantizedWeight) -> None:
     """Write the dequantized weight into the module; where the layouts agree, ``qw`` then shares
     the parameter's storage instead of holding a second copy."""
     param.data.copy_(qw.dequantized.to(param.dtype))
-    if param.dtype == qw.dequantized.dtype and param.is_contiguous():
-        qw.dequantized = param.data
+    if param.dtype == torch.float32 and param.is_contiguous():
+        qw.stored_dequantized = param.data
         qw.stored_codes = None  # exactly recoverable from the float32 weight (``QuantizedWeight.codes``)
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import pairwise
 from types import SimpleNamespace
 
 import torch
@@ -148,15 +150,49 @@ def rounded_in_chunks(weight: torch.Tensor, target: Target, scheme: QuantScheme,
     return result
 
 
+class RoundingPool:
+    """Threads that round weights side by side for ``plan_rtn``: as many as torch's intra-op threads
+    when the pool opens, each running torch's operations on one thread (set for the pool's life and
+    restored on ``close``), so the rounding of several weights (torch and numpy let go of the GIL)
+    and the writer's file I/O share the cores instead of every operation splitting a few rows over
+    all of them."""
+
+    def __init__(self, workers: int | None = None):
+        self.threads = torch.get_num_threads()
+        self.workers = max(1, workers or self.threads)
+        torch.set_num_threads(1)
+        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rtn")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self.threads)
+
+
 def plan_rtn(ckpt: Checkpoint, targets: dict[int, Target], scheme: QuantScheme, method, grid: str | None,
-             fmt: str, tensors_for: TensorsFor) -> list[PlannedTensor]:
+             fmt: str, tensors_for: TensorsFor, pool: RoundingPool) -> list[PlannedTensor]:
     """Every checkpoint tensor in its order; a weight to quantize is read, rounded to nearest and
-    turned into its output tensors when the writer first asks for one of them."""
+    turned into its output tensors when the writer first asks for one of them. The ``pool.workers``
+    weights after the one asked for are rounded meanwhile on the pool's threads, while the writer
+    writes (and copies the tensors kept as they are): at most ``pool.workers + 1`` weights' outputs
+    are held."""
     by_name = {t.name: t for t in targets.values()}
+    following = dict(pairwise([n for n in ckpt.keys() if n in by_name]))  # noqa: SIM118 - not iterable
+    pending: dict[str, Future] = {}
+
+    def rounded(name: str) -> dict[str, torch.Tensor]:
+        return rounded_in_chunks(ckpt.get(name), by_name[name], scheme, method, grid, fmt, tensors_for)
 
     def fill(key: str) -> None:
         name = next(n for n in (key, key.rsplit(".", 1)[0]) if n in by_name)
-        produced.add(rounded_in_chunks(ckpt.get(name), by_name[name], scheme, method, grid, fmt, tensors_for))
+        job = pending.pop(name, None) or pool.executor.submit(rounded, name)
+        ahead = name
+        for _ in range(pool.workers):
+            ahead = following.get(ahead)
+            if ahead is None:
+                break
+            if ahead not in pending:
+                pending[ahead] = pool.executor.submit(rounded, ahead)
+        produced.add(job.result())  # a failure (a NaN weight) is raised here, in the writer's thread
 
     produced = _Produced(fill)
     return _planned(ckpt, ckpt.keys(), by_name, fmt, scheme, produced)

@@ -141,5 +141,6 @@ def test_codes_are_recovered_from_the_dequantized_weight(method, shape, transpos
     for magnitude in (1e-4, 1.0, 300.0):
         w = torch.randn(shape) * magnitude
         qw = METHODS[method](w, scheme, transposed).export()
-        assert qw.stored_codes is not None
-        assert torch.equal(dataclasses.replace(qw, stored_codes=None).codes, qw.stored_codes)
+        assert qw.stored_codes is not None and qw.stored_dequantized is None  # the floats when asked
+        held = dataclasses.replace(qw, stored_dequantized=qw.dequantized, stored_codes=None)
+        assert torch.equal(held.codes, qw.stored_codes)

@@ -69,6 +69,46 @@ def test_rtn_in_row_chunks_writes_the_same_bytes(tmp_path, monkeypatch, src, fmt
     assert _weights_file(stream.output).read_bytes() == _weights_file(whole.output).read_bytes()
 
 
+@pytest.fixture
+def torch_threads():
+    """Set torch's intra-op threads for a test (the rounding pool takes its size from them)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rtn_on_several_threads_writes_the_same_bytes(tmp_path, torch_threads, threads):
+    """The rounding pool rounds ``threads`` weights ahead of the writer, each on its own thread; the file
+    is the whole-model path's, and torch's thread count is given back."""
+    torch_threads(threads)
+    stream, whole = _both(LLAMA, tmp_path, method="rtn", bits=3, format="packed", default_skips=False,
+                          granularity="group", group_size=16, symmetric=False)
+    assert torch.get_num_threads() == threads
+    assert _weights_file(stream.output).read_bytes() == _weights_file(whole.output).read_bytes()
+
+
+def test_nan_met_on_a_rounding_thread_is_the_same_refusal(tmp_path, torch_threads):
+    """A NaN in a weight rounded ahead on a pool thread stops the write with the one-line message; nothing
+    is written and torch's thread count is given back."""
+    from safetensors.torch import load_file, save_file
+
+    torch_threads(2)
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in LLAMA.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    weights = next(src.glob("*.safetensors"))
+    state = load_file(str(weights))
+    name = sorted(k for k in state if k.endswith("mlp.down_proj.weight"))[-1]
+    state[name][0, 1] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(SurgeryError, match=rf"tensor '{name}' holds 1 NaN/Inf value"):
+        quantize_checkpoint(src, tmp_path / "q", QuantizeOptions(method="rtn", format="packed"))
+    assert not (tmp_path / "q").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    assert torch.get_num_threads() == 2
+
+
 @pytest.mark.parametrize("method", ["flexround", "adaround"])
 def test_lazy_blocks_learn_the_same_codes_mlp(tmp_path, method):
     stream, whole = _both(MLP, tmp_path, method=method, bits=3, format="packed", default_skips=False,
