@@ -151,6 +151,10 @@ class WeightQuantizer(nn.Module):
         """Initial step size of a ``signsgd`` method when no lr is given: SignRound's 1 / steps."""
         return 1.0 / steps
 
+    def initial_step(self) -> float:
+        """The step size a ``signsgd`` method starts from: ``lr`` when given, else ``signed_step(steps)``."""
+        return self.settings["lr"] or self.signed_step(max(1, self.settings["steps"]))
+
     # ----- shared -------------------------------------------------------------------------------
     def to_stored(self, g: torch.Tensor) -> torch.Tensor:
         return from_matrix(g.reshape(self.rows, self.row_length), self.shape, self.transposed)

@@ -74,8 +74,7 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
             start = self._parameters.pop(name).detach()
             self.register_buffer(f"{name}_start", start)
             self.register_parameter(f"{name}_offset", nn.Parameter(torch.zeros_like(start), requires_grad=factor > 0))
-        steps = max(1, self.settings["steps"])
-        self.v_factor = self.settings["round_offset"] / steps / (self.settings["lr"] or self.signed_step(steps))
+        self.v_factor = self.settings["round_offset"] / max(1, self.settings["steps"]) / self.initial_step()
         self.v = nn.Parameter(torch.zeros_like(self.w)) if self.v_factor else None
 
     def _moved(self, name: str) -> torch.Tensor:

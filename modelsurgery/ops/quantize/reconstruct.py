@@ -413,15 +413,15 @@ def train_block(block: nn.Module, quantizers: dict[str, WeightQuantizer], xs, ct
            schedule: str, low_memory: bool, gen: torch.Generator, report: Callable[[int, float], None],
            parallel: DataParallel | None = None, optimizer: str = "adam", batch_order: str = "random") -> None:
     """Adam (or, ``optimizer="signsgd"``, SGD on the sign of the gradient as SignRound; an lr of 0
-    there means each quantizer's ``signed_step(steps)``) on the quantizers' parameters; under ``parallel`` each step's
+    there means each quantizer's ``initial_step()``) on the quantizers' parameters; under ``parallel`` each step's
     gradient is the whole batch's, summed over the ranks (every rank draws the same batch index from ``gen``)."""
     steps = settings["steps"]
     params = [p for q in quantizers.values() for p in q.parameters()]
     if not params:  # only embeddings in this block: nothing is learned
         return
     signed = optimizer == "signsgd"
-    if signed:  # an lr of 0: each quantizer's own step size (``signed_step``)
-        opt = torch.optim.SGD([{"params": list(q.parameters()), "lr": settings["lr"] or q.signed_step(steps)}
+    if signed:  # an lr of 0: each quantizer's own step size (``initial_step``)
+        opt = torch.optim.SGD([{"params": list(q.parameters()), "lr": q.initial_step()}
                                for q in quantizers.values() if any(True for _ in q.parameters())], lr=settings["lr"])
     else:
         opt = torch.optim.Adam(params, lr=settings["lr"])

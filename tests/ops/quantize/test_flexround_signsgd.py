@@ -50,12 +50,13 @@ def test_each_step_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():
     method = method_by_name("flexround-signsgd")
     block, x, y = _problem()
     scheme = QuantScheme(3)
-    ours = method(block[0].weight, scheme)
-    train_block(block, {"0.weight": ours}, [x], [{}], [y], [None], method.resolve({"steps": STEPS}),
+    settings = method.resolve({"steps": STEPS})  # the quantizers are built with the settings they train with
+    ours = method(block[0].weight, scheme, settings=settings)
+    train_block(block, {"0.weight": ours}, [x], [{}], [y], [None], settings,
                 method.lr_schedule, False, torch.Generator().manual_seed(0), lambda *a: None,
                 optimizer=method.optimizer)
 
-    ref = method(block[0].weight, scheme)
+    ref = method(block[0].weight, scheme, settings=settings)
     params = list(ref.parameters())
     lr = 0.5 / math.sqrt(50 * STEPS)  # 2^(2 - 3) / sqrt(50 x steps) at 3 bits
     opt = _reference_optimizer(params, lr)
@@ -84,9 +85,10 @@ def test_each_step_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():
 def test_an_explicit_lr_is_used_as_given():
     method = method_by_name("flexround-signsgd")
     block, x, y = _problem()
-    q = method(block[0].weight, QuantScheme(3))
+    settings = method.resolve({"steps": 1, "lr": 0.125})
+    q = method(block[0].weight, QuantScheme(3), settings=settings)
     before = q.log_s3.detach().clone()
-    train_block(block, {"0.weight": q}, [x], [{}], [y], [None], method.resolve({"steps": 1, "lr": 0.125}),
+    train_block(block, {"0.weight": q}, [x], [{}], [y], [None], settings,
                 method.lr_schedule, False, torch.Generator().manual_seed(0), lambda *a: None,
                 optimizer=method.optimizer)
     step = (q.log_s3.detach() - before).abs()
