@@ -4,8 +4,9 @@ resident memory (RssAnon summed over the process tree, polled every 20 ms: heap 
 mappings, not the file-backed pages of memory-mapped inputs) of
 
 - a plain copy of the checkpoint's bytes (the floor for anything that reads and writes them);
-- RTN 4-bit packed, streaming (the default) and --whole-model (the float model built first), and
-  streaming with --no-input-hash (the share of the provenance's SHA-256 of the inputs);
+- RTN 4-bit packed, streaming (the default) and --whole-model (the float model built first),
+  streaming with --no-input-hash (the share of the provenance's SHA-256 of the inputs), and the
+  process start alone (Python importing torch and the quantize command);
 - FlexRound 4-bit packed with a few steps on random token ids, streaming and --whole-model;
 - a match-merge of two such models (``surgery merge --method match``; max_iter 1), streaming weight
   matching (the default) and the in-memory matching (``weight_matching(streaming=False)``).
@@ -125,13 +126,14 @@ SIZES = {"1.7 GB bench model": (2048, 5632, 16, 32000, 2048), "LLaMA-2 7B": (409
          "LLaMA-2 70B": (8192, 28672, 80, 32000, 1024)}
 
 
-def formula(samples: int = 128, seq_len: int = 128) -> None:
+def formula(samples: int = 128, seq_len: int = 128, threads: int = 1) -> None:
     """Memory by formula (GB), beyond the runtime's own ~0.2 GB (what the --small rows show):
     streaming FlexRound = 20 bytes per parameter of one block (float32 weight, S2, its gradient, Adam's
     two moments) + the cached activations (quantized input and float target: 2 x samples x seq_len x
-    hidden x 4 bytes); streaming RTN = the packed output of the largest quantized tensor (an MLP
-    matrix, half a byte per element at 4 bits: embeddings and head are kept float by default) + its
-    rows being rounded (``streaming.RTN_CHUNK_ELEMENTS`` elements, about 3 float32 copies of them);
+    hidden x 4 bytes); streaming RTN = two packed outputs of the largest quantized tensor (an MLP
+    matrix, half a byte per element at 4 bits: embeddings and head are kept float by default; the one
+    being written and the next) + each rounding thread's rows (``streaming.RTN_CHUNK_ELEMENTS``
+    elements, about 3 float32 copies of them);
     whole model = 4 bytes per parameter (the float32 model) + the same block state; streaming
     match-merge = the 256 MiB similarity cache + 3 x the largest tensor in float32; in-memory
     matching = 12 bytes per parameter (A, B and permuted B in float32)."""
@@ -144,7 +146,7 @@ def formula(samples: int = 128, seq_len: int = 128) -> None:
         acts = 2 * samples * seq_len * h * 4
         flex = 20 * block + acts
         gb = 1e9
-        rtn = h * inner / 2 + 12 * 2**19
+        rtn = 2 * h * inner / 2 + threads * 12 * 2**19
         print(f"{name:20} {params / 1e9:7.2f}B {rtn / gb:10.2f} {flex / gb:11.2f} "
               f"{(4 * params + flex) / gb:10.2f} {(2**28 + 12 * largest) / gb:12.2f} {12 * params / gb:12.2f}")
 
@@ -164,7 +166,7 @@ def main() -> None:
     ap.add_argument("--formula", action="store_true", help="only print the memory formula for 1.7 GB, 7B, 70B")
     args = ap.parse_args()
     if args.formula:
-        formula(args.samples if args.samples != 8 else 128)
+        formula(args.samples if args.samples != 8 else 128, threads=args.threads or 1)
         return
     shape = SMALL if args.small else FULL
     work = Path(tempfile.mkdtemp(prefix="bench_scale-", dir=args.workdir))
@@ -197,6 +199,9 @@ def main() -> None:
             run("plain copy", [py, "-c", f"import shutil; shutil.copytree({str(model)!r}, {str(work / 'copy')!r})"])
             for mode in ("streaming", "whole-model") if args.only in (None, "rtn") else ():
                 run(f"rtn packed, {mode}", [*q, "-o", str(work / f"rtn-{mode}"), "--method", "rtn", f"--{mode}"])
+            if args.only in (None, "rtn"):  # what RTN's process spends before it reads the checkpoint
+                run("process start (the imports of quantize)",
+                    [py, "-c", "import modelsurgery.cli.quantize, modelsurgery.ops.quantize.operation"])
             if args.only in (None, "rtn"):  # the share of the provenance's SHA-256 of the inputs
                 run("rtn packed, streaming, --no-input-hash",
                     [*q, "-o", str(work / "rtn-nohash"), "--method", "rtn", "--no-input-hash"])

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from itertools import pairwise
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from modelsurgery.checkpoint import Checkpoint, PlannedTensor, plan_copy
+from modelsurgery.checkpoint import Checkpoint, PlannedTensor, check_finite, plan_copy
+from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.base import QuantizedWeight
 from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for, rows_per_chunk
 from modelsurgery.ops.quantize.packing import layer_entry
@@ -119,12 +120,13 @@ RTN_CHUNK_ELEMENTS = 1 << 19
 
 
 def rounded_in_chunks(weight: torch.Tensor, target: Target, scheme: QuantScheme, method, grid: str | None,
-                      fmt: str, tensors_for: TensorsFor, chunk_elements: int | None = None
-                      ) -> dict[str, torch.Tensor]:
-    """``tensors_for`` of the weight rounded to nearest, computed a few rows at a time: per channel or
-    per group every row has its own grid, so rounding rows apart gives the same tensors as rounding
-    the whole weight at once (a per-tensor grid needs the whole weight: one piece). Only the rows
-    being rounded are in float32, not the whole weight."""
+                      fmt: str, tensors_for: TensorsFor, chunk_elements: int | None = None,
+                      pool: Executor | None = None) -> dict[str, torch.Tensor]:
+    """``tensors_for`` of the weight rounded to nearest, computed a few rows at a time (on ``pool``'s
+    threads side by side when given): per channel or per group every row has its own grid, so
+    rounding rows apart gives the same tensors as rounding the whole weight at once (a per-tensor grid
+    needs the whole weight: one piece). Only the rows being rounded are in float32, not the whole
+    weight."""
     shape, dtype = tuple(weight.shape), weight.dtype
     axis = 1 if target.transposed else 0  # the stored axis of the rows (``grids.to_matrix``)
     rows = shape[axis]
@@ -133,12 +135,20 @@ def rounded_in_chunks(weight: torch.Tensor, target: Target, scheme: QuantScheme,
     outputs = {name: (full_shape, 1 if target.transposed and not suffix else 0)
                for suffix, full_shape, _ in output_shapes(fmt, shape, dtype, target, scheme)
                for name in [target.name + suffix]}
-    result: dict[str, torch.Tensor] = {}
-    for start in range(0, rows, step):
+
+    def piece_tensors(start: int) -> tuple[int, dict[str, torch.Tensor]]:
         piece = weight.narrow(axis, start, min(step, rows - start)).float()
-        qw = rounded_to_nearest(piece, target, scheme, method, grid).export()
-        del piece
-        for name, value in tensors_for(target.name, qw, scheme.bits, dtype).items():
+        try:
+            qw = rounded_to_nearest(piece, target, scheme, method, grid).export()
+        except SurgeryError:
+            check_finite(target.name, weight)  # a NaN/Inf: counted over the whole weight, not the piece
+            raise
+        return start, tensors_for(target.name, qw, scheme.bits, dtype)
+
+    starts = range(0, rows, step)
+    result: dict[str, torch.Tensor] = {}
+    for start, tensors in (pool.map if pool is not None and len(starts) > 1 else map)(piece_tensors, starts):
+        for name, value in tensors.items():
             if step >= rows:
                 result[name] = value
                 continue
@@ -146,52 +156,49 @@ def rounded_in_chunks(weight: torch.Tensor, target: Target, scheme: QuantScheme,
             if name not in result:
                 result[name] = value.new_empty(full_shape)
             result[name].narrow(along, start, value.shape[along]).copy_(value)
-        del qw
     return result
 
 
 class RoundingPool:
-    """Threads that round weights side by side for ``plan_rtn``: as many as torch's intra-op threads
-    when the pool opens, each running torch's operations on one thread (set for the pool's life and
-    restored on ``close``), so the rounding of several weights (torch and numpy let go of the GIL)
-    and the writer's file I/O share the cores instead of every operation splitting a few rows over
-    all of them."""
+    """Threads for ``plan_rtn``: one rounds the weight after the one being written, while the writer
+    writes (torch and numpy let go of the GIL, so rounding and file I/O overlap), and that weight's
+    pieces of rows are rounded side by side on as many threads as torch had intra-op threads when
+    the pool opened, each running torch on one thread (set for the pool's life and restored on
+    ``close``). Memory stays at two weights' output tensors and one piece of rows per thread, however
+    many threads."""
 
     def __init__(self, workers: int | None = None):
         self.threads = torch.get_num_threads()
         self.workers = max(1, workers or self.threads)
         torch.set_num_threads(1)
-        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rtn")
+        self.next_weight = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtn-next")
+        self.pieces = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rtn")
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.next_weight.shutdown(wait=True, cancel_futures=True)
+        self.pieces.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(self.threads)
 
 
 def plan_rtn(ckpt: Checkpoint, targets: dict[int, Target], scheme: QuantScheme, method, grid: str | None,
              fmt: str, tensors_for: TensorsFor, pool: RoundingPool) -> list[PlannedTensor]:
     """Every checkpoint tensor in its order; a weight to quantize is read, rounded to nearest and
-    turned into its output tensors when the writer first asks for one of them. The ``pool.workers``
-    weights after the one asked for are rounded meanwhile on the pool's threads, while the writer
-    writes (and copies the tensors kept as they are): at most ``pool.workers + 1`` weights' outputs
-    are held."""
+    turned into its output tensors when the writer first asks for one of them, and the next weight
+    is rounded meanwhile (``RoundingPool``)."""
     by_name = {t.name: t for t in targets.values()}
     following = dict(pairwise([n for n in ckpt.keys() if n in by_name]))  # noqa: SIM118 - not iterable
     pending: dict[str, Future] = {}
 
     def rounded(name: str) -> dict[str, torch.Tensor]:
-        return rounded_in_chunks(ckpt.get(name), by_name[name], scheme, method, grid, fmt, tensors_for)
+        return rounded_in_chunks(ckpt.get(name), by_name[name], scheme, method, grid, fmt, tensors_for,
+                                 pool=pool.pieces)
 
     def fill(key: str) -> None:
         name = next(n for n in (key, key.rsplit(".", 1)[0]) if n in by_name)
-        job = pending.pop(name, None) or pool.executor.submit(rounded, name)
-        ahead = name
-        for _ in range(pool.workers):
-            ahead = following.get(ahead)
-            if ahead is None:
-                break
-            if ahead not in pending:
-                pending[ahead] = pool.executor.submit(rounded, ahead)
+        job = pending.pop(name, None) or pool.next_weight.submit(rounded, name)
+        ahead = following.get(name)
+        if ahead is not None and ahead not in pending:
+            pending[ahead] = pool.next_weight.submit(rounded, ahead)
         produced.add(job.result())  # a failure (a NaN weight) is raised here, in the writer's thread
 
     produced = _Produced(fill)

@@ -88,11 +88,15 @@ def test_rtn_on_several_threads_writes_the_same_bytes(tmp_path, torch_threads, t
     assert _weights_file(stream.output).read_bytes() == _weights_file(whole.output).read_bytes()
 
 
-def test_nan_met_on_a_rounding_thread_is_the_same_refusal(tmp_path, torch_threads):
-    """A NaN in a weight rounded ahead on a pool thread stops the write with the one-line message; nothing
-    is written and torch's thread count is given back."""
+def test_nan_met_on_a_rounding_thread_is_the_same_refusal(tmp_path, monkeypatch, torch_threads):
+    """NaN/Inf in a weight rounded ahead on the pool's threads, in two pieces of rows: the write stops with the
+    one-line message counting the whole weight's bad values; nothing is written and torch's thread count is
+    given back."""
     from safetensors.torch import load_file, save_file
 
+    from modelsurgery.ops.quantize import streaming
+
+    monkeypatch.setattr(streaming, "RTN_CHUNK_ELEMENTS", 1)  # one row per piece
     torch_threads(2)
     src = tmp_path / "in"
     src.mkdir()
@@ -101,9 +105,11 @@ def test_nan_met_on_a_rounding_thread_is_the_same_refusal(tmp_path, torch_thread
     weights = next(src.glob("*.safetensors"))
     state = load_file(str(weights))
     name = sorted(k for k in state if k.endswith("mlp.down_proj.weight"))[-1]
+    rows, cols = state[name].shape
     state[name][0, 1] = float("nan")
+    state[name][rows - 1, cols - 1] = float("inf")
     save_file(state, str(weights), metadata={"format": "pt"})
-    with pytest.raises(SurgeryError, match=rf"tensor '{name}' holds 1 NaN/Inf value"):
+    with pytest.raises(SurgeryError, match=rf"tensor '{name}' holds 2 NaN/Inf value\(s\) of {rows * cols};"):
         quantize_checkpoint(src, tmp_path / "q", QuantizeOptions(method="rtn", format="packed"))
     assert not (tmp_path / "q").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     assert torch.get_num_threads() == 2
