@@ -17,6 +17,7 @@ several-fold from run to run). ``--small`` uses a model of hidden 256, 4 layers,
 vocab 4000 (about 11 MB) for a quick check.
 
     python benchmarks/bench_scale.py [--small] [--workdir /tmp] [--steps 2] [--skip-merge] [--repeat 5]
+    python benchmarks/bench_scale.py --only rtn --bits 3 --group-size 128 --asymmetric
     python benchmarks/bench_scale.py --formula   # the memory formula at 1.7 GB, 7B and 70B (no runs)
 """
 
@@ -161,6 +162,9 @@ def main() -> None:
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--only", choices=["rtn", "flexround", "merge"], help="run the copy and this one only")
     ap.add_argument("--threads", type=int, help="torch threads in each measured run (OMP_NUM_THREADS)")
+    ap.add_argument("--bits", type=int, default=4, help="bit width of the RTN and FlexRound runs")
+    ap.add_argument("--group-size", type=int, help="groups of this size instead of per channel")
+    ap.add_argument("--asymmetric", action="store_true", help="asymmetric grids (a zero point per row/group)")
     ap.add_argument("--repeat", type=int, default=1, help="run every row this many times, interleaved "
                     "(best and median reported)")
     ap.add_argument("--formula", action="store_true", help="only print the memory formula for 1.7 GB, 7B, 70B")
@@ -193,7 +197,10 @@ def main() -> None:
             print(f"{label}: {row} <- {' '.join(cmd[:6])} ...", file=sys.stderr, flush=True)
             runs.setdefault(label, []).append(row)
 
-        q = [py, "-m", "modelsurgery", "quantize", str(model), "--bits", "4", "--format", "packed", "--force", "-q"]
+        grid = (["--granularity", "group", "--group-size", str(args.group_size)] if args.group_size else []) + (
+            ["--asymmetric"] if args.asymmetric else [])
+        q = [py, "-m", "modelsurgery", "quantize", str(model), "--bits", str(args.bits), "--format", "packed",
+             "--force", "-q", *grid]
         for _ in range(args.repeat):  # interleaved, so that each row meets the same state of the machine
             shutil.rmtree(work / "copy", ignore_errors=True)
             run("plain copy", [py, "-c", f"import shutil; shutil.copytree({str(model)!r}, {str(work / 'copy')!r})"])
