@@ -42,26 +42,22 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     if a.size and (a.min() < 0 or a.max() >= 2**bits):
         raise SurgeryError(f"codes out of range for {bits} bits")
     rows, length = a.shape
-    if 8 % bits == 0 and length * bits % 8 == 0:
-        # whole codes per byte: the same stream as below, element k of a byte at bit k * bits,
-        # without the bit-per-byte intermediate (8x the codes) the general width needs
-        per = 8 // bits
-        lanes = a.astype(np.uint8, copy=False).reshape(rows, length // per, per)
-        out = lanes[:, :, 0].copy()
-        for k in range(1, per):
-            out |= lanes[:, :, k] << np.uint8(k * bits)
-        return torch.from_numpy(out)
-    # eight codes fill ``bits`` whole bytes: build each eight's 8 * bits-bit word (code k at bit
-    # k * bits) in a little-endian uint64 and keep its low ``bits`` bytes; a row is padded with zero
-    # codes to a multiple of eight, whose zero bits are the stream's padding
-    eights = -(-length // 8)
-    words = np.zeros((rows, eights * 8), dtype="<u8")
-    words[:, :length] = a
-    lanes = words.reshape(rows, eights, 8)
+    # the fewest codes that fill whole bytes (2 at 4 bits, 4 at 2 or 6 bits, 8 at 3, 5 or 7) make one
+    # little-endian word, code k at bit k * bits, whose low bytes are that stretch of the stream; a row
+    # is padded with zero codes to a whole number of words, whose zero bits are the stream's padding
+    per = 8 // math.gcd(bits, 8)
+    nbytes = per * bits // 8
+    word_type = np.dtype("<u8" if nbytes > 4 else "<u4" if nbytes > 1 else "u1")
+    words = -(-length // per)
+    if words * per == length:
+        lanes = a.astype(word_type, copy=False).reshape(rows, words, per)
+    else:
+        lanes = np.zeros((rows, words, per), dtype=word_type)
+        lanes.reshape(rows, words * per)[:, :length] = a
     word = lanes[:, :, 0].copy()
-    for k in range(1, 8):
-        word |= lanes[:, :, k] << np.uint64(k * bits)
-    stream = word.view(np.uint8).reshape(rows, eights, 8)[:, :, :bits].reshape(rows, eights * bits)
+    for k in range(1, per):
+        word |= lanes[:, :, k] << word_type.type(k * bits)
+    stream = word.view(np.uint8).reshape(rows, words, word_type.itemsize)[:, :, :nbytes].reshape(rows, -1)
     return torch.from_numpy(np.ascontiguousarray(stream[:, :math.ceil(length * bits / 8)]))
 
 

@@ -167,12 +167,11 @@ class RoundingPool:
     ``close``). Memory stays at two weights' output tensors and one piece of rows per thread, however
     many threads."""
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self):
         self.threads = torch.get_num_threads()
-        self.workers = max(1, workers or self.threads)
         torch.set_num_threads(1)
         self.next_weight = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtn-next")
-        self.pieces = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rtn")
+        self.pieces = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="rtn")
 
     def close(self) -> None:
         self.next_weight.shutdown(wait=True, cancel_futures=True)
