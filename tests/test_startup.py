@@ -66,6 +66,16 @@ def test_safetensors_header_reader_needs_no_torch(tmp_path):
     assert eval(r.stdout.strip().splitlines()[0]) == [("a", (2, 3), "bfloat16", 12), ("b", (4,), "int8", 4)]
 
 
+def test_hashing_the_named_inputs_needs_no_torch(fixtures_dir):
+    """The CLI starts hashing a writing command's inputs before the command's module (and torch) is
+    imported: finding and hashing them imports none of the heavy modules."""
+    model = fixtures_dir / "digits" / "mlp_seed0.safetensors"
+    code = ("from modelsurgery.checkpoint import digests\nfrom modelsurgery.cli.app import prefetch_input_digests\n"
+            f"files = prefetch_input_digests('quantize', [{str(model)!r}, '-o', 'out'])\n"
+            "assert len(files) == 1 and digests.file_digest(files[0])")
+    assert _modules_after(code) == []
+
+
 def test_families_describe_without_torch():
     """The rule of families/base.py: a family file describes (detection, blocks, roles, config.json) and
     imports no torch; the torch modules live in families/modules/ and are imported by build_module."""

@@ -125,22 +125,7 @@ class Checkpoint:
         cfg_path = folder / "config.json"
         if cfg_path.exists():
             config = read_json_object(cfg_path, "config.json")
-        for index in INDEX_NAMES:
-            if (folder / index).exists():
-                return cls._open_file(folder / index, folder, config)
-        st = sorted(folder.glob("*.safetensors"))
-        if len(st) == 1:
-            return cls._open_file(st[0], folder, config)
-        if len(st) > 1:
-            raise SurgeryError(
-                f"{folder}: several .safetensors files and no model.safetensors.index.json to say how they fit"
-            )
-        pickles = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
-        if len(pickles) == 1:
-            return cls._open_file(pickles[0], folder, config)
-        if len(pickles) > 1:
-            raise SurgeryError(f"{folder}: several PyTorch weight files and no index to say how they fit")
-        raise SurgeryError(f"{folder}: no weights found (no .safetensors, shard index or .pt/.pth/.bin file)")
+        return cls._open_file(_folder_weights(folder), folder, config)
 
     # ----- access -------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -249,6 +234,42 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def _folder_weights(folder: Path) -> Path:
+    """The file a folder checkpoint is read from: its shard index, else its one .safetensors file,
+    else its one PyTorch weight file."""
+    for index in INDEX_NAMES:
+        if (folder / index).exists():
+            return folder / index
+    st = sorted(folder.glob("*.safetensors"))
+    if len(st) == 1:
+        return st[0]
+    if len(st) > 1:
+        raise SurgeryError(
+            f"{folder}: several .safetensors files and no model.safetensors.index.json to say how they fit"
+        )
+    pickles = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+    if len(pickles) == 1:
+        return pickles[0]
+    if len(pickles) > 1:
+        raise SurgeryError(f"{folder}: several PyTorch weight files and no index to say how they fit")
+    raise SurgeryError(f"{folder}: no weights found (no .safetensors, shard index or .pt/.pth/.bin file)")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The files ``Checkpoint.open(path)`` reads weights from (what provenance digests), found from
+    the folder's listing and shard index alone, without reading a header or a tensor; [] when
+    ``path`` is not a checkpoint."""
+    try:
+        path = resolve_input(Path(path))
+        if path.is_dir():
+            path = _folder_weights(path)
+        if path.name.endswith(".index.json"):
+            return list(dict.fromkeys(read_shard_index(path).values()))
+        return [path] if path.is_file() and path.name.endswith((".safetensors", *PICKLE_SUFFIXES)) else []
+    except (SurgeryError, OSError, ValueError):
+        return []
 
 
 def _refuse_unlisted(index: Path, shard: Path, names, weight_map: dict[str, Path]) -> None:

@@ -8,7 +8,6 @@ interrupted run leaves nothing behind; an existing output is replaced only with 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,14 +16,15 @@ import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from modelsurgery import __version__
+from modelsurgery.checkpoint import digests
 from modelsurgery.checkpoint.carry import CarriedFile
+from modelsurgery.checkpoint.digests import file_digest
 from modelsurgery.checkpoint.formats import TORCH_TO_ST, dtype_size
 from modelsurgery.checkpoint.output import FILES_KEY, atomic_path, output_is_folder
 from modelsurgery.errors import SurgeryError
@@ -73,55 +73,48 @@ class Provenance:
     parameters: dict = field(default_factory=dict)
     sources: Sequence[Path] = ()
 
-    def to_metadata(self, digests: Sequence[str] | None = None) -> dict[str, str]:
-        """The ``modelsurgery`` metadata entry; ``digests`` default to hashing the sources now."""
-        if digests is None:
-            digests = [file_digest(p) for p in self.sources]
+    def to_metadata(self, values: Sequence[str] | None = None) -> dict[str, str]:
+        """The ``modelsurgery`` metadata entry; the digests ``values`` default to hashing the sources now."""
+        if values is None:
+            values = [file_digest(p) for p in self.sources]
         record = {
             "tool": "modelsurgery",
             "version": __version__,
             "operation": self.operation,
             "parameters": self.parameters,
-            "sources": [{"file": str(p), "sha256": d} for p, d in zip(self.sources, digests)],
+            "sources": [{"file": str(p), "sha256": d} for p, d in zip(self.sources, values)],
         }
         return {"modelsurgery": json.dumps(record, default=str, sort_keys=True)}
 
 
-def file_digest(path: Path, chunk: int = 1 << 23, stop: threading.Event | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            if stop is not None and stop.is_set():
-                return ""
-            h.update(block)
-    return h.hexdigest()
-
-
 class PendingDigests:
-    """Source digests computed in a background thread while tensors are written (hashlib releases
-    the GIL), so hashing a multi-GB input overlaps the copy instead of preceding it. Headers hold
-    placeholders of the digests' exact length, patched in place once the hashes are known."""
+    """Source digests computed in the background while tensors are written (``digests.start``: the
+    files side by side, or already under way since the CLI started), so hashing a multi-GB input
+    overlaps the copy instead of preceding it. Headers hold placeholders of the digests' exact
+    length, patched in place once the hashes are known."""
 
     def __init__(self, sources: Sequence[Path]):
+        self.sources = [Path(p) for p in sources]
         self.placeholders = [f"pending-sha256-{i:049d}" for i in range(len(sources))]
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._futures = [self._pool.submit(file_digest, Path(p), stop=self._stop) for p in sources]
+        digests.only(self.sources)
+        self._jobs = digests.start(self.sources)
 
     def patch(self, files: Iterable[Path]) -> None:
-        digests = [f.result() for f in self._futures]
+        values = [digests.result(job, p, self._stop) for job, p in zip(self._jobs, self.sources)]
         for path in files:
             with open(path, "r+b") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = f.read(n)
-                for placeholder, digest in zip(self.placeholders, digests):
+                for placeholder, digest in zip(self.placeholders, values):
                     header = header.replace(placeholder.encode(), digest.encode())
                 f.seek(8)
                 f.write(header)
 
     def close(self) -> None:
+        """Stop hashing what is left (a write given up)."""
         self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        digests.only(())
 
 
 def float_dtype(value: str | torch.dtype | None, flag: str = "--dtype") -> torch.dtype | None:

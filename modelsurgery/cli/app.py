@@ -7,6 +7,9 @@ runs or shows its own help: `surgery --help` and `surgery --version` import none
 from __future__ import annotations
 
 import importlib
+import os
+from itertools import pairwise
+from pathlib import Path
 
 import click
 import typer
@@ -43,6 +46,29 @@ COMMANDS = {
 }
 
 
+#: the commands whose output's provenance holds the SHA-256 of their input checkpoints
+HASHING_INPUTS = frozenset({"merge", "grow", "align", "quantize", "dequantize", "fold", "extract"})
+
+
+def prefetch_input_digests(name: str, args: list[str]) -> list[Path]:
+    """Start hashing the checkpoints named on the command line of a command that will record their
+    SHA-256, before its module (and torch, about a second on one core) is imported: the hashing then
+    runs on an idle core. Any argument naming a checkpoint counts but the output (``-o``); the
+    writer asks for the digests it needs, and takes each from here when the file is unchanged. Not
+    with ``--no-input-hash``, nor on a torchrun rank other than 0 (which writes nothing). The files
+    it started hashing."""
+    if name not in HASHING_INPUTS or "--no-input-hash" in args or os.environ.get("RANK", "0") != "0":
+        return []
+    from modelsurgery.checkpoint.digests import start
+    from modelsurgery.checkpoint.store import weight_files
+
+    outputs = {value for flag, value in pairwise(args) if flag in ("-o", "--output")}
+    named = [a for a in args if not a.startswith("-") and a not in outputs]
+    files = list(dict.fromkeys(f for a in named for f in weight_files(a)))
+    start(files)
+    return files
+
+
 def load_command(name: str) -> click.Command:
     """The click command of subcommand ``name``, its module imported now."""
     module, function, _ = COMMANDS[name]
@@ -67,6 +93,7 @@ class LazyGroup(TyperGroup):
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         if args and args[0] in COMMANDS:
+            prefetch_input_digests(args[0], args[1:])
             return args[0], load_command(args[0]), args[1:]
         return super().resolve_command(ctx, args)
 

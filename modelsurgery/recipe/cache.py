@@ -14,10 +14,9 @@ import os
 from pathlib import Path
 
 from modelsurgery import __version__
-from modelsurgery.checkpoint.writer import file_digest
+from modelsurgery.checkpoint.digests import file_digest
 
 RECORD_DIR = ".surgery-run"
-_digests: dict[tuple[str, int, int], str] = {}
 
 
 def files_of(path: Path) -> list[Path]:
@@ -26,15 +25,6 @@ def files_of(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
     return [path] if path.exists() else []
-
-
-def digest(path: Path) -> str:
-    """sha256 of a file, remembered by (path, size, mtime) for the rest of the process."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _digests:
-        _digests[key] = file_digest(Path(path))
-    return _digests[key]
 
 
 def _relative(path: Path) -> list[tuple[str, Path]]:
@@ -49,7 +39,7 @@ def tree_state(path: Path) -> dict[str, dict]:
     out = {}
     for rel, p in _relative(path):
         st = os.stat(p)
-        out[rel] = {"sha256": digest(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        out[rel] = {"sha256": file_digest(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return out
 
 
@@ -63,7 +53,7 @@ def same_state(recorded: dict, path: Path) -> bool:
         st, rec = os.stat(p), recorded[rel]
         if (st.st_size, st.st_mtime_ns) == (rec.get("size"), rec.get("mtime_ns")):
             continue
-        if st.st_size != rec.get("size") or digest(p) != rec.get("sha256"):
+        if st.st_size != rec.get("size") or file_digest(p) != rec.get("sha256"):
             return False
     return True
 
