@@ -124,7 +124,7 @@ def test_provenance_of_a_cli_run_holds_the_inputs_sha256(tmp_path, fixtures_dir,
 
     mlp = Checkpoint.open(fixtures_dir / "digits" / "mlp_seed0.safetensors")
     model = tmp_path / "model"
-    write_checkpoint(model, [plan_copy(mlp, k) for k in mlp.keys()],
+    write_checkpoint(model, [plan_copy(mlp, k) for k in mlp],
                      max_shard_size=mlp.nbytes // 2 if shards > 1 else 10**9)
     sources = weight_files(model)
     assert len(sources) == shards

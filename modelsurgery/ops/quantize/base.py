@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from modelsurgery.checkpoint import check_finite
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.grids import (
     Grid,
@@ -122,7 +121,6 @@ class WeightQuantizer(nn.Module):
     def __init__(self, weight: torch.Tensor, scheme: QuantScheme, transposed: bool = False,
                  grid: str | None = None, tensor_name: str = "weight", settings: Mapping[str, Any] | None = None):
         super().__init__()
-        check_finite(tensor_name, weight)  # one NaN would become a NaN row (its scale) and spread downstream
         self.settings = self.resolve(settings)
         self.scheme = scheme
         self.shape = tuple(weight.shape)
@@ -133,7 +131,8 @@ class WeightQuantizer(nn.Module):
         self.group = group_size_for(scheme, self.row_length, tensor_name)
         # a view of a float32 weight (never written while its quantizer lives): no second copy
         self.register_buffer("w", grouped(matrix, self.group).contiguous())
-        init = make_grid(matrix, scheme, self.group, grid or self.default_grid)
+        # refuses a NaN/Inf (one would become a NaN row, its scale, and spread downstream)
+        init = make_grid(matrix, scheme, self.group, grid or self.default_grid, tensor_name)
         self.register_buffer("scale0", init.scale)
         self.register_buffer("zero", init.zero)
 

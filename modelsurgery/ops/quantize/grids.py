@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modelsurgery.checkpoint import check_finite
 from modelsurgery.errors import SurgeryError
 
 GRANULARITIES = ("tensor", "channel", "group")
@@ -178,12 +179,21 @@ def lp_error(g: torch.Tensor, grid: Grid, scheme: QuantScheme, p: float) -> torc
     return q.sub_(grid.zero).mul_(grid.scale).sub_(g).abs_().pow_(p)
 
 
-def make_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int, init: str = "minmax") -> Grid:
+def make_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int, init: str = "minmax",
+              name: str = "weight") -> Grid:
+    """The grid ``init`` starts ``matrix`` from, as ``scheme.storage`` stores it. A NaN or Inf in
+    ``matrix`` (tensor ``name``) is refused: every value enters its row's or group's min and max,
+    which are NaN or Inf for one, so a finite grid clears the matrix without a pass over it (checked
+    before the storage clamps the scale into fp16's range)."""
     if init == "minmax":
-        return stored_grid(minmax_grid(matrix, scheme, group), scheme)
-    if init == "search":
-        return stored_grid(search_grid(matrix, scheme, group), scheme)
-    raise SurgeryError(f"--grid {init}: expected minmax or search")
+        grid = minmax_grid(matrix, scheme, group)
+    elif init == "search":
+        grid = search_grid(matrix, scheme, group)
+    else:
+        raise SurgeryError(f"--grid {init}: expected minmax or search")
+    if not bool(torch.isfinite(grid.scale).all()):
+        check_finite(name, matrix)
+    return stored_grid(grid, scheme)
 
 
 def stored_grid(grid: Grid, scheme: QuantScheme) -> Grid:

@@ -169,6 +169,31 @@ def test_nan_weight_is_refused_naming_the_tensor(tmp_path, fmt):
     assert {p.name for p in tmp_path.iterdir()} == {"nan.safetensors"}
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("grid", ["minmax", "search"])
+@pytest.mark.parametrize("granularity,group_size,symmetric,transposed,storage",
+                         [("channel", None, True, False, None), ("group", 4, False, False, None),
+                          ("tensor", None, False, True, None), ("group", 4, True, False, "gptq")])
+def test_every_quantizer_refuses_a_non_finite_value_anywhere(bad, grid, granularity, group_size, symmetric,
+                                                             transposed, storage):
+    """The quantizers find a NaN/Inf through the grid (every value enters its row's or group's min and
+    max) instead of a pass over the weight: wherever the bad value sits, in every grid, granularity and
+    layout, and where a deployment format's fp16 scale would clamp an Inf scale to 65504, the weight is
+    refused and its bad values counted."""
+    from modelsurgery.ops.quantize.base import all_methods
+    from modelsurgery.ops.quantize.grids import QuantScheme
+
+    scheme = QuantScheme(bits=3, granularity=granularity, group_size=group_size, symmetric=symmetric,
+                         storage=storage)
+    for method in all_methods():
+        for where in [(0, 0), (5, 11), (7, 3)]:
+            w = torch.randn(8, 12)
+            w[where] = bad
+            with pytest.raises(SurgeryError, match=r"tensor 'x\.weight' holds 1 NaN/Inf value\(s\) of 96"):
+                method(w, scheme, transposed, grid, "x.weight")
+        method(torch.randn(8, 12), scheme, transposed, grid, "x.weight")  # a finite weight is taken
+
+
 def test_the_samples_actually_used_are_reported(tmp_path):
     """Issue #18 item 4: a calibration file shorter than --samples used what it had without saying so."""
     from modelsurgery.data import load_data
