@@ -13,11 +13,14 @@ mappings, not the file-backed pages of memory-mapped inputs) of
 
 Each run is its own child process, side by side in the same run; ``--repeat N`` runs every row N
 times, interleaved, and reports the best and the median (a copy's time on a shared disk varies
-several-fold from run to run). ``--small`` uses a model of hidden 256, 4 layers, intermediate 704,
+several-fold from run to run); ``--baseline DIR`` also runs the RTN streaming rows with the code
+checked out in DIR, interleaved with this code's. ``--small`` uses a model of hidden 256, 4 layers, intermediate 704,
 vocab 4000 (about 11 MB) for a quick check.
 
     python benchmarks/bench_scale.py [--small] [--workdir /tmp] [--steps 2] [--skip-merge] [--repeat 5]
     python benchmarks/bench_scale.py --only rtn --bits 3 --group-size 128 --asymmetric
+    git worktree add /tmp/old REV  # then the RTN rows of that commit beside this code's:
+    python benchmarks/bench_scale.py --only rtn --repeat 5 --skip-whole --baseline /tmp/old
     python benchmarks/bench_scale.py --formula   # the memory formula at 1.7 GB, 7B and 70B (no runs)
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -94,9 +98,14 @@ def _anon_kb(pid: int) -> int:
     return 0
 
 
-def measure(cmd: list[str], threads: int | None = None) -> dict:
-    """Wall seconds and peak RssAnon (MB) of the process tree of ``cmd`` (torch limited to ``threads``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+def measure(cmd: list[str], threads: int | None = None, extra_env: dict | None = None) -> dict:
+    """Wall seconds, CPU seconds (user + system of the process and the children it waited for: steadier
+    than wall time on a shared machine) and peak RssAnon (MB) of the process tree of ``cmd`` (torch
+    limited to ``threads``)."""
+    env = {**os.environ, **(extra_env or {})}
+    if threads:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
@@ -108,7 +117,9 @@ def measure(cmd: list[str], threads: int | None = None) -> dict:
         if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
-    return {"seconds": round(seconds, 2), "peak_anon_mb": round(peak / 1024, 1)}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_anon_mb": round(peak / 1024, 1)}
 
 
 WHOLE_MATCH = """
@@ -167,6 +178,9 @@ def main() -> None:
     ap.add_argument("--asymmetric", action="store_true", help="asymmetric grids (a zero point per row/group)")
     ap.add_argument("--repeat", type=int, default=1, help="run every row this many times, interleaved "
                     "(best and median reported)")
+    ap.add_argument("--baseline", type=Path, help="a checkout of other code (say, an older commit): the RTN "
+                    "streaming rows are also run with it (PYTHONPATH), interleaved with this code's")
+    ap.add_argument("--skip-whole", action="store_true", help="leave out the whole-model RTN row")
     ap.add_argument("--formula", action="store_true", help="only print the memory formula for 1.7 GB, 7B, 70B")
     args = ap.parse_args()
     if args.formula:
@@ -192,8 +206,8 @@ def main() -> None:
                                               generator=torch.Generator().manual_seed(0))}, calib)
         runs: dict[str, list[dict]] = {}
 
-        def run(label: str, cmd: list[str]) -> None:
-            row = measure(cmd, args.threads)
+        def run(label: str, cmd: list[str], extra_env: dict | None = None) -> None:
+            row = measure(cmd, args.threads, extra_env)
             print(f"{label}: {row} <- {' '.join(cmd[:6])} ...", file=sys.stderr, flush=True)
             runs.setdefault(label, []).append(row)
 
@@ -204,8 +218,14 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so that each row meets the same state of the machine
             shutil.rmtree(work / "copy", ignore_errors=True)
             run("plain copy", [py, "-c", f"import shutil; shutil.copytree({str(model)!r}, {str(work / 'copy')!r})"])
-            for mode in ("streaming", "whole-model") if args.only in (None, "rtn") else ():
+            rtn_modes = ("streaming",) if args.skip_whole else ("streaming", "whole-model")
+            for mode in rtn_modes if args.only in (None, "rtn") else ():
                 run(f"rtn packed, {mode}", [*q, "-o", str(work / f"rtn-{mode}"), "--method", "rtn", f"--{mode}"])
+            if args.baseline and args.only in (None, "rtn"):
+                for flags in ([], ["--no-input-hash"]):
+                    run(", ".join(["rtn packed, streaming", *flags]) + " (baseline)",
+                        [*q, "-o", str(work / "rtn-baseline"), "--method", "rtn", *flags],
+                        {"PYTHONPATH": str(args.baseline.resolve())})
             if args.only in (None, "rtn"):  # what RTN's process spends before it reads the checkpoint
                 run("process start (the imports of quantize)",
                     [py, "-c", "import modelsurgery.cli.quantize, modelsurgery.ops.quantize.operation"])
@@ -223,12 +243,15 @@ def main() -> None:
                                                  str(work / f"merge-{mode.split()[0]}")])
         rows = {k: {"seconds": [r["seconds"] for r in v], "best_seconds": min(r["seconds"] for r in v),
                     "median_seconds": statistics.median(r["seconds"] for r in v),
+                    "median_cpu_seconds": statistics.median(r["cpu_seconds"] for r in v),
                     "peak_anon_mb": max(r["peak_anon_mb"] for r in v)} for k, v in runs.items()}
         print(json.dumps({"model": shape, "checkpoint_mb": round(size / 2**20, 1), "threads": args.threads,
+                          "baseline": str(args.baseline) if args.baseline else None,
                           "repeat": args.repeat, "runs": rows}, indent=1))
-        print(f"\n{'run':40} {'best s':>8} {'median s':>9} {'peak RssAnon MB':>16}")
+        print(f"\n{'run':50} {'best s':>8} {'median s':>9} {'median CPU s':>13} {'peak RssAnon MB':>16}")
         for k, v in rows.items():
-            print(f"{k:40} {v['best_seconds']:8.2f} {v['median_seconds']:9.2f} {v['peak_anon_mb']:16.1f}")
+            print(f"{k:50} {v['best_seconds']:8.2f} {v['median_seconds']:9.2f} {v['median_cpu_seconds']:13.2f} "
+                  f"{v['peak_anon_mb']:16.1f}")
         copy = rows["plain copy"]
         for label in ("rtn packed, streaming", "rtn packed, streaming, --no-input-hash"):
             if label in rows:

@@ -114,12 +114,9 @@ def _planned(ckpt: Checkpoint, names: list[str], targets: dict[str, Target], fmt
     return planned
 
 
-#: elements of a weight (whole rows) that streaming RTN rounds at a time: 8 MB of float32, so that the
-#: Python between a piece's torch calls (held under the GIL, which the rounding threads share) is small
-#: beside their arithmetic, while the temporaries stay small (on 2 cores, the 1.7 GB model in
-#: bench_scale.py rounded in 4.1-4.4 s against 4.9-5.7 s with pieces of 2 MB; on one thread the
-#: same time within 2 %)
-RTN_CHUNK_ELEMENTS = 1 << 21
+#: elements of a weight (whole rows) that streaming RTN rounds at a time: 2 MB of float32, so that the
+#: quantizer's passes over them run in the CPU's cache and its temporaries stay small
+RTN_CHUNK_ELEMENTS = 1 << 19
 
 
 def rounded_in_chunks(weight: torch.Tensor, target: Target, scheme: QuantScheme, method, grid: str | None,
