@@ -26,8 +26,10 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as StillRunning
 from pathlib import Path
 
-#: bytes read and hashed at a time (into one reused buffer per thread)
-CHUNK = 1 << 24
+#: bytes read and hashed at a time (into one reused buffer per thread; hashlib is as fast from 1 MB up)
+CHUNK = 1 << 22
+#: the most files hashed side by side (a disk gives no more beyond; memory: THREADS x CHUNK)
+THREADS = 8
 #: a file modified this recently (nanoseconds before its hashing began) is hashed again when next asked
 RACY_NS = 2_000_000_000
 
@@ -61,10 +63,10 @@ def _cpus() -> int:
 
 
 def start(paths: Iterable[Path]) -> list[Future | None]:
-    """Start hashing ``paths`` in daemon threads (one per file, as many as there are CPUs; a command
-    that fails exits at once instead of waiting for them); one job per path, the one already known
-    for a file hashed or started before, None for a path that cannot be read (``result`` then meets
-    the error)."""
+    """Start hashing ``paths`` in daemon threads (one per file, as many as there are CPUs, up to
+    ``THREADS``; daemons, so that a command that fails exits at once instead of waiting for them); one
+    job per path: the one already known for a file hashed or started before, None for a path that
+    cannot be read (``result`` then meets the error)."""
     jobs: list[Future | None] = []
     queue: deque = deque()
     with _lock:
@@ -79,7 +81,7 @@ def start(paths: Iterable[Path]) -> list[Future | None]:
                 _unfinished[key] = threading.Event()
                 queue.append((path, key, _known[key], _unfinished[key]))
             jobs.append(_known[key])
-    for _ in range(min(len(queue), _cpus())):
+    for _ in range(min(len(queue), _cpus(), THREADS)):
         threading.Thread(target=_hash_queue, args=(queue,), name="sha256", daemon=True).start()
     return jobs
 
