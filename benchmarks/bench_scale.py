@@ -14,7 +14,9 @@ mappings, not the file-backed pages of memory-mapped inputs) of
 Each run is its own child process, side by side in the same run; ``--repeat N`` runs every row N
 times, interleaved, and reports the best and the median (a copy's time on a shared disk varies
 several-fold from run to run); ``--baseline DIR`` also runs the RTN streaming rows with the code
-checked out in DIR, interleaved with this code's. ``--small`` uses a model of hidden 256, 4 layers, intermediate 704,
+checked out in DIR, interleaved with this code's; ``--cold`` empties the page cache before every run
+(root only), so the checkpoint, torch and Python's own files are read from the disk as on a first run.
+``--small`` uses a model of hidden 256, 4 layers, intermediate 704,
 vocab 4000 (about 11 MB) for a quick check.
 
     python benchmarks/bench_scale.py [--small] [--workdir /tmp] [--steps 2] [--skip-merge] [--repeat 5]
@@ -122,6 +124,15 @@ def measure(cmd: list[str], threads: int | None = None, extra_env: dict | None =
     return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_anon_mb": round(peak / 1024, 1)}
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages back, then drop the clean ones (the kernel's page cache, dentries and inodes)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold: cannot drop the page cache ({e}); run as root") from e
+
+
 WHOLE_MATCH = """
 import sys
 from pathlib import Path
@@ -181,6 +192,8 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="a checkout of other code (say, an older commit): the RTN "
                     "streaming rows are also run with it (PYTHONPATH), interleaved with this code's")
     ap.add_argument("--skip-whole", action="store_true", help="leave out the whole-model RTN row")
+    ap.add_argument("--cold", action="store_true", help="empty the page cache before every run (sync, then "
+                    "/proc/sys/vm/drop_caches; needs root): the model read from the disk, as on a first run")
     ap.add_argument("--formula", action="store_true", help="only print the memory formula for 1.7 GB, 7B, 70B")
     args = ap.parse_args()
     if args.formula:
@@ -207,6 +220,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
 
         def run(label: str, cmd: list[str], extra_env: dict | None = None) -> None:
+            if args.cold:
+                drop_page_cache()
             row = measure(cmd, args.threads, extra_env)
             print(f"{label}: {row} <- {' '.join(cmd[:6])} ...", file=sys.stderr, flush=True)
             runs.setdefault(label, []).append(row)
@@ -246,7 +261,7 @@ def main() -> None:
                     "median_cpu_seconds": statistics.median(r["cpu_seconds"] for r in v),
                     "peak_anon_mb": max(r["peak_anon_mb"] for r in v)} for k, v in runs.items()}
         print(json.dumps({"model": shape, "checkpoint_mb": round(size / 2**20, 1), "threads": args.threads,
-                          "baseline": str(args.baseline) if args.baseline else None,
+                          "cold": args.cold, "baseline": str(args.baseline) if args.baseline else None,
                           "repeat": args.repeat, "runs": rows}, indent=1))
         print(f"\n{'run':50} {'best s':>8} {'median s':>9} {'median CPU s':>13} {'peak RssAnon MB':>16}")
         for k, v in rows.items():
