@@ -87,6 +87,28 @@ def test_cli_inspects_and_writes_from_a_hub_id(cache, monkeypatch, tmp_path):
     assert (tmp_path / "q" / "tokenizer_config.json").is_file()
 
 
+def test_hub_inputs_hashed_early_are_the_blobs_named_by_their_sha256(cache, monkeypatch, tmp_path):
+    """The CLI starts hashing a hub id's weight file (a snapshot link into blobs/) before the command
+    runs; the provenance's digest of it is the blob's own name, which is its content's sha256 as in
+    huggingface_hub's cache (LFS files)."""
+    from safetensors import safe_open
+
+    from modelsurgery.checkpoint.store import weight_files
+    from modelsurgery.cli.app import prefetch_input_digests
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    (weights,) = weight_files(REPO)
+    assert weights.is_symlink() and weights.resolve().parent.name == "blobs"
+    out = tmp_path / "q.safetensors"
+    args = [REPO, "-o", str(out), "--method", "rtn", "-q"]
+    assert prefetch_input_digests("quantize", args) == [weights]
+    r = CliRunner().invoke(app, ["quantize", *args])
+    assert r.exit_code == 0, r.output
+    with safe_open(str(out), framework="pt") as f:
+        (source,) = json.loads(f.metadata()["modelsurgery"])["sources"]
+    assert source["sha256"] == weights.resolve().name
+
+
 @pytest.mark.parametrize("text,words", [
     ("nobody/nothing", "hub model 'nobody/nothing' is not in the local Hugging Face cache"),
     (f"{REPO}@v9", "is cached"),
