@@ -45,6 +45,12 @@ def _identity(path: Path) -> tuple:
     return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _settled(key: tuple, began_ns: int) -> bool:
+    """Whether a digest of the file ``key`` names, hashed from ``began_ns``, may be remembered: its
+    last change lies more than ``RACY_NS`` before (git's racily-clean rule)."""
+    return began_ns - key[-1] > RACY_NS
+
+
 def _sha256(path: Path, stop: threading.Event | None = None) -> str:
     """The hex SHA-256 of the file's bytes; "" when ``stop`` is set before the end."""
     h = hashlib.sha256()
@@ -101,7 +107,7 @@ def _hash_queue(queue: deque) -> None:
             digest = None
         with _lock:
             _unfinished.pop(key, None)
-            if digest is None or began - key[-1] <= RACY_NS:  # a racy file's digest serves who waits now
+            if digest is None or not _settled(key, began):  # a racy file's digest serves who waits now
                 _known.pop(key, None)
         job.set_result(digest)
 
@@ -133,7 +139,7 @@ def file_digest(path: Path, stop: threading.Event | None = None) -> str:
         return result(job, path, stop)
     began = time.time_ns()
     digest = _sha256(path, stop)
-    if digest and began - key[-1] > RACY_NS and _identity(path) == key:
+    if digest and _settled(key, began) and _identity(path) == key:
         done: Future = Future()
         done.set_result(digest)
         with _lock:

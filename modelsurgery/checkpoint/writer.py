@@ -24,7 +24,6 @@ import torch
 from modelsurgery import __version__
 from modelsurgery.checkpoint import digests
 from modelsurgery.checkpoint.carry import CarriedFile
-from modelsurgery.checkpoint.digests import file_digest
 from modelsurgery.checkpoint.formats import TORCH_TO_ST, dtype_size
 from modelsurgery.checkpoint.output import FILES_KEY, atomic_path, output_is_folder
 from modelsurgery.errors import SurgeryError
@@ -76,7 +75,7 @@ class Provenance:
     def to_metadata(self, values: Sequence[str] | None = None) -> dict[str, str]:
         """The ``modelsurgery`` metadata entry; the digests ``values`` default to hashing the sources now."""
         if values is None:
-            values = [file_digest(p) for p in self.sources]
+            values = [digests.file_digest(p) for p in self.sources]
         record = {
             "tool": "modelsurgery",
             "version": __version__,
