@@ -54,7 +54,14 @@ def load_hf(folder: Path):
 
     cfg = AutoConfig.from_pretrained(folder)
     cls = AutoModel if cfg.model_type == "bert" else AutoModelForCausalLM
-    return cls.from_pretrained(folder, attn_implementation="eager").eval()
+    model = cls.from_pretrained(folder, attn_implementation="eager").eval()
+    # transformers 5 keeps float32 weights in the memory-mapped file, so a weight's address modulo the cache line
+    # follows its file's header length; on CPUs with wider vector units the matmul kernels then sum in another
+    # order for two files holding the same bits (seen in CI: logits of our copy and of the original one ulp
+    # apart). Fresh, allocator-aligned memory makes two folders with the same weights compute the same logits.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
+    return model
 
 
 # ----- the decoder LLM families (issue #12) -----------------------------------------------------
