@@ -175,8 +175,7 @@ def _sum(x, dim, keepdim):
 
 def lp_error(g: torch.Tensor, grid: Grid, scheme: QuantScheme, p: float) -> torch.Tensor:
     """|fake_quantize(g) - g|^p, the same operations in one fresh tensor (in place after the first)."""
-    q = torch.div(g, grid.scale).round_().add_(grid.zero).clamp_(0, scheme.qmax)
-    return q.sub_(grid.zero).mul_(grid.scale).sub_(g).abs_().pow_(p)
+    return codes(g, grid, scheme).sub_(grid.zero).mul_(grid.scale).sub_(g).abs_().pow_(p)
 
 
 def make_grid(matrix: torch.Tensor, scheme: QuantScheme, group: int, init: str = "minmax",
