@@ -88,6 +88,7 @@ class MergekitPlan:
         self.donor = cfg.referenced_models()[0]
         self.jobs: list[TensorJob] = []
         self.num_layers = 0
+        self.layer_sources: list[list[tuple[str, int]]] = []  # per output layer: (model, its layer index)
         try:
             self.families = {m: detect_family(c) for m, c in self.ckpts.items()}
             self._plan()
@@ -132,6 +133,7 @@ class MergekitPlan:
             for i in range(length):
                 t = layer_position(i, length)
                 lead = s.sources[0]
+                self.layer_sources.append([(src.model, src.layer_range[0] + i) for src in s.sources])
                 for suffix in self._block_suffixes(lead.model, lead.layer_range[0] + i):
                     inputs = [(src.model, self.families[src.model].block_name(src.layer_range[0] + i, suffix))
                               for src in s.sources]
@@ -148,6 +150,30 @@ class MergekitPlan:
     @staticmethod
     def _same_name(s: OutSlice, name: str) -> list[tuple[str, str]]:
         return [(src.model, name) for src in s.sources]
+
+    def output_config(self) -> dict | None:
+        """The donor's config.json with the output's layer count, and every per-layer list (Gemma's
+        ``layer_types``) taken entry by entry from the layer each output layer comes from, so a sliced or
+        stacked block keeps its attention type (mergekit leaves the donor's list as it is)."""
+        donor = self.ckpts[self.donor]
+        if donor.folder is None:
+            return None
+        cfg = self.families[self.donor].config_for_layers(self.num_layers)
+        if cfg is None:
+            return donor.config
+        lists = {m: fam.per_layer_config() for m, fam in self.families.items()}
+        for key in lists[self.donor]:
+            values = []
+            for k, sources in enumerate(self.layer_sources):
+                found = [(m, i, lists[m][key][i]) for m, i in sources if key in lists[m]]
+                other = next((f for f in found if f[2] != found[0][2]), None)
+                if other is not None:
+                    raise SurgeryError(f"output layer {k}: config.json {key} differs between its sources: "
+                                       f"{found[0][2]!r} (model '{found[0][0]}' layer {found[0][1]}), {other[2]!r} "
+                                       f"(model '{other[0]}' layer {other[1]}); merge layers of the same kind")
+                values.append(found[0][2] if found else cfg[key][k])
+            cfg[key] = values
+        return cfg
 
     def close(self) -> None:
         for c in self.ckpts.values():
@@ -298,10 +324,7 @@ def run_mergekit(cfg: MergekitConfig, out: Path, force: bool = False,
             model, name = job.inputs[0]
             shape = plan.ckpts[model].info(name).shape
             planned.append(PlannedTensor(job.name, shape, plan.output_dtype(job), lambda j=job: produce(j)))
-        donor = plan.ckpts[plan.donor]
-        config = None
-        if donor.folder is not None:
-            config = plan.families[plan.donor].config_for_layers(plan.num_layers) or donor.config
+        config = plan.output_config()
         report = write_checkpoint(out, planned, provenance=Provenance("mergekit", {"config": cfg.raw},
                                                                       plan.source_files()),
                                   config=config, extra_files=extra, force=force,

@@ -321,3 +321,43 @@ def test_refused_in_one_line(tmp_path, llamas, config, named):
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], r.output
     assert not out.exists()
+
+
+def test_passthrough_slices_keep_each_layers_attention_type(tmp_path):
+    """A Gemma 2 frankenmerge (layers 0-1 of a, then 1-2 of b; sliding window on alternate layers): each output
+    layer attends as it did in its source model, so config.json's layer_types follow the sources
+    (sliding, full, full, sliding), not the donor's pattern tiled. Reference: transformers running the source
+    layers themselves, each with its own window, on a sequence longer than the window."""
+    from tests.hf_tiny import load_hf, save_tiny_gemma2
+
+    models = {"a": save_tiny_gemma2(tmp_path / "a", seed=0), "b": save_tiny_gemma2(tmp_path / "b", seed=1)}
+    r, out = run(tmp_path, PASSTHROUGH, models)
+    assert r.exit_code == 0, r.output
+    src = {k: load_hf(v) for k, v in models.items()}
+    types = [src[m].config.layer_types[i] for m, i in (("a", 0), ("a", 1), ("b", 1), ("b", 2))]
+    assert types == ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+    assert json.loads((out / "config.json").read_text())["layer_types"] == types
+    reference = src["a"]
+    layers = [src[m].model.layers[i] for m, i in (("a", 0), ("a", 1), ("b", 1), ("b", 2))]
+    reference.model.layers = torch.nn.ModuleList(layers)
+    reference.model.norm = src["b"].model.norm
+    reference.config.num_hidden_layers, reference.config.layer_types = 4, types
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(out)(input_ids=ids).logits, reference(input_ids=ids, use_cache=False).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_merging_a_sliding_layer_with_a_full_one_is_refused(tmp_path):
+    """Layer 0 of a (sliding window) merged with layer 1 of b (full attention): no attention type is right for
+    the result, so the run stops in one line naming the layers and writes nothing."""
+    from tests.hf_tiny import save_tiny_gemma2
+
+    models = {"a": save_tiny_gemma2(tmp_path / "a", seed=0), "b": save_tiny_gemma2(tmp_path / "b", seed=1)}
+    config = ("slices: [{sources: [{model: a, layer_range: [0, 2], parameters: {weight: 1}}, "
+              "{model: b, layer_range: [1, 3], parameters: {weight: 1}}]}]\nmerge_method: linear\n")
+    r, out = run(tmp_path, config, models)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "layer_types" in lines[0] and "layer 1" in lines[0], r.output
+    assert not out.exists()
