@@ -192,6 +192,10 @@ def parse_config(doc: dict, where: str = "recipe") -> MergekitConfig:
     for i, s in enumerate(slices):
         b = s.base_model or base
         names = [src.model for src in s.sources]
+        twice = next((m for j, m in enumerate(names) if m in names[:j]), None)
+        if twice is not None:  # inputs are keyed by model (in mergekit too): one of the two would be dropped
+            raise SurgeryError(f"{where}: slices[{i}]: model '{twice}' is listed twice; a merge takes each model "
+                               "once (give a copy of it another path to merge two of its layer ranges)")
         if method.needs_base and b is None:
             raise SurgeryError(f"{where}: merge_method {name} needs base_model")
         if method.needs_base and b not in names:

@@ -309,6 +309,11 @@ tokenizer_source: union
     ("models: [{model: a, parameters: {weight: 1}}, {model: deep, parameters: {weight: 1}}]\nmerge_method: linear\n",
      "same number of layers"),
     ("models: [{model: a, parameters: {weight: 1}}]\nbase_model: b\nmerge_method: linear\n", "has no weight"),
+    # a model twice in one slice (two of its layer ranges): inputs are keyed by model, one would be dropped
+    ("slices: [{sources: [{model: a, layer_range: [0, 2], parameters: {weight: 1}}, "
+     "{model: a, layer_range: [1, 3], parameters: {weight: 1}}]}]\nmerge_method: linear\n", "listed twice"),
+    ("models: [{model: a, parameters: {weight: 1}}, {model: a, parameters: {weight: 2}}]\nmerge_method: linear\n",
+     "listed twice"),
 ])
 def test_refused_in_one_line(tmp_path, llamas, config, named):
     models = dict(llamas)
