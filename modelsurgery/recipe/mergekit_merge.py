@@ -28,7 +28,7 @@ from modelsurgery.families import detect_family
 from modelsurgery.ops.merge import get_method
 from modelsurgery.ops.merge.ties import trim
 from modelsurgery.recipe.mergekit_config import REQUIRED, MergekitConfig, OutSlice
-from modelsurgery.recipe.settings import evaluate_setting, layer_position
+from modelsurgery.recipe.settings import evaluate_setting, is_gradient, layer_position
 
 
 @dataclass
@@ -112,6 +112,9 @@ class MergekitPlan:
                 n = len(self.families[src.model].blocks())
                 if src.layer_range is None:
                     src.layer_range = (0, n)
+                elif src.layer_range[1] > 0 and n == 0:
+                    raise SurgeryError(f"model '{src.model}': family '{self.families[src.model].name}' has no layer "
+                                       f"stack known here, so layer_range {list(src.layer_range)} cannot be sliced")
                 elif src.layer_range[1] > n:
                     raise SurgeryError(f"model '{src.model}': layer_range {list(src.layer_range)} is past its "
                                        f"{n} layers")
@@ -119,6 +122,7 @@ class MergekitPlan:
             if len(set(lengths.values())) > 1:
                 raise SurgeryError(f"models {', '.join(f'{m} ({n} layers)' for m, n in lengths.items())}: every model "
                                    "of a merge needs the same number of layers (use slices: to pick layer ranges)")
+        self._check_gradients()
         donor_fam = self.families[self.donor]
         first, last = cfg.slices[0], cfg.slices[-1]
         outside = [n for n in self.ckpts[self.donor] if donor_fam.block_of(n) is None]
@@ -146,6 +150,21 @@ class MergekitPlan:
             for model, in_name in job.inputs:
                 if in_name not in self.ckpts[model]:
                     raise SurgeryError(f"model '{model}': tensor '{in_name}' is missing (needed for '{job.name}')")
+
+    def _check_gradients(self) -> None:
+        """A gradient is spread over layers: on a model whose layers we do not know (no family), every tensor
+        would sit at t = 0 and take the gradient's first value."""
+        cfg = self.cfg
+        flat = [m for m in self.ckpts if not self.families[m].blocks()]
+        if not flat:
+            return
+        scopes = [cfg.parameters, *(s.parameters for s in cfg.slices),
+                  *(src.parameters for s in cfg.slices for src in s.sources)]
+        name = next((k for scope in scopes for k, v in scope.items() if is_gradient(v)), None)
+        if name is not None:
+            raise SurgeryError(f"parameter '{name}' is a gradient over layers, but model '{flat[0]}' (family "
+                               f"'{self.families[flat[0]].name}') has no layer stack known here; give it as a "
+                               "scalar or as {filter, value} conditions")
 
     @staticmethod
     def _same_name(s: OutSlice, name: str) -> list[tuple[str, str]]:

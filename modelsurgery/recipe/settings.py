@@ -58,6 +58,15 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     return None
 
 
+def is_gradient(setting: Any) -> bool:
+    """Whether ``setting`` (or one of its conditions) varies over the layers: a list of two or more numbers."""
+    if not isinstance(setting, list):
+        return False
+    if all(_is_number(e) for e in setting):
+        return len(setting) > 1
+    return any(isinstance(c, dict) and is_gradient(c.get("value")) for c in setting)
+
+
 def layer_position(index: int, num_layers: int) -> float:
     """t of layer ``index`` in a slice of ``num_layers`` layers (mergekit's ``plan_slice``)."""
     return index / (num_layers - 1) if num_layers > 1 else 1.0

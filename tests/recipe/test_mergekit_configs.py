@@ -366,3 +366,36 @@ def test_merging_a_sliding_layer_with_a_full_one_is_refused(tmp_path):
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "layer_types" in lines[0] and "layer 1" in lines[0], r.output
     assert not out.exists()
+
+
+def test_gradient_on_a_model_without_a_layer_stack_is_refused(tmp_path):
+    """A Mixtral (no family here, so no layer stack): a gradient t: [0, 1] would put layer 2 at t = 1 in mergekit;
+    without known layers every tensor sat at t = 0 and the output was the base model. Refused in one line naming
+    the parameter; a scalar t still merges tensor by tensor (checked against the slerp definition by hand)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    models = {}
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                                         num_experts_per_tok=1, max_position_embeddings=32)
+                           ).save_pretrained(tmp_path / name)
+        models[name] = tmp_path / name
+    config = "models: [{model: a}, {model: b}]\nmerge_method: slerp\nbase_model: a\nparameters: {t: %s}\n"
+    r, out = run(tmp_path, config % "[0, 1]", models)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "'t'" in lines[0] and "layer" in lines[0], r.output
+    assert not out.exists()
+    r, out = run(tmp_path, "slices: [{sources: [{model: a, layer_range: [0, 2]}]}]\nmerge_method: passthrough\n",
+                 models, out_name="sliced")
+    assert r.exit_code == 1 and "no layer stack" in r.stderr and not out.exists(), r.output
+    r, out = run(tmp_path, config % "0.25", models, out_name="scalar")
+    assert r.exit_code == 0, r.output
+    a, b, got = ref.load(models["a"]), ref.load(models["b"]), ref.load(out)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    x, y = a[name].astype(np.float64).ravel(), b[name].astype(np.float64).ravel()
+    w = np.arccos(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+    want = (np.sin(0.75 * w) * a[name] + np.sin(0.25 * w) * b[name]) / np.sin(w)
+    np.testing.assert_allclose(got[name], want, atol=1e-6)
