@@ -294,6 +294,16 @@ def _tokenizer_files(plan: MergekitPlan) -> list[Path]:
             if _vocabulary(c) != ref:
                 raise SurgeryError(f"tokenizer_source: union: the vocabulary of '{m}' differs from '{plan.donor}'; "
                                    "building a union vocabulary is not supported (use tokenizer_source: base)")
+    elif cfg.tokenizer_source == "base":
+        # mergekit moves each model's embedding rows to the base's token ids (its own row where it has the token,
+        # the base's where not) before merging; rows merged by index are right only for the same vocabulary
+        ref = _vocabulary(plan.ckpts[donor])
+        for m, c in plan.ckpts.items():
+            vocab = _vocabulary(c)
+            if ref is not None and vocab is not None and vocab != ref:
+                raise SurgeryError(f"tokenizer_source: base: the vocabulary of '{m}' differs from the base '{donor}'; "
+                                   "moving embedding rows to the base's token ids is not supported (merge models "
+                                   "with the base's tokenizer)")
     return plan.ckpts[donor].extra_files()
 
 
