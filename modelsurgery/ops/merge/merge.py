@@ -10,7 +10,7 @@ one merged tensor, not the models in float32.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,8 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     if method is not None and method.needs_base and options.base is None:
         raise SurgeryError(f"--method {method_name} needs --base (the model the others were fine-tuned from)")
     weights = resolve_weights(options, len(paths))
-    params = method_params(method or get_method("linear"), options, weights)
+    # match averages as linear does, with linear's declared parameters under its own name
+    params = method_params(method or replace(get_method("linear"), name="match"), options, weights)
     views = [float_view(Checkpoint.open(p), "merge") for p in [*paths, *([options.base] if options.base else [])]]
     notes = [note for _, note in views if note]
     ckpts = [c for c, _ in views[:len(paths)]]

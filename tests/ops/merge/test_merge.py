@@ -122,12 +122,13 @@ def test_ties_provenance_records_declared_defaults(fixtures_dir, tmp_path):
     assert (params["density"], params["scale"]) == (0.2, 1.0)  # TIES paper: top-20%, lambda = 1
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"density": 0.5}, "merge method 'linear' has no parameter 'density'"),
-    ({"t": 1.5}, "parameter 't' = 1.5: expected a value in"),
+@pytest.mark.parametrize("method,params,message", [
+    ("linear", {"density": 0.5}, "merge method 'linear' has no parameter 'density'"),
+    ("slerp", {"t": 1.5}, "parameter 't' = 1.5: expected a value in"),
+    # match averages with linear's declaration, but the user chose match: the message names it
+    ("match", {"density": 0.5}, "merge method 'match' has no parameter 'density'"),
 ])
-def test_undeclared_or_bad_parameter_refused(fixtures_dir, tmp_path, params, message):
-    method = "slerp" if "t" in params else "linear"
+def test_undeclared_or_bad_parameter_refused(fixtures_dir, tmp_path, method, params, message):
     out = tmp_path / "m.safetensors"
     with pytest.raises(SurgeryError, match=message):
         merge_checkpoints([mlp(fixtures_dir, 1), mlp(fixtures_dir, 2)], out, MergeOptions(method=method, params=params))
