@@ -127,6 +127,12 @@ class MergekitPlan:
         first, last = cfg.slices[0], cfg.slices[-1]
         outside = [n for n in self.ckpts[self.donor] if donor_fam.block_of(n) is None]
         embeds = set(donor_fam.embedding_names())
+        for model in dict.fromkeys(src.model for src in [*first.sources, *last.sources]):  # embeddings', head's
+            fam = self.families[model]
+            extra = next((n for n in self.ckpts[model] if fam.block_of(n) is None and n not in outside), None)
+            if extra is not None:
+                raise SurgeryError(f"model '{model}': tensor '{extra}' is not in '{self.donor}' (whose config.json "
+                                   "the output gets): the models differ in architecture (a tied and an untied head?)")
         pre = [n for n in outside if n in embeds]
         post = [n for n in outside if n not in embeds]
         for name in pre:
@@ -138,7 +144,15 @@ class MergekitPlan:
                 t = layer_position(i, length)
                 lead = s.sources[0]
                 self.layer_sources.append([(src.model, src.layer_range[0] + i) for src in s.sources])
-                for suffix in self._block_suffixes(lead.model, lead.layer_range[0] + i):
+                suffixes = self._block_suffixes(lead.model, lead.layer_range[0] + i)
+                for src in s.sources[1:]:  # a tensor only another source has would be dropped
+                    extra = next((x for x in self._block_suffixes(src.model, src.layer_range[0] + i)
+                                  if x not in suffixes), None)
+                    if extra is not None:
+                        raise SurgeryError(f"model '{src.model}': layer {src.layer_range[0] + i} has tensor '{extra}', "
+                                           f"layer {lead.layer_range[0] + i} of model '{lead.model}' has not "
+                                           "(different architecture)")
+                for suffix in suffixes:
                     inputs = [(src.model, self.families[src.model].block_name(src.layer_range[0] + i, suffix))
                               for src in s.sources]
                     self.jobs.append(_job(cfg, s, donor_fam.block_name(out_layer, suffix), inputs, t))

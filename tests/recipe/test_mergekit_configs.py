@@ -320,13 +320,20 @@ tokenizer_source: union
      "{model: a, layer_range: [1, 3], parameters: {weight: 1}}]}]\nmerge_method: linear\n", "listed twice"),
     ("models: [{model: a, parameters: {weight: 1}}, {model: a, parameters: {weight: 2}}]\nmerge_method: linear\n",
      "listed twice"),
+    # a tensor only a later model has (an untied head next to a tied one, biases) would be dropped from the output
+    ("models: [{model: tied, parameters: {weight: 1}}, {model: a, parameters: {weight: 1}}]\nmerge_method: linear\n",
+     "'lm_head.weight'"),
+    ("models: [{model: a, parameters: {weight: 1}}, {model: biased, parameters: {weight: 1}}]\n"
+     "merge_method: linear\n", "_proj.bias"),
 ])
 def test_refused_in_one_line(tmp_path, llamas, config, named):
-    models = dict(llamas)
-    if "deep" in config:
-        from tests.hf_tiny import save_tiny_llama
+    from tests.hf_tiny import save_tiny_llama
 
-        models["deep"] = save_tiny_llama(tmp_path / "deep", num_hidden_layers=4)
+    models = dict(llamas)
+    for name, overrides in (("deep", {"num_hidden_layers": 4}), ("tied", {"tie_word_embeddings": True}),
+                            ("biased", {"attention_bias": True})):
+        if name in config:
+            models[name] = save_tiny_llama(tmp_path / name, **overrides)
     r, out = run(tmp_path, config, models)
     assert r.exit_code == 1, r.output
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
