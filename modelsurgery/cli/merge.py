@@ -192,6 +192,8 @@ def render_merge(r: dict) -> None:
         kinds = sorted({x["correction"] for x in rep["layers"]})
         skipped = safe(", ".join(f"{x['name']} ({x['reason']})" for x in rep["skipped"]) or "none")
         out_console.print(f"repair: {len(rep['layers'])} layers rescaled ({'/'.join(kinds)}); kept: {skipped}")
+    if metric is None:  # an encoder: nothing scored
+        return
     ends = ", ".join(f"{e[metric]:.4f}" for e in ev["endpoints"])
     out_console.print(f"endpoints {metric}: {ends}; merged output: loss {ev['merged']['loss']:.4f}, "
                       f"{metric} {ev['merged'][metric]:.4f}")

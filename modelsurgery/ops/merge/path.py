@@ -42,6 +42,10 @@ def evaluate_path(family, ckpts, aligned, spec, merged, weights, options, progre
         raise SurgeryError("--repair needs --eval DATA (statistics are measured on it)")
     if not family.runnable:
         raise SurgeryError(f"{ckpts[0].path}: {family.not_runnable_reason()} (--eval and --repair run the model)")
+    scored = family.output_kind == "logits"  # an encoder's hidden states have no loss to score
+    if not scored and not options.repair:
+        raise SurgeryError(f"{ckpts[0].path}: family '{family.name}' outputs hidden states, not logits, so --eval has "
+                           "no loss to score (with --repair the data sets the merged model's statistics)")
     data = load_eval_data(options.eval_data, ckpts[0])
     inputs = data.model_inputs(family)
     states = [c.state_dict() for c in ckpts]
@@ -63,9 +67,9 @@ def evaluate_path(family, ckpts, aligned, spec, merged, weights, options, progre
 
     report: dict = {"data": str(options.eval_data), "repair": options.repair,
                     "endpoints": [score(family.build_module(s)) for s in states]}
-    metric = metric_name(report["endpoints"][0])
+    metric = metric_name(report["endpoints"][0]) if scored else None
     report["metric"] = metric
-    if len(states) == 2 and options.points >= 2:
+    if scored and len(states) == 2 and options.points >= 2:
         alphas = [i / (options.points - 1) for i in range(options.points)]
         curves = {"naive": states}
         if spec is not None:

@@ -120,3 +120,25 @@ def test_repair_refuses_a_model_with_no_hidden_layer(tmp_path):
     module = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))  # the only layer is the output layer
     with pytest.raises(SurgeryError, match="m.safetensors: --repair found no hidden Linear/Conv/Conv1D layer"):
         repair(module, [module, module], [0.5, 0.5], {"input": torch.randint(0, 11, (4, 3))}, set(), "m.safetensors")
+
+
+def test_encoder_repair_runs_and_eval_alone_is_refused(tmp_path, pairs):
+    """BERT outputs hidden states: --eval has no loss to score (refused in one line, nothing written), while
+    --repair uses the data for statistics only; the written model's corrected layers then have the
+    interpolated per-channel std (measured here, not by ops.merge.repair)."""
+    from tests.hf_tiny import save_tiny_bert
+
+    a, b = pairs(save_tiny_bert)
+    data, inputs = token_data(tmp_path, 16)
+    with pytest.raises(SurgeryError, match="outputs hidden states, not logits"):
+        merge_checkpoints([a, b], tmp_path / "e", MergeOptions(method="linear", eval_data=data))
+    assert not (tmp_path / "e").exists()
+    r = merge_checkpoints([a, b], tmp_path / "m", MergeOptions(method="linear", eval_data=data, repair=True))
+    layers = [x["name"] for x in r.evaluation["repaired"]["layers"]]
+    family = detect_family(Checkpoint.open(a))
+    assert len(layers) >= 4 * family.num_layers
+    ends = [family.build_module(Checkpoint.open(p).state_dict()) for p in (a, b)]
+    want = [outputs(e, layers, inputs) for e in ends]
+    got = outputs(family.build_module(Checkpoint.open(tmp_path / "m").state_dict()), layers, inputs)
+    for n in layers:
+        torch.testing.assert_close(got[n].std(0), 0.5 * (want[0][n].std(0) + want[1][n].std(0)), rtol=1e-3, atol=1e-5)
