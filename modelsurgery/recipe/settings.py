@@ -9,6 +9,7 @@ piecewise-linear interpolation of the list placed at equal spacing.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from modelsurgery.errors import SurgeryError
@@ -20,24 +21,27 @@ def _is_number(x: Any) -> bool:
 
 def check_setting(setting: Any, where: str) -> None:
     """Refuse a setting mergekit would not accept (or would silently misread)."""
-    if isinstance(setting, (bool, int, float)):
+    if isinstance(setting, bool):
         return
-    if isinstance(setting, list) and setting:
-        if all(_is_number(e) for e in setting):
-            return
-        if all(isinstance(e, dict) for e in setting):
-            for cond in setting:
-                extra = set(cond) - {"filter", "value"}
-                if extra or "value" not in cond:
-                    raise SurgeryError(f"{where}: a condition has keys {sorted(cond)}; expected 'value' and an "
-                                       "optional 'filter'")
-                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-                    raise SurgeryError(f"{where}: filter {cond['filter']!r} is not a string")
-                if isinstance(cond["value"], (list, dict)) and not (
-                        isinstance(cond["value"], list) and all(_is_number(e) for e in cond["value"])):
-                    raise SurgeryError(f"{where}: a condition's value must be a number, true/false or a gradient list")
-                check_setting(cond["value"], where)
-            return
+    if isinstance(setting, (int, float)) or (isinstance(setting, list) and setting and all(map(_is_number, setting))):
+        bad = next((x for x in (setting if isinstance(setting, list) else [setting])
+                    if isinstance(x, float) and not math.isfinite(x)), None)
+        if bad is not None:  # a NaN weight makes every merged value NaN
+            raise SurgeryError(f"{where}: {bad!r} is not a finite number")
+        return
+    if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
+        for cond in setting:
+            extra = set(cond) - {"filter", "value"}
+            if extra or "value" not in cond:
+                raise SurgeryError(f"{where}: a condition has keys {sorted(cond)}; expected 'value' and an "
+                                   "optional 'filter'")
+            if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                raise SurgeryError(f"{where}: filter {cond['filter']!r} is not a string")
+            if isinstance(cond["value"], (list, dict)) and not (
+                    isinstance(cond["value"], list) and all(_is_number(e) for e in cond["value"])):
+                raise SurgeryError(f"{where}: a condition's value must be a number, true/false or a gradient list")
+            check_setting(cond["value"], where)
+        return
     raise SurgeryError(f"{where}: {setting!r} is not a number, a gradient list or a list of {{filter, value}}")
 
 

@@ -320,6 +320,11 @@ tokenizer_source: union
      "{model: a, layer_range: [1, 3], parameters: {weight: 1}}]}]\nmerge_method: linear\n", "listed twice"),
     ("models: [{model: a, parameters: {weight: 1}}, {model: a, parameters: {weight: 2}}]\nmerge_method: linear\n",
      "listed twice"),
+    # a NaN or infinite parameter would make every merged value NaN
+    ("models: [{model: a, parameters: {weight: .nan}}, {model: b, parameters: {weight: 1}}]\nmerge_method: linear\n",
+     "nan is not a finite number"),
+    ("models: [{model: a, parameters: {weight: [0, .inf]}}, {model: b, parameters: {weight: 1}}]\n"
+     "merge_method: linear\n", "inf is not a finite number"),
     # a tensor only a later model has (an untied head next to a tied one, biases) would be dropped from the output
     ("models: [{model: tied, parameters: {weight: 1}}, {model: a, parameters: {weight: 1}}]\nmerge_method: linear\n",
      "'lm_head.weight'"),
