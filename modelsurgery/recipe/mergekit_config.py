@@ -14,7 +14,7 @@ import torch
 
 from modelsurgery.checkpoint.writer import FLOAT_DTYPES
 from modelsurgery.errors import SurgeryError
-from modelsurgery.recipe.settings import check_setting
+from modelsurgery.recipe.settings import check_setting, read_numbers
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ def _params(obj: Any, method: MethodSpec, where: str, per_model: bool) -> dict:
     if not isinstance(obj, dict):
         raise SurgeryError(f"{where}: parameters must be a mapping, got {obj!r}")
     allowed = method.tensor_params if per_model else {**method.global_params, **method.tensor_params}
+    obj = {name: read_numbers(setting) for name, setting in obj.items()}
     for name, setting in obj.items():
         if name not in allowed:
             if per_model and name in method.global_params:

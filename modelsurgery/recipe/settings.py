@@ -19,6 +19,21 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def read_numbers(setting: Any) -> Any:
+    """``setting`` with numbers written as strings read as numbers: YAML 1.1 (PyYAML) reads ``1e-3`` (no dot)
+    as a string, where mergekit's pydantic config takes it as the float 0.001."""
+    if isinstance(setting, str):
+        try:
+            return float(setting)
+        except ValueError:
+            return setting
+    if isinstance(setting, list):
+        return [read_numbers(e) for e in setting]
+    if isinstance(setting, dict) and "value" in setting:
+        return {**setting, "value": read_numbers(setting["value"])}
+    return setting
+
+
 def check_setting(setting: Any, where: str) -> None:
     """Refuse a setting mergekit would not accept (or would silently misread)."""
     if isinstance(setting, bool):

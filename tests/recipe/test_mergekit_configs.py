@@ -255,6 +255,18 @@ def test_linear_filtered_weights(tmp_path, llamas):
         np.testing.assert_allclose(got[name], (wa * a[name] + b[name]) / (wa + 1.0), atol=1e-6, err_msg=name)
 
 
+def test_exponent_numbers_as_mergekit_reads_them(tmp_path, llamas):
+    """YAML 1.1 reads 1e-1 (no dot) as a string; mergekit's config (pydantic) reads it as the number 0.1."""
+    config = ("models:\n  - model: a\n    parameters: {weight: 1e-1}\n  - model: b\n    parameters:\n"
+              "      weight: [{filter: mlp, value: 3e-1}, {value: 1}]\nmerge_method: linear\n")
+    r, out = run(tmp_path, config, llamas)
+    assert r.exit_code == 0, r.output
+    a, b, got = ref.load(llamas["a"]), ref.load(llamas["b"]), ref.load(out)
+    for name in a:
+        wb = 0.3 if "mlp" in name else 1.0
+        np.testing.assert_allclose(got[name], (0.1 * a[name] + wb * b[name]) / (0.1 + wb), atol=1e-6, err_msg=name)
+
+
 def test_tokenizer_source_base_and_union(tmp_path, fixtures_dir):
     import shutil
 
