@@ -194,11 +194,17 @@ class MergekitPlan:
         cfg = self.families[self.donor].config_for_layers(self.num_layers)
         if cfg is None:
             return donor.config
-        lists = {m: fam.per_layer_config() for m, fam in self.families.items()}
-        for key in lists[self.donor]:
+        # a model without config.json (a bare weights file) has no per-layer settings of its own: the donor's
+        own = {m: fam.per_layer_config() for m, fam in self.families.items() if self.ckpts[m].config}
+
+        def entry(key: str, model: str, index: int) -> Any:
+            values = own.get(model, own.get(self.donor, {})).get(key)
+            return values[index] if values is not None and index < len(values) else None
+
+        for key in own.get(self.donor, {}):
             values = []
             for k, sources in enumerate(self.layer_sources):
-                found = [(m, i, lists[m][key][i]) for m, i in sources if key in lists[m]]
+                found = [(m, i, entry(key, m, i)) for m, i in sources if entry(key, m, i) is not None]
                 other = next((f for f in found if f[2] != found[0][2]), None)
                 if other is not None:
                     raise SurgeryError(f"output layer {k}: config.json {key} differs between its sources: "

@@ -381,6 +381,13 @@ def test_passthrough_slices_keep_each_layers_attention_type(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_hf(out)(input_ids=ids).logits, reference(input_ids=ids, use_cache=False).logits,
                                    atol=1e-5, rtol=1e-5)
+    # b as a bare weights file (no config.json): its layers take the donor's attention types by index
+    import shutil
+
+    shutil.copy(models["b"] / "model.safetensors", tmp_path / "bare.safetensors")
+    r, bare_out = run(tmp_path, PASSTHROUGH, {"a": models["a"], "b": tmp_path / "bare.safetensors"}, out_name="bare")
+    assert r.exit_code == 0, r.output
+    assert json.loads((bare_out / "config.json").read_text())["layer_types"] == types
 
 
 def test_merging_a_sliding_layer_with_a_full_one_is_refused(tmp_path):
