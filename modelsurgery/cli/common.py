@@ -139,11 +139,12 @@ def human_bytes(n: int) -> str:
 
 
 def parse_float_list(text: str | None, what: str) -> list[float] | None:
-    """Comma-separated finite numbers (NaN and Inf are refused)."""
+    """Comma-separated finite numbers (NaN and Inf are refused; so is an empty entry, '0.5,,0.5', which
+    would otherwise drop a value the user meant to give)."""
     if text is None:
         return None
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",")]
     except ValueError:
         raise SurgeryError(f"{what} '{text}': expected comma-separated numbers") from None
     for v in values:

@@ -68,6 +68,11 @@ def test_method_flags_come_from_the_declarations(fixtures_dir, tmp_path):
     assert r.exit_code == 0, r.output
     a, b = (Checkpoint.open(d / f"mlp_seed{i}.safetensors").get("0.weight") for i in (1, 2))
     torch.testing.assert_close(Checkpoint.open(out).get("0.weight"), a + b)
+    # an empty entry is a typo, not a value to skip
+    for bad in ("1,,1", "1,1,", ""):
+        r = runner.invoke(app, [*args, "--method", "linear", "--weights", bad, "--force"])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert f"--weights '{bad}': expected comma-separated numbers" in r.output
 
 
 def test_repair_reports_the_corrected_layers(fixtures_dir, tmp_path):
