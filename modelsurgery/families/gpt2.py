@@ -9,6 +9,7 @@ forward pass then asks for config.json. The module built is ``modules/gpt2.GPT2`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from modelsurgery.checkpoint import Checkpoint
@@ -48,6 +49,19 @@ class GPT2Family(TransformerFamily):
 
     def config_for_layers(self, num_layers: int) -> dict | None:
         return self.layer_count_config(num_layers, "n_layer")
+
+    def config_for_layout(self, source_indices: Sequence[int]) -> dict | None:
+        """Refused when a block would change position under ``scale_attn_by_inverse_layer_idx``: block i
+        divides its attention scores by i + 1, so a moved copy would compute another function."""
+        if self.cfg("scale_attn_by_inverse_layer_idx", default=False):
+            moved = next((j for j, s in enumerate(source_indices) if s != j), None)
+            if moved is not None:
+                raise SurgeryError(
+                    f"{self.ckpt.path}: config.json scale_attn_by_inverse_layer_idx=true divides block i's "
+                    f"attention scores by i + 1, so block {source_indices[moved]} at position {moved} would "
+                    "compute another function; depth growth that moves blocks is not supported for this model"
+                )
+        return super().config_for_layout(source_indices)
 
     def _p(self, index: int, suffix: str) -> str:
         return f"{self.prefix}h.{index}.{suffix}"

@@ -212,3 +212,32 @@ def test_gpt_neox_identity_copies_with_either_residual(tmp_path, parallel):
     with torch.no_grad():
         torch.testing.assert_close(load_hf(out)(input_ids=ids).logits, load_hf(src)(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [GrowOptions(method="interleave", every=1), GrowOptions(method="stack", factor=2),
+                                     GrowOptions(method="stack", layers="1:3")])
+def test_gpt2_attention_scaled_by_layer_index_is_not_moved(tmp_path, options):
+    """GPT-2 with scale_attn_by_inverse_layer_idx divides block i's attention scores by i + 1 (transformers'
+    GPT2Attention), so a block copied to another position computes another function: an identity copy
+    then shifts the blocks after it and the "function-preserving" interleave is not (seen in transformers).
+    Depth growth that moves a block is refused naming the key; nothing is written."""
+    src = hf_folder(tmp_path, "gpt2", scale_attn_by_inverse_layer_idx=True)
+    out = tmp_path / "out"
+    with pytest.raises(SurgeryError, match=r"scale_attn_by_inverse_layer_idx=true.*block 0 at position 1"
+                       if options.method == "interleave" else "scale_attn_by_inverse_layer_idx=true"):
+        grow([src], out, options)
+    assert not out.exists()
+
+
+def test_gpt2_attention_scaled_by_layer_index_keeps_blocks_that_stay(tmp_path):
+    """A slice that keeps every block at its position (dropping the last ones) is allowed: transformers
+    runs it as it runs the source's first two blocks."""
+    from transformers import AutoModelForCausalLM
+
+    src = hf_folder(tmp_path, "gpt2", scale_attn_by_inverse_layer_idx=True)
+    out = tmp_path / "out"
+    grow([src], out, GrowOptions(method="stack", layers="0:2"))
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    want_model = AutoModelForCausalLM.from_pretrained(src, n_layer=2, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_output(out, ids), want_model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
