@@ -308,7 +308,7 @@ class Family:
         if chain:
             return chain_width_groups(self, chain)
         groups = []
-        key = next((k for k in INTERMEDIATE_KEYS if k in self.config), None)
+        key = self.mlp_size_key()
         if self.config and key is None and self.num_layers:
             raise SurgeryError(f"{self.ckpt.path}: config.json names no MLP size ({', '.join(INTERMEDIATE_KEYS)})")
         for i in range(self.num_layers):
@@ -320,6 +320,11 @@ class Family:
             rows = self.ckpt.shape(first.weight)[1 if first.transposed else 0] // max(1, len(first.fused))
             groups.append(WidthGroup(f"block {i} mlp", rows, tuple(producers), (lin["down"],), config_key=key))
         return groups
+
+    def mlp_size_key(self) -> str | None:
+        """The config.json key that holds the MLP's inner width (written by width growth): the first of
+        ``INTERMEDIATE_KEYS`` in config.json; None when it names none."""
+        return next((k for k in INTERMEDIATE_KEYS if k in self.config), None)
 
     @property
     def attention(self) -> Attention | None:

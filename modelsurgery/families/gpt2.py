@@ -63,6 +63,11 @@ class GPT2Family(TransformerFamily):
                 )
         return super().config_for_layout(source_indices)
 
+    def mlp_size_key(self) -> str | None:
+        """``n_inner``, also when config.json leaves it out (the published GPT-2 configs do; transformers then
+        uses 4 x n_embd)."""
+        return "n_inner" if self.config else None
+
     def _p(self, index: int, suffix: str) -> str:
         return f"{self.prefix}h.{index}.{suffix}"
 

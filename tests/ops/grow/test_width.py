@@ -135,3 +135,19 @@ def test_width_needs_the_mlp_size_in_config(tmp_path):
     with pytest.raises(SurgeryError, match="config.json names no MLP size"):
         grow([src], out, GrowOptions(method="width", factor=2))
     assert not out.exists()
+
+
+def test_gpt2_config_without_n_inner(tmp_path):
+    """The published GPT-2 config.json has no n_inner key (transformers then uses 4 x n_embd): width growth
+    writes the grown size there, and transformers runs the grown folder as it runs the source."""
+    src = hf_folder(tmp_path, "gpt2")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["n_inner"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "wide"
+    grow([src], out, GrowOptions(method="width", factor=1.5))
+    assert json.loads((out / "config.json").read_text())["n_inner"] == 6 * cfg["n_embd"]
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(out)(input_ids=ids)[0], load_hf(src)(input_ids=ids)[0],
+                                   atol=1e-5, rtol=1e-5)
