@@ -4,8 +4,8 @@ A family is described mostly as data (mergekit's lesson): which tensors form blo
 role each tensor plays (query, key, value, attention output, MLP up/gate/down, norms, embeddings,
 head). Operations ask these questions instead of hard-coding tensor names:
 
-- depth operations (grow) use ``blocks()``, ``block_of()``, ``config_for_layout()`` and
-  ``output_projections()`` (identity blocks);
+- depth operations (grow) use ``blocks()``, ``block_of()``, ``check_layout()``, ``config_for_layout()``
+  and ``output_projections()`` (identity blocks);
 - permutation specs (merge) use ``chain_layers()`` (MLPs, sequential CNNs), ``channel_groups()``
   (ResNets) or, for transformers, ``block_linears()``, ``block_norms()``, ``attention`` and ``rotary``;
 - width growth uses ``width_groups()``; Weight Aligning uses ``classifier()``;
@@ -221,6 +221,11 @@ class Family:
         """config.json for the same model with ``num_layers`` blocks (None without a config). Per-layer
         lists are tiled (block j is block j mod L, as G_stack lays it out); see ``config_for_layout``."""
         return None
+
+    def check_layout(self, source_indices: Sequence[int]) -> None:
+        """Refuse (``SurgeryError``, one line) a depth layout whose block j is block ``source_indices[j]`` when
+        this family cannot run it: blocks whose computation depends on their position, or blocks that only
+        fit where they are. Default: any layout of the repeated blocks runs."""
 
     def config_for_layout(self, source_indices: Sequence[int]) -> dict | None:
         """config.json for a model whose block j is this model's block ``source_indices[j]``: the layer

@@ -50,7 +50,7 @@ class GPT2Family(TransformerFamily):
     def config_for_layers(self, num_layers: int) -> dict | None:
         return self.layer_count_config(num_layers, "n_layer")
 
-    def config_for_layout(self, source_indices: Sequence[int]) -> dict | None:
+    def check_layout(self, source_indices: Sequence[int]) -> None:
         """Refused when a block would change position under ``scale_attn_by_inverse_layer_idx``: block i
         divides its attention scores by i + 1, so a moved copy would compute another function."""
         if self.cfg("scale_attn_by_inverse_layer_idx", default=False):
@@ -61,7 +61,6 @@ class GPT2Family(TransformerFamily):
                     f"attention scores by i + 1, so block {source_indices[moved]} at position {moved} would "
                     "compute another function; depth growth that moves blocks is not supported for this model"
                 )
-        return super().config_for_layout(source_indices)
 
     def mlp_size_key(self) -> str | None:
         """``n_inner``, also when config.json leaves it out (the published GPT-2 configs do; transformers then

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -130,6 +131,14 @@ class ResNetFamily(Family):
 
     def block_name(self, index: int, suffix: str) -> str:
         return self.res_blocks()[index].prefix + suffix
+
+    def check_layout(self, source_indices: Sequence[int]) -> None:
+        """Refused: blocks change width and stride from stage to stage and are named by stage
+        (``layer{s}.{j}``), so a block fits only where it is."""
+        raise SurgeryError(
+            f"{self.ckpt.path}: family 'resnet' cannot change its depth (its blocks change width and stride from "
+            "stage to stage, so each fits only where it is); use --method width"
+        )
 
     def stage_blocks(self) -> list[list[int]]:
         """Block indices of each stage (layer1, layer2, ...)."""

@@ -121,6 +121,7 @@ def config_for_depth(family: Family, layout: list[int]) -> dict | None:
 
 def grow_depth(ckpt: Checkpoint, out: Path, options: GrowOptions, layout: list[int], identity: set[int],
                family: Family, method: str) -> GrowReport:
+    family.check_layout(layout)
     report = new_report(method, [ckpt], out, family)
     report.layers_before = family.num_layers
     report.layers_after = len(layout)

@@ -241,3 +241,14 @@ def test_gpt2_attention_scaled_by_layer_index_keeps_blocks_that_stay(tmp_path):
     want_model = AutoModelForCausalLM.from_pretrained(src, n_layer=2, attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf_output(out, ids), want_model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [GrowOptions(method="stack", factor=2), GrowOptions(method="stack", layers="0:2"),
+                                     GrowOptions(method="stack", layers="1:3,1:3")])
+def test_resnet_depth_growth_is_refused_in_one_line(tmp_path, fixtures_dir, options):
+    """A ResNet's blocks change width and stride from stage to stage, and their names (layer{s}.{j}) hold
+    no position beyond the model's: stacking them is refused naming the family, not an IndexError."""
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(SurgeryError, match="resnet"):
+        grow([fixtures_dir / "digits" / "resnet_seed0.safetensors"], out, options)
+    assert not out.exists()
