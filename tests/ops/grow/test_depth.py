@@ -252,3 +252,21 @@ def test_resnet_depth_growth_is_refused_in_one_line(tmp_path, fixtures_dir, opti
     with pytest.raises(SurgeryError, match="resnet"):
         grow([fixtures_dir / "digits" / "resnet_seed0.safetensors"], out, options)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("options,flag", [
+    (GrowOptions(method="interleave", factor=4), "--factor"),
+    (GrowOptions(method="stack", every=2), "--every"),
+    (GrowOptions(method="stack", split=True), "--split"),
+    (GrowOptions(method="width", layers="0:2"), "--layers"),
+    (GrowOptions(method="interleave", init_scale=0.5), "--init-scale"),
+    (GrowOptions(method="stack", coef_scale=0.0), "--coef-scale"),
+])
+def test_an_option_of_another_method_is_refused(tmp_path, options, flag):
+    """An option the method does not read would be ignored: --method interleave --factor 4 would make the
+    model twice as deep, not four times. Refused naming the option and the methods that read it."""
+    src = hf_folder(tmp_path, "llama")
+    out = tmp_path / "out"
+    with pytest.raises(SurgeryError, match=f"{flag} .*not --method {options.method}"):
+        grow([src], out, options)
+    assert not out.exists()
