@@ -196,6 +196,7 @@ class DecoderFamily(TransformerFamily):
                 parse_rope(self.switches, head_dim, where, "sliding_attention", lay.default_local_theta))
 
     def settings(self) -> DecoderSettings:
+        self.check_language_model()
         att = self.attention
         if att is None:
             self.need("num_attention_heads", why="the number of attention heads cannot be read from tensor shapes")

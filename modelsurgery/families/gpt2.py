@@ -103,6 +103,7 @@ class GPT2Family(TransformerFamily):
     def build_module(self, state=None, dtype=None) -> nn.Module:
         from modelsurgery.families.modules.gpt2 import GPT2
 
+        self.check_language_model()
         heads = int(self.need("n_head", "num_attention_heads",
                               why="the number of attention heads cannot be read from tensor shapes"))
         if self.cfg("add_cross_attention", default=False):

@@ -144,6 +144,19 @@ class TransformerFamily(Family):
             mask[-1, seq_len - max(1, seq_len // 4):] = 0
         return {"input_ids": ids, "attention_mask": mask}
 
+    def check_language_model(self) -> None:
+        """Refuse to run a checkpoint with a tensor outside the blocks that is neither an embedding nor the LM
+        head: transformers' ...ForSequenceClassification keeps the decoder's names plus 'score.weight' and no
+        lm_head, and run as a language model with the head tied to the embedding it would silently compute
+        vocabulary logits of another model."""
+        known = set(self.embedding_names()) | set(self.head_names())
+        extra = next((n for n in self.ckpt if n not in known and self.block_of(n) is None), None)
+        if extra is not None:
+            raise SurgeryError(
+                f"{self.ckpt.path}: tensor '{extra}' is not part of the {self.name} language model (a classification "
+                "head?); only causal-LM checkpoints (embeddings, blocks, final norm, LM head) can be run"
+            )
+
     def layer_count_config(self, num_layers: int, key: str) -> dict | None:
         if not self.config:
             return None

@@ -93,3 +93,31 @@ def test_check_length_beyond_the_positions_is_refused(tmp_path):
     with pytest.raises(SurgeryError, match=r"--seq-len 100000: .*gpt2 holds positions for \d+ tokens at most"):
         export_checkpoint(src, tmp_path / "o.onnx", ExportOptions(seq_len=100000))
     assert_nothing_written(tmp_path, set())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma2", "qwen2"])
+def test_a_classification_head_is_not_exported_as_a_language_model(tmp_path, kind):
+    """transformers' ...ForSequenceClassification keeps the decoder's names plus 'score.weight' and no
+    lm_head: its output is one row of class scores per sequence. Built as a causal LM with the head tied to
+    the embedding, it would export (and "check") vocabulary logits of another model. Refused naming the
+    tensor; nothing written."""
+    import transformers
+
+    sizes = {"vocab_size": 97, "num_labels": 3, "pad_token_id": 0}
+    cfg = {"gpt2": ("GPT2Config", "GPT2ForSequenceClassification", {"n_embd": 32, "n_layer": 2, "n_head": 4,
+                                                                      "bos_token_id": 1, "eos_token_id": 1}),
+           "gemma2": ("Gemma2Config", "Gemma2ForSequenceClassification", {
+               "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 8}),
+           "qwen2": ("Qwen2Config", "Qwen2ForSequenceClassification", {
+               "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "tie_word_embeddings": True})}[kind]
+    torch.manual_seed(0)
+    model = getattr(transformers, cfg[1])(getattr(transformers, cfg[0])(**sizes, **cfg[2])).eval()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    with torch.no_grad():  # transformers' model: 3 class scores per sequence, not vocabulary logits per token
+        assert model(input_ids=torch.ones(2, 5, dtype=torch.long)).logits.shape == (2, 3)
+    with pytest.raises(SurgeryError, match=r"tensor 'score\.weight' is not part of the \w+ language model"):
+        export_checkpoint(src, tmp_path / "o.onnx")
+    assert_nothing_written(tmp_path, {"src"})
