@@ -17,6 +17,7 @@ from modelsurgery.cli.common import (
     progress_bar,
     safe,
     user_errors,
+    warn,
 )
 from modelsurgery.cli.options import (
     debug_option,
@@ -80,6 +81,8 @@ def grow_command(
             if params is None:
                 raise SurgeryError("--plan needs --params (and --tokens or --compute)")
             result = plan_growth(params, tokens, compute)
+            for message in result.warnings:
+                warn(message)
             if json_out:
                 emit_json(result.to_dict())
             else:

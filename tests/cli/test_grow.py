@@ -80,3 +80,9 @@ def test_provenance_hash_and_no_input_hash(tmp_path):
             assert record["sources"] == [] and record["parameters"]["inputs_unhashed"] == [str(src)]
         else:
             assert record["sources"][0]["sha256"] == digest
+
+
+def test_plan_cli_warns_when_growth_comes_after_the_budget():
+    r = runner.invoke(app, ["grow", "--plan", "--params", "410M", "--tokens", "10B", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "not less than the whole budget" in r.stderr and json.loads(r.stdout)["warnings"]

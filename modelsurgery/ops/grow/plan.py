@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from modelsurgery.errors import SurgeryError
 
@@ -24,6 +24,7 @@ class GrowthPlan:
     growth_tokens: float
     growth_factor: int
     small_model_params: float
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -61,5 +62,11 @@ def plan_growth(params: str | float, tokens: str | float | None = None, compute:
         raise SurgeryError("--plan needs --params and one of --tokens or --compute")
     d_total = parse_count(tokens, "--tokens") if tokens is not None else None
     c = 6 * n * d_total if d_total is not None else parse_count(compute, "--compute")
-    return GrowthPlan(params=n, tokens=d_total, compute=c, growth_tokens=growth_tokens(n, c),
-                      growth_factor=GROWTH_FACTOR, small_model_params=n / GROWTH_FACTOR)
+    d = growth_tokens(n, c)
+    budget = c / (6 * n)  # the whole budget in tokens (the --tokens given, or implied by --compute)
+    warnings = []
+    if d >= budget:  # an empirical fit, extrapolated: growing after the whole budget is no schedule
+        warnings.append(f"the guideline's d = {d:.4g} tokens is not less than the whole budget of {budget:.4g} "
+                        "tokens: the guideline, an empirical fit, gives no schedule for this budget")
+    return GrowthPlan(params=n, tokens=d_total, compute=c, growth_tokens=d, growth_factor=GROWTH_FACTOR,
+                      small_model_params=n / GROWTH_FACTOR, warnings=warnings)

@@ -31,3 +31,15 @@ def test_guideline_from_compute_matches_tokens():
 def test_guideline_bad_input(params, tokens, msg):
     with pytest.raises(SurgeryError, match=msg):
         plan_growth(params, tokens)
+
+
+def test_growth_after_the_whole_budget_is_flagged():
+    """410M parameters on 10B tokens: by hand (above) d = 10^10.259164 = 1.816e10 tokens, more than the 1e10
+    of the whole budget, so the small model could not be trained that long before growing. The plan says
+    so (in its warnings, on stderr from the CLI) instead of printing an impossible schedule as advice."""
+    plan = plan_growth("410M", "10B")
+    assert plan.growth_tokens > 1e10
+    assert plan.warnings and "10B" not in plan.warnings[0] and "1e+10" in plan.warnings[0]
+    same = plan_growth("410M", compute=6 * 4.1e8 * 1e10)  # the budget in tokens is C / 6N
+    assert same.warnings == plan.warnings
+    assert plan_growth("7B", "300B").warnings == []  # 2.05e10 of 3e11 tokens
