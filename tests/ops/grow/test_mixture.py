@@ -124,3 +124,16 @@ def test_needs_two_plain_inputs(tmp_path):
     with pytest.raises(SurgeryError, match="two or more"):
         grow([a], tmp_path / "mix.safetensors", GrowOptions(method="mixture"))
     assert not (tmp_path / "mix.safetensors").exists()
+
+
+def test_members_of_different_activations_are_refused(tmp_path):
+    """The activation is part of the architecture (safetensors metadata 'modelsurgery.activation'): a tanh
+    member mixed with a ReLU one would run as tanh (the first input's metadata), so the grown net is not
+    their ensemble at --coef-scale 0. Refused naming the key; nothing written."""
+    a, b = members(tmp_path, 2)
+    for path, act in ((a, "tanh"), (b, "relu")):
+        save_file(weights(path), path, metadata={"format": "pt", "modelsurgery.activation": act})
+    out = tmp_path / "mix.safetensors"
+    with pytest.raises(SurgeryError, match=r"modelsurgery\.activation.*'tanh'.*'relu'"):
+        grow([a, b], out, GrowOptions(method="mixture", coef_scale=0.0))
+    assert not out.exists()
