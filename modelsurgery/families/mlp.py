@@ -12,6 +12,7 @@ from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
 from modelsurgery.families import register
 from modelsurgery.families.base import Family, Linear
 
@@ -74,7 +75,10 @@ class MLPFamily(Family):
     @property
     def activation(self) -> str:
         act = self.ckpt.metadata.get("modelsurgery.activation", "relu")
-        return act if act in ACTIVATIONS else "relu"
+        if act not in ACTIVATIONS:
+            raise SurgeryError(f"{self.ckpt.path}: metadata modelsurgery.activation '{act}' is not supported "
+                               f"(known: {', '.join(ACTIVATIONS)})")
+        return act
 
     def head_names(self) -> list[str]:
         last = self.layers()[-1]

@@ -74,3 +74,20 @@ def test_not_an_mlp():
     top_level = {"weight": torch.zeros(3, 3)}
     assert not MLPFamily.detect(Checkpoint.from_state_dict(top_level))
     assert not MLPFamily.detect(Checkpoint.from_state_dict({}))
+
+
+def test_unknown_activation_metadata_is_refused(tmp_path):
+    """An activation the family does not compute ('leaky_relu') was run as ReLU: a LeakyReLU MLP exported to
+    ONNX (and checked against the same ReLU module) computed another function. Refused naming the value."""
+    from modelsurgery.errors import SurgeryError
+    from modelsurgery.export import export_checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(), nn.Linear(16, 4)).eval()
+    from safetensors.torch import save_file
+
+    src = tmp_path / "leaky.safetensors"
+    save_file(model.state_dict(), str(src), metadata={"modelsurgery.activation": "leaky_relu"})
+    with pytest.raises(SurgeryError, match="modelsurgery.activation 'leaky_relu' is not supported"):
+        export_checkpoint(src, tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()
