@@ -56,6 +56,11 @@ def require_blocks(family: Family, ckpt: Checkpoint, method: str) -> int:
             f"{ckpt.path}: family '{family.name}' has no repeated blocks, so --method {method} cannot "
             "change its depth (use --method width for MLPs and CNNs)"
         )
+    found = [b.index for b in family.blocks()]
+    if found != list(range(n)):  # layouts address blocks by position 0..n-1
+        gap = next(i for i in range(n) if i not in found)
+        raise SurgeryError(f"{ckpt.path}: block {gap} is missing (blocks found: {', '.join(map(str, found))}); "
+                           f"--method {method} needs blocks numbered 0..{n - 1}")
     return n
 
 

@@ -270,3 +270,18 @@ def test_an_option_of_another_method_is_refused(tmp_path, options, flag):
     with pytest.raises(SurgeryError, match=f"{flag} .*not --method {options.method}"):
         grow([src], out, options)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("options", [GrowOptions(method="stack", factor=2), GrowOptions(method="interleave", every=1)])
+def test_a_gap_in_the_block_numbering_is_refused(tmp_path, options):
+    """Blocks 0, 1, 3 (block 2's tensors missing, as left by a layer-dropping tool that did not renumber): depth
+    growth addresses blocks by position, so it was a KeyError traceback; now one line naming the gap."""
+    from safetensors.torch import save_file
+
+    src = hf_folder(tmp_path, "llama", num_hidden_layers=4)
+    kept = {k: v for k, v in weights(src).items() if ".layers.2." not in k}
+    save_file(kept, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(SurgeryError, match=r"block 2 is missing \(blocks found: 0, 1, 3\)"):
+        grow([src], out, options)
+    assert not out.exists()
