@@ -29,6 +29,7 @@ from modelsurgery.export.packed import METADATA_KEY, PackedWeight, dequantized_s
 from modelsurgery.export.qdq import BLOCKED_OPSET, FAITHFUL_SESSION_CONFIG, check_opset, insert_dequantize
 from modelsurgery.export.trace import trace_module
 from modelsurgery.families import Family, detect_family
+from modelsurgery.ops.float_input import quantization_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
@@ -195,6 +196,10 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
     weights = read_packed(src)
     deployed = None if weights else read_deployed(src)  # a GPTQ or compressed-tensors folder
     weights = weights or deployed or []
+    foreign = None if weights else quantization_of(src)
+    if foreign is not None and foreign.format == "foreign":  # integer codes under float names (bitsandbytes)
+        raise SurgeryError(f"{path}: {foreign.describe()}; export reads float checkpoints, modelsurgery's packed "
+                           "ones and GPTQ or compressed-tensors folders; nothing was written")
     opset = resolve_opset(options, weights, str(path))
     dtype = DTYPES[options.dtype]
     view = src

@@ -121,3 +121,31 @@ def test_a_classification_head_is_not_exported_as_a_language_model(tmp_path, kin
     with pytest.raises(SurgeryError, match=r"tensor 'score\.weight' is not part of the \w+ language model"):
         export_checkpoint(src, tmp_path / "o.onnx")
     assert_nothing_written(tmp_path, {"src"})
+
+
+@pytest.mark.parametrize("with_config", [True, False], ids=["quantization_config", "tensor-names-only"])
+def test_a_bitsandbytes_checkpoint_is_refused(tmp_path, with_config):
+    """bitsandbytes' 8-bit checkpoints keep int8 codes under the float names ('q_proj.weight') with the
+    row scales beside them ('q_proj.SCB'): read as the LLaMA family, the codes were cast to float and the
+    scales ignored, and the export "checked" against the same garbage module. Refused naming the format;
+    nothing written."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.hf_tiny import save_tiny_llama
+
+    src = save_tiny_llama(tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    for name in [n for n in state if n.endswith("proj.weight")]:
+        scale = state[name].abs().amax(1)  # LLM.int8() row-wise absmax
+        state[name] = torch.round(state[name] / scale[:, None] * 127).to(torch.int8)
+        state[name[: -len("weight")] + "SCB"] = scale
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    if with_config:
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+        (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SurgeryError, match="bitsandbytes" if with_config else r"proj\.SCB. is a packed weight"):
+        export_checkpoint(src, tmp_path / "o.onnx")
+    assert_nothing_written(tmp_path, {"src"})
