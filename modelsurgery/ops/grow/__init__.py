@@ -44,8 +44,8 @@ def check_method_options(options: GrowOptions) -> None:
     defaults = {f.name: f.default for f in fields(GrowOptions) if f.name in FLAGS}
     for name, default in defaults.items():
         if getattr(options, name) != default and name not in METHOD_OPTIONS[options.method]:
-            readers = ", ".join(m for m, keys in METHOD_OPTIONS.items() if name in keys)
-            raise SurgeryError(f"{FLAGS[name]} applies to --method {readers}, not --method {options.method}")
+            readers = " or ".join(m for m, keys in METHOD_OPTIONS.items() if name in keys)
+            raise SurgeryError(f"{FLAGS[name]} applies to --method {readers}, not to --method {options.method}")
 
 
 def grow(inputs: Sequence[str | Path | Checkpoint], out: str | Path, options: GrowOptions,
