@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, write_checkpoint
+from modelsurgery.checkpoint.output import output_is_folder
 from modelsurgery.checkpoint.writer import WriteOptions
 from modelsurgery.families import Family
 
@@ -93,6 +94,9 @@ def write_grown(
         out, tensors, provenance=provenance, config=config, metadata=metadata, extra_files=ckpts[0].extra_files(),
         force=options.force, **options.write_kwargs(),
     )
+    if config is not None and not output_is_folder(out):
+        report.notes.append(f"config.json (with the grown sizes) was not written: {out.name} is one file; "
+                            "write to a folder to keep it")
     report.params_after = count_params(tensors)
     report.bytes_written = written.total_bytes
     report.files = [str(f) for f in written.files]

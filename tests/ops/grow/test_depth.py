@@ -285,3 +285,13 @@ def test_a_gap_in_the_block_numbering_is_refused(tmp_path, options):
     with pytest.raises(SurgeryError, match=r"block 2 is missing \(blocks found: 0, 1, 3\)"):
         grow([src], out, options)
     assert not out.exists()
+
+
+def test_a_file_output_says_the_grown_config_was_not_written(tmp_path):
+    """A single-file output has no place for config.json: the grown layer count (and layer types) are not
+    written anywhere, and the source's config.json no longer fits the file; the report says so."""
+    src = hf_folder(tmp_path, "llama")
+    report = grow([src], tmp_path / "out.safetensors", GrowOptions(method="stack", factor=2))
+    assert any("config.json" in note and "folder" in note for note in report.notes)
+    report = grow([src], tmp_path / "out", GrowOptions(method="stack", factor=2))
+    assert not any("config.json" in note for note in report.notes)
