@@ -105,6 +105,7 @@ class MLPFamily(Family):
     def describe(self) -> dict:
         d = super().describe()
         d["num_layers"] = len(self.layers())
+        d["activation"] = self.ckpt.metadata.get("modelsurgery.activation", "relu")
         d["widths"] = [self.ckpt.shape(self.layers()[0].weight)[1]] + [
             self.ckpt.shape(lin.weight)[0] for lin in self.layers()
         ]

@@ -42,8 +42,6 @@ from modelsurgery.ops.grow.common import (
     write_grown,
 )
 
-#: metadata that describes a file, not the model's architecture (quantization, the files of a folder output)
-UNDESCRIPTIVE = {"modelsurgery.quantization", "modelsurgery.files"}
 TEMPLATE_RE = re.compile(r"^(.*)\.trainable_parameters\.template_set_(\d+)$")
 COEF_RE = re.compile(r"^(.*)\.coefficients\.coefs_member_(\d+)$")
 
@@ -99,12 +97,13 @@ def plain_layers(ckpts: list[Checkpoint], num_templates: int | None) -> list[Tem
             raise SurgeryError(
                 f"mixture inputs of different shapes: tensor '{diff}' is {want} in {a.path} and {got} in {c.path}"
             )
-    for c in ckpts[1:]:  # the layer kinds a state dict cannot hold (activation, CNN arch) must agree too
-        described = {n for x in (a, c) for n in x.metadata if n.startswith("modelsurgery.")} - UNDESCRIPTIVE
-        diff = next((n for n in sorted(described) if a.metadata.get(n) != c.metadata.get(n)), None)
+    first = families[0].describe()
+    for c, f in zip(ckpts[1:], families[1:]):  # what shapes cannot tell (an MLP's activation) must agree too
+        other = f.describe()
+        diff = next((k for k in first if first[k] != other.get(k)), None)
         if diff is not None:
-            raise SurgeryError(f"mixture inputs of different architectures: metadata '{diff}' is "
-                               f"{a.metadata.get(diff)!r} in {a.path} and {c.metadata.get(diff)!r} in {c.path}")
+            raise SurgeryError(f"mixture inputs of different architectures: {diff} is {first[diff]!r} in {a.path} "
+                               f"and {other.get(diff)!r} in {c.path}")
     k = len(ckpts)
     t = num_templates or k * k - k + 1
     if t < 1:

@@ -129,11 +129,15 @@ def test_needs_two_plain_inputs(tmp_path):
 def test_members_of_different_activations_are_refused(tmp_path):
     """The activation is part of the architecture (safetensors metadata 'modelsurgery.activation'): a tanh
     member mixed with a ReLU one would run as tanh (the first input's metadata), so the grown net is not
-    their ensemble at --coef-scale 0. Refused naming the key; nothing written."""
-    a, b = members(tmp_path, 2)
+    their ensemble at --coef-scale 0. Refused naming the activations; nothing written. ReLU named or left
+    to the default is one architecture."""
+    a, b, c = members(tmp_path, 3)
     for path, act in ((a, "tanh"), (b, "relu")):
         save_file(weights(path), path, metadata={"format": "pt", "modelsurgery.activation": act})
     out = tmp_path / "mix.safetensors"
-    with pytest.raises(SurgeryError, match=r"modelsurgery\.activation.*'tanh'.*'relu'"):
+    with pytest.raises(SurgeryError, match=r"activation is 'tanh' in .* and 'relu' in"):
         grow([a, b], out, GrowOptions(method="mixture", coef_scale=0.0))
     assert not out.exists()
+    grow([b, c], out, GrowOptions(method="mixture", coef_scale=0.0))  # c: no metadata, ReLU by default
+    x = {"input": torch.randn(7, 6, generator=torch.Generator().manual_seed(0))}
+    torch.testing.assert_close(run_family(out, x), (run_family(b, x) + run_family(c, x)) / 2, atol=1e-5, rtol=0)
