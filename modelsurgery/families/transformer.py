@@ -38,6 +38,8 @@ _POSITIVE_INT = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidd
                  "vocab_size", "max_position_embeddings", "sliding_window", "sliding_window_pattern",
                  "n_head", "n_embd", "n_inner", "n_positions", "n_ctx", "type_vocab_size")
 _COUNT = ("num_hidden_layers", "n_layer", "max_window_layers")
+#: the spellings of the block count in config.json (transformers' attribute_map aliases them)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
 _POSITIVE_FLOAT = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base",
                    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 _FRACTION = ("partial_rotary_factor", "rotary_pct")
@@ -158,10 +160,13 @@ class TransformerFamily(Family):
             )
 
     def layer_count_config(self, num_layers: int, key: str) -> dict | None:
+        """config.json with ``num_layers`` blocks under ``key`` and under any other spelling of the count it
+        holds (GPT-2's n_layer is also read as num_hidden_layers: a stale one would win in transformers)."""
         if not self.config:
             return None
         cfg = dict(self.config)
-        cfg[key] = int(num_layers)
+        for k in {key, *(k for k in LAYER_COUNT_KEYS if k in cfg)}:
+            cfg[k] = int(num_layers)
         return self.remap_layer_lists(cfg, [i % self.num_layers for i in range(num_layers)])
 
     def describe(self) -> dict:

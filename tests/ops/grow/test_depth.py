@@ -295,3 +295,15 @@ def test_a_file_output_says_the_grown_config_was_not_written(tmp_path):
     assert any("config.json" in note and "folder" in note for note in report.notes)
     report = grow([src], tmp_path / "out", GrowOptions(method="stack", factor=2))
     assert not any("config.json" in note for note in report.notes)
+
+
+def test_gpt2_config_with_both_layer_count_spellings(tmp_path):
+    """A GPT-2 config.json holding num_hidden_layers beside n_layer (transformers maps one onto the other): the
+    grown count goes into both, or transformers reads the stale one and silently drops the stacked blocks."""
+    src = hf_folder(tmp_path, "gpt2")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = cfg["n_layer"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    grow([src], out, GrowOptions(method="stack", factor=2))
+    assert len(load_hf(out).transformer.h) == 2 * cfg["n_layer"]
