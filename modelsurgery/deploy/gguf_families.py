@@ -3,7 +3,8 @@ the row reorderings and value shifts it applies to tensors, the hyperparameters 
 config must satisfy for llama.cpp's graph of that architecture to compute the same model (refused in
 one line otherwise). ``gguf.py`` writes the file; this module says what goes in it.
 
-- llama, mistral (``LlamaModel``): q/k rows interleaved pairwise (``permute``), rope.dimension_count;
+- llama, mistral (``LlamaModel``): q/k rows (and their biases) interleaved pairwise (``permute``),
+  rope.dimension_count;
   LLaMA 3.1 rope scaling as ``rope_freqs.weight``.
 - qwen2, qwen3 (``Qwen2Model``, ``Qwen3Model``): NeoX-style rope, rows in transformers' order.
 - gemma2 (``Gemma2Model``): every ``*norm.weight`` stored plus one (llama.cpp multiplies by w, transformers
@@ -195,9 +196,10 @@ def _check_gemma(config: dict, fam: GGUFFamily, where: str) -> None:
 def row_order(fam: GGUFFamily, gguf_name: str, rows: int, config: dict) -> np.ndarray | None:
     """The converter's row reordering of a tensor (None: rows as stored)."""
     n_head = config["num_attention_heads"]
-    if fam.interleave_qk:
-        heads = n_head if gguf_name.endswith("attn_q.weight") else \
-            (config.get("num_key_value_heads") or n_head) if gguf_name.endswith("attn_k.weight") else 0
+    if fam.interleave_qk:  # weights and biases alike (attention_bias): a bias entry belongs to its row
+        heads = n_head if gguf_name.endswith(("attn_q.weight", "attn_q.bias")) else \
+            (config.get("num_key_value_heads") or n_head) if gguf_name.endswith(("attn_k.weight", "attn_k.bias")) \
+            else 0
         if heads:
             return qk_permutation(rows, heads)
     if fam.regroup_qkv and gguf_name.endswith(("attn_qkv.weight", "attn_qkv.bias")):

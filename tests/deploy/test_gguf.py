@@ -161,6 +161,34 @@ def test_mistral_as_llama_and_sliding_window_refused(tmp_path, token_ids):
         torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_llama_qk_biases_follow_the_rows(tmp_path, token_ids):
+    """LLaMA with attention_bias: the converter permutes q_proj/k_proj biases as their weights'
+    rows (LlamaModel.modify_tensors: 'q_proj.bias', 'k_proj.bias'), so each stored bias entry stays with
+    its row; transformers' GGUF loader undoes both and must compute our model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.hf_tiny import save_tiny_llama3
+
+    folder = save_tiny_llama3(tmp_path / "tiny", attention_bias=True,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    src = rtn_source("gguf", SCHEMES["Q8_0"], skip=("down_proj",), folder=folder)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    deploy(src, out, "gguf", gguf_tokenizer="none")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    config = src.config
+    for proj, gname, heads in (("q_proj", "attn_q", config["num_attention_heads"]),
+                               ("k_proj", "attn_k", config["num_key_value_heads"])):
+        bias = src.ckpt.get(f"model.layers.1.self_attn.{proj}.bias").numpy()
+        np.testing.assert_array_equal(np.asarray(tensors[f"blk.1.{gname}.bias"].data), converter_permute(bias, heads))
+    # (the loader's config map has no attention_bias for llama: the folder's config says it)
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name,
+                                                  config=AutoConfig.from_pretrained(folder)).eval()
+    ids = token_ids % 97
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_llama3_rope_frequencies(tmp_path):
     """LLaMA 3.1's rope scaling goes in as llama.cpp's rope_freqs.weight: the default frequencies divided
     by it must be transformers' own llama3 inverse frequencies."""
