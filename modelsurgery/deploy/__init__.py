@@ -45,8 +45,10 @@ def check_model(fmt: str, config: dict | None, folder: Path | None, where: str, 
         gguf.check_tokenizer(folder, gguf_tokenizer)
 
 
-def check_weight(fmt: str, name: str, shape: tuple[int, ...], transposed: bool, embedding: bool, scheme) -> None:
-    """One-line refusal of a weight ``fmt`` cannot hold (call before calibration)."""
+def check_weight(fmt: str, name: str, shape: tuple[int, ...], transposed: bool, embedding: bool, scheme,
+                 in_block: bool = True) -> None:
+    """One-line refusal of a weight ``fmt`` cannot hold (call before calibration); ``in_block``: whether
+    the weight lies inside the family's blocks."""
     if len(shape) != 2 or transposed:
         raise SurgeryError(f"tensor '{name}' {list(shape)}: --format {fmt} holds Linear weights [out, in] only "
                            "(keep it float with --skip)")
@@ -54,6 +56,7 @@ def check_weight(fmt: str, name: str, shape: tuple[int, ...], transposed: bool, 
         raise SurgeryError(f"tensor '{name}': --format {fmt} quantizes Linear layers, not embedding tables "
                            "(drop --no-default-skips or --skip it)")
     if fmt == gptq.NAME:
+        gptq.check_in_block(name, in_block)
         gptq.check_shape(name, shape, scheme.bits)
 
 

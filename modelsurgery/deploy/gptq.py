@@ -92,6 +92,25 @@ def check_shape(name: str, shape: tuple[int, ...], bits: int) -> None:
                            f"in and out features times {bits} must be multiples of 32 (keep it float with --skip)")
 
 
+def check_in_block(name: str, in_block: bool) -> None:
+    """optimum (transformers' GPTQ loader) turns only Linears inside the blocks into QuantLinears: a quantized
+    weight outside them (the output head) would be dropped on load and the layer left uninitialised."""
+    if not in_block:
+        raise SurgeryError(f"tensor '{name}': --format gptq quantizes Linear layers inside the blocks (transformers' "
+                           "GPTQ loader leaves any other float, so it would load uninitialised); keep it float "
+                           "(drop --no-default-skips, or --skip it)")
+
+
+def outside_blocks(src: DeploySource) -> set[str]:
+    """The quantized weights outside the family's blocks (none when the family names no blocks)."""
+    from modelsurgery.families import detect_family
+
+    family = detect_family(src.ckpt)
+    if not family.blocks():
+        return set()
+    return {w.name for w in src.weights if family.block_of(w.name) is None}
+
+
 def check_zero_points(w: PackedWeight | PackedRef) -> None:
     if int(w.zero_point.min(initial=1)) < 1:
         raise SurgeryError(f"tensor '{w.name}': a zero point of 0 cannot be stored in GPTQ v1 (zeros are stored "
@@ -137,8 +156,10 @@ def write_gptq(src: DeploySource, out: str | Path, force: bool = False) -> Deplo
     check_folder_output(src, out, NAME)
     check_scheme(src.scheme)
     quantized = src.quantized()
+    outside = outside_blocks(src)
     for w in src.weights:  # every weight checked before anything is written (zero points are small)
         plain_2d(w, NAME)
+        check_in_block(w.name, w.name not in outside)
         check_shape(w.name, w.shape, w.bits)
         check_zero_points(w)
     planned, errors = [], {}

@@ -28,9 +28,11 @@ def check_before_calibration(path: Path, opts, scheme) -> None:
     if not family.runnable:
         return  # quantize_checkpoint refuses it in its own words
     patterns = list(opts.skip) + (family.embedding_names() + family.head_names() if opts.default_skips else [])
+    has_blocks = bool(family.blocks())
     for t in find_targets(family.build_empty()).values():
         if t.name in ckpt and not _skipped(t.name, patterns):
-            check_weight(fmt, t.name, ckpt.shape(t.name), t.transposed, t.embedding, scheme)
+            check_weight(fmt, t.name, ckpt.shape(t.name), t.transposed, t.embedding, scheme,
+                         in_block=not has_blocks or family.block_of(t.name) is not None)
 
 
 def quantize_to_format(path: str | Path, out: str | Path, opts, progress=None):

@@ -108,6 +108,18 @@ def test_zero_point_zero_refused_and_nothing_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_head_refused_and_nothing_written(tmp_path):
+    """A packed checkpoint whose output head is quantized: transformers' GPTQ loader (optimum) replaces only
+    the blocks' Linears, so lm_head's GPTQ tensors would be ignored and lm_head.weight left uninitialised."""
+    src = rtn_source("gptq", SCHEMES["w4-g32-sym"],
+                     select=lambda n: n.endswith("_proj.weight") or n == "lm_head.weight")
+    assert "lm_head.weight" in src.quantized()
+    with pytest.raises(SurgeryError, match="tensor 'lm_head.weight': --format gptq quantizes Linear layers inside the "
+                                           "blocks"):
+        deploy(src, tmp_path / "m", "gptq")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_schemes_refused():
     for scheme in (QuantScheme(5, "group", 32, True), QuantScheme(4, "tensor", None, True)):
         with pytest.raises(SurgeryError, match="--format gptq stores 2, 3, 4 or 8-bit weights"):

@@ -31,6 +31,9 @@ def quantize(*args):
     ("gptq", ["--bits", "3", "--granularity", "group", "--group-size", "16"],
      "mlp.gate_proj.weight' \\[176, 64\\]: GPTQ packs 3-bit codes into int32 words"),
     ("gptq", ["--bits", "5"], "--format gptq stores 2, 3, 4 or 8-bit weights"),
+    # optimum replaces only the blocks' Linears: a quantized head would load uninitialised in transformers
+    ("gptq", ["--no-default-skips", "--skip", "embed_tokens"],
+     "tensor 'lm_head.weight': --format gptq quantizes Linear layers inside the blocks"),
     ("compressed-tensors", ["--granularity", "tensor"], "--format compressed-tensors .* channel or group"),
     ("compressed-tensors", ["--no-default-skips"], "not embedding tables"),
 ])
