@@ -13,6 +13,8 @@ quantized modules by name.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,35 +124,58 @@ def is_compressed_tensors(config: dict | None) -> bool:
     return qc.get("quant_method") == QUANT_METHOD
 
 
+def group_targets(name: str, target: str) -> bool:
+    """compressed-tensors' ``match_name`` for a packed module: its name, a "re:" pattern (``re.match``), or
+    the class name ``Linear`` (every packed module is one)."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target in (name, "Linear")
+
+
 def read_compressed_tensors(ckpt: Checkpoint) -> list[PackedWeight]:
-    """Every pack-quantized weight of a compressed-tensors folder, in our representation."""
+    """Every pack-quantized weight of a compressed-tensors folder, in our representation; each module read
+    with the weights scheme of the config group that targets it (llm-compressor writes one group per scheme)."""
     qc = ckpt.config["quantization_config"]
     if qc.get("format") != FORMAT:
         raise SurgeryError(f"{ckpt.path}: compressed-tensors format '{qc.get('format')}' is not read; "
                            f"'{FORMAT}' is")
-    weights = []
-    for group in qc.get("config_groups", {}).values():
-        args = group.get("weights") or {}
-        bits, strategy = int(args.get("num_bits", 0)), args.get("strategy")
+    groups = {name: group for name, group in (qc.get("config_groups") or {}).items() if group.get("weights")}
+    for args in (g["weights"] for g in groups.values()):
+        strategy = args.get("strategy")
         if strategy not in ("channel", "group") or args.get("type", "int") != "int":
             raise SurgeryError(f"{ckpt.path}: compressed-tensors weights of strategy '{strategy}', type "
                                f"'{args.get('type')}' are not read (int channel and group are)")
-        packed = [n[: -len(".weight_packed")] for n in ckpt.keys() if n.endswith(".weight_packed")]  # noqa: SIM118
-        for module in packed:
-            shape = tuple(int(x) for x in ckpt.get(f"{module}.weight_shape").tolist())
-            rows, length = shape
-            codes = unpack_words(ckpt.get(f"{module}.weight_packed").numpy(), bits, length)
-            scale = ckpt.get(f"{module}.weight_scale").float().numpy().reshape(rows, -1)
-            if f"{module}.weight_zero_point" in ckpt:
-                zp = ckpt.get(f"{module}.weight_zero_point").numpy()
-                zero = unpack_words(zp.T, bits, rows).T.copy()
-            else:
-                zero = np.full(scale.shape, 1 << (bits - 1), np.uint8)
-            group = args.get("group_size") if strategy == "group" else None
-            weights.append(PackedWeight(f"{module}.weight", shape, bits, group, codes,
-                                        np.ascontiguousarray(scale), np.ascontiguousarray(zero)))
-        break  # one group: the modules listed in it are all the packed ones
+    weights = []
+    for module in [n[: -len(".weight_packed")] for n in ckpt.keys() if n.endswith(".weight_packed")]:  # noqa: SIM118
+        args = module_weights(ckpt, module, groups)
+        bits, strategy = int(args.get("num_bits", 0)), args["strategy"]
+        shape = tuple(int(x) for x in ckpt.get(f"{module}.weight_shape").tolist())
+        rows, length = shape
+        codes = unpack_words(ckpt.get(f"{module}.weight_packed").numpy(), bits, length)
+        scale = ckpt.get(f"{module}.weight_scale").float().numpy().reshape(rows, -1)
+        if f"{module}.weight_zero_point" in ckpt:
+            zp = ckpt.get(f"{module}.weight_zero_point").numpy()
+            zero = unpack_words(zp.T, bits, rows).T.copy()
+        else:
+            zero = np.full(scale.shape, 1 << (bits - 1), np.uint8)
+        group = args.get("group_size") if strategy == "group" else None
+        weights.append(PackedWeight(f"{module}.weight", shape, bits, group, codes,
+                                    np.ascontiguousarray(scale), np.ascontiguousarray(zero)))
     return weights
+
+
+def module_weights(ckpt: Checkpoint, module: str, groups: dict[str, dict]) -> dict:
+    """The weights scheme ``module`` was packed with: the one of the config groups whose targets match it;
+    refused when none does or two groups disagree."""
+    found = {name: g["weights"] for name, g in groups.items()
+             if any(group_targets(module, t) for t in g.get("targets") or [])}
+    if len({json.dumps(a, sort_keys=True) for a in found.values()}) > 1:
+        raise SurgeryError(f"{ckpt.path}: module '{module}' is targeted by config groups {', '.join(found)} with "
+                           "different weight schemes")
+    if not found:
+        raise SurgeryError(f"{ckpt.path}: module '{module}' is packed but no config group targets it "
+                           f"(groups: {', '.join(groups) or 'none'})")
+    return next(iter(found.values()))
 
 
 SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")

@@ -92,3 +92,68 @@ def test_file_output_refused(tmp_path):
     with pytest.raises(SurgeryError, match="writes a model folder"):
         deploy(src, tmp_path / "m.safetensors", "compressed-tensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_several_config_groups_read_with_their_own_schemes(tmp_path):
+    """A mixed-precision folder as llm-compressor writes it (one config group per scheme, targets as
+    "re:" patterns), compressed here by the package's own compressor: attention 4-bit groups of 16
+    symmetric, MLP 8-bit per channel asymmetric. Each module is read with its group's scheme and
+    dequantizes to what the package's decompressor gives."""
+    import shutil
+
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import save_file
+
+    from tests.deploy.conftest import LLAMA
+
+    args = {"attn": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 16},
+            "mlp": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "channel"}}
+    targets = {"attn": ["re:.*self_attn\\..*_proj$"], "mlp": ["re:.*mlp\\..*_proj$"]}
+    schemes = {k: QuantizationScheme(targets=targets[k], weights=args[k]) for k in args}
+    ckpt = Checkpoint.open(LLAMA)
+    tensors, expected = {}, {}
+    for name in ckpt.keys():  # noqa: SIM118
+        w = ckpt.get(name)
+        if not name.endswith("_proj.weight"):
+            tensors[name] = w
+            continue
+        module = name[: -len(".weight")]
+        scheme = schemes["attn" if ".self_attn." in name else "mlp"]
+        g = w.reshape(w.shape[0], -1, scheme.weights.group_size or w.shape[1])
+        scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), scheme.weights)
+        local = {"weight": w, "weight_scale": scale, "weight_zero_point": zero}
+        stored = PackedQuantizationCompressor.compress(local, scheme)
+        tensors.update({f"{module}.{k}": v.contiguous() for k, v in stored.items()})
+        expected[name] = PackedQuantizationCompressor.decompress(stored, scheme)["weight"]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((LLAMA / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {f"group_{i}": {"targets": targets[k], "weights": args[k]}
+                                                for i, k in enumerate(args)}}
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(LLAMA / "tokenizer.json", folder / "tokenizer.json")
+    back = {w.name: w for w in read_deployed(Checkpoint.open(folder))}
+    assert set(back) == set(expected)
+    for name, weight in expected.items():
+        assert back[name].bits == (4 if ".self_attn." in name else 8)
+        torch.testing.assert_close(back[name].dequantize(), weight.float(), rtol=0, atol=1e-6)
+
+
+def test_packed_module_no_config_group_targets_refused(tmp_path, written):
+    """A packed module that no config group targets has no scheme to read it with: refused, naming it."""
+    import shutil
+
+    _, out, _ = written
+    folder = tmp_path / "m"
+    shutil.copytree(out, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (group,) = config["quantization_config"]["config_groups"].values()
+    group["targets"].remove("model.layers.0.self_attn.q_proj")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SurgeryError, match="'model.layers.0.self_attn.q_proj' is packed but no config group targets"):
+        read_deployed(Checkpoint.open(folder))
