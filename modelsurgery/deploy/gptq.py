@@ -178,12 +178,27 @@ def is_gptq(config: dict | None) -> bool:
     return qc.get("quant_method") == "gptq"
 
 
+def check_readable(qc: dict, where) -> None:
+    """Refuse the GPTQModel settings that change how a module's tensors decode or what they stand for:
+    per-module overrides (``dynamic``: other bits or group size than the config's), words other than int32
+    (``pack_dtype``), and rotated weights (``rotation``: the stored weight is W times a rotation)."""
+    overrides = [k for k in (qc.get("dynamic") or {}) if not str(k).startswith("-:")]  # '-:' only skips modules
+    if overrides:
+        raise SurgeryError(f"{where}: GPTQ quantization_config 'dynamic' overrides modules matching "
+                           f"'{overrides[0]}' with their own scheme; per-module overrides are not read")
+    if str(qc.get("pack_dtype") or "int32") != "int32":
+        raise SurgeryError(f"{where}: GPTQ pack_dtype '{qc['pack_dtype']}' is not read (int32 words are)")
+    if qc.get("rotation"):
+        raise SurgeryError(f"{where}: GPTQ rotation '{qc['rotation']}': the stored weights are rotated; not read")
+
+
 def read_gptq(ckpt: Checkpoint) -> list[PackedWeight]:
     """Every GPTQ weight of a folder in our representation (v1 zeros: stored value + 1)."""
     qc = ckpt.config["quantization_config"]
     if qc.get("checkpoint_format", "gptq") != "gptq" or qc.get("desc_act"):
         raise SurgeryError(f"{ckpt.path}: GPTQ checkpoint_format '{qc.get('checkpoint_format')}' with desc_act "
                            f"{qc.get('desc_act')} is not read (gptq without act-order is)")
+    check_readable(qc, ckpt.path)
     bits = int(qc["bits"])
     weights = []
     modules = [n[: -len(".qweight")] for n in ckpt.keys() if n.endswith(".qweight")]  # noqa: SIM118

@@ -120,6 +120,31 @@ def test_head_refused_and_nothing_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("dynamic", {"+:.*mlp.*": {"bits": 8}}, "'dynamic' overrides modules matching '\\+:.\\*mlp.\\*'"),
+    ("pack_dtype", "int16", "pack_dtype 'int16' is not read"),
+    ("rotation", "hadamard", "rotation 'hadamard'"),
+])
+def test_reader_refuses_what_changes_the_decoding(tmp_path, written, field, value, message):
+    """GPTQModel's quantization_config fields (QuantizeConfig.to_dict) under which the tensors decode
+    otherwise: per-module schemes, other word sizes, rotated weights."""
+    import shutil
+
+    _, out, _ = written
+    folder = tmp_path / "m"
+    shutil.copytree(out, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"][field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SurgeryError, match=message) as e:
+        read_deployed(Checkpoint.open(folder))
+    assert "\n" not in str(e.value)
+    del config["quantization_config"][field]
+    config["quantization_config"]["dynamic"] = {"-:.*lm_head": {}}  # a skip rule changes nothing read
+    (folder / "config.json").write_text(json.dumps(config))
+    assert len(read_deployed(Checkpoint.open(folder))) == len(read_deployed(Checkpoint.open(out)))
+
+
 def test_schemes_refused():
     for scheme in (QuantScheme(5, "group", 32, True), QuantScheme(4, "tensor", None, True)):
         with pytest.raises(SurgeryError, match="--format gptq stores 2, 3, 4 or 8-bit weights"):
