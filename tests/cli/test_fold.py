@@ -99,6 +99,10 @@ def test_extract_refuses_another_architecture(llama, tmp_path):
 @pytest.mark.parametrize(("field", "value", "expected"), [
     ("use_qalora", True, "'use_qalora' is not supported"),
     ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
+    # LoRA-GA subtracts its initial B A from the base weights (PEFT's lora_ga_init), as PiSSA does
+    ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga' adapters are relative to a residual base"),
+    ("kasa_config", {"beta": 1e-4}, "'kasa_config' is not supported"),
+    ("arrow_config", {"top_k": 3}, "'arrow_config' is not supported"),
 ])
 def test_fold_refuses_lora_options_it_cannot_fold(llama, tmp_path, field, value, expected):
     a = make_adapter(llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a")

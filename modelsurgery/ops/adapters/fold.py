@@ -27,10 +27,12 @@ from modelsurgery.ops.adapters.variants import Site, Variant, variant_for
 Progress = Callable[[str, int, int, dict], None]
 
 #: config switches of LoRA variants whose adapters fold differently or not at all: refused, not ignored
+#: (PEFT's merge refuses Arrow's routed experts; KaSA also truncates the base weight's SVD and scales B A by lora_diag)
 UNSUPPORTED_SWITCHES = ("use_qalora", "alora_invocation_tokens", "target_parameters", "layer_replication",
-                        "trainable_token_indices", "use_bdlora")
-#: LoRA initialisations that leave the saved adapter relative to a changed (residual) base model
-RESIDUAL_INITS = ("pissa", "olora", "corda")
+                        "trainable_token_indices", "use_bdlora", "arrow_config", "kasa_config")
+#: LoRA initialisations that leave the saved adapter relative to a changed (residual) base model (the ones
+#: PEFT's LoraModel._convert_state_dict_for_initial_model converts)
+RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga")
 
 
 def no_progress(task: str, done: int, total: int, info: dict | None = None) -> None:
