@@ -206,6 +206,27 @@ def tokenizer_kind(folder: Path | None) -> str:
     return f"a {kind} tokenizer.json (llama.cpp's converter refuses it too)"
 
 
+def adds_space_prefix(folder: Path) -> bool:
+    """Whether the tokenizer puts '▁' before the text (SentencePiece's dummy prefix): a ``Prepend('▁')``
+    normalizer (LLaMA 2) or a Metaspace pre-tokenizer that prepends (Mistral v0.3); Gemma's does neither.
+    llama.cpp reads it as ``tokenizer.ggml.add_space_prefix`` and prepends when the key is absent."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+
+    def parts(node, key: str) -> list[dict]:
+        if not isinstance(node, dict):
+            return []
+        return [p for n in node[key] for p in parts(n, key)] if node.get("type") == "Sequence" else [node]
+
+    for n in parts(spec.get("normalizer"), "normalizers"):
+        if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
+            return True
+    for p in parts(spec.get("pre_tokenizer"), "pretokenizers"):
+        if p.get("type") == "Metaspace" and p.get("prepend_scheme", "always" if p.get("add_prefix_space", True)
+                                                   else "never") != "never":
+            return True
+    return False
+
+
 def check_tokenizer(folder: Path | None, tokenizer: str) -> None:
     """Refuse, in one line and before anything runs, a tokenizer the converter would not convert."""
     if tokenizer not in ("auto", "none"):
@@ -237,6 +258,7 @@ def write_tokenizer(w: gguf.GGUFWriter, folder: Path | None, vocab_size: int, to
             toktypes.append(gguf.TokenType.UNUSED)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
+        w.add_add_space_prefix(adds_space_prefix(folder))
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(toktypes)

@@ -242,8 +242,10 @@ def test_qwen_families_load_in_transformers_gguf_loader(tmp_path, token_ids, kin
         torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
 
 
-def _llama_bpe_folder(folder):
-    """A LLaMA-2-style tokenizer.json (BPE with byte fallback, ▁ for spaces) built with ``tokenizers``."""
+def _llama_bpe_folder(folder, prefix: bool = True):
+    """A LLaMA-2-style tokenizer.json (BPE with byte fallback, ▁ for spaces) built with ``tokenizers``;
+    ``prefix=False``: Gemma's kind, no '▁' put before the text (and a tokenizer class that keeps the file's
+    pipeline: transformers' LlamaTokenizer would rebuild the prefix)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
 
     chars = sorted(set("▁abcdefghijklmnopqrstuvwxyz.,!?'\n"))
@@ -254,7 +256,7 @@ def _llama_bpe_folder(folder):
     for a, b in merges:
         vocab[a + b] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * prefix + [normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
@@ -263,7 +265,7 @@ def _llama_bpe_folder(folder):
     template = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": template,
-        "tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True}))
+        "tokenizer_class": "LlamaTokenizerFast" if prefix else "PreTrainedTokenizerFast", "add_bos_token": True}))
     return len(vocab), template
 
 
@@ -293,3 +295,29 @@ def test_llama_tokenizer_and_chat_template_carried(tmp_path):
     theirs = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     text = "the cat, the hat!"
     assert theirs(text)["input_ids"] == reference(text)["input_ids"]
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_space_prefix_as_the_tokenizer_has_it(tmp_path, prefix):
+    """llama.cpp's 'llama' vocabulary puts '▁' before the text unless tokenizer.ggml.add_space_prefix says
+    otherwise: a tokenizer without that prefix (Gemma's) must tokenize in llama.cpp as in transformers."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = tmp_path / "m"
+    model = LlamaForCausalLM.from_pretrained(LLAMA)
+    n_vocab, _ = _llama_bpe_folder(tmp_path, prefix)
+    model.resize_token_embeddings(n_vocab)
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / f, folder / f)
+    out = tmp_path / "m.gguf"
+    deploy(rtn_source("gguf", SCHEMES["Q8_0"], folder=folder), out, "gguf")
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.add_space_prefix"].contents() is prefix
+    llama_cpp = pytest.importorskip("llama_cpp")
+    reference = AutoTokenizer.from_pretrained(folder)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    try:
+        for text in ("the cat, the hat!", "hello world"):
+            assert llm.tokenize(text.encode(), add_bos=True) == reference(text)["input_ids"], text
+    finally:
+        llm.close()
