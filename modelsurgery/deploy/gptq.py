@@ -82,7 +82,8 @@ def quantization_config(src: DeploySource) -> dict:
     return {"quant_method": "gptq", "bits": s.bits, "group_size": s.group_size if s.granularity == "group" else -1,
             "sym": s.symmetric, "desc_act": False, "checkpoint_format": "gptq", "true_sequential": True,
             "damp_percent": 0.01, "static_groups": False,
-            "modules_in_block_to_quantize": modules_in_block_to_quantize(src), "quantized_by": "modelsurgery"}
+            "modules_in_block_to_quantize": modules_in_block_to_quantize(src), "quantized_by": "modelsurgery",
+            **({"block_name_to_quantize": stack} if (stack := block_stack(src)) else {})}
 
 
 def check_shape(name: str, shape: tuple[int, ...], bits: int) -> None:
@@ -101,14 +102,27 @@ def check_in_block(name: str, in_block: bool) -> None:
                            "(drop --no-default-skips, or --skip it)")
 
 
+def family_of(src: DeploySource):
+    """The source's family, detected from its float names (a packed checkpoint's as it stands for them)."""
+    from modelsurgery.families import detect_family
+    from modelsurgery.ops.float_input import float_view
+
+    return detect_family(float_view(src.ckpt, f"--format {NAME}")[0])
+
+
 def outside_blocks(src: DeploySource) -> set[str]:
     """The quantized weights outside the family's blocks (none when the family names no blocks)."""
-    from modelsurgery.families import detect_family
-
-    family = detect_family(src.ckpt)
+    family = family_of(src)
     if not family.blocks():
         return set()
     return {w.name for w in src.weights if family.block_of(w.name) is None}
+
+
+def block_stack(src: DeploySource) -> str | None:
+    """The module holding the blocks ("model.layers", "encoder.layer"): optimum guesses it from a list of
+    decoder prefixes only, so a BERT folder that does not say it cannot be loaded."""
+    blocks = family_of(src).blocks()
+    return re.sub(r"\.\d+\.$", "", blocks[0].prefix) if blocks else None
 
 
 def check_zero_points(w: PackedWeight | PackedRef) -> None:

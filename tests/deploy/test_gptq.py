@@ -86,6 +86,7 @@ def test_quantization_config(written):
     assert config["quant_method"] == "gptq" and config["checkpoint_format"] == "gptq"
     assert config["bits"] == s.bits and config["sym"] == s.symmetric and config["desc_act"] is False
     assert config["group_size"] == (s.group_size if s.granularity == "group" else -1)
+    assert config["block_name_to_quantize"] == "model.layers"
 
 
 def test_our_reader_gives_the_representation_back(written):
@@ -143,6 +144,43 @@ def test_reader_refuses_what_changes_the_decoding(tmp_path, written, field, valu
     config["quantization_config"]["dynamic"] = {"-:.*lm_head": {}}  # a skip rule changes nothing read
     (folder / "config.json").write_text(json.dumps(config))
     assert len(read_deployed(Checkpoint.open(folder))) == len(read_deployed(Checkpoint.open(out)))
+
+
+def test_packed_head_refused_on_conversion(tmp_path):
+    """The same refusal when a packed checkpoint (its names are the codes') is converted."""
+    from typer.testing import CliRunner
+
+    from modelsurgery.cli.app import app
+    from modelsurgery.deploy import convert_packed
+    from tests.deploy.conftest import LLAMA
+
+    res = CliRunner().invoke(app, ["quantize", str(LLAMA), "-o", str(tmp_path / "packed"), "--format", "packed",
+                                   "--method", "rtn", "--no-default-skips", "--skip", "embed_tokens", "-q"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(SurgeryError, match="tensor 'lm_head.weight': --format gptq quantizes Linear layers inside"):
+        convert_packed(tmp_path / "packed", tmp_path / "gptq", "gptq")
+    assert not (tmp_path / "gptq").exists()
+    convert_packed(tmp_path / "packed", tmp_path / "gptq", "compressed-tensors")  # it holds a quantized head
+
+
+def test_bert_names_its_blocks(tmp_path):
+    """optimum finds decoder blocks by name ('model.layers', 'transformer.h', ...) but not BERT's: the
+    folder says where they are (see test_gptq_gptqmodel for transformers loading it)."""
+    from typer.testing import CliRunner
+
+    from modelsurgery.cli.app import app
+    from modelsurgery.deploy import convert_packed
+    from tests.hf_tiny import save_tiny_bert
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    for fmt in ("packed", "gptq"):
+        res = CliRunner().invoke(app, ["quantize", str(bert), "-o", str(tmp_path / fmt), "--format", fmt, "--method",
+                                       "rtn", "-q"])
+        assert res.exit_code == 0, res.output
+    convert_packed(tmp_path / "packed", tmp_path / "converted", "gptq")
+    for folder in (tmp_path / "gptq", tmp_path / "converted"):
+        config = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert config["block_name_to_quantize"] == "encoder.layer", folder
 
 
 def test_schemes_refused():

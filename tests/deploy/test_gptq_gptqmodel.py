@@ -125,3 +125,36 @@ def test_float_linears_are_left_out_of_modules_in_block_to_quantize(tmp_path, sk
         assert sorted(listed) == sorted(expected)
     else:
         assert sorted(listed) == sorted(quantized)
+
+
+@pytest.mark.slow
+def test_bert_folder_loads_in_transformers(tmp_path):
+    """optimum finds the blocks by a list of decoder prefixes ('model.layers', 'transformer.h', ...), which
+    BERT's 'encoder.layer' is not in: the folder names its blocks (block_name_to_quantize), and transformers
+    loads it with every quantized Linear replaced, computing the dequantized model (weights in fp16, as
+    GPTQModel multiplies)."""
+    from transformers import AutoModel
+
+    from tests.hf_tiny import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    surgery("quantize", str(folder), "-o", str(tmp_path / "gptq"), "--format", "gptq", "--method", "rtn")
+    surgery("dequantize", str(tmp_path / "gptq"), "-o", str(tmp_path / "float"))
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    from transformers import GPTQConfig
+
+    with torch._dynamo.config.patch(disable=True):
+        model = AutoModel.from_pretrained(tmp_path / "gptq", device_map="cpu",
+                                          quantization_config=GPTQConfig(bits=4, backend="gptq_torch")).eval()
+        replaced = [n for n, m in model.named_modules() if hasattr(m, "qweight")]
+        reference = AutoModel.from_pretrained(tmp_path / "float").eval()
+        state = reference.state_dict()
+        for name in replaced:
+            state[f"{name}.weight"] = state[f"{name}.weight"].half().float()
+        reference.load_state_dict(state)
+        ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            theirs, ours = model(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state
+    assert len(replaced) == 18  # six Linears in each of the three blocks
+    torch.testing.assert_close(theirs.float(), ours, rtol=1e-4, atol=1e-4)
