@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 import torch
 
-from modelsurgery.checkpoint import check_output
+from modelsurgery.checkpoint import Provenance, check_output
 from modelsurgery.checkpoint.writer import atomic_path
 from modelsurgery.deploy.common import (
     DeployReport,
@@ -319,9 +319,9 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         write_hparams(writer, config, (src.folder or out).name, file_type, fam)
         tok = write_tokenizer(writer, src.folder, config["vocab_size"], tokenizer)
-        writer.add_string("modelsurgery", json.dumps(
-            {"tool": "modelsurgery", "operation": src.operation, "parameters": {"format": NAME, **src.parameters},
-             "sources": [str(p) for p in src.source_files()]}, sort_keys=True, default=str))
+        # the record every output of ours carries (tool version, parameters, sources with their sha256)
+        writer.add_string("modelsurgery", Provenance(src.operation, {"format": NAME, **src.parameters},
+                                                     src.source_files()).to_metadata()["modelsurgery"])
         writer.add_string("modelsurgery.quantization", json.dumps(
             {"format": NAME, "method": src.method, "type": qtype.name, **src.scheme.to_dict()}, sort_keys=True))
         for p in planned:

@@ -109,6 +109,21 @@ def test_transformers_gguf_loader_matches_our_forward(written, token_ids):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
+def test_provenance_as_other_outputs(written):
+    """The file's provenance is the record every output carries: tool version and each source's sha256."""
+    import hashlib
+
+    from modelsurgery import __version__
+
+    _, src, out, _ = written
+    record = json.loads(gguf.GGUFReader(out).fields["modelsurgery"].contents())
+    assert record["tool"] == "modelsurgery" and record["version"] == __version__
+    assert [s["file"] for s in record["sources"]] == [str(p) for p in src.ckpt.source_files]
+    for s in record["sources"]:
+        with open(s["file"], "rb") as f:
+            assert s["sha256"] == hashlib.sha256(f.read()).hexdigest()
+
+
 def test_scheme_refused_in_one_line():
     for scheme in (QuantScheme(4, "channel", None, True), QuantScheme(3, "group", 32, True),
                    QuantScheme(4, "group", 64, True), QuantScheme(8, "group", 32, False)):
