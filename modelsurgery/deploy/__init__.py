@@ -68,13 +68,24 @@ def storable_grid(fmt: str, scale: torch.Tensor, zero: torch.Tensor, scheme) -> 
     return storable_scale(fmt, scale, zero, scheme), zero
 
 
+def storage_dtype(fmt: str, ckpt) -> str | None:
+    """The dtype ``fmt`` keeps scales in when it is the model's own (compressed-tensors), else None."""
+    if format_module(fmt) is compressed_tensors:
+        return str(compressed_tensors.model_dtype(ckpt)).removeprefix("torch.")
+    return None
+
+
 def storable_scale(fmt: str, scale: torch.Tensor, zero: torch.Tensor, scheme) -> torch.Tensor:
-    """The scale ``fmt`` stores exactly (fp16; Q4_1 also its fp16 offset -z * s)."""
+    """The scale ``fmt`` stores exactly (fp16; Q4_1 also its fp16 offset -z * s; compressed-tensors: the
+    model's dtype, ``scheme.storage_dtype``)."""
     from modelsurgery.deploy.common import storable_scale as fp16_scale
 
     module = format_module(fmt)
     if module is compressed_tensors:
-        return scale  # stored in the model's dtype: float32 models keep it as learned
+        dtype = getattr(torch, scheme.storage_dtype or "float32")
+        if dtype == torch.float16:
+            return fp16_scale(scale, zero)
+        return scale.float().clamp(min=torch.finfo(dtype).tiny).to(dtype).float()
     return fp16_scale(scale, zero, module.stores_offset(scheme))
 
 
@@ -121,4 +132,5 @@ def deployed_state(ckpt, weights: list, dtype: torch.dtype = torch.float32) -> d
 
 __all__ = ["FORMATS", "DeployReport", "DeploySource", "check_model", "check_scheme", "check_weight",
            "convert_packed", "deploy", "deployed_state", "read_deployed", "storable_grid", "storable_scale",
+           "storage_dtype",
            "weight_from_quantized", "writes_folder"]

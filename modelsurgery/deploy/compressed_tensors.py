@@ -35,6 +35,7 @@ from modelsurgery.deploy.common import (
     write_quantized_folder,
 )
 from modelsurgery.errors import SurgeryError
+from modelsurgery.ops.quantize.packing import SUFFIXES as PACKED_SUFFIXES
 from modelsurgery.ops.quantize.packing import PackedWeight
 
 FOLDER = True  # a model folder: config.json, safetensors, tokenizer files
@@ -49,10 +50,25 @@ def check_scheme(scheme) -> None:
                            f"--granularity channel or group (got {scheme.granularity})")
 
 
+def model_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The model's float dtype: config.json's (``dtype``, or 4.x's ``torch_dtype``), else the dominant one of
+    its float tensors other than a packed checkpoint's scales (float32 whatever the model's)."""
+    stated = (ckpt.config or {}).get("dtype") or (ckpt.config or {}).get("torch_dtype")
+    if isinstance(stated, str) and isinstance(getattr(torch, stated, None), torch.dtype) \
+            and getattr(torch, stated).is_floating_point:
+        return getattr(torch, stated)
+    totals: dict[torch.dtype, int] = {}
+    for name, info in ckpt.infos.items():
+        if info.dtype.is_floating_point and not name.endswith(PACKED_SUFFIXES):
+            totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
+    return max(totals, key=totals.get) if totals else torch.float32
+
+
 def scale_dtype_for(src: DeploySource) -> torch.dtype:
-    """Scales in the model's float dtype, as llm-compressor stores them: the decompressor computes
-    (q - zp) * scale in the scale's dtype, so a float32 model dequantizes exactly."""
-    return src.ckpt.dtype()
+    """Scales in the model's float dtype, as llm-compressor stores them (and vLLM and transformers load
+    them): the decompressor computes (q - zp) * scale in the scale's dtype, so a float32 model dequantizes
+    exactly, and a quantizer run for this format learns scales that dtype holds."""
+    return model_dtype(src.ckpt)
 
 
 def quantization_config(src: DeploySource) -> dict:

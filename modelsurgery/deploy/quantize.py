@@ -41,7 +41,10 @@ def quantize_to_format(path: str | Path, out: str | Path, opts, progress=None):
     from modelsurgery.ops.quantize.operation import quantize_checkpoint
 
     path, out, fmt = Path(path), Path(out), opts.format
-    packed_opts = replace(opts, format="packed", storage=fmt, force=False)
+    from modelsurgery.deploy import storage_dtype
+
+    packed_opts = replace(opts, format="packed", storage=fmt, storage_dtype=storage_dtype(fmt, Checkpoint.open(path)),
+                          force=False)
     scheme = packed_opts.scheme
     scheme.validate()
     check_before_calibration(path, opts, scheme)

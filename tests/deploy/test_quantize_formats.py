@@ -88,3 +88,40 @@ def test_rtn_folder_formats_written_exactly(tmp_path, fmt):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == ("gptq" if fmt == "gptq" else "compressed-tensors")
     assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compressed_tensors_scales_in_a_half_precision_models_dtype(tmp_path, dtype):
+    """compressed-tensors keeps scales in the model's dtype (as llm-compressor writes them, and as vLLM and
+    transformers load them): for a bf16/fp16 model the scales are stored in that dtype, the quantizer learns
+    on scales that dtype holds (nothing moves when they are stored), and the package's own decompressor
+    gives the weights of the quantizer's grid."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from modelsurgery.checkpoint import Checkpoint
+    from modelsurgery.deploy import read_deployed
+    from tests.hf_tiny import save_tiny_qwen2
+
+    AutoModelForCausalLM.from_pretrained(save_tiny_qwen2(tmp_path / "f32"), dtype=getattr(torch, dtype)) \
+        .save_pretrained(tmp_path / "half")
+    res = runner.invoke(app, ["quantize", str(tmp_path / "half"), "-o", str(tmp_path / "ct"), "--format",
+                              "compressed-tensors", "--json", "--method", "rtn", "--bits", "4", "--asymmetric",
+                              "--granularity", "group", "--group-size", "8", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["deploy"]["max_scale_rounding_error"] == 0.0
+    stored = load_file(tmp_path / "ct" / "model.safetensors")
+    (group,) = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"] \
+        .values()
+    scheme = QuantizationScheme.model_validate(group)
+    ours = {w.name: w.dequantize() for w in read_deployed(Checkpoint.open(tmp_path / "ct"))}
+    assert len(ours) == 21
+    for name, weight in ours.items():
+        module = name[: -len(".weight")]
+        local = {k[len(module) + 1:]: v for k, v in stored.items() if k.startswith(module + ".")}
+        assert local["weight_scale"].dtype == getattr(torch, dtype)
+        theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+        assert torch.equal(theirs, weight.to(theirs.dtype)), module

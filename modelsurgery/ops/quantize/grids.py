@@ -29,6 +29,8 @@ class QuantScheme:
     #: a deployment format (``modelsurgery.deploy``) whose stored grid the scales and zero points
     #: must be (fp16 scales; GPTQ v1 zero points >= 1), so what is learned is what is stored
     storage: str | None = None
+    #: the dtype that format stores scales in where it is the model's own (compressed-tensors: "bfloat16")
+    storage_dtype: str | None = None
 
     def validate(self) -> None:
         if not 2 <= self.bits <= 8:

@@ -115,6 +115,8 @@ class QuantizeOptions(WriteOptions):
     gguf_tokenizer: str = "auto"
     #: a deployment format whose stored grid the quantizer uses (set by ``modelsurgery.deploy.quantize``)
     storage: str | None = None
+    #: the dtype ``storage`` keeps scales in when that is the model's (set with it)
+    storage_dtype: str | None = None
 
     def data_files(self) -> list[Path]:
         """The calibration and evaluation files: inputs an output may never replace."""
@@ -122,7 +124,8 @@ class QuantizeOptions(WriteOptions):
 
     @property
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.granularity, self.group_size, self.symmetric, self.storage)
+        return QuantScheme(self.bits, self.granularity, self.group_size, self.symmetric, self.storage,
+                           self.storage_dtype)
 
 
 @dataclass
