@@ -113,9 +113,11 @@ def rope_of(config: dict) -> dict:
         params = dict(params["full_attention"])
     scaling = config.get("rope_scaling") or {}
     params.setdefault("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0)))
-    if scaling:
+    if scaling:  # 4.x spelling: every setting of the scaling (llama3's low/high_freq_factor, original context)
         params.setdefault("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        params.setdefault("factor", scaling.get("factor"))
+        for key, value in scaling.items():
+            if key not in ("type", "rope_type"):
+                params.setdefault(key, value)
     return params
 
 

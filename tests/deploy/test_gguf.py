@@ -204,17 +204,25 @@ def test_llama_qk_biases_follow_the_rows(tmp_path, token_ids):
         torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_llama3_rope_frequencies(tmp_path):
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_llama3_rope_frequencies(tmp_path, spelling):
     """LLaMA 3.1's rope scaling goes in as llama.cpp's rope_freqs.weight: the default frequencies divided
-    by it must be transformers' own llama3 inverse frequencies."""
+    by it must be transformers' own llama3 inverse frequencies, for config.json as transformers 5 writes
+    it and as the 4.x files on the hub spell it (rope_scaling, top-level rope_theta)."""
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from tests.hf_tiny import save_tiny_llama3
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # all three regimes at head_dim 16
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0, "original_max_position_embeddings": 128}  # three regimes at head_dim 16
     folder = save_tiny_llama3(tmp_path / "tiny", hidden_size=64, rope_parameters=rope)
+    if spelling == "rope_scaling":
+        config = json.loads((folder / "config.json").read_text())
+        scaling = config.pop("rope_parameters")
+        config["rope_theta"] = scaling.pop("rope_theta")
+        config["rope_scaling"] = scaling
+        (folder / "config.json").write_text(json.dumps(config))
     src = rtn_source("gguf", SCHEMES["Q8_0"], skip=("down_proj",), folder=folder)
     out = tmp_path / "m.gguf"
     deploy(src, out, "gguf", gguf_tokenizer="none")
