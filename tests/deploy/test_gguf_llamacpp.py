@@ -237,6 +237,28 @@ def test_quantized_gguf_matches_our_dequantized_forward(work, family, qtype):
     assert m["argmax_agreement"] >= AGREEMENT, m
 
 
+def test_llama_attention_bias_runs_as_transformers(tmp_path):
+    """LLaMA with attention_bias (q/k/v/o biases): llama.cpp's llama graph adds bq/bk to the rows the
+    converter permuted, so the q/k biases must be stored in that row order. The biases are made large
+    (x30) so that a wrong order shows far above the float bound."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_decoder("llama3", tmp_path / "m", attention_bias=True,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    state = load_file(folder / "model.safetensors")
+    for name in state:
+        if name.endswith(("q_proj.bias", "k_proj.bias")):
+            state[name] = state[name] * 30
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "m.gguf"
+    deploy(DeploySource(Checkpoint.open(folder), [], QuantScheme(8, "group", 32, True), "rtn"), out, "gguf",
+           gguf_tokenizer="none")
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 97, N_TOKENS)]
+    theirs, ours = llama_cpp_logits(out, ids), reference_logits(out, folder, ids)
+    assert np.abs(theirs - ours).max() < F32_BOUND * np.ptp(ours)
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+
+
 def main() -> None:
     """One row per family; each cell: max |logit difference| with transformers (of the logits' range),
     argmax agreement, then the max difference once the reference computes as ggml does (GELU, 8-bit
