@@ -7,7 +7,9 @@ names under ``base_model.model.`` followed by the method's parameter name, e.g.
 ``<module>.lora_magnitude_vector`` (no ``.weight``), MiSS stores ``<module>.miss_block``, LoKr
 ``<module>.lokr_w1`` / ``lokr_w1_a`` / ``lokr_w1_b`` / ``lokr_w2`` / ``lokr_w2_a`` / ``lokr_w2_b``. Whole
 tensors the adapter trained outright (``bias="all"`` / ``"lora_only"``, ``modules_to_save``) are
-stored under the base tensor's own name, a targeted layer's bias as ``<module>.base_layer.bias``.
+stored under the base tensor's own name, a targeted layer's bias as ``<module>.base_layer.bias``; with
+``bias="all"`` a ``modules_to_save`` module's biases appear again as ``<module>.modules_to_save.bias`` (the
+trained copy) and ``<module>.original_module.bias`` (the base's, which merging drops).
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ def read_adapter(path: str | Path, parameter_names: Callable[[str], Iterable[str
         m = pattern.match(name) if pattern else None
         if m:
             adapter.modules.setdefault(m.group(1), {})[m.group(2)] = key
+        elif ".original_module." in name:
+            continue  # bias="all" saves the base module a modules_to_save wrapper keeps; merging drops it
+        elif ".modules_to_save." in name:  # bias="all" saves the wrapper's trained copy under its inner name too
+            adapter.whole.setdefault(name.replace(".modules_to_save.", "."), key)
         else:
             adapter.whole[name.replace(".base_layer.", ".")] = key
     return adapter

@@ -43,6 +43,10 @@ CASES = {
     "llama-lokr-decomposed": ("llama", lambda: LoKrConfig(r=1, target_modules=LLAMA_ALL, decompose_both=True,
                                                           decompose_factor=4)),
     "bert-lora-bias-all": ("bert", lambda: LoraConfig(r=4, target_modules=BERT_ALL, bias="all")),
+    # bias="all" also saves the biases inside the modules_to_save wrapper, under '.modules_to_save.' and
+    # '.original_module.' (as PEFT's task_type SEQ_CLS does with its classifier)
+    "gpt2-lora-bias-all-modules_to_save": ("gpt2", lambda: LoraConfig(
+        r=4, target_modules=["c_attn"], fan_in_fan_out=True, bias="all", modules_to_save=["ln_f", "h.1.mlp.c_fc"])),
     "bert-dora": ("bert", lambda: LoraConfig(r=4, target_modules=BERT_ALL, use_dora=True)),
     "bert-miss": ("bert", lambda: MissConfig(r=4, target_modules=BERT_ALL)),
     "bert-lokr": ("bert", lambda: LoKrConfig(r=4, target_modules=BERT_ALL)),
