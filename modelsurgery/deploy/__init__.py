@@ -85,7 +85,9 @@ def storable_scale(fmt: str, scale: torch.Tensor, zero: torch.Tensor, scheme) ->
         dtype = getattr(torch, scheme.storage_dtype or "float32")
         if dtype == torch.float16:
             return fp16_scale(scale, zero)
-        return scale.float().clamp(min=torch.finfo(dtype).tiny).to(dtype).float()
+        if dtype == torch.bfloat16:  # float32's range: only the significand shortens
+            return scale.float().clamp(min=torch.finfo(dtype).tiny).to(dtype).float()
+        return scale  # float32 models keep it as learned
     return fp16_scale(scale, zero, module.stores_offset(scheme))
 
 
