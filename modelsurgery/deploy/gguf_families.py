@@ -48,6 +48,9 @@ class GGUFFamily:
     no_window: bool = True
     #: activations llama.cpp's graph computes (config.json's hidden_activation / hidden_act)
     activations: tuple[str, ...] = ("silu",)
+    #: whether llama.cpp's graph reads the q/k/v/o biases config.json's attention_bias adds (else the file,
+    #: holding tensors the graph does not take, would not load)
+    attention_bias: bool = True
     hparams: Callable[[gguf.GGUFWriter, dict], None] = field(default=lambda w, c: None)
 
 
@@ -94,11 +97,12 @@ FAMILIES: dict[str, GGUFFamily] = {
     "llama": GGUFFamily(gguf.MODEL_ARCH.LLAMA, interleave_qk=True, rope_types=("default", "linear", "llama3")),
     "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, interleave_qk=True, rope_types=("default", "linear", "llama3")),
     "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2),
-    "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3),
+    "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, attention_bias=False),
     "gemma2": GGUFFamily(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, tied_head_only=True, rope_types=("default",),
-                         window_period=2, no_window=False, activations=GELU_TANH, hparams=_gemma2_hparams),
+                         window_period=2, no_window=False, activations=GELU_TANH, hparams=_gemma2_hparams,
+                         attention_bias=False),
     "gemma3_text": GGUFFamily(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, rope_types=("default",), window_period=6,
-                              no_window=False, activations=GELU_TANH, hparams=_gemma3_hparams),
+                              no_window=False, activations=GELU_TANH, hparams=_gemma3_hparams, attention_bias=False),
     "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, rope_types=("default",), hparams=_phi3_hparams),
     "gpt_neox": GGUFFamily(gguf.MODEL_ARCH.GPTNEOX, regroup_qkv=True, rope_types=("default",),
                            activations=("gelu",), hparams=_gpt_neox_hparams),
@@ -157,6 +161,9 @@ def check_family(config: dict, where: str) -> GGUFFamily:
         _check_window_pattern(config, fam, where)
     if fam.arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3):
         _check_gemma(config, fam, where)
+    if not fam.attention_bias and config.get("attention_bias"):
+        raise SurgeryError(f"{where}: attention_bias true: llama.cpp's {fam.arch.name.lower()} graph has no place "
+                           "for all of the attention biases (the file would not load)")
     if model_type == "gpt_neox" and config.get("attention_bias") is False:
         raise SurgeryError(f"{where}: attention_bias false: llama.cpp's gptneox graph reads the qkv biases")
     return fam

@@ -147,6 +147,10 @@ def test_transformers_gguf_loader_matches_our_forward(written, token_ids):
      "rope_type 'linear' is not written to GGUF for gemma3_text"),
     ("phi3", {"sliding_window": 16}, "sliding_window 16 < context 64: llama.cpp's phi3 graph attends"),
     ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 != head_dim 16"),
+    # llama.cpp refuses to load such a file ("wrong number of tensors"): its graph takes no o_proj bias
+    ("qwen3", {"attention_bias": True}, "attention_bias true: llama.cpp's qwen3 graph has no place"),
+    ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "attention_bias": True},
+     "attention_bias true: llama.cpp's gemma2 graph"),
 ])
 def test_configs_llama_cpp_computes_differently_refused(tmp_path, kind, overrides, message):
     folder = save_tiny_decoder(kind, tmp_path / "tiny", **overrides)
