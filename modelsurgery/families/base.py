@@ -342,6 +342,11 @@ class Family:
         """Tensors of the output head (LM head, classifier)."""
         return []
 
+    def tied_weights(self) -> dict[str, str]:
+        """Weights the model reads from another tensor of the checkpoint (a tied head's, absent from the
+        file) -> that tensor."""
+        return {}
+
     # ----- running ------------------------------------------------------------------------------
     # Built modules take the inputs named by ``input_names()`` as keyword arguments, return one
     # tensor (logits or last_hidden_state), are traceable for ONNX export, and have a

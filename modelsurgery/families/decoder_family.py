@@ -150,6 +150,9 @@ class DecoderFamily(TransformerFamily):
     def embedding_names(self) -> list[str]:
         return [f"{self.layout.embed}.weight"]
 
+    def tied_weights(self) -> dict[str, str]:
+        return {f"{self.layout.lm_head}.weight": f"{self.layout.embed}.weight"} if self.tied_head else {}
+
     def head_names(self) -> list[str]:
         lay = self.layout
         norm = [n for n in (f"{lay.final_norm}.weight", f"{lay.final_norm}.bias") if n in self.ckpt]

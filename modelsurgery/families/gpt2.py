@@ -95,6 +95,9 @@ class GPT2Family(TransformerFamily):
     def embedding_names(self) -> list[str]:
         return [f"{self.prefix}wte.weight", f"{self.prefix}wpe.weight"]
 
+    def tied_weights(self) -> dict[str, str]:
+        return {"lm_head.weight": f"{self.prefix}wte.weight"} if self.tied_head else {}
+
     def head_names(self) -> list[str]:
         names = [f"{self.prefix}ln_f.weight", f"{self.prefix}ln_f.bias"]
         return [n for n in names if n in self.ckpt] + ([] if self.tied_head else ["lm_head.weight"])

@@ -76,12 +76,15 @@ class Update:
     key: str | None = None  # the adapter's tensor, for 'whole'
 
 
-def resolve_name(name: str, base: Checkpoint, where: str) -> str:
+def resolve_name(name: str, base: Checkpoint, where: str, tied: dict[str, str] | None = None) -> str:
     """The base tensor an adapter names: the same name, else the one base name it is a dotted suffix
     of, or that is a dotted suffix of it (an adapter trained on BertForMaskedLM ('bert.encoder...')
-    folds into a BertModel checkpoint ('encoder...'))."""
+    folds into a BertModel checkpoint ('encoder...')), else the tensor a tied weight reads (``tied``: the
+    family's; PEFT's merge updates the shared weight, which the merged model saves as the embedding)."""
     if name in base:
         return name
+    if tied and name in tied and tied[name] in base:
+        return tied[name]
     hits = [k for k in base if k.endswith("." + name) or name.endswith("." + k)]
     if len(hits) == 1:
         return hits[0]
@@ -103,7 +106,8 @@ def check_config(adapter: Adapter) -> None:
 
 
 def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Variant],
-                 transposed: Callable[[str, Adapter], bool]) -> dict[str, list[Update]]:
+                 transposed: Callable[[str, Adapter], bool], tied: dict[str, str] | None = None
+                 ) -> dict[str, list[Update]]:
     """Base tensor name -> the updates to apply to it, in adapter order. Every shape an adapter fixes is
     checked against BASE here, before any tensor is read."""
     updates: dict[str, list[Update]] = {}
@@ -111,13 +115,13 @@ def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Varia
         where = str(adapter.path)
         # whole tensors first: PEFT loads a trained bias into the layer, then merging adds lora_B.bias to it
         for name, key in adapter.whole.items():
-            target = resolve_name(name, base, where)
+            target = resolve_name(name, base, where, tied)
             have, want = tuple(adapter.weights.shape(key)), tuple(base.shape(target))
             if have != want:
                 raise SurgeryError(f"{where}: adapter tensor '{key}' has shape {have}, BASE tensor '{target}' {want}")
             updates.setdefault(target, []).append(Update(adapter, variant, None, "whole", key))
         for module, parts in adapter.modules.items():
-            weight = resolve_name(f"{module}.weight", base, where)
+            weight = resolve_name(f"{module}.weight", base, where, tied)
             shape = tuple(base.shape(weight))
             if len(shape) == 2 and transposed(weight, adapter):
                 shape = shape[::-1]
@@ -165,7 +169,7 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
     def flipped(name: str, adapter: Adapter) -> bool:
         return name in transposed if knows_layout else bool(adapter.config.get("fan_in_fan_out"))
 
-    updates = plan_updates(base, adapters, variants, flipped)
+    updates = plan_updates(base, adapters, variants, flipped, family.tied_weights())
     check_output(out, options.force, [base.path, *(a.path for a in adapters)])
 
     def apply(name: str, value: torch.Tensor) -> torch.Tensor:

@@ -142,3 +142,20 @@ def test_bone_adapter_folds_as_miss(init, bases, tmp_path):
     fold_adapters(base, [bone], tmp_path / "folded")
     ours, reference = outputs(load_hf(tmp_path / "folded")), outputs(peft_merged(base, miss))
     assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama3"])
+def test_lora_on_a_tied_head_folds_into_the_embedding(kind, tmp_path):
+    """A tied head has no tensor of its own (LLaMA 3.2, Qwen2.5, GPT-2 store the embedding only): PEFT's
+    merge_and_unload adds a LoRA on lm_head to the shared weight, which save_pretrained writes as the
+    embedding. The fold updates that tensor."""
+    from tests.hf_tiny import save_tiny_decoder
+
+    base = build("gpt2", tmp_path / "base") if kind == "gpt2" else save_tiny_decoder(kind, tmp_path / "base")
+    config = LoraConfig(r=4, target_modules=["lm_head", "c_attn" if kind == "gpt2" else "q_proj"],
+                        fan_in_fan_out=kind == "gpt2")
+    adapter = make_adapter(base, config, tmp_path / "adapter")
+    fold_adapters(base, [adapter], tmp_path / "folded")
+    ours, reference = outputs(load_hf(tmp_path / "folded")), outputs(peft_merged(base, adapter))
+    assert (reference - outputs(load_hf(base))).abs().max() > 1e-2
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
