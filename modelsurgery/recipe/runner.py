@@ -211,7 +211,10 @@ def _run_steps(steps: list[Step], result: RecipeResult, options: RunOptions,
             raise _fail(result, sr, f"input '{missing[0]}' does not exist")
         if options.dry_run:
             ready = all(p.exists() for p in step.inputs)
-            if not options.force and ready and cache.is_cached(step.run, step.parameters, step.inputs, step.output):
+            # an input an earlier step is about to rebuild may change: the steps reading it run again too
+            stale = any(s.status != "cached" for s in result.steps[:i] if Path(s.output) in step.inputs)
+            if not options.force and ready and not stale and cache.is_cached(step.run, step.parameters, step.inputs,
+                                                                             step.output):
                 sr.status = "cached"
             continue
         start = time.perf_counter()

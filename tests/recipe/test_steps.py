@@ -423,3 +423,39 @@ steps:
     assert r.exit_code == 1
     assert named in r.stderr and "step 'soup'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def test_dry_run_plans_a_rerun_of_every_step_reading_a_stale_one(tmp_path):
+    """A changed option reruns that step and the ones that read it: the plan says so, not 'cached' for the
+    later step whose input is about to be rebuilt (what the real run then does is the reference)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"0.weight": torch.randn(8, 4, generator=g), "1.weight": torch.randn(6, 8, generator=g)},
+              str(tmp_path / "mlp.safetensors"))
+
+    def text(old):
+        return f"""
+steps:
+  - name: a1
+    run: align
+    inputs: [{tmp_path / 'mlp.safetensors'}]
+    options: {{old_classes: {old}, no_clamp: true}}
+    output: a1.safetensors
+  - name: a2
+    run: align
+    inputs: [a1]
+    options: {{classes: "0:2,2:4"}}
+    output: a2.safetensors
+"""
+
+    out = tmp_path / "build"
+    assert run(write(tmp_path, text(3)), out).exit_code == 0
+    recipe = write(tmp_path, text(2))
+    r = run(recipe, out, "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    planned = [s["status"] for s in json.loads(r.stdout)["steps"]]
+    r = run(recipe, out, "--json")
+    assert r.exit_code == 0, r.output
+    assert [s["status"] for s in json.loads(r.stdout)["steps"]] == ["ran", "ran"]
+    assert planned == ["planned", "planned"]
