@@ -99,6 +99,21 @@ class BertFamily(TransformerFamily):
         names = self.ckpt.keys()
         return [n for n in names if not n.startswith(body)]
 
+    def classifier(self) -> Linear | None:
+        """The task head's last Linear (``classifier``; ``cls.seq_relationship``; an untied masked-LM decoder).
+        The pooler and the masked-LM transform are hidden -> hidden layers feeding further layers, never
+        class scores; a masked-LM head whose decoder is the word embedding (tied) has no tensor of its own."""
+        inner = (f"{self.prefix}pooler.dense.weight", "cls.predictions.transform.dense.weight")
+        heads = [n for n in self.head_names() if n.endswith(".weight") and n not in inner
+                 and len(self.ckpt.shape(n)) == 2]
+        if not heads:
+            return None
+        weight = heads[-1]
+        bias = weight[: -len("weight")] + "bias"
+        if weight == "cls.predictions.decoder.weight" and bias not in self.ckpt:
+            bias = "cls.predictions.bias"  # the decoder's bias is stored once, under the head's name
+        return Linear(weight, bias if bias in self.ckpt else None)
+
     def input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "token_type_ids"]
 

@@ -292,3 +292,24 @@ def test_half_precision_kept(tmp_path):
     out = load_file(str(tmp_path / "a.safetensors"))
     assert all(v.dtype == torch.float16 for v in out.values())
     torch.testing.assert_close(out["2.weight"][2:], (HEAD[2:] * rep.groups[1].gamma).half())
+
+
+# ----- the classifier each family finds ---------------------------------------------------------
+def test_bert_classifier_is_the_task_head_never_the_pooler_or_the_mlm_transform(tmp_path):
+    """transformers names the classification head (``model.classifier``, [num_labels, hidden]); the pooler
+    and the masked-LM transform are hidden -> hidden layers that feed further layers, not class scores."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=16, num_labels=6)
+    torch.manual_seed(0)
+    cls = BertForSequenceClassification(cfg)
+    cls.save_pretrained(tmp_path / "cls")
+    rep = align_checkpoint(tmp_path / "cls", None, AlignOptions(old_classes=3, clamp=False))
+    assert rep.layer == "classifier.weight" and rep.bias_name == "classifier.bias"
+    assert len(rep.norms_before) == cls.classifier.out_features == 6
+    for name, model in (("base", BertModel(cfg)), ("mlm", BertForMaskedLM(cfg))):
+        model.save_pretrained(tmp_path / name)
+        with pytest.raises(SurgeryError, match="no Linear classifier found.*--layer"):
+            align_checkpoint(tmp_path / name, tmp_path / f"{name}-out", AlignOptions(old_classes=3))
+        assert not (tmp_path / f"{name}-out").exists()
