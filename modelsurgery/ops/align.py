@@ -225,7 +225,7 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
     rows = class_rows(weight, lin)
     groups = resolve_groups(options, rows.shape[0], lin.weight)
     if options.eval_data is not None:  # read the data before any work, so a bad file fails fast
-        data = load_eval_data(Path(options.eval_data), family)
+        data = load_eval_data(Path(options.eval_data), family, lin)
     new_w, new_b, group_reports = weight_align(
         weight, bias, groups, norm=options.norm, scale_bias=options.bias == "scale", clamp=options.clamp,
         transposed=lin.transposed,
@@ -247,8 +247,11 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
 
 
 # ----- --eval ----------------------------------------------------------------------------------
-def load_eval_data(path: Path, family: Family) -> Dataset:
+def load_eval_data(path: Path, family: Family, lin: Linear) -> Dataset:
     """Evaluation data with class labels that fits the model (read before any work is done)."""
+    if family.output_kind != "logits":  # an encoder's built module stops before its task head
+        raise SurgeryError(f"{path}: --eval scores the model's class scores, but the {family.name} model built here "
+                           f"returns hidden states, without the classifier '{lin.weight}'; align without --eval")
     data = load_data(path)
     if data.labels is None or data.labels.dim() != 1:
         raise SurgeryError(f"{path}: --eval needs class 'labels' [samples] besides the inputs")

@@ -313,3 +313,23 @@ def test_bert_classifier_is_the_task_head_never_the_pooler_or_the_mlm_transform(
         with pytest.raises(SurgeryError, match="no Linear classifier found.*--layer"):
             align_checkpoint(tmp_path / name, tmp_path / f"{name}-out", AlignOptions(old_classes=3))
         assert not (tmp_path / f"{name}-out").exists()
+
+
+def test_eval_refused_in_one_line_when_the_built_model_gives_no_class_scores(tmp_path):
+    """The BERT module built here returns hidden states (the task head is not part of it): --eval cannot
+    score the classifier, so it is refused before any work instead of failing inside the evaluation."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=16, num_labels=6)
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "cls")
+    g = torch.Generator().manual_seed(0)
+    save_file({"input_ids": torch.randint(0, 50, (12, 8), generator=g),
+               "labels": torch.randint(0, 6, (12,), generator=g)}, str(tmp_path / "eval.safetensors"))
+    options = AlignOptions(old_classes=3, clamp=False, eval_data=tmp_path / "eval.safetensors")
+    with pytest.raises(SurgeryError) as e:
+        align_checkpoint(tmp_path / "cls", tmp_path / "out", options)
+    msg = str(e.value)
+    assert "\n" not in msg and "--eval" in msg and "classifier.weight" in msg, msg
+    assert not (tmp_path / "out").exists()
