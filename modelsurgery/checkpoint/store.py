@@ -193,6 +193,21 @@ class Checkpoint:
         """All tensors (memory-mapped where the format allows)."""
         return {k: self.get(k) for k in self.infos}
 
+    def aliases(self) -> dict[str, str]:
+        """Tensors a PyTorch pickle stores as the very data of an earlier name (a tied embedding and head
+        saved by ``torch.save``): name -> that earlier name. A safetensors file has no shared data."""
+        seen: dict[tuple, str] = {}
+        out: dict[str, str] = {}
+        for name, t in self._loaded.items():
+            if t.numel() == 0:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if key in seen:
+                out[name] = seen[key]
+            else:
+                seen[key] = name
+        return out
+
     @property
     def num_parameters(self) -> int:
         return sum(i.numel for i in self.infos.values())

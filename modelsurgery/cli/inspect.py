@@ -60,7 +60,8 @@ def render_inspect(report, all_tensors: bool = False) -> None:
         rows = _display_rows(tensors, report.quantized_layers)
         if all_tensors or len(rows) == 1:
             for t in rows:
-                table.add_row(safe(t["name"]), "x".join(map(str, t["shape"])) or "scalar", safe(t["dtype"]),
+                tied = f" (tied to {t['tied_to']})" if t.get("tied_to") else ""
+                table.add_row(safe(t["name"] + tied), "x".join(map(str, t["shape"])) or "scalar", safe(t["dtype"]),
                               f"{t['parameters']:,}", human_bytes(t["bytes"]))
         else:
             dts = ",".join(sorted({t["dtype"] for t in rows}))

@@ -206,11 +206,15 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
     dtypes: dict[str, int] = {}
     num_parameters = 0
     first_parts: set[str] = set()
+    aliases = ckpt.aliases()  # a tied head pickled as the embedding's own data: counted once, as stored
+    num_bytes = ckpt.nbytes - sum(ckpt.info(n).nbytes for n in aliases)
     for info in ckpt.infos.values():
         weight = layout.parts.get(info.name) if layout else None
         entry = {"name": info.name, "shape": list(info.shape), "dtype": info.dtype_name,
                  "parameters": info.numel, "bytes": info.nbytes}
-        if weight is not None:  # the weight's parameters count once, on its first stored part
+        if info.name in aliases:
+            entry.update(parameters=0, bytes=0, tied_to=aliases[info.name])
+        elif weight is not None:  # the weight's parameters count once, on its first stored part
             w = layout.weights[weight]
             entry["quantized_weight"] = weight
             entry["parameters"] = 0 if weight in first_parts else math.prod(w["shape"])
@@ -227,7 +231,7 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
         path=str(path),
         family=family.describe(),
         num_parameters=num_parameters,
-        num_bytes=ckpt.nbytes,
+        num_bytes=num_bytes,
         num_tensors=len(ckpt),
         dtypes=dtypes,
         groups=groups,

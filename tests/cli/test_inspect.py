@@ -259,3 +259,27 @@ def test_quantization_key_is_the_packed_format_owners():
     from modelsurgery.ops.quantize.packing import METADATA_KEY
 
     assert QUANTIZATION_KEY == METADATA_KEY
+
+
+def test_tied_weights_in_a_pickle_count_once_as_transformers_counts_them(tmp_path):
+    """torch.save of a GPT-2 state dict stores lm_head.weight and transformer.wte.weight as one storage (the
+    tied head): the parameters and bytes count once, as transformers' num_parameters() counts the model and as
+    the same model written to safetensors (without the tied name) is counted."""
+    import shutil
+
+    from transformers import GPT2LMHeadModel
+
+    folder = save_tiny_gpt2(tmp_path / "gpt2")
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled / "config.json")
+    torch.save(state, pickled / "pytorch_model.bin")
+    report = inspect_json(pickled)
+    assert report["num_tensors"] == len(state)
+    assert report["num_parameters"] == model.num_parameters() == inspect_json(folder)["num_parameters"]
+    assert report["num_bytes"] == inspect_json(folder)["num_bytes"]
+    head = next(t for t in report["tensors"] if t["name"] == "lm_head.weight")
+    assert head["parameters"] == 0 and head["tied_to"] == "transformer.wte.weight"
