@@ -459,3 +459,36 @@ steps:
     assert r.exit_code == 0, r.output
     assert [s["status"] for s in json.loads(r.stdout)["steps"]] == ["ran", "ran"]
     assert planned == ["planned", "planned"]
+
+
+def test_hub_id_input_follows_the_cached_revision(tmp_path, monkeypatch):
+    """An input given as a hub id is read from the snapshot its revision names in the local cache: when the
+    cache's main moves to another commit (new weights), the step is rebuilt from them, not reported cached."""
+    from safetensors.torch import save_file
+
+    from tests.checkpoint.test_hub import REPO, _cache_model
+
+    cache = tmp_path / "hub"
+    for seed, commit in ((0, "a" * 40), (1, "c" * 40)):
+        g = torch.Generator().manual_seed(seed)
+        src = tmp_path / f"src{seed}"
+        src.mkdir()
+        save_file({"0.weight": torch.randn(8, 4, generator=g), "1.weight": torch.randn(6, 8, generator=g)},
+                  str(src / "model.safetensors"))
+        _cache_model(cache, src, commit, refs=("main",) if seed == 0 else ())
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{REPO}]\n"
+                             "    options: {old_classes: 3, no_clamp: true}\n    output: al.safetensors\n")
+    out = tmp_path / "build"
+
+    def status():
+        r = run(recipe, out, "--json")
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["steps"][0]["status"]
+
+    assert status() == "ran"
+    assert status() == "cached"
+    (cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main").write_text("c" * 40)
+    assert status() == "ran"
+    got = load_file(out / "al.safetensors")["0.weight"]  # the hidden layer is copied: the new commit's
+    torch.testing.assert_close(got, load_file(tmp_path / "src1" / "model.safetensors")["0.weight"])
