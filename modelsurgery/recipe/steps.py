@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modelsurgery.checkpoint.hub import parse_hub_id, resolve_hub_id
+from modelsurgery.checkpoint.store import weight_files
 from modelsurgery.checkpoint.writer import DEFAULT_MAX_SHARD, WriteOptions
 from modelsurgery.errors import SurgeryError
 from modelsurgery.recipe.mergekit_config import MergekitConfig, parse_config
@@ -128,6 +129,8 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, Path) and (v.exists() or str(v) in {str(o) for o in outputs.values()}):
                 input_paths.append(v)
+                if v.is_file() and v.name.endswith(".index.json"):  # the shards it names hold the weights
+                    input_paths += weight_files(v)
             elif isinstance(v, Path) and parse_hub_id(str(v)) is not None:
                 # a hub id: the cached snapshot its revision names now (another commit is another input)
                 with contextlib.suppress(SurgeryError):  # not cached: the command says so when it runs

@@ -492,3 +492,31 @@ def test_hub_id_input_follows_the_cached_revision(tmp_path, monkeypatch):
     assert status() == "ran"
     got = load_file(out / "al.safetensors")["0.weight"]  # the hidden layer is copied: the new commit's
     torch.testing.assert_close(got, load_file(tmp_path / "src1" / "model.safetensors")["0.weight"])
+
+
+def test_shard_index_input_follows_its_shards(tmp_path):
+    """An input given as a shard index is read from its shards: new weights in a shard rebuild the step."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    tensors = {"0.weight": torch.randn(8, 4, generator=g), "1.weight": torch.randn(6, 8, generator=g)}
+    for i, name in enumerate(tensors):
+        save_file({name: tensors[name]}, str(folder / f"model-0000{i + 1}-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f"model-0000{i + 1}-of-00002.safetensors" for i, n in enumerate(tensors)}}))
+    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{folder / 'model.safetensors.index.json'}]\n"
+                             "    options: {old_classes: 3, no_clamp: true}\n    output: al.safetensors\n")
+    out = tmp_path / "build"
+
+    def status():
+        r = run(recipe, out, "--json")
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["steps"][0]["status"]
+
+    assert status() == "ran"
+    assert status() == "cached"
+    save_file({"0.weight": tensors["0.weight"] + 1}, str(folder / "model-00001-of-00002.safetensors"))
+    assert status() == "ran"
+    torch.testing.assert_close(load_file(out / "al.safetensors")["0.weight"], tensors["0.weight"] + 1)
