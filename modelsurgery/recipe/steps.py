@@ -126,6 +126,8 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
     for key, value in params.items():
         if key == "output":
             continue
+        if key == "model" and isinstance(value, str):  # --model: the user's module file is an input too
+            input_paths += _model_sources(value)
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, Path) and (v.exists() or str(v) in {str(o) for o in outputs.values()}):
                 input_paths.append(v)
@@ -142,6 +144,20 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
 
     return Step(name, run, output, list(dict.fromkeys(input_paths)), parameters, argv, list(dict.fromkeys(depends)),
                 execute)
+
+
+def _model_sources(spec: str) -> list[Path]:
+    """The file ``--model`` reads: 'path/to/file.py:fn', or 'package.module:fn' found in the current folder
+    (a module elsewhere on the Python path is installed code, not part of the recipe's inputs)."""
+    module, sep, _ = spec.rpartition(":")
+    if not sep or not module:
+        return []
+    if module.endswith(".py"):
+        candidates = [Path(module)]
+    else:
+        base = Path(*module.split("."))
+        candidates = [base.with_suffix(".py"), base / "__init__.py"]
+    return [c for c in candidates if c.is_file()][:1]
 
 
 def _is_path(value: Any) -> bool:

@@ -506,7 +506,8 @@ def test_shard_index_input_follows_its_shards(tmp_path):
         save_file({name: tensors[name]}, str(folder / f"model-0000{i + 1}-of-00002.safetensors"))
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {n: f"model-0000{i + 1}-of-00002.safetensors" for i, n in enumerate(tensors)}}))
-    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{folder / 'model.safetensors.index.json'}]\n"
+    index = folder / "model.safetensors.index.json"
+    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{index}]\n"
                              "    options: {old_classes: 3, no_clamp: true}\n    output: al.safetensors\n")
     out = tmp_path / "build"
 
@@ -520,3 +521,30 @@ def test_shard_index_input_follows_its_shards(tmp_path):
     save_file({"0.weight": tensors["0.weight"] + 1}, str(folder / "model-00001-of-00002.safetensors"))
     assert status() == "ran"
     torch.testing.assert_close(load_file(out / "al.safetensors")["0.weight"], tensors["0.weight"] + 1)
+
+
+def test_model_file_of_a_step_is_an_input(tmp_path):
+    """--model path/to/file.py:fn builds the model a step works on: an edited file reruns the step."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"body.weight": torch.randn(8, 4, generator=g), "head.weight": torch.randn(6, 8, generator=g)},
+              str(tmp_path / "m.safetensors"))
+    code = "from torch import nn\n\ndef make():\n    return nn.Sequential({})\n"
+    layers = "collections.OrderedDict(body=nn.Linear(4, 8, bias=False), act=nn.{}(), head=nn.Linear(8, 6, bias=False))"
+    model = tmp_path / "net.py"
+    model.write_text("import collections\n" + code.format(layers.format("ReLU")))
+    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{tmp_path / 'm.safetensors'}]\n"
+                             f"    options: {{old_classes: 3, no_clamp: true, layer: head, model: '{model}:make'}}\n"
+                             "    output: al.safetensors\n")
+    out = tmp_path / "build"
+
+    def status():
+        r = run(recipe, out, "--json")
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["steps"][0]["status"]
+
+    assert status() == "ran"
+    assert status() == "cached"
+    model.write_text("import collections\n" + code.format(layers.format("Tanh")))
+    assert status() == "ran"
