@@ -28,10 +28,13 @@ def files_of(path: Path) -> list[Path]:
 
 
 def _relative(path: Path) -> list[tuple[str, Path]]:
+    """(name, file) of every file ``path`` stands for: a folder's files; a file, with an ONNX model's external
+    data file beside it (``export`` keeps the tensors of a model above 2 GiB in ``OUT.onnx.data``)."""
     path = Path(path)
     if path.is_dir():
         return [(str(p.relative_to(path)), p) for p in files_of(path)]
-    return [(path.name, path)] if path.exists() else []
+    data = path.with_name(path.name + ".data")
+    return [(p.name, p) for p in (path, data) if p.is_file() and (p == path or path.name.endswith(".onnx"))]
 
 
 def tree_state(path: Path) -> dict[str, dict]:
