@@ -316,6 +316,8 @@ def write_checkpoint(
         md.update(provenance.to_metadata(pending.placeholders))
     total = sum(t.nbytes for t in tensors)
     folder = output_is_folder(out)
+    if not folder:  # an input folder's list of its files (passed on with its metadata) is no file's list
+        md.pop(FILES_KEY, None)
     try:
         with atomic_path(out, force, is_dir=folder) as tmp:
             if not folder and out.name.endswith(".safetensors"):

@@ -333,3 +333,22 @@ def test_eval_refused_in_one_line_when_the_built_model_gives_no_class_scores(tmp
     msg = str(e.value)
     assert "\n" not in msg and "--eval" in msg and "classifier.weight" in msg, msg
     assert not (tmp_path / "out").exists()
+
+
+def test_single_file_output_does_not_claim_the_files_of_its_input_folder(tmp_path):
+    """A folder output lists its files in its metadata so --force can tell it from a user's folder; a single
+    file written from such a folder must not carry that list, or a user's folder holding the file and files
+    of those names would be taken for ours and replaced."""
+    src = tmp_path / "src"
+    src.mkdir()
+    save_mlp(src / "model.safetensors")
+    (src / "notes.txt").write_text("carried")
+    align_checkpoint(src, tmp_path / "ours", AlignOptions(old_classes=2))
+    align_checkpoint(tmp_path / "ours", tmp_path / "single.safetensors", AlignOptions(old_classes=2))
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "model.safetensors").write_bytes((tmp_path / "single.safetensors").read_bytes())
+    (proj / "notes.txt").write_text("my own notes")
+    with pytest.raises(SurgeryError, match="did not write"):
+        align_checkpoint(src, proj, AlignOptions(old_classes=2, force=True))
+    assert (proj / "notes.txt").read_text() == "my own notes"
