@@ -154,7 +154,14 @@ def find_classifier(family: Family, layer: str | None = None) -> Linear:
                                "weight [classes, features]")
         prefix = weight[: -len(".weight")] if weight.endswith(".weight") else None
         bias = f"{prefix}.bias" if prefix is not None and f"{prefix}.bias" in ckpt else None
-        return Linear(weight, bias)
+        # the family knows how it stores the layer: GPT-2's Conv1D keeps (in, out), its classes are the columns
+        described = [x for x in family.layers() if isinstance(x, Linear)]
+        described += [x for i in range(family.num_layers) for x in family.block_linears(i).values()]
+        known = next((x for x in described if x.weight == weight), None)
+        if known is not None and known.fused:
+            raise SurgeryError(f"{ckpt.path}: tensor '{weight}' fuses {', '.join(known.fused)} projections; "
+                               "it is no classifier")
+        return Linear(weight, bias, transposed=known is not None and known.transposed)
     found = family.classifier()
     if found is not None:
         return found

@@ -352,3 +352,27 @@ def test_single_file_output_does_not_claim_the_files_of_its_input_folder(tmp_pat
     with pytest.raises(SurgeryError, match="did not write"):
         align_checkpoint(src, proj, AlignOptions(old_classes=2, force=True))
     assert (proj / "notes.txt").read_text() == "my own notes"
+
+
+def test_named_gpt2_conv1d_layer_aligns_its_output_units(tmp_path):
+    """GPT-2's Conv1D stores its weight (in, out): the rows to align are its outputs (transformers' ``nf``),
+    the columns of the stored tensor, as the family describes the layer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model.save_pretrained(tmp_path / "gpt2")
+    conv = model.transformer.h[0].mlp.c_proj  # 64 -> 16
+    rep = align_checkpoint(tmp_path / "gpt2", tmp_path / "out", AlignOptions(
+        layer="transformer.h.0.mlp.c_proj", old_classes=6, clamp=False, norm=2))
+    assert len(rep.norms_before) == conv.nf == 16 and rep.bias_name == "transformer.h.0.mlp.c_proj.bias"
+    rows = conv.weight.detach().double().t()  # [out, in]
+    norms = rows.norm(dim=1)
+    gamma = (norms[:6].mean() / norms[6:].mean()).item()
+    want = rows.clone()
+    want[6:] *= gamma
+    bias = conv.bias.detach().double().clone()
+    bias[6:] *= gamma
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    torch.testing.assert_close(out["transformer.h.0.mlp.c_proj.weight"].double(), want.t(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out["transformer.h.0.mlp.c_proj.bias"].double(), bias, atol=1e-6, rtol=1e-6)
