@@ -122,6 +122,9 @@ def parse_class_groups(text: str) -> list[tuple[int, int]]:
 def resolve_groups(options: AlignOptions, num_classes: int, layer: str) -> list[tuple[int, int]]:
     if (options.old_classes is None) == (options.groups is None):
         raise SurgeryError("give exactly one of --old-classes N and --classes 'a:b,b:c'")
+    if num_classes < 2:
+        raise SurgeryError(f"tensor '{layer}': {num_classes} class row(s); aligning needs old and new classes (2 or "
+                           "more rows; name the classifier with --layer)")
     if options.old_classes is not None:
         n = options.old_classes
         if not 0 < n < num_classes:

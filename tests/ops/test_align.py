@@ -242,6 +242,13 @@ def test_bad_input_one_line_nothing_written(tmp_path, options, words):
     assert leftovers(tmp_path) == ["m.safetensors"]
 
 
+def test_a_layer_of_one_class_is_refused_in_one_line(tmp_path):
+    save_file({"0.weight": torch.randn(3, 4), "1.weight": torch.randn(1, 3)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(SurgeryError, match=r"'1.weight': 1 class row\(s\); aligning needs"):
+        align_checkpoint(tmp_path / "m.safetensors", tmp_path / "a.safetensors", AlignOptions(old_classes=1))
+    assert leftovers(tmp_path) == ["m.safetensors"]
+
+
 def test_no_linear_classifier_found(tmp_path):
     save_file({"features.weight": torch.randn(4, 3, 3, 3), "scale": torch.ones(4)}, str(tmp_path / "c.safetensors"))
     with pytest.raises(SurgeryError, match="no Linear classifier found.*--layer") as e:
