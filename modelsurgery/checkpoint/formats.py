@@ -250,16 +250,21 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 def inside_folder(folder: Path, name, where: Path, what: str) -> Path:
     """``folder / name`` when ``name`` is a relative path that resolves (after symlinks) inside
-    ``folder`` to a regular file; nothing outside a checkpoint's folder is ever read."""
+    ``folder`` to a regular file; nothing outside a checkpoint's folder is ever read. A cached hub
+    snapshot's files are links into its repository's ``blobs/``: there, inside the repository folder."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise SurgeryError(f"{where}: {what} {str(name)[:80]!r} is not a file name")
+    from modelsurgery.checkpoint.hub import link_root
+
     candidate = folder / name
     root = folder.resolve()
+    links = link_root(folder)  # a cached hub snapshot's files are links into its repository's blobs/
     try:
         resolved = candidate.resolve(strict=True)
     except (OSError, RuntimeError):
         raise SurgeryError(f"{where}: {what} '{name[:200]}' does not exist") from None
-    if Path(name).is_absolute() or root not in resolved.parents:
+    inside = root in resolved.parents or (links != root and ".." not in Path(name).parts and links in resolved.parents)
+    if Path(name).is_absolute() or not inside:
         raise SurgeryError(f"{where}: {what} '{name[:200]}' lies outside the checkpoint folder {folder}; "
                            "refusing to read it")
     require_regular_file(resolved, what)

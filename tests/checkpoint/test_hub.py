@@ -125,3 +125,37 @@ def test_not_cached_is_one_clear_line(cache, monkeypatch, text, words):
 def test_plain_missing_path_message_unchanged(tmp_path):
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "nope.safetensors")])
     assert r.exit_code == 1 and "no such file or directory" in r.output and "hub" not in r.output
+
+
+def test_sharded_model_in_the_cache_is_read(tmp_path, monkeypatch):
+    """A model above the shard size is cached as an index and shards, each a link into the repository's
+    blobs/ (outside the snapshot folder): read as huggingface_hub lays it out, the tensors transformers wrote.
+    A shard linked out of the repository folder is still refused."""
+    from huggingface_hub import snapshot_download
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modelsurgery.checkpoint import Checkpoint
+
+    src = tmp_path / "src"
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).save_pretrained(
+        src, max_shard_size="10KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    cache = tmp_path / "hub"
+    _cache_model(cache, src, COMMIT_MAIN, refs=("main",))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    snapshot = snapshot_download(REPO, cache_dir=cache, local_files_only=True)
+    want = {k: v for s in shards for k, v in load_file(s).items()}
+    for ref in (REPO, snapshot):
+        ckpt = Checkpoint.open(ref)
+        assert sorted(ckpt.keys()) == sorted(want)
+        for k, v in want.items():
+            assert ckpt.get(k).equal(v)
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(shards[0].read_bytes())
+    link = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT_MAIN / shards[0].name
+    link.unlink()
+    link.symlink_to(outside)
+    with pytest.raises(SurgeryError, match="outside the checkpoint folder"):
+        Checkpoint.open(REPO)
