@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # torch is imported when a tensor's value is read, never for 
     import torch
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: the weight files of a folder in transformers' order of preference (``from_pretrained``)
+PREFERRED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
 
 
 class Checkpoint:
@@ -252,11 +254,13 @@ class Checkpoint:
 
 
 def _folder_weights(folder: Path) -> Path:
-    """The file a folder checkpoint is read from: its shard index, else its one .safetensors file,
-    else its one PyTorch weight file."""
-    for index in INDEX_NAMES:
-        if (folder / index).exists():
-            return folder / index
+    """The file a folder checkpoint is read from, in transformers' order of preference
+    (``from_pretrained``: model.safetensors, its shard index, pytorch_model.bin, its shard index), so a
+    folder holding both formats (many hub repositories keep the old .bin shards beside the safetensors)
+    is read as transformers loads it; else its one .safetensors file, else its one PyTorch weight file."""
+    for name in PREFERRED_WEIGHTS:
+        if (folder / name).exists():
+            return folder / name
     st = sorted(folder.glob("*.safetensors"))
     if len(st) == 1:
         return st[0]

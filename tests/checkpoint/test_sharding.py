@@ -86,3 +86,36 @@ def test_transformers_loads_our_sharded_output(tmp_path):
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(load_hf(out)(ids).logits, load_hf(src)(ids).logits)
+
+
+def test_a_folder_with_both_formats_is_read_as_transformers_loads_it(tmp_path):
+    """Hub repositories often keep their old .bin shards beside model.safetensors; transformers'
+    from_pretrained prefers model.safetensors, then its index, then pytorch_model.bin, then its index.
+    Each folder here holds two files of different weights: what we read must be what transformers runs."""
+    src = save_tiny_llama(tmp_path / "a", seed=0)
+    other = {k: v + 1 for k, v in load_file(src / "model.safetensors").items()}  # another model's weights
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def bin_shards(folder):
+        names = sorted(other)
+        parts = {"pytorch_model-00001-of-00002.bin": names[:5], "pytorch_model-00002-of-00002.bin": names[5:]}
+        for file, keys in parts.items():
+            torch.save({k: other[k] for k in keys}, folder / file)
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: f for f, keys in parts.items() for k in keys}}))
+
+    both_st = tmp_path / "safetensors_and_bin_shards"
+    both_st.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (both_st / f).write_bytes((src / f).read_bytes())
+    bin_shards(both_st)
+    bin_and_shards = tmp_path / "bin_and_bin_shards"  # pytorch_model.bin wins over its own index
+    bin_and_shards.mkdir()
+    (bin_and_shards / "config.json").write_bytes((src / "config.json").read_bytes())
+    torch.save(load_file(src / "model.safetensors"), bin_and_shards / "pytorch_model.bin")
+    bin_shards(bin_and_shards)
+    for folder in (both_st, bin_and_shards):
+        ours = Checkpoint.open(folder).state_dict()
+        assert_same_tensors(ours, load_file(src / "model.safetensors"))  # the first file, not the shards
+        with torch.no_grad():  # transformers runs src's weights from this folder too (the shards are +1 away)
+            assert torch.equal(load_hf(folder)(ids).logits, load_hf(src)(ids).logits)
