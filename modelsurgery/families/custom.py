@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import register
-from modelsurgery.families.base import Family, Stages
+from modelsurgery.families.base import Family, Linear, Stages
 
 if TYPE_CHECKING:
     import torch
@@ -162,6 +162,21 @@ class CustomFamily(Family):
 
         kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
         return next((m for m in module.modules() if isinstance(m, kinds)), None)
+
+    def classifier(self) -> Linear | None:
+        """The module's last ``nn.Linear`` (in the order ``named_modules`` lists them, its definition order),
+        as the families without a described head take their last Linear; None when it has none."""
+        from torch import nn
+
+        last = None
+        for name, m in self._instantiate(meta=True).named_modules():
+            if isinstance(m, nn.Linear):
+                last = name
+        if last is None:
+            return None
+        prefix = f"{last}." if last else ""
+        bias = f"{prefix}bias"
+        return Linear(f"{prefix}weight", bias if bias in self.ckpt else None)
 
     # ----- running ------------------------------------------------------------------------------
     def input_names(self) -> list[str]:

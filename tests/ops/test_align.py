@@ -383,3 +383,23 @@ def test_named_gpt2_conv1d_layer_aligns_its_output_units(tmp_path):
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     torch.testing.assert_close(out["transformer.h.0.mlp.c_proj.weight"].double(), want.t(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out["transformer.h.0.mlp.c_proj.bias"].double(), bias, atol=1e-6, rtol=1e-6)
+
+
+def test_custom_model_default_classifier_is_its_last_linear(tmp_path, monkeypatch):
+    """--model: the default classifier is the module's last nn.Linear (README: 'default: the model's last
+    Linear'), found in the factory's module; gamma by hand (L1 row norms, no cap)."""
+    from tests.custom_models import TinyConvNet
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # --model imports from the current folder
+    torch.manual_seed(0)
+    sd = TinyConvNet().state_dict()
+    save_file(sd, str(tmp_path / "c.safetensors"))
+    rep = align_checkpoint(tmp_path / "c.safetensors", tmp_path / "a.safetensors",
+                           AlignOptions(old_classes=6, model="tests.custom_models:tiny_convnet", clamp=False))
+    w = sd["head.1.weight"]
+    norms = w.abs().sum(1)
+    gamma = norms[:6].mean() / norms[6:].mean()
+    out = load_file(str(tmp_path / "a.safetensors"))
+    torch.testing.assert_close(out["head.1.weight"], torch.cat([w[:6], w[6:] * gamma]))
+    torch.testing.assert_close(out["head.1.bias"], torch.cat([sd["head.1.bias"][:6], sd["head.1.bias"][6:] * gamma]))
+    assert rep.groups[1].gamma == pytest.approx(float(gamma))
