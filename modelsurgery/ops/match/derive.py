@@ -198,4 +198,19 @@ def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
             shape = ckpt.shape(name)
             if shape and shape[-1] == hidden:
                 spec.add_axis(name, len(shape) - 1, *res)
+        check_stream_readers(family, spec, hidden)
     return spec
+
+
+def check_stream_readers(family: Family, spec: PermutationSpec, hidden: int) -> None:
+    """Refuse a permuted residual stream when a float tensor with an axis of its width is not in the spec:
+    it would be copied in the old order while the stream around it moves (the 'score.weight' [labels, hidden]
+    of a ...ForSequenceClassification, which the family describes neither as a block tensor nor as a head)."""
+    ckpt = family.ckpt
+    unknown = next((n for n in ckpt if n not in spec.axes and hidden in ckpt.shape(n)
+                    and ckpt.info(n).dtype.is_floating_point), None)
+    if unknown is not None:
+        raise SurgeryError(
+            f"{ckpt.path}: tensor '{unknown}' {tuple(ckpt.shape(unknown))} reads the residual stream that weight "
+            f"matching permutes, but family '{family.name}' does not describe it (a classification head?), so it "
+            "would keep the old order; merge without matching (--method linear, or --no-align)")
