@@ -59,7 +59,8 @@ class GPT2Family(TransformerFamily):
                 raise SurgeryError(
                     f"{self.ckpt.path}: config.json scale_attn_by_inverse_layer_idx=true divides block i's "
                     f"attention scores by i + 1, so block {source_indices[moved]} at position {moved} would "
-                    "compute another function; depth growth that moves blocks is not supported for this model"
+                    "compute another function; a layout that moves blocks (depth growth, mergekit slices) is not "
+                    "supported for this model"
                 )
 
     def mlp_size_key(self) -> str | None:

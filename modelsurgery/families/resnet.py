@@ -134,7 +134,9 @@ class ResNetFamily(Family):
 
     def check_layout(self, source_indices: Sequence[int]) -> None:
         """Refused: blocks change width and stride from stage to stage and are named by stage
-        (``layer{s}.{j}``), so a block fits only where it is."""
+        (``layer{s}.{j}``), so a block fits only where it is: only the layout that keeps every block runs."""
+        if list(source_indices) == list(range(len(self.res_blocks()))):
+            return
         raise SurgeryError(
             f"{self.ckpt.path}: family 'resnet' cannot change its depth (its blocks change width and stride from "
             "stage to stage, so each fits only where it is); use --method width"

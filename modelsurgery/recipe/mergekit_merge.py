@@ -158,12 +158,24 @@ class MergekitPlan:
                     self.jobs.append(_job(cfg, s, donor_fam.block_name(out_layer, suffix), inputs, t))
                 out_layer += 1
         self.num_layers = out_layer
+        self._check_layouts()
         for name in post:
             self.jobs.append(_job(cfg, last, name, self._same_name(last, name), 0.0))
         for job in self.jobs:
             for model, in_name in job.inputs:
                 if in_name not in self.ckpts[model]:
                     raise SurgeryError(f"model '{model}': tensor '{in_name}' is missing (needed for '{job.name}')")
+
+    def _check_layouts(self) -> None:
+        """Ask each model's family, as grow does, whether its blocks may sit where the slices put them (GPT-2
+        with scale_attn_by_inverse_layer_idx: block i divides its scores by i + 1). An output position a model
+        does not feed is given as its own index, which moves nothing."""
+        for model, fam in self.families.items():
+            if not fam.blocks():
+                continue
+            fed = {k: i for k, sources in enumerate(self.layer_sources) for m, i in sources if m == model}
+            if fed:
+                fam.check_layout([fed.get(k, k) for k in range(self.num_layers)])
 
     def _check_gradients(self) -> None:
         """A gradient is spread over layers: on a model whose layers we do not know (no family), every tensor

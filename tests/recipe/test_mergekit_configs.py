@@ -436,3 +436,50 @@ def test_gradient_on_a_model_without_a_layer_stack_is_refused(tmp_path):
     w = np.arccos(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
     want = (np.sin(0.75 * w) * a[name] + np.sin(0.25 * w) * b[name]) / np.sin(w)
     np.testing.assert_allclose(got[name], want, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def inverse_idx_gpt2s(tmp_path_factory):
+    """GPT-2s with scale_attn_by_inverse_layer_idx: block i divides its attention scores by i + 1."""
+    from tests.hf_tiny import save_tiny_gpt2
+
+    root = tmp_path_factory.mktemp("inverse_idx")
+    return {n: save_tiny_gpt2(root / n, seed=s, scale_attn_by_inverse_layer_idx=True) for n, s in (("a", 0), ("b", 1))}
+
+
+@pytest.mark.parametrize("config", [
+    "slices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n  - sources: [{model: a, layer_range: [1, 3]}]\n"
+    "merge_method: passthrough\n",
+    "slices:\n  - sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [1, 3]}]\n"
+    "merge_method: linear\nparameters: {weight: 0.5}\n",
+], ids=["passthrough-stack", "linear-offset"])
+def test_moving_a_gpt2_block_under_inverse_layer_idx_is_refused(tmp_path, inverse_idx_gpt2s, config):
+    """grow asks the family whether a block may change position (Family.check_layout); a mergekit slice moves
+    blocks too: GPT-2's block 1 at position 2 would divide its scores by 3, not 2 (another model in
+    transformers; in the linear merge, b's block 1 would sit at position 0). Refused in one line, nothing written."""
+    r, out = run(tmp_path, config, inverse_idx_gpt2s)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "scale_attn_by_inverse_layer_idx" in lines[0], r.output
+    assert re.search(r"block 1 at position (2|0)", lines[0]), lines[0]  # stacked: a's block 1 at 2; offset: b's at 0
+    assert not out.exists()
+
+
+def test_slices_keeping_gpt2_blocks_in_place_under_inverse_layer_idx_run_in_transformers(tmp_path, inverse_idx_gpt2s):
+    """Blocks 0-1 of a and block 2 of b stay at their positions: allowed, and transformers computes what the
+    same blocks assembled in transformers compute."""
+    from transformers import GPT2LMHeadModel
+
+    config = ("slices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"
+              "  - sources: [{model: b, layer_range: [2, 3]}]\nmerge_method: passthrough\n")
+    r, out = run(tmp_path, config, inverse_idx_gpt2s)
+    assert r.exit_code == 0, r.output
+    got = GPT2LMHeadModel.from_pretrained(out, attn_implementation="eager").eval()
+    want = GPT2LMHeadModel.from_pretrained(inverse_idx_gpt2s["a"], attn_implementation="eager").eval()
+    b = GPT2LMHeadModel.from_pretrained(inverse_idx_gpt2s["b"], attn_implementation="eager").eval()
+    want.transformer.h[2] = b.transformer.h[2]
+    want.transformer.ln_f = b.transformer.ln_f  # post-block tensors come from the last slice's model
+    assert got.config.scale_attn_by_inverse_layer_idx
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-5, rtol=1e-5)
