@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 
 from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.checkpoint.foreign import foreign_quantization
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families.base import Attention, Block, Family, Linear, Norm, Stages
 
@@ -76,7 +77,24 @@ class UnknownFamily(Family):
 
 
 def detect_family(ckpt: Checkpoint, model: str | None = None) -> Family:
-    """The family of ``ckpt``; ``model`` ('package.module:function') forces a user factory."""
+    """The family of ``ckpt``; ``model`` ('package.module:function') forces a user factory.
+
+    Every command that reads weights asks here first, so another tool's quantized checkpoint (bitsandbytes
+    int8 codes under the float names, GPTQ/AWQ, HQQ, ... tensors) is refused here in one line naming the file
+    and the format: none of them reads integer codes as float weights."""
+    foreign = foreign_quantization(ckpt)
+    if foreign is not None:
+        qc = (ckpt.config or {}).get("quantization_config")
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        said = f" (config.json quantization_config: {method})" if isinstance(method, str) else ""
+        raise SurgeryError(f"{ckpt.path}: {foreign}{said}; modelsurgery reads float weights: save the float model "
+                           "with that tool, or `surgery dequantize` a GPTQ or compressed-tensors folder")
+    return identify_family(ckpt, model)
+
+
+def identify_family(ckpt: Checkpoint, model: str | None = None) -> Family:
+    """The family from names, shapes and config.json alone, whatever the tensors hold (``surgery inspect``
+    describes any checkpoint; commands that read weights call ``detect_family``)."""
     if model:
         from modelsurgery.families.custom import CustomFamily
 
@@ -111,6 +129,7 @@ __all__ = [
     "UnknownFamily",
     "detect_family",
     "family_by_name",
+    "identify_family",
     "register",
     "registered",
 ]

@@ -11,7 +11,8 @@ What is recognised: modelsurgery's own record (``modelsurgery.quantization`` met
 ``ops.quantize.packing``: "packed" codes are dequantized, W = (q - zero_point) * scale; "fake"
 weights are already float), and other tools' quantized checkpoints, which are refused: a
 ``quantization_config`` in config.json (GPTQ, AWQ, bitsandbytes, compressed-tensors...) or tensors
-named like their packed weights (``.qweight``, ``.qzeros``, ``.weight_packed``, ``.absmax``...).
+named like their packed weights (``.qzeros``, ``.weight_packed``, ``.SCB``...: ``checkpoint.foreign``, which
+family detection refuses for every command).
 """
 
 from __future__ import annotations
@@ -23,13 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.checkpoint.foreign import foreign_quantization
 from modelsurgery.checkpoint.formats import TensorInfo
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.packing import METADATA_KEY, SUFFIXES, float_config, read_packed_weight, read_scheme
-
-#: tensor-name endings of other tools' packed weights (GPTQ/AWQ, compressed-tensors, bitsandbytes)
-FOREIGN_SUFFIXES = (".qweight", ".qzeros", ".g_idx", ".weight_packed", ".weight_scale", ".weight_zero_point",
-                    ".absmax", ".quant_map", ".SCB")
 
 
 @dataclass(frozen=True)
@@ -60,10 +58,8 @@ def quantization_of(ckpt: Checkpoint) -> Quantization | None:
     if isinstance(qc, dict):
         method = qc.get("quant_method") or qc.get("format") or "quantization_config"
         return Quantization("foreign", f"config.json quantization_config: {method}", str(qc.get("bits", "")))
-    foreign = next((n for n in ckpt if n.endswith(FOREIGN_SUFFIXES)), None)
-    if foreign is not None:
-        return Quantization("foreign", f"tensor '{foreign}' is a packed weight of another tool", "")
-    return None
+    foreign = foreign_quantization(ckpt)
+    return None if foreign is None else Quantization("foreign", foreign, "")
 
 
 def require_float(ckpts: list[Checkpoint], operation: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.checkpoint.formats import TensorInfo
 from modelsurgery.errors import SurgeryError
-from modelsurgery.families import detect_family
+from modelsurgery.families import identify_family
 
 # The packed format's record, as its owner ``ops.quantize.packing`` writes it (METADATA_KEY, SUFFIXES,
 # read_scheme), spelled out here because importing ops.quantize imports torch: inspect reads a float or a
@@ -201,7 +201,7 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
         return report
     ckpt = Checkpoint.open(path)
     layout = quantized_layout(ckpt)
-    family = detect_family(layout.float_checkpoint(ckpt) if layout else ckpt, model)
+    family = identify_family(layout.float_checkpoint(ckpt) if layout else ckpt, model)
     groups: dict[str, list[dict]] = {}
     dtypes: dict[str, int] = {}
     num_parameters = 0
