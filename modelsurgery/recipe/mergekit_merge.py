@@ -25,6 +25,7 @@ from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check
 from modelsurgery.checkpoint.writer import WriteOptions, dtype_name, float_dtype
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from modelsurgery.ops.float_input import float_view
 from modelsurgery.ops.merge import get_method
 from modelsurgery.ops.merge.ties import trim
 from modelsurgery.recipe.mergekit_config import REQUIRED, MergekitConfig, OutSlice
@@ -80,16 +81,24 @@ class MergekitPlan:
     def __init__(self, cfg: MergekitConfig):
         self.cfg = cfg
         self.ckpts: dict[str, Checkpoint] = {}
-        for m in cfg.referenced_models():
-            if not Path(m).exists():
-                raise SurgeryError(f"model '{m}': no such file or folder (surgery run reads local checkpoints; "
-                                   "it does not download)")
-            self.ckpts[m] = Checkpoint.open(m)
+        self.notes: list[str] = []  # packed inputs: dequantized, the output is float
         self.donor = cfg.referenced_models()[0]
         self.jobs: list[TensorJob] = []
         self.num_layers = 0
         self.layer_sources: list[list[tuple[str, int]]] = []  # per output layer: (model, its layer index)
         try:
+            for m in cfg.referenced_models():
+                if not Path(m).exists():
+                    raise SurgeryError(f"model '{m}': no such file or folder (surgery run reads local checkpoints; "
+                                       "it does not download)")
+                ckpt = Checkpoint.open(m)
+                try:  # as `surgery merge` reads it: packed weights dequantized, other tools' quantization refused
+                    self.ckpts[m], note = float_view(ckpt, "run")
+                except BaseException:
+                    ckpt.close()
+                    raise
+                if note:
+                    self.notes.append(note)
             self.families = {m: detect_family(c) for m, c in self.ckpts.items()}
             self._plan()
         except BaseException:
@@ -386,8 +395,8 @@ def run_mergekit(cfg: MergekitConfig, out: Path, force: bool = False,
             shape = plan.ckpts[model].info(name).shape
             planned.append(PlannedTensor(job.name, shape, plan.output_dtype(job), lambda j=job: produce(j)))
         config = plan.output_config()
-        report = write_checkpoint(out, planned, provenance=Provenance("mergekit", {"config": cfg.raw},
-                                                                      plan.source_files()),
+        recorded = {"config": cfg.raw, **({"float_inputs": plan.notes} if plan.notes else {})}
+        report = write_checkpoint(out, planned, provenance=Provenance("mergekit", recorded, plan.source_files()),
                                   config=config, extra_files=extra, force=force,
                                   dtype=cfg.out_dtype or cfg.dtype,  # config.json's torch_dtype, as mergekit sets it
                                   max_shard_size=write.max_shard_size, hash_inputs=write.hash_inputs)

@@ -483,3 +483,28 @@ def test_slices_keeping_gpt2_blocks_in_place_under_inverse_layer_idx_run_in_tran
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_checkpoints_are_merged_as_the_float_weights_they_stand_for(tmp_path, llamas):
+    """modelsurgery's packed format (uint8 codes '.qweight', float '.scale', '.zero_point') read as it is gave A's
+    codes with averaged scales and no quantization record. Read as `surgery merge` reads it: dequantized by the
+    packed format's own reader, merged, written as float."""
+    from modelsurgery.checkpoint import Checkpoint
+    from modelsurgery.ops.quantize.operation import QuantizeOptions, quantize_checkpoint
+    from modelsurgery.ops.quantize.packing import dequantize_checkpoint
+
+    packed = {}
+    for name in ("a", "b"):
+        packed[name] = tmp_path / f"q{name}"
+        quantize_checkpoint(llamas[name], packed[name], QuantizeOptions(bits=4, method="rtn", format="packed"))
+    r, out = run(tmp_path, "models: [{model: a}, {model: b}]\nmerge_method: linear\nparameters: {weight: 0.5}\n",
+                 packed)
+    assert r.exit_code == 0, r.output
+    fa, fb = (dequantize_checkpoint(Checkpoint.open(packed[n])) for n in ("a", "b"))
+    got = Checkpoint.open(out)
+    assert set(got.keys()) == set(fa)
+    for k in fa:
+        torch.testing.assert_close(got.get(k), (fa[k] + fb[k]) / 2, msg=k)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    notes = json.loads(got.metadata["modelsurgery"])["parameters"]["float_inputs"]
+    assert len(notes) == 2 and all("dequantized to float32 for run" in n for n in notes)
