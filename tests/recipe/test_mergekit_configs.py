@@ -508,3 +508,20 @@ def test_packed_checkpoints_are_merged_as_the_float_weights_they_stand_for(tmp_p
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     notes = json.loads(got.metadata["modelsurgery"])["parameters"]["float_inputs"]
     assert len(notes) == 2 and all("dequantized to float32 for run" in n for n in notes)
+
+
+def test_resnets_merge_with_their_blocks_in_place_and_refuse_slices_that_move_them(tmp_path, fixtures_dir):
+    """A ResNet's blocks fit only where they are (stage widths and strides): the layout that keeps them all is the
+    one its family accepts, so a plain merge runs and a slice that moves a block is refused."""
+    from modelsurgery.checkpoint import Checkpoint
+
+    models = {n: fixtures_dir / "digits" / f"resnet_seed{i}.safetensors" for n, i in (("a", 0), ("b", 1))}
+    r, out = run(tmp_path, "models: [{model: a}, {model: b}]\nmerge_method: linear\nparameters: {weight: 0.5}\n",
+                 models, out_name="m.safetensors")
+    assert r.exit_code == 0, r.output
+    a, b, got = (Checkpoint.open(p) for p in (models["a"], models["b"], out))
+    name = "conv1.weight"
+    torch.testing.assert_close(got.get(name), (a.get(name) + b.get(name)) / 2)
+    r, out = run(tmp_path, "slices:\n  - sources: [{model: a, layer_range: [1, 2]}]\nmerge_method: passthrough\n",
+                 models, out_name="s.safetensors")
+    assert r.exit_code == 1 and "resnet" in r.stderr and not out.exists(), r.output
