@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.checkpoint.foreign import foreign_quantization
 from modelsurgery.checkpoint.formats import TensorInfo
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import identify_family
@@ -93,6 +94,13 @@ def _json_field(metadata: dict, key: str) -> dict | None:
         return json.loads(metadata[key])
     except ValueError:
         return {"raw": metadata[key]}
+
+
+def _foreign(ckpt: Checkpoint) -> dict | None:
+    """Another tool's quantized tensors without a config.json saying so (bitsandbytes '.SCB'): what every other
+    command refuses them for."""
+    foreign = foreign_quantization(ckpt)
+    return None if foreign is None else {"format": "another tool's", "refused": foreign}
 
 
 def _is_float(dtype_name: str) -> bool:
@@ -238,7 +246,8 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
         metadata=metadata,
         provenance=_json_field(ckpt.metadata, "modelsurgery"),
         quantization=(_json_field(ckpt.metadata, QUANTIZATION_KEY)
-                      or (ckpt.config or {}).get("quantization_config")),  # GPTQ, compressed-tensors
+                      or (ckpt.config or {}).get("quantization_config")  # GPTQ, compressed-tensors
+                      or _foreign(ckpt)),
         scheme=layout.scheme if layout else None,
         quantized_layers=layout.weights if layout else {},
         files=[str(f) for f in ckpt.source_files],

@@ -83,3 +83,15 @@ def test_float_and_own_formats_are_not_foreign(llama, fixtures_dir):
     folder, _ = llama
     assert foreign_quantization(Checkpoint.open(folder)) is None
     assert foreign_quantization(Checkpoint.open(fixtures_dir / "digits" / "mlp_seed0.safetensors")) is None
+
+
+def test_inspect_describes_what_the_other_commands_refuse(tmp_path, llama):
+    from modelsurgery.ops.inspect import inspect_checkpoint
+
+    _, state = llama
+    name = "model.layers.0.mlp.up_proj"
+    save_file({**state, f"{name}.weight": state[f"{name}.weight"].to(torch.int8), f"{name}.SCB": torch.ones(56)},
+              str(tmp_path / "m.safetensors"))
+    report = inspect_checkpoint(tmp_path / "m.safetensors")
+    assert report.family["family"] == "llama"
+    assert f"'{name}.SCB'" in report.quantization["refused"] and "bitsandbytes" in report.quantization["refused"]
