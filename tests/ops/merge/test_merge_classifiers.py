@@ -87,3 +87,18 @@ def test_merging_classifiers_without_matching_is_the_average_in_transformers(tmp
         expected = (torch.sin(w / 2) / torch.sin(w)) * (x + y)
         torch.testing.assert_close(pm[head].flatten().double(), expected, atol=1e-6, rtol=1e-5)
     assert got.shape == (2, 3)
+
+
+def test_any_head_reading_the_stream_is_refused_not_only_score(tmp_path):
+    """GPT2ForTokenClassification's 'classifier.weight' [labels, hidden]: the guard is the spec's, not a name."""
+    from transformers import GPT2Config, GPT2ForTokenClassification
+
+    _, _, cfg = KINDS["gpt2"]
+    paths = []
+    for i in (0, 1):
+        torch.manual_seed(i)
+        GPT2ForTokenClassification(GPT2Config(**cfg, num_labels=5)).save_pretrained(tmp_path / f"m{i}")
+        paths.append(tmp_path / f"m{i}")
+    with pytest.raises(SurgeryError, match=r"tensor 'classifier\.weight' \(5, 32\) reads the residual stream"):
+        merge_checkpoints(paths, tmp_path / "out", MergeOptions())
+    assert not (tmp_path / "out").exists()
