@@ -102,3 +102,36 @@ def test_any_head_reading_the_stream_is_refused_not_only_score(tmp_path):
     with pytest.raises(SurgeryError, match=r"tensor 'classifier\.weight' \(5, 32\) reads the residual stream"):
         merge_checkpoints(paths, tmp_path / "out", MergeOptions())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_gpt2_model_matched_with_a_permuted_copy_gives_the_first_models_hidden_states(tmp_path):
+    """A bare GPT2Model (no head: transformers returns hidden states) is matched as the language model the gpt2
+    family reads it as; the merge is in the first model's basis, so its hidden states are the first model's, in
+    the first model's order (README, Merge)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2Model
+
+    from modelsurgery.checkpoint import Checkpoint
+    from modelsurgery.families import detect_family
+    from modelsurgery.ops.match.derive import permutation_spec
+    from modelsurgery.ops.match.spec import apply_permutation
+    from tests.ops.match.perms import random_perms
+
+    _, _, cfg = KINDS["gpt2"]
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(**cfg)).save_pretrained(tmp_path / "a")
+    a = Checkpoint.open(tmp_path / "a")
+    spec = permutation_spec(detect_family(a))
+    assert "residual" in spec.groups
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    save_file(apply_permutation(a.state_dict(), spec, random_perms(spec, torch.Generator().manual_seed(1))),
+              str(tmp_path / "b" / "model.safetensors"), metadata={"format": "pt"})
+    merge_checkpoints([tmp_path / "a", tmp_path / "b"], tmp_path / "out", MergeOptions())
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, permuted, got = (GPT2Model.from_pretrained(tmp_path / n, attn_implementation="eager").eval()(ids)
+                               .last_hidden_state for n in ("a", "b", "out"))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(permuted, want, atol=1e-3)  # B's own hidden states are in another order
