@@ -207,7 +207,9 @@ def check_stream_readers(family: Family, spec: PermutationSpec, hidden: int) -> 
     it would be copied in the old order while the stream around it moves (the 'score.weight' [labels, hidden]
     of a ...ForSequenceClassification, which the family describes neither as a block tensor nor as a head)."""
     ckpt = family.ckpt
-    unknown = next((n for n in ckpt if n not in spec.axes and hidden in ckpt.shape(n)
+    per_head = {n for i in range(family.num_layers) for norm in family.block_norms(i).values() if norm.per_head
+                for n in (norm.weight, norm.bias) if n}  # head_dim wide, whole heads move: known, not permuted
+    unknown = next((n for n in ckpt if n not in spec.axes and n not in per_head and hidden in ckpt.shape(n)
                     and ckpt.info(n).dtype.is_floating_point), None)
     if unknown is not None:
         raise SurgeryError(

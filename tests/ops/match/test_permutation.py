@@ -158,3 +158,22 @@ def test_unknown_family_is_not_permutable():
     ckpt = Checkpoint.from_state_dict({"x": torch.zeros(2, 3, 4)})
     with pytest.raises(SurgeryError, match="not permutable"):
         permutation_spec(detect_family(ckpt))
+
+
+def test_per_head_norms_as_wide_as_the_stream_are_not_taken_for_unknown_stream_readers(tmp_path):
+    """One-head Qwen3: q_norm/k_norm are head_dim = hidden wide but shared by all heads (whole heads move, so
+    they stay as they are); the unknown-stream-tensor guard must not refuse them. transformers' forward is the
+    reference."""
+    from tests.hf_tiny import save_tiny_qwen3
+
+    folder = save_tiny_qwen3(tmp_path / "q", num_attention_heads=1, num_key_value_heads=1, head_dim=32)
+    ckpt = Checkpoint.open(folder)
+    spec = permutation_spec(detect_family(ckpt))
+    assert "residual" in spec.groups
+    model = load_hf(folder)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(input_ids=ids)[0]
+        model.load_state_dict(apply_permutation(ckpt.state_dict(), spec, random_perms(spec, torch.Generator())),
+                              strict=False)
+        torch.testing.assert_close(model(input_ids=ids)[0], ref, atol=1e-5, rtol=1e-5)
