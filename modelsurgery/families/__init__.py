@@ -1,7 +1,8 @@
 """Family registry: ``detect_family(ckpt)`` names what a checkpoint holds.
 
 Each family lives in its own module and registers itself with ``@register``; importing this
-package imports them all. Detection uses tensor names, shapes and config.json only.
+package imports them all. Detection uses tensor names, shapes and config.json only; ``detect_family``
+also refuses another tool's quantized tensors (``checkpoint.foreign``: names and dtypes from the headers).
 
 One rule keeps ``surgery inspect`` and detection free of torch: ``families/<name>.py`` describes a
 family (detection, blocks, roles, config.json -> settings) and imports no torch at module level; the
