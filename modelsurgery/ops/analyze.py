@@ -74,7 +74,7 @@ def analyze_pair(a: Path, b: Path, options: AnalyzeOptions,
     (ca, note_a), (cb, note_b) = (float_view(Checkpoint.open(p), "analyze") for p in (a, b))
     check_compatible([ca, cb])
     family = detect_family(ca, options.model)
-    spec = permutation_spec(family)
+    spec = permutation_spec(family, complete=False)  # only the spec's tensors are compared; nothing is written
     A, B = ca.state_dict(), cb.state_dict()
     match = weight_matching(A, B, spec, backend=options.backend, device=options.device, seed=options.seed,
                             progress=progress)

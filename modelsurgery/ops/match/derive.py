@@ -16,12 +16,14 @@ from modelsurgery.families.base import Family, Linear, Norm
 from modelsurgery.ops.match.spec import PermGroup, PermutationSpec, Segment
 
 
-def permutation_spec(family: Family, residual: bool = True) -> PermutationSpec:
+def permutation_spec(family: Family, residual: bool = True, complete: bool = True) -> PermutationSpec:
     """The permutation groups of ``family``'s checkpoint, validated against its shapes.
 
-    ``residual=False`` keeps the transformer residual stream fixed (identity)."""
+    ``residual=False`` keeps the transformer residual stream fixed (identity). ``complete`` (for anything that
+    writes a permuted model) refuses a permuted stream read by a tensor the spec does not know
+    (``check_stream_readers``); an analysis of the spec's own tensors may pass False."""
     if family.attention is not None and family.num_layers > 0:
-        spec = transformer_spec(family, residual=residual)
+        spec = transformer_spec(family, residual=residual, complete=complete)
     elif family.channel_groups():
         spec = channel_group_spec(family, family.channel_groups())
     elif family.chain_layers():
@@ -156,7 +158,7 @@ def attention_axes(spec: PermutationSpec, family: Family, i: int, lin: dict[str,
     linear_axes(spec, lin["o"], [Segment(heads, "o")], res)
 
 
-def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
+def transformer_spec(family: Family, residual: bool = True, complete: bool = True) -> PermutationSpec:
     """Residual stream (one group for all blocks), attention heads per block, MLP units per block.
 
     Fused projections are permuted per part: q|k|v concatenated (GPT-2, Phi-3, with grouped-query
@@ -198,7 +200,8 @@ def transformer_spec(family: Family, residual: bool = True) -> PermutationSpec:
             shape = ckpt.shape(name)
             if shape and shape[-1] == hidden:
                 spec.add_axis(name, len(shape) - 1, *res)
-        check_stream_readers(family, spec, hidden)
+        if complete:
+            check_stream_readers(family, spec, hidden)
     return spec
 
 
