@@ -93,8 +93,8 @@ def test_foreign_quantized_checkpoints_are_refused(tmp_path, fixtures_dir):
     save_file({"0.qweight": torch.zeros(8, 16, dtype=torch.int32), "0.qzeros": torch.zeros(1, 2, dtype=torch.int32),
                "0.scales": torch.ones(1, 16)}, str(gptq))
     out = tmp_path / "m.safetensors"
-    with pytest.raises(SurgeryError, match="gptq.safetensors: quantized checkpoint \\(tensor '0.qzeros' is a "
-                                           "packed weight of another tool \\(GPTQ/AWQ\\)\\); merge needs float weights"):
+    with pytest.raises(SurgeryError, match="gptq.safetensors: quantized checkpoint \\(tensor '0.qzeros' is a packed "
+                                           "weight of another tool \\(GPTQ/AWQ\\)\\); merge needs float weights"):
         merge_checkpoints([gptq, gptq], out, MergeOptions(method="linear"))
     folder = tmp_path / "hf"
     folder.mkdir()
