@@ -35,7 +35,8 @@ def permutation_spec(family: Family, residual: bool = True, complete: bool = Tru
     else:
         raise SurgeryError(
             f"{family.ckpt.path}: family '{family.name}' has no permutation structure (not permutable); "
-            "pass --model package.module:function so the module can be traced, or use --method linear"
+            "pass --model package.module:function so the module can be traced (surgery merge --method linear "
+            "merges without matching)"
         )
     if not spec.groups:
         raise SurgeryError(f"{family.ckpt.path}: no permutable hidden units found (model is not permutable)")
