@@ -311,6 +311,7 @@ def test_no_file_contents_leak_from_a_path_pointed_at_a_secret(tmp_path):
     link.symlink_to(secret)
     line = assert_clean_failure(runner.invoke(app, ["inspect", str(link)]), link)
     n = int.from_bytes(secret.read_bytes()[:8], "little")
+    line = line.replace(str(link), "PATH")  # the temporary folder's name may hold the digits of the size
     assert str(n) not in line and str(secret.stat().st_size) not in line and "root:x" not in line
 
 
