@@ -292,10 +292,13 @@ def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_
     data = load_data(path, tokenizer=folder)
     if samples is not None:
         data = data.select(slice(0, samples))
-    if data.is_tokens:  # at most seq_len tokens, and no columns that are padding in every sample
+    if data.is_tokens:  # at most seq_len tokens, and no trailing columns that are padding in every sample
         width = min(seq_len or data.input_ids.shape[1], data.input_ids.shape[1])
         if data.attention_mask is not None and data.attention_mask.numel():
-            width = min(width, int(data.attention_mask.sum(1).max()))
+            # the last column any sample attends to, not the longest sample's token count: a left-padded
+            # or gapped sample's tokens lie beyond that count
+            used = data.attention_mask.bool().any(0).nonzero()
+            width = min(width, int(used.max()) + 1 if len(used) else 0)
         data.input_ids = data.input_ids[:, :width]
         if data.attention_mask is not None:
             data.attention_mask = data.attention_mask[:, :width]

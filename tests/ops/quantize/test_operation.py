@@ -216,3 +216,23 @@ def test_library_call_never_writes_over_its_calibration_data(tmp_path):
         quantize_checkpoint(MLP, calib, QuantizeOptions(method="flexround", calib=calib, force=True,
                                                         params={"steps": 1}))
     assert calib.read_bytes() == CALIB.read_bytes()
+
+
+@pytest.mark.parametrize("mask", [[[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0]],  # left padding (and one padding column)
+                                  [[1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 1, 0]]])  # gaps
+def test_data_keeps_every_attended_token_of_left_padded_samples(tmp_path, mask):
+    """Only trailing columns that no sample attends to are dropped: the kept columns are those up to the
+    last 1 of the file's own attention mask (a cut at the longest sample's token count dropped the last
+    tokens of left-padded samples)."""
+    from modelsurgery.families import detect_family
+    from modelsurgery.ops.quantize.operation import read_data
+    from tests.hf_tiny import save_tiny_gpt2
+
+    mask = torch.tensor(mask)
+    ids = torch.where(mask.bool(), torch.arange(1, 13).reshape(2, 6), torch.zeros_like(mask))
+    save_file({"input_ids": ids, "attention_mask": mask}, tmp_path / "left.safetensors")
+    family = detect_family(Checkpoint.open(save_tiny_gpt2(tmp_path / "gpt2")))
+    data = read_data(tmp_path / "left.safetensors", family, None, None, 128, None)
+    assert torch.equal(data.input_ids, ids[:, :5]) and torch.equal(data.attention_mask, mask[:, :5])
+    short = read_data(tmp_path / "left.safetensors", family, None, None, 4, None)  # --seq-len still cuts
+    assert torch.equal(short.input_ids, ids[:, :4])
