@@ -420,6 +420,9 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     params = {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items()
               if k not in ("force", "streaming", "offload_dir", "dtype", "max_shard_size", "hash_inputs")}
     params["params"] = settings  # the values used, defaults included
+    params["grid"] = opts.grid or method.default_grid  # None would not say which grid the method started from
+    if calib:
+        params["samples_used"] = used  # a file holding fewer than --samples gives what it has
     if world_size > 1:  # the gradients were summed in another order: the codes may differ in rare ties
         params["world_size"] = world_size
     try:
@@ -449,6 +452,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     return QuantizeResult(
         output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
                                                       **scheme.to_dict(), **settings, "preset": opts.preset,
+                                                      "grid": opts.grid or method.default_grid,
                                                       "samples": opts.samples if calib else 0,
                                                       "samples_used": used},
         layers=layers, skipped=skipped,

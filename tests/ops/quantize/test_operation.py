@@ -236,3 +236,22 @@ def test_data_keeps_every_attended_token_of_left_padded_samples(tmp_path, mask):
     assert torch.equal(data.input_ids, ids[:, :5]) and torch.equal(data.attention_mask, mask[:, :5])
     short = read_data(tmp_path / "left.safetensors", family, None, None, 4, None)  # --seq-len still cuts
     assert torch.equal(short.input_ids, ids[:, :4])
+
+
+@pytest.mark.parametrize("method", ["rtn", "flexround"])
+def test_provenance_records_the_grid_and_samples_used(tmp_path, method):
+    """The provenance names the grid the weights started from (not null when --grid is left out) and the samples
+    used: quantizing again with the recorded grid gives the same weights, with the other grid different ones."""
+    from modelsurgery.data import load_data
+
+    held = len(load_data(CALIB))
+    common = {"method": method, "calib": CALIB, "samples": held + 5, "params": {"steps": 0} if method != "rtn" else {}}
+    quantize_checkpoint(MLP, tmp_path / "q.safetensors", QuantizeOptions(**common))
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        recorded = json.loads(f.metadata()["modelsurgery"])["parameters"]
+    assert recorded["grid"] == {"rtn": "minmax", "flexround": "search"}[method] and recorded["samples_used"] == held
+    other = {"minmax": "search", "search": "minmax"}[recorded["grid"]]
+    for grid, same in ((recorded["grid"], True), (other, False)):
+        quantize_checkpoint(MLP, tmp_path / f"{grid}.safetensors", QuantizeOptions(**common, grid=grid))
+        assert torch.equal(load_file(tmp_path / f"{grid}.safetensors")["0.weight"],
+                           load_file(tmp_path / "q.safetensors")["0.weight"]) == same
