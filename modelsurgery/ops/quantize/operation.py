@@ -302,6 +302,8 @@ def read_data(path: Path, family, folder: Path | None, samples: int | None, seq_
         data.input_ids = data.input_ids[:, :width]
         if data.attention_mask is not None:
             data.attention_mask = data.attention_mask[:, :width]
+        if data.labels is not None and data.labels.dim() == 2:  # token targets follow their tokens
+            data.labels = data.labels[:, :width]
     check_fits(family, data)
     if module is None:
         return data

@@ -255,3 +255,27 @@ def test_provenance_records_the_grid_and_samples_used(tmp_path, method):
         quantize_checkpoint(MLP, tmp_path / f"{grid}.safetensors", QuantizeOptions(**common, grid=grid))
         assert torch.equal(load_file(tmp_path / f"{grid}.safetensors")["0.weight"],
                            load_file(tmp_path / "q.safetensors")["0.weight"]) == same
+
+
+@pytest.mark.parametrize("seq_len", [10, 128])
+def test_eval_token_labels_are_cut_with_their_tokens(tmp_path, seq_len):
+    """--eval data with [N, T] labels, cut by --seq-len or to the last attended column, is scored as transformers
+    scores it (its loss with -100 on the targets left out); the labels kept their full width and the scoring
+    raised a traceback."""
+    from tests.hf_tiny import load_hf, save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "llama")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 97, (4, 20))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    mask = torch.ones_like(ids)
+    mask[:, 15:] = 0
+    save_file({"input_ids": ids, "labels": labels, "attention_mask": mask}, tmp_path / "eval.safetensors")
+    r = quantize_checkpoint(folder, tmp_path / "q", QuantizeOptions(method="rtn", eval=tmp_path / "eval.safetensors",
+                                                                      seq_len=seq_len))
+    width = min(seq_len, 15)  # no sample attends beyond column 15
+    ids, mask, labels = ids[:, :width], mask[:, :width], labels[:, :width].masked_fill(mask[:, :width] == 0, -100)
+    with torch.no_grad():
+        expected = load_hf(folder)(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert r.evaluation["float"]["loss"] == pytest.approx(expected, rel=1e-5)
