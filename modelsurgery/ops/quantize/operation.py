@@ -410,7 +410,8 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         blocks = result.blocks
         layers = {n: layer_entry(ckpt.shape(n), opts.bits, qw) for n, qw in result.weights.items()}
         planned = []
-        for name in ckpt.keys():  # noqa: SIM118 - Checkpoint is not iterable
+        # calibrated: block order, as the streamed path writes it (the same bytes); otherwise the checkpoint's
+        for name in streaming.block_order(ckpt, family) if calib else ckpt.keys():
             qw = result.weights.get(name)
             if qw is None:
                 planned.append(plan_copy(ckpt, name))

@@ -222,13 +222,19 @@ def plan_calibrated(ckpt: Checkpoint, family, targets: dict[int, Target], steps:
         raise RuntimeError(f"tensor '{key}' was planned but no block produced it")
 
     produced = _Produced(fill)
+    return _planned(ckpt, block_order(ckpt, family), by_name, fmt, scheme, produced)
+
+
+def block_order(ckpt: Checkpoint, family) -> list[str]:
+    """The checkpoint's tensor names as a calibrated run writes them: those outside the blocks first, then block
+    by block, checkpoint order within each (the whole-model path writes the same order: the same bytes)."""
     order = {name: i for i, name in enumerate(ckpt.keys())}
 
     def position(name: str) -> tuple[int, int]:
         where = family.block_of(name)
         return (where[0] if where else -1, order[name])
 
-    return _planned(ckpt, sorted(ckpt.keys(), key=position), by_name, fmt, scheme, produced)
+    return sorted(ckpt.keys(), key=position)
 
 
 def finish(steps: Iterator, on_report: Callable) -> None:

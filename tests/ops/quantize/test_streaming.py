@@ -126,12 +126,13 @@ def test_lazy_blocks_learn_the_same_codes_mlp(tmp_path, method):
 
 def test_lazy_blocks_learn_the_same_codes_llama(tmp_path):
     """A decoder: embeddings read for the first block's inputs, rotary tables kept as buffers, the
-    output written block by block (another tensor order, the same tensors and metadata)."""
+    output written block by block, in the order the whole-model path writes too: the same bytes."""
     stream, whole = _both(LLAMA, tmp_path, method="flexround", bits=4, format="packed", calib=TEXT,
                           samples=4, seq_len=16, params={"steps": 3, "batch_size": 2}, default_skips=False)
     (a, meta_a), (b, meta_b) = _read(stream.output), _read(whole.output)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert meta_a == meta_b
+    assert _weights_file(stream.output).read_bytes() == _weights_file(whole.output).read_bytes()
     assert [r["loss"] for r in stream.blocks] == [r["loss"] for r in whole.blocks]
     assert len(stream.blocks) == detect_family(Checkpoint.open(LLAMA)).num_layers
     assert all(r["loss"] is not None for r in stream.blocks)
