@@ -70,8 +70,9 @@ def quantize_command(
     group_size: int = typer.Option(None, "--group-size", help="Weights per group along a row (--granularity group)."),
     symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Zero point fixed at 2^(bits-1), or "
                                    "fitted to each grid's min/max."),
-    skip: list[str] = typer.Option([], "--skip", help="Keep matching weights in float (glob on the tensor name, "
-                                   "or a name part); repeatable."),
+    skip: list[str] = typer.Option([], "--skip", help="Keep matching weights in float: a glob on the tensor or "
+                                   "module name (model.layers.0.mlp.down_proj, *.down_proj), a name part (lm_head) or "
+                                   "a run of parts (mlp.down_proj); repeatable."),
     no_default_skips: bool = typer.Option(False, "--no-default-skips", help="Also quantize embeddings and the "
                                           "output head (kept in float by default)."),
     calib: Path = typer.Option(None, "--calib", help="Calibration data: text (one sample a line, needs the "

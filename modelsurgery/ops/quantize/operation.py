@@ -157,7 +157,14 @@ class QuantizeResult:
 
 
 def _skipped(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") for p in patterns)
+    """Whether a --skip pattern (or a family's default skip) names the weight ``name``: a glob on the tensor name or
+    on its module's name (the name without its last part, as transformers' ``modules_to_not_convert`` and
+    llm-compressor's ``ignore`` name layers: ``model.layers.0.mlp.down_proj``, ``*.down_proj``), or a run of its
+    dotted parts: one part of the name (``lm_head``, ``weight``) or a run of the module's (``mlp.down_proj``,
+    ``layers.0``; within the module's name, so that a default skip ``conv1.weight`` names no ``layer1.0.conv1``)."""
+    module = name.rsplit(".", 1)[0]
+    return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") or fnmatch.fnmatchcase(module, p)
+               or f".{p}." in f".{module}." for p in patterns)
 
 
 def with_preset(opts: QuantizeOptions, method) -> QuantizeOptions:

@@ -279,3 +279,23 @@ def test_eval_token_labels_are_cut_with_their_tokens(tmp_path, seq_len):
     with torch.no_grad():
         expected = load_hf(folder)(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
     assert r.evaluation["float"]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_skip_takes_module_names_as_transformers_names_layers(tmp_path):
+    """--skip with a module name as transformers' named_modules() gives it (the form of its modules_to_not_convert
+    and llm-compressor's ignore list), a glob on it, or a run of its parts keeps exactly those weights float; such a
+    pattern matched nothing and the layer was quantized without a word."""
+    from tests.hf_tiny import load_hf, save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "llama")
+    linears = [n for n, m in load_hf(folder).named_modules() if isinstance(m, torch.nn.Linear)]
+    one = next(n for n in linears if n.endswith("layers.1.mlp.down_proj"))
+    for i, (pattern, expected) in enumerate([
+            (one, {one}),
+            ("*.down_proj", {n for n in linears if n.endswith(".down_proj")}),
+            ("mlp.down_proj", {n for n in linears if n.endswith(".down_proj")}),
+            ("layers.1", {n for n in linears if ".layers.1." in n})]):
+        r = quantize_checkpoint(folder, tmp_path / f"q{i}", QuantizeOptions(method="rtn", skip=[pattern]))
+        assert {n.removesuffix(".weight") for n in r.skipped} - {"model.embed_tokens", "lm_head"} == expected, pattern
+        assert {k["name"].removesuffix(".weight") for k in r.kept_float if k["reason"] == f"--skip {pattern}"} \
+            == expected
