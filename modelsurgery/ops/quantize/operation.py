@@ -351,7 +351,13 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         return quantize_to_format(path, out, opts, progress)
     if opts.format not in FORMATS:
         raise SurgeryError(f"--format {opts.format}: expected one of {', '.join((*FORMATS, *DEPLOYED))}")
+    from modelsurgery.ops.float_input import quantization_of  # imported late: it reads packing.py
+
     ckpt = Checkpoint.open(path)
+    quantized = quantization_of(ckpt)
+    if quantized is not None and quantized.format != "fake":  # fake-quantized weights are float: quantized again
+        raise SurgeryError(f"{path}: {quantized.describe()}; quantize needs the float weights: dequantize it first "
+                           "(`surgery dequantize` reads packed, GPTQ and compressed-tensors checkpoints)")
     family = detect_family(ckpt, opts.model)
     if not family.runnable:
         raise SurgeryError(f"{path}: {family.not_runnable_reason()}")
@@ -375,6 +381,9 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     for t in targets.values():
         if t.name not in ckpt:
             raise SurgeryError(f"{path}: the {family.name} model's weight '{t.name}' is not a checkpoint tensor")
+        if not ckpt.info(t.name).dtype.is_floating_point:  # integer codes of another tool would be taken as floats
+            raise SurgeryError(f"{path}: weight '{t.name}' is {str(ckpt.info(t.name).dtype).removeprefix('torch.')}, "
+                               "not float; quantize needs the float weights (is the checkpoint quantized already?)")
         shape = ckpt.shape(t.name)
         rows = shape[1] if t.transposed else shape[0]
         group_size_for(scheme, (int(torch.tensor(shape).prod()) // rows), t.name)

@@ -299,3 +299,39 @@ def test_skip_takes_module_names_as_transformers_names_layers(tmp_path):
         assert {n.removesuffix(".weight") for n in r.skipped} - {"model.embed_tokens", "lm_head"} == expected, pattern
         assert {k["name"].removesuffix(".weight") for k in r.kept_float if k["reason"] == f"--skip {pattern}"} \
             == expected
+
+
+@pytest.mark.parametrize("kind", ["bitsandbytes", "int8 codes", "packed"])
+def test_quantized_input_is_refused_naming_it(tmp_path, kind):
+    """Another tool's int8 codes under the float names (bitsandbytes: .SCB scales, a quantization_config), int8
+    weights alone, or a packed checkpoint: one line, nothing written. The codes were taken as float weights,
+    rounded again and written back as int8."""
+    import json as _json
+
+    from tests.hf_tiny import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "llama")
+    if kind == "packed":
+        src = tmp_path / "packed"
+        quantize_checkpoint(folder, src, QuantizeOptions(method="rtn", format="packed"))
+        message = "packed 4-bit quantized checkpoint"
+    else:
+        src = tmp_path / "int8"
+        src.mkdir()
+        state = load_file(folder / "model.safetensors")
+        name = "model.layers.0.mlp.down_proj.weight"
+        absmax = state[name].abs().amax(1)
+        state[name] = torch.round(state[name] / absmax[:, None] * 127).to(torch.int8)
+        config = _json.loads((folder / "config.json").read_text())
+        if kind == "bitsandbytes":
+            state[name.removesuffix("weight") + "SCB"] = absmax
+            config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+        save_file(state, src / "model.safetensors")
+        (src / "config.json").write_text(_json.dumps(config))
+        message = "bitsandbytes" if kind == "bitsandbytes" else f"weight '{name}' is int8, not float"
+    with pytest.raises(SurgeryError, match=message) as e:
+        quantize_checkpoint(src, tmp_path / "out", QuantizeOptions(method="rtn"))
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    fake = tmp_path / "fake"  # fake-quantized weights are float: quantized again
+    quantize_checkpoint(folder, fake, QuantizeOptions(method="rtn", bits=8))
+    assert quantize_checkpoint(fake, tmp_path / "again", QuantizeOptions(method="rtn", bits=4)).layers
