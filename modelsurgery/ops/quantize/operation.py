@@ -31,7 +31,7 @@ from modelsurgery.checkpoint import (
     plan_tensor,
     write_checkpoint,
 )
-from modelsurgery.checkpoint.writer import WriteOptions
+from modelsurgery.checkpoint.writer import WriteOptions, float_dtype
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.devices import resolve_device
 from modelsurgery.errors import SurgeryError
@@ -405,6 +405,9 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
 
     tensors_for = FORMATS[opts.format]
+    if opts.dtype is not None:  # a quantized weight goes from float32 to --dtype once, not through the input's dtype
+        write_dtype, own = float_dtype(opts.dtype), tensors_for
+        tensors_for = lambda name, qw, bits, dtype: own(name, qw, bits, write_dtype)
     in_targets = [any(id(p) in targets for p in b.parameters()) for b in model.stages().blocks]
     timer = CalibrationEstimate(progress, sum(in_targets))
     recon = ReconstructOptions(settings=settings, grid=opts.grid, seed=opts.seed, low_memory=opts.low_memory,

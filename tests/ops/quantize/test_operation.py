@@ -335,3 +335,27 @@ def test_quantized_input_is_refused_naming_it(tmp_path, kind):
     fake = tmp_path / "fake"  # fake-quantized weights are float: quantized again
     quantize_checkpoint(folder, fake, QuantizeOptions(method="rtn", bits=8))
     assert quantize_checkpoint(fake, tmp_path / "again", QuantizeOptions(method="rtn", bits=4)).layers
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fake_dtype_rounds_the_quantized_weights_once(tmp_path, streaming, dtype):
+    """A bfloat16 model written with --dtype float32 (or float16) holds (q - z) * s rounded once to that dtype, as
+    the same run's packed output dequantizes; the weights went through bfloat16 first."""
+    from tests.hf_tiny import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "llama")
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, folder / "model.safetensors", {"format": "pt"})
+    common = {"method": "rtn", "bits": 4, "streaming": streaming}
+    quantize_checkpoint(folder, tmp_path / "fake", QuantizeOptions(dtype=dtype, **common))
+    quantize_checkpoint(folder, tmp_path / "packed", QuantizeOptions(format="packed", **common))
+    fake = load_file(tmp_path / "fake" / "model.safetensors")
+    floats = dequantize_checkpoint(Checkpoint.open(tmp_path / "packed"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    w = load_file(folder / "model.safetensors")[name].float()  # RTN by hand: symmetric, per output channel
+    scale = 2 * w.abs().amax(1, keepdim=True) / 15
+    by_hand = (torch.clamp(torch.round(w / scale) + 8, 0, 15) - 8) * scale
+    assert torch.equal(floats[name], by_hand)
+    for k, v in floats.items():
+        assert fake[k].dtype == getattr(torch, dtype) and torch.equal(fake[k], v.to(fake[k].dtype)), k
