@@ -39,6 +39,9 @@ class QuantScheme:
             raise SurgeryError(f"--granularity {self.granularity}: expected one of {', '.join(GRANULARITIES)}")
         if self.granularity == "group" and (self.group_size is None or self.group_size < 1):
             raise SurgeryError("--granularity group needs --group-size G (a positive integer)")
+        if self.granularity != "group" and self.group_size is not None:  # it would be left out without a word
+            raise SurgeryError(f"--group-size {self.group_size}: applies to --granularity group, not to "
+                               f"--granularity {self.granularity}; add --granularity group")
 
     @property
     def qmax(self) -> int:

@@ -118,6 +118,8 @@ def _listing(folder: Path) -> set:
     ({"bits": 1, "method": "rtn"}, r"--bits 1"),
     ({"bits": 4, "method": "rtn", "granularity": "group", "group_size": 7},
      r"tensor '0.weight': --group-size 7 does not divide its row length 64"),
+    ({"bits": 4, "method": "rtn", "group_size": 16},  # per channel, without a word about the group size
+     r"--group-size 16: applies to --granularity group, not to --granularity channel"),
     ({"bits": 4, "method": "flexround"}, r"--method flexround learns the rounding from data: pass --calib"),
     ({"bits": 4, "method": "nearest"}, r"--method nearest: expected one of"),
     ({"bits": 4, "method": "rtn", "format": "int4"}, r"--format int4"),
