@@ -174,6 +174,9 @@ def render_result(r: dict) -> None:
     )
     if r["kept_float"]:
         out_console.print("kept float: " + "; ".join(_kept(r["kept_float"])), soft_wrap=True)
+    for pattern in r.get("skip_unmatched") or []:
+        out_console.print(f"--skip {safe(pattern)} matched no Linear, Conv or Embedding weight of the model and kept "
+                          "nothing float (a head tied to the embedding is the embedding's weight)", soft_wrap=True)
     if r.get("estimate"):
         e = r["estimate"]
         out_console.print(f"{safe(e['message'])}, timed on the first {e['timed_steps']} steps of block 1")

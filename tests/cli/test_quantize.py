@@ -224,3 +224,25 @@ def test_writing_options_refused_in_one_line(tmp_path, args, message):
     assert r.exit_code == 1, r.output
     assert message in " ".join(r.stderr.split()) and len(r.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_skip_that_names_no_weight_is_reported(tmp_path):
+    """--skip lm_head on a model whose head is tied to its embedding keeps nothing float: transformers computes the
+    head with the quantized embedding. The report says so instead of passing over it."""
+    from safetensors.torch import load_file
+
+    from tests.hf_tiny import load_hf, save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "llama", tie_word_embeddings=True)
+    out = tmp_path / "q"
+    args = ["quantize", str(folder), "--method", "rtn", "--no-default-skips", "--skip", "lm_head"]
+    r = runner.invoke(app, [*args, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "--skip lm_head matched no Linear, Conv or Embedding weight" in " ".join(r.output.split())
+    head = load_hf(out).lm_head.weight
+    assert torch.equal(head, load_file(out / "model.safetensors")["model.embed_tokens.weight"])
+    assert not torch.equal(head, load_file(folder / "model.safetensors")["model.embed_tokens.weight"])
+    report = json.loads(runner.invoke(app, [*args, "-o", str(tmp_path / "q2"), "--json"]).stdout)
+    assert report["skip_unmatched"] == ["lm_head"]
+    kept = json.loads(runner.invoke(app, [*args[:-1], "embed_tokens", "-o", str(tmp_path / "q3"), "--json"]).stdout)
+    assert kept["skip_unmatched"] == []

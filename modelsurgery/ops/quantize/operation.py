@@ -151,6 +151,8 @@ class QuantizeResult:
     streamed: bool = False
     #: processes that calibrated together (torchrun); 1 for a single process
     world_size: int = 1
+    #: --skip patterns that name no Linear, Conv or Embedding weight of the model (kept nothing float)
+    skip_unmatched: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -377,6 +379,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     if opts.default_skips:
         patterns += family.embedding_names() + family.head_names()
     skipped = sorted(t.name for t in targets.values() if _skipped(t.name, patterns))
+    unmatched = [p for p in opts.skip if not any(_skipped(t.name, [p]) for t in targets.values())]
     targets = {k: t for k, t in targets.items() if t.name not in skipped}
     for t in targets.values():
         if t.name not in ckpt:
@@ -483,6 +486,6 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         estimate=timer.estimate,
         seconds=time.perf_counter() - start, peak_rss_mb=peak / 2**20,
         bytes_in=ckpt.nbytes, bytes_out=bytes_out, evaluation=evaluation, device=device,
-        streamed=streamed, world_size=world_size,
+        streamed=streamed, world_size=world_size, skip_unmatched=unmatched,
     )
 
