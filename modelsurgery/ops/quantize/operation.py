@@ -384,9 +384,6 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     for t in targets.values():
         if t.name not in ckpt:
             raise SurgeryError(f"{path}: the {family.name} model's weight '{t.name}' is not a checkpoint tensor")
-        if not ckpt.info(t.name).dtype.is_floating_point:  # integer codes of another tool would be taken as floats
-            raise SurgeryError(f"{path}: weight '{t.name}' is {str(ckpt.info(t.name).dtype).removeprefix('torch.')}, "
-                               "not float; quantize needs the float weights (is the checkpoint quantized already?)")
         shape = ckpt.shape(t.name)
         rows = shape[1] if t.transposed else shape[0]
         group_size_for(scheme, (int(torch.tensor(shape).prod()) // rows), t.name)

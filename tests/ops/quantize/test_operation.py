@@ -330,7 +330,7 @@ def test_quantized_input_is_refused_naming_it(tmp_path, kind):
             config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
         save_file(state, src / "model.safetensors")
         (src / "config.json").write_text(_json.dumps(config))
-        message = "bitsandbytes" if kind == "bitsandbytes" else f"weight '{name}' is int8, not float"
+        message = "bitsandbytes" if kind == "bitsandbytes" else f"tensor '{name}' holds int8 codes, not float weights"
     with pytest.raises(SurgeryError, match=message) as e:
         quantize_checkpoint(src, tmp_path / "out", QuantizeOptions(method="rtn"))
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
