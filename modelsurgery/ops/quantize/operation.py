@@ -445,6 +445,8 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     params["grid"] = opts.grid or method.default_grid  # None would not say which grid the method started from
     if calib:
         params["samples_used"] = used  # a file holding fewer than --samples gives what it has
+    else:  # no calibration data: the preset's sample count was not used
+        params["samples"] = None
     if world_size > 1:  # the gradients were summed in another order: the codes may differ in rare ties
         params["world_size"] = world_size
     try:

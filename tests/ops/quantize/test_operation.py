@@ -257,6 +257,11 @@ def test_provenance_records_the_grid_and_samples_used(tmp_path, method):
         quantize_checkpoint(MLP, tmp_path / f"{grid}.safetensors", QuantizeOptions(**common, grid=grid))
         assert torch.equal(load_file(tmp_path / f"{grid}.safetensors")["0.weight"],
                            load_file(tmp_path / "q.safetensors")["0.weight"]) == same
+    if method == "rtn":  # without calibration data no sample count was used
+        quantize_checkpoint(MLP, tmp_path / "nodata.safetensors", QuantizeOptions(method="rtn"))
+        with safe_open(str(tmp_path / "nodata.safetensors"), "pt") as f:
+            recorded = json.loads(f.metadata()["modelsurgery"])["parameters"]
+        assert recorded["samples"] is None and "samples_used" not in recorded
 
 
 @pytest.mark.parametrize("seq_len", [10, 128])
