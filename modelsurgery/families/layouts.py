@@ -47,6 +47,8 @@ class Layout:
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     window_rule: str = "none"  # none | all | typed
     window_period: int | None = None
+    #: the config.json keys the family's MLP reads, first present wins (Gemma 2/3 read hidden_activation only:
+    #: transformers ignores their hidden_act, which Gemma 1's files spell 'gelu')
     activation_keys: tuple[str, ...] = ("hidden_act",)
     default_activation: str = "silu"
     #: theta when config.json names none; Gemma 3: full_attention / sliding_attention layers
@@ -76,13 +78,13 @@ LAYOUTS: tuple[Layout, ...] = (
            config_defaults={"use_sliding_window": False}, claims_without_config=True),
     Layout("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), norms=dict(GEMMA_NORMS), norm_offset=1.0,
            embed_scale=True, window_rule="typed", window_period=2,
-           activation_keys=("hidden_activation", "hidden_act"), default_activation="gelu_pytorch_tanh",
+           activation_keys=("hidden_activation",), default_activation="gelu_pytorch_tanh",
            attention_scalar=True, softcaps=True, claims_without_config=True,
            config_defaults={"sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
                             "final_logit_softcapping": 30.0, "head_dim": 256}),
     Layout("gemma3", ("gemma3_text",), ("Gemma3ForCausalLM",), norms={**GEMMA_NORMS, **QK_NORMS},
            norm_offset=1.0, embed_scale=True, window_rule="typed", window_period=6,
-           activation_keys=("hidden_activation", "hidden_act"), default_activation="gelu_pytorch_tanh",
+           activation_keys=("hidden_activation",), default_activation="gelu_pytorch_tanh",
            default_theta=1_000_000.0, local_rope=True, attention_scalar=True, softcaps=True,
            config_defaults={"sliding_window": 4096, "query_pre_attn_scalar": 256, "head_dim": 256},
            claims_without_config=True),

@@ -208,6 +208,20 @@ def test_config_variants_match_transformers(tmp_path, kind, overrides):
     assert max_diff(fam.build_module(), load_hf(folder), *padded_batch(seq=13, seed=2)) < TOL
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_gemma_mlp_activation_is_hidden_activation_not_hidden_act(tmp_path, kind):
+    """transformers' Gemma 2/3 MLP reads only hidden_activation (default gelu_pytorch_tanh): a config.json
+    spelling the activation as Gemma 1's published files do (hidden_act 'gelu', no hidden_activation) still
+    runs the tanh GELU. Larger weights (initializer_range 0.2) make the two GELUs differ by ~1e-3."""
+    folder = save_tiny_decoder(kind, tmp_path, seed=2, initializer_range=0.2)
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("hidden_activation", None)
+    path.write_text(json.dumps(cfg | {"hidden_act": "gelu"}))
+    fam = detect_family(Checkpoint.open(folder))
+    assert max_diff(fam.build_module(), load_hf(folder), *padded_batch()) < TOL
+
+
 @pytest.mark.parametrize(("kind", "dropped"), [
     ("gemma2", ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window")),
     ("gpt_neox", ("rope_parameters", "layer_norm_eps")),  # rotary_pct 0.25, theta 10000
