@@ -87,6 +87,10 @@ _DECODERS: dict[str, tuple[str, str, dict]] = {
         "vocab_size": 97, "hidden_size": 32, "intermediate_size": 56, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
         "tie_word_embeddings": True}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {
+        "vocab_size": 97, "hidden_size": 32, "intermediate_size": 56, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 64,
+        "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
         "vocab_size": 97, "hidden_size": 32, "intermediate_size": 56, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
@@ -111,8 +115,8 @@ _DECODERS: dict[str, tuple[str, str, dict]] = {
 }
 
 #: the family name each builder's checkpoint must be detected as
-DECODER_FAMILY = {"llama3": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-                  "gemma3": "gemma3", "phi3": "phi3", "gpt_neox": "gpt_neox"}
+DECODER_FAMILY = {"llama3": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                  "gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3", "gpt_neox": "gpt_neox"}
 
 
 def save_tiny_decoder(kind: str, folder: Path, seed: int = 0, **overrides) -> Path:
@@ -150,6 +154,11 @@ def save_tiny_qwen2(folder: Path, seed: int = 0, **overrides) -> Path:
 def save_tiny_qwen3(folder: Path, seed: int = 0, **overrides) -> Path:
     """Qwen3: per-head q_norm/k_norm, head_dim 16 != hidden/heads 8."""
     return save_tiny_decoder("qwen3", folder, seed, **overrides)
+
+
+def save_tiny_gemma(folder: Path, seed: int = 0, **overrides) -> Path:
+    """Gemma 1: LLaMA's tensor names with (1+w) norms, embeddings x sqrt(hidden), tanh GELU, one kv head."""
+    return save_tiny_decoder("gemma", folder, seed, **overrides)
 
 
 def save_tiny_gemma2(folder: Path, seed: int = 0, **overrides) -> Path:

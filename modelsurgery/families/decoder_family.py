@@ -1,4 +1,4 @@
-"""The decoder LLM families (LLaMA 1-3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text, Phi-3,
+"""The decoder LLM families (LLaMA 1-3, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3,
 GPT-NeoX/Pythia): one ``DecoderFamily`` per ``Layout`` of ``layouts.py``, all running
 ``modules/decoder.Decoder`` with the ``DecoderSettings`` read here from config.json.
 
@@ -190,6 +190,12 @@ class DecoderFamily(TransformerFamily):
         first = int(cfg.get("max_window_layers", n))  # Qwen: layers from max_window_layers on
         return [window if i >= first else None for i in range(n)]
 
+    def activation(self) -> str:
+        """The MLP activation, as the family's transformers code reads config.json."""
+        lay = self.layout
+        name = self.cfg(*lay.activation_keys, default=lay.default_activation)
+        return lay.activation_aliases.get(name, name)
+
     def ropes(self, head_dim: int) -> tuple[Rope, Rope | None]:
         """The rope of full-attention layers and, for Gemma 3, the one of sliding layers."""
         lay, where = self.layout, str(self.ckpt.path)
@@ -227,7 +233,7 @@ class DecoderFamily(TransformerFamily):
             inner=self.ckpt.shape(lin["down"].weight)[1], num_layers=self.num_layers,
             heads=att.num_heads, kv_heads=att.num_kv_heads, head_dim=att.head_dim,
             eps=float(sw.get("rms_norm_eps") or sw.get("layer_norm_eps") or 1e-6),
-            activation=self.cfg(*lay.activation_keys, default=lay.default_activation),
+            activation=self.activation(),
             parallel_residual=lay.parallel_residual and bool(self.cfg("use_parallel_residual", default=True)),
             scaling=float(scalar) ** -0.5 if scalar else att.head_dim ** -0.5,
             attn_softcap=sw.get("attn_logit_softcapping") if lay.softcaps else None,

@@ -51,6 +51,8 @@ class Layout:
     #: transformers ignores their hidden_act, which Gemma 1's files spell 'gelu')
     activation_keys: tuple[str, ...] = ("hidden_act",)
     default_activation: str = "silu"
+    #: activation names the family's transformers code reads as another (Gemma 1: 'gelu' is the tanh GELU)
+    activation_aliases: dict = field(default_factory=dict)
     #: theta when config.json names none; Gemma 3: full_attention / sliding_attention layers
     default_theta: float = 10000.0
     default_local_theta: float = 10000.0
@@ -76,6 +78,11 @@ LAYOUTS: tuple[Layout, ...] = (
            config_defaults={"use_sliding_window": False}),
     Layout("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), norms={**LLAMA_NORMS, **QK_NORMS}, window_rule="typed",
            config_defaults={"use_sliding_window": False}, claims_without_config=True),
+    # Gemma 1: LLaMA's tensor names, Gemma's (1 + w) norms and sqrt(hidden) embedding scale; its published
+    # config.json says hidden_act 'gelu', which transformers runs as the tanh GELU (as Gemma 2/3 do)
+    Layout("gemma", ("gemma",), ("GemmaForCausalLM",), norm_offset=1.0, embed_scale=True,
+           activation_keys=("hidden_activation", "hidden_act"), default_activation="gelu_pytorch_tanh",
+           activation_aliases={"gelu": "gelu_pytorch_tanh"}, config_defaults={"head_dim": 256}),
     Layout("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), norms=dict(GEMMA_NORMS), norm_offset=1.0,
            embed_scale=True, window_rule="typed", window_period=2,
            activation_keys=("hidden_activation",), default_activation="gelu_pytorch_tanh",

@@ -112,6 +112,10 @@ PUBLISHED = {
     # Qwen/Qwen3-0.6B: 16 heads / 8 kv, head_dim 128 with hidden 1024 (head_dim*heads = 2 x hidden)
     "qwen3-0.6b": ("qwen3", {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
                              "intermediate_size": 96, "tie_word_embeddings": True, "rope_theta": 1000000.0}),
+    # google/gemma-2b: 8 heads / 1 kv, head_dim 256 = hidden/heads, hidden_act 'gelu' (run as the tanh GELU)
+    "gemma-2b": ("gemma", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+                           "intermediate_size": 512, "hidden_act": "gelu", "rope_theta": 10000.0,
+                           "rope_scaling": None, "initializer_range": 0.2}),
     # google/gemma-2-9b: 16/8 heads, head_dim 256, query_pre_attn_scalar 224 (!= head_dim), caps 50/30
     "gemma-2-9b": ("gemma2", {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
                               "query_pre_attn_scalar": 12, "intermediate_size": 192, "sliding_window": 4,
@@ -147,7 +151,8 @@ PUBLISHED = {
 def save_published(kind: str, config: dict, folder) -> object:
     """Build with transformers, then rewrite config.json as the published file spells it."""
     legacy = {k: v for k, v in config.items() if k in ("rope_scaling", "rope_theta", "rope_local_base_freq",
-                                                        "rotary_pct", "rotary_emb_base", "sliding_window_pattern")}
+                                                        "rotary_pct", "rotary_emb_base", "sliding_window_pattern",
+                                                        "hidden_act")}
     build = {k: v for k, v in config.items() if k not in legacy or k in ("sliding_window_pattern",)}
     rope = dict(config.get("rope_scaling") or {})
     if kind == "phi3" and rope:
