@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 
 from modelsurgery.errors import SurgeryError
+from modelsurgery.families.layouts import layout_of
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def check_family(config: dict, where: str) -> GGUFFamily:
     if rope_type not in fam.rope_types:
         raise SurgeryError(f"{where}: rope_type '{rope_type}' is not written to GGUF for {model_type} (it writes "
                            f"{', '.join(fam.rope_types)})")
-    act = config.get("hidden_activation") or config.get("hidden_act") or fam.activations[0]
+    layout = layout_of(model_type)  # the key the family's transformers code reads (Gemma 2/3: hidden_activation)
+    act = layout.activation(config) if layout else config.get("hidden_act") or fam.activations[0]
     if act not in fam.activations:
         raise SurgeryError(f"{where}: activation '{act}': llama.cpp's {fam.arch.name.lower()} graph computes "
                            f"{', '.join(fam.activations)}")

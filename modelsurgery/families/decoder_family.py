@@ -192,9 +192,7 @@ class DecoderFamily(TransformerFamily):
 
     def activation(self) -> str:
         """The MLP activation, as the family's transformers code reads config.json."""
-        lay = self.layout
-        name = self.cfg(*lay.activation_keys, default=lay.default_activation)
-        return lay.activation_aliases.get(name, name)
+        return self.layout.activation(self.config or {})
 
     def ropes(self, head_dim: int) -> tuple[Rope, Rope | None]:
         """The rope of full-attention layers and, for Gemma 3, the one of sliding layers."""

@@ -69,6 +69,11 @@ class Layout:
     def tensor(self, index: int, role_path: str, kind: str = "weight") -> str:
         return f"{self.blocks}.{index}.{role_path}.{kind}"
 
+    def activation(self, config: dict) -> str:
+        """The MLP activation the family's transformers code runs for this config.json."""
+        name = next((config[k] for k in self.activation_keys if config.get(k) is not None), self.default_activation)
+        return self.activation_aliases.get(name, name)
+
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout("llama", ("llama",), ("LlamaForCausalLM",), claims_without_config=True),
@@ -107,6 +112,11 @@ LAYOUTS: tuple[Layout, ...] = (
            parallel_residual=True, config_defaults={"rotary_pct": 0.25, "layer_norm_eps": 1e-5},
            claims_without_config=True),
 )
+
+
+def layout_of(model_type: str | None) -> Layout | None:
+    """The layout of config.json's ``model_type``, or None."""
+    return next((lay for lay in LAYOUTS if model_type in lay.model_types), None)
 
 
 def layouts_matching(names) -> list[Layout]:

@@ -160,3 +160,19 @@ def test_configs_llama_cpp_computes_differently_refused(tmp_path, kind, override
         deploy(rtn_source("gguf", Q4_1, skip=off_grid(folder), folder=folder, select=block_weights),
                out / "m.gguf", "gguf", gguf_tokenizer="none")
     assert "\n" not in str(e.value) and list(out.iterdir()) == []
+
+
+def test_gemma2_hidden_act_gelu_alone_is_written(tmp_path):
+    """transformers' Gemma 2 MLP reads hidden_activation only (default gelu_pytorch_tanh, llama.cpp's gemma2
+    graph): a config.json saying hidden_act 'gelu' without hidden_activation is that model, not refused."""
+    import json
+
+    folder = save_tiny_decoder("gemma2", tmp_path / "tiny", **MODELS["gemma2"])
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("hidden_activation", None)
+    path.write_text(json.dumps(cfg | {"hidden_act": "gelu"}))
+    out = tmp_path / "m.gguf"
+    deploy(rtn_source("gguf", Q4_1, skip=off_grid(folder), folder=folder, select=block_weights), out, "gguf",
+           gguf_tokenizer="none")
+    assert out.stat().st_size > 0
