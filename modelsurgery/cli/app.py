@@ -77,6 +77,25 @@ def load_command(name: str) -> click.Command:
     single.command(name)(fn)
     command = typer.main.get_command(single)
     command.name = name
+    return flags_without_value(command)
+
+
+def flags_without_value(command: click.Command) -> click.Command:
+    """Give every flag of ``command`` (its own, the --x/--no-x pairs, --help) an empty metavar, as
+    ``cli/options.py`` gives the shared ones: Typer's help would otherwise print ``--split <bool>`` as if the
+    flag took a value."""
+    for param in command.params:
+        if getattr(param, "is_flag", False):  # Typer's options are not click.Option instances
+            param.metavar = ""
+    get_help_option = command.get_help_option
+
+    def help_option(ctx: click.Context) -> click.Option | None:
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
     return command
 
 
@@ -90,6 +109,12 @@ class LazyGroup(TyperGroup):
         if cmd_name in COMMANDS:  # for the listing in `surgery --help`: name and summary only
             return click.Command(cmd_name, short_help=COMMANDS[cmd_name][2], help=COMMANDS[cmd_name][2])
         return super().get_command(ctx, cmd_name)
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # `surgery --help` lists it as a flag, not as `--help <bool>`
+        return option
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         if args and args[0] in COMMANDS:
@@ -116,7 +141,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.",
+                                 metavar="", show_default=False),
 ) -> None:
     """Surgery on neural-network checkpoints."""
 

@@ -264,3 +264,13 @@ def test_dtype_refuses_float8_tensors_nothing_written(tmp_path):
     write_checkpoint(tmp_path / "out.safetensors", [plan_tensor("w", codes)])  # without --dtype: kept as it is
     with safe_open(tmp_path / "out.safetensors", "pt") as f:
         assert f.get_tensor("w").dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("name", [None, *COMMANDS])
+def test_help_prints_no_flag_as_taking_a_value(name):
+    """Every flag (a command's own ones such as grow --split, merge --repair, the --x/--no-x pairs, --help and
+    the root --version), not only the shared ones: click parses them without a value, so `<bool>` beside one
+    tells the reader to write `--split true`, which click refuses."""
+    r = runner.invoke(app, [name, "--help"] if name else ["--help"], terminal_width=200)
+    assert r.exit_code == 0
+    assert "<bool>" not in r.output, [line for line in r.output.splitlines() if "<bool>" in line]
