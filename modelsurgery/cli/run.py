@@ -97,15 +97,19 @@ def run_command(
     render(result.to_dict())
 
 
+def describe_input(i: dict) -> str:
+    return f"step {i['from_step']}" if i["from_step"] else human_bytes(i["bytes"] or 0)
+
+
 def render(r: dict) -> None:
     title = safe(f"{r['recipe']} ({r['kind']}) -> {r['output']}") + (" \\[dry run]" if r["dry_run"] else "")
     table = Table(title=title, show_edge=False)
     for col in ("step", "status", "inputs", "output", "seconds"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
     for s in r["steps"]:
-        ins = "\n".join(f"{i['path']} ({'step ' + i['from_step'] if i['from_step'] else human_bytes(i['bytes'] or 0)})"
-                        for i in s["inputs"])
-        table.add_row(safe(f"{s['name']} ({s['run']})"), s["status"], safe(ins), safe(s["output"]),
+        # one input a line: each escaped on its own, so the newline between them stays a line break
+        ins = "\n".join(safe(f"{i['path']} ({describe_input(i)})") for i in s["inputs"])
+        table.add_row(safe(f"{s['name']} ({s['run']})"), s["status"], ins, safe(s["output"]),
                       "" if s["status"] == "planned" else f"{s['seconds']:.2f}")
     out_console.print(table)
     if r["dry_run"]:

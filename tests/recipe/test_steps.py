@@ -151,6 +151,18 @@ def test_dry_run_plans_and_writes_nothing(tmp_path, llamas, lora):
     assert r.exit_code == 0 and "surgery grow" in r.stdout and not out.exists()
 
 
+def test_dry_run_table_lists_a_steps_inputs_one_a_line(tmp_path, llamas, lora):
+    """The table's inputs cell holds one input a line (the fold step reads the model and the adapter), not the
+    escaped newline `\\x0a` between them that printing the joined cell through `safe()` gave."""
+    recipe = write(tmp_path, PIPELINE.format(a=llamas["a"], b=llamas["b"], lora=lora, factor=2))
+    r = runner.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "build"), "--dry-run"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert "\\x0a" not in r.stdout, r.stdout
+    row = next(line for line in r.stdout.splitlines() if "tuned (fold)" in line)
+    assert f"{llamas['a']} (" in row and str(lora) not in row
+    assert any(f"{lora} (" in line for line in r.stdout.splitlines())
+
+
 def test_failing_step_is_named_and_earlier_outputs_stay(tmp_path, llamas, lora):
     text = PIPELINE.format(a=llamas["a"], b=llamas["b"], lora=lora, factor=2).replace(
         "options: {method: stack, factor: 2}", "options: {method: stack, layers: '0:99'}")
