@@ -28,7 +28,7 @@ def dequantize_command(
     no_input_hash: bool = no_input_hash_option(),
     json_out: bool = json_option(),
     force: bool = force_option(),
-    quiet: bool = quiet_option(help="Print nothing but errors (and --json)."),
+    quiet: bool = quiet_option(),
     debug: bool = debug_option(),
 ) -> None:
     """Turn integer codes, scales and zero points back into float weights, W = (q - zero_point) * scale.
@@ -48,7 +48,7 @@ def dequantize_command(
                                                              hash_inputs=not no_input_hash, force=force))
     if json_out:
         emit_json(result.to_dict())
-    elif not quiet:
+    else:  # --quiet as on every command: no progress display (dequantize shows none), the result still printed
         out_console.print(f"[bold]{safe(result.output)}[/]: {result.weights} {safe(result.source_format)} weights "
                           f"dequantized to {result.dtype}, {human_bytes(result.bytes_in)} -> "
                           f"{human_bytes(result.bytes_out)} in {result.seconds:.1f} s")
