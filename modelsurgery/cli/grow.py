@@ -40,7 +40,8 @@ def grow_command(
     factor: float = typer.Option(None, "--factor", help="stack: repeat the block stack G times (default 2); "
                                  "width: multiply hidden units by F (default 2)."),
     layers: str = typer.Option(None, "--layers", help="stack: half-open block slices, e.g. '0:24,8:32'."),
-    every: int = typer.Option(None, "--every", help="interleave: insert an identity block after every K blocks."),
+    every: int = typer.Option(None, "--every", help="interleave: insert an identity block after every K "
+                              "blocks (default 1)."),
     split: bool = typer.Option(False, "--split", help="width: Net2Net splitting instead of zero fan-out."),
     init_scale: float = typer.Option(0.1, "--init-scale", help="width: std of new fan-in weights, relative "
                                      "to the layer's std."),

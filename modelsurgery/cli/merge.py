@@ -64,7 +64,8 @@ def merge_command(
     points: int = typer.Option(11, "--points", help="Number of alpha values on the path (with --eval)."),
     repair: bool = typer.Option(False, "--repair",
                                 help="Reset BatchNorm statistics / REPAIR rescaling on --eval data."),
-    plot: Path = typer.Option(None, "--plot", help="Write the loss/accuracy path to a PNG or SVG file."),
+    plot: Path = typer.Option(None, "--plot", help="Write the loss/accuracy path to a PNG, SVG or PDF file "
+                              "(needs matplotlib and --eval)."),
     dtype: str = dtype_option(),
     max_shard_size: str = max_shard_size_option(),
     no_input_hash: bool = no_input_hash_option(),
