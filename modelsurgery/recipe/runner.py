@@ -109,8 +109,9 @@ def plan_recipe(path: Path, out: Path, commands: Mapping[str, Any], write: Mappi
         return "mergekit", [mergekit_step("merge", doc, out, {}, f"{path}", write)]
     if write:
         flags = ", ".join("--" + k.replace("_", "-") for k in write)
-        raise SurgeryError(f"{path}: {flags} apply to a mergekit config; in a steps recipe give them in each step's "
-                           "options (e.g. options: {dtype: bfloat16})")
+        verb = "applies" if len(write) == 1 else "apply"
+        raise SurgeryError(f"{path}: {flags} {verb} only to a mergekit config; in a steps recipe give them in each "
+                           "step's options (e.g. options: {dtype: bfloat16})")
     extra = [k for k in doc if k != "steps"]
     if extra:
         raise SurgeryError(f"{path}: key '{extra[0]}' is not a recipe key (a recipe has 'steps:', or is a mergekit "
