@@ -39,6 +39,8 @@ from modelsurgery.ops.merge.plot import check_plot, plot_path
 
 #: the most alpha values evaluated along the path (each is a full evaluation of a merged model)
 MAX_POINTS = 1001
+#: alpha values evaluated along the path when --eval is given without --points (the operation's default)
+DEFAULT_POINTS = MergeOptions.points
 METHOD_HELP = "match (weight matching + average, default), linear, slerp, task-arithmetic, ties."
 
 
@@ -61,7 +63,8 @@ def merge_command(
     eval_data: Path = typer.Option(None, "--eval",
                                    help="Data (.safetensors/.pt/.npz with inputs+labels or input_ids, or a text file) "
                                    "to evaluate along the interpolation path."),
-    points: int = typer.Option(11, "--points", help="Number of alpha values on the path (with --eval)."),
+    points: int = typer.Option(None, "--points", help="Number of alpha values on the path (with --eval; "
+                               f"default {DEFAULT_POINTS})."),
     repair: bool = typer.Option(False, "--repair",
                                 help="Reset BatchNorm statistics / REPAIR rescaling on --eval data."),
     plot: Path = typer.Option(None, "--plot", help="Write the loss/accuracy path to a PNG, SVG or PDF file "
@@ -86,6 +89,9 @@ def merge_command(
     with user_errors(debug):
         check_finite_option(alpha, "--alpha")
         check_range(points, "--points", 1, MAX_POINTS, integer=True)
+        if points is not None and eval_data is None:
+            raise SurgeryError("--points needs --eval DATA (it counts the alpha values evaluated on it)")
+        points = DEFAULT_POINTS if points is None else points
         check_range(seed, "--seed", 0, integer=True)
         device = check_device(device)
         for name, value in method_params.items():

@@ -122,3 +122,14 @@ def test_demo_step(fixtures_dir, tmp_path):
     summary = demo_step(fixtures_dir, tmp_path, quiet=True)
     assert summary["matched_midpoint_accuracy"] > summary["naive_midpoint_accuracy"]
     assert Checkpoint.open(summary["output"]).keys()
+
+
+def test_points_without_eval_is_refused_not_ignored(fixtures_dir, tmp_path):
+    """--points counts the alpha values evaluated on --eval data (its help: "with --eval"); without --eval
+    nothing is evaluated, so the flag would be silently ignored, as --plot and --repair would: refused too."""
+    d = fixtures_dir / "digits"
+    out = tmp_path / "m.safetensors"
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"),
+                            "-o", str(out), "--points", "5"])
+    assert r.exit_code == 1 and "--points needs --eval" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
