@@ -19,6 +19,7 @@ from modelsurgery.cli.common import (
     warn,
 )
 from modelsurgery.cli.options import debug_option, force_option, json_option, model_option, quiet_option
+from modelsurgery.errors import SurgeryError
 from modelsurgery.export import ExportOptions, ExportReport, export_checkpoint
 
 #: the batch of check inputs is kept small: the check runs the model once in torch and once in ONNX Runtime
@@ -65,6 +66,10 @@ def export_command(
         check_range(tolerance, "--tolerance", 0, low_open=True)
         check_range(samples, "--samples", 1, MAX_CHECK_SAMPLES, integer=True)
         check_range(seq_len, "--seq-len", 1, integer=True)
+        if not check:  # read only by the check: given with --no-check they would be silently ignored
+            for flag, value in (("--tolerance", tolerance), ("--data", data)):
+                if value is not None:
+                    raise SurgeryError(f"{flag} configures the check, which --no-check skips: drop one of them")
         options = ExportOptions(opset=opset, dtype=dtype, check=check, tolerance=tolerance, model=model,
                                 data=data, samples=samples, seq_len=seq_len, force=force)
         with progress_bar(quiet or json_out) as progress:

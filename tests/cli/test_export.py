@@ -76,3 +76,18 @@ def test_demo_step_exports_and_runs_a_fixture(tmp_path, fixtures_dir):
     mlp = results["digits/mlp_seed0.safetensors"]
     assert mlp["family"] == "mlp" and mlp["max_abs_diff"] < 1e-4
     assert ort_session(tmp_path / "mlp_seed0.onnx").run(None, {"input": torch.rand(2, 64).numpy()})[0].shape == (2, 10)
+
+
+@pytest.mark.parametrize("flag", [["--tolerance", "1e-9"], ["--data", "DATA"]])
+def test_check_options_with_no_check_are_refused_not_ignored(tmp_path, runner, flag):
+    """--tolerance and --data only configure the ONNX Runtime check (their help: "the check accepts", "inputs
+    for the check"); with --no-check nothing would read them, so a tolerance the user asked for would be
+    silently unchecked: refused in one line, nothing written."""
+    src = mlp_file(tmp_path / "m.safetensors")
+    save_file({"inputs": torch.randn(4, 8)}, tmp_path / "d.safetensors")
+    args = [a.replace("DATA", str(tmp_path / "d.safetensors")) for a in flag]
+    result = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "m.onnx"), "--no-check", *args])
+    assert result.exit_code == 1 and f"{flag[0]} configures the check" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+    result = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "m.onnx"), *args])
+    assert result.exit_code == 0, result.output
