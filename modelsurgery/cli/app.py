@@ -29,7 +29,8 @@ COMMANDS = {
                 "models, before/after weight matching."),
     "grow": ("grow", "grow_command", "Grow a trained model deeper or wider, keeping what it learned."),
     "align": ("align", "align_command", "Weight Aligning (Zhao et al., CVPR 2020): rescale the new-class rows "
-              "of the classifier"),
+              "of the classifier so their mean norm matches the old classes', removing the bias toward new classes "
+              "after class-incremental training."),
     "quantize": ("quantize", "quantize_command", "Quantize Linear and Conv weights to 2-8 bits, learning the "
                  "rounding block by block."),
     "dequantize": ("dequantize", "dequantize_command", "Turn integer codes, scales and zero points back into "
@@ -126,7 +127,8 @@ class LazyGroup(TyperGroup):
 app = typer.Typer(
     name="surgery",
     cls=LazyGroup,
-    help="Surgery on neural-network checkpoints: merge, grow, align, quantize, export, inspect.",
+    help="Surgery on neural-network checkpoints: inspect, merge, grow, align, quantize, dequantize, export, fold, "
+    "extract, run.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
