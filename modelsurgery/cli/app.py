@@ -127,8 +127,8 @@ class LazyGroup(TyperGroup):
 app = typer.Typer(
     name="surgery",
     cls=LazyGroup,
-    help="Surgery on neural-network checkpoints: inspect, merge, grow, align, quantize, dequantize, export, fold, "
-    "extract, run.",
+    help="Surgery on neural-network checkpoints: inspect, merge, analyze, grow, align, quantize, dequantize, export, "
+    "fold, extract, run (and a demo).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
