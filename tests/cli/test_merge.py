@@ -133,3 +133,16 @@ def test_points_without_eval_is_refused_not_ignored(fixtures_dir, tmp_path):
                             "-o", str(out), "--points", "5"])
     assert r.exit_code == 1 and "--points needs --eval" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_slerp_t_with_alpha_or_weights_is_refused(fixtures_dir, tmp_path):
+    """SLERP's position comes from --t, or from --alpha/--weights when --t is not given (README: "`--t` defaults
+    to 0.5; `--alpha` sets it"). Given both, one was silently dropped (--alpha 0.3 --t 0.9 merged at t = 0.9 and
+    reported weights [0.7, 0.3]): refused in one line, nothing written."""
+    d = fixtures_dir / "digits"
+    args = ["merge", str(d / "mlp_seed1.safetensors"), str(d / "mlp_seed2.safetensors"), "--method", "slerp",
+            "-o", str(tmp_path / "m.safetensors"), "--t", "0.9"]
+    for extra in (["--alpha", "0.3"], ["--weights", "1,4"]):
+        r = runner.invoke(app, [*args, *extra])
+        assert r.exit_code == 1 and f"{extra[0]} and --t" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []

@@ -107,7 +107,11 @@ def method_params(method: Method, options: MergeOptions, weights: list[float]) -
     """The method's declared parameters: its defaults, overridden by ``options.params``. A method
     with an interpolation position ``t`` (SLERP) takes it from --alpha/--weights when not given."""
     given = dict(options.params)
-    if method.param("t") is not None and "t" not in given and (options.alpha is not None or options.weights):
+    positioned = options.alpha is not None or bool(options.weights)
+    if method.param("t") is not None and "t" in given and positioned:  # both set the position: never drop one
+        flag = "--alpha" if options.alpha is not None else "--weights"
+        raise SurgeryError(f"{flag} and --t: give one of them (both set --method {method.name}'s position)")
+    if method.param("t") is not None and "t" not in given and positioned:
         given["t"] = weights[1] / sum(weights)
     return method.resolve(given)
 
