@@ -146,3 +146,18 @@ def test_slerp_t_with_alpha_or_weights_is_refused(fixtures_dir, tmp_path):
         r = runner.invoke(app, [*args, *extra])
         assert r.exit_code == 1 and f"{extra[0]} and --t" in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_base_that_nothing_reads_is_refused(fixtures_dir, tmp_path):
+    """--base is read by task-arithmetic and ties (the task vectors) and by --align (the basis matched into); a
+    linear or slerp merge without --align never reads it (the output was the plain average of the models, as
+    without --base): refused in one line instead of silently ignored."""
+    d = fixtures_dir / "digits"
+    args = ["merge", str(d / "mlp_seed1.safetensors"), str(d / "mlp_seed2.safetensors"),
+            "--base", str(d / "mlp_seed0.safetensors"), "-o", str(tmp_path / "m.safetensors")]
+    for method in ("linear", "slerp"):
+        r = runner.invoke(app, [*args, "--method", method])
+        assert r.exit_code == 1 and "--base" in r.output and "--align" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+    r = runner.invoke(app, [*args, "--method", "linear", "--align"])
+    assert r.exit_code == 0, r.output

@@ -149,6 +149,9 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
         raise SurgeryError(f"--method {method_name} merges {method.max_models} models, got {len(paths)}")
     if method is not None and method.needs_base and options.base is None:
         raise SurgeryError(f"--method {method_name} needs --base (the model the others were fine-tuned from)")
+    if options.base is not None and not align and not (method is not None and method.needs_base):
+        raise SurgeryError(f"--base: --method {method_name} without --align does not read it (task-arithmetic and "
+                           "ties take their task vectors from it, --align its basis)")
     weights = resolve_weights(options, len(paths))
     # match averages as linear does, with linear's declared parameters under its own name
     params = method_params(method or replace(get_method("linear"), name="match"), options, weights)
