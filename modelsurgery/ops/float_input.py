@@ -63,12 +63,25 @@ def quantization_of(ckpt: Checkpoint) -> Quantization | None:
 
 
 def require_float(ckpts: list[Checkpoint], operation: str) -> None:
-    """Refuse quantized inputs in one line (operations that copy tensors or edit them in place)."""
+    """Refuse quantized inputs in one line (operations that copy tensors or edit them in place), naming
+    `surgery dequantize` only for the inputs it takes (``ops.dequantize``): not a fake-quantized file,
+    which it refuses as already float, nor another tool's format other than GPTQ and compressed-tensors."""
     for c in ckpts:
         q = quantization_of(c)
         if q is not None:
             raise SurgeryError(f"{c.path}: {q.describe()}; {operation} works on float weights: {operation} the "
-                               "float model (`surgery dequantize` gives it), then quantize the result")
+                               f"float model ({float_source(c, q)}), then quantize the result")
+
+
+def float_source(ckpt: Checkpoint, q: Quantization) -> str:
+    """Where the float model a quantized checkpoint stands for comes from."""
+    if q.format == "fake":
+        return "the one it was quantized from: its weights are already float, so dequantize has nothing to undo"
+    qc = (ckpt.config or {}).get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if q.format == "packed" or method in ("gptq", "compressed-tensors"):
+        return "`surgery dequantize` gives it"
+    return "surgery dequantize reads only modelsurgery's packed, GPTQ and compressed-tensors checkpoints"
 
 
 class _Dequantized(Mapping):

@@ -128,3 +128,21 @@ def test_fake_quantized_pickle_is_read_as_float(quantized, tmp_path):
     assert note and METADATA_KEY not in view.metadata and METADATA_KEY in mem.metadata
     for k in ckpt:
         torch.testing.assert_close(view.get(k), ckpt.get(k))
+
+
+@pytest.mark.parametrize("kind", ["packed", "fake", "awq"])
+def test_grow_refusal_names_a_way_out_that_works(quantized, tmp_path, kind):
+    """The refusal's hint must be one the user can follow: `surgery dequantize` only where dequantize takes the
+    input (packed; README: dequantize takes packed, GPTQ and compressed-tensors checkpoints). It refuses a fake
+    checkpoint ("its weights are already float") and an AWQ one, so naming it there sent the user in a circle."""
+    if kind == "awq":
+        src = tmp_path / "awq"
+        src.mkdir()
+        save_file({"0.weight": torch.ones(2, 2)}, str(src / "model.safetensors"))
+        (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq", "bits": 4}}))
+    else:
+        src = quantized[kind, 0]
+    r = runner.invoke(app, ["grow", str(src), "-o", str(tmp_path / "g.safetensors"), "--method", "width"])
+    assert r.exit_code == 1 and "grow works on float weights" in r.output, r.output
+    follow = runner.invoke(app, ["dequantize", str(src), "-o", str(tmp_path / "d.safetensors")])
+    assert ("`surgery dequantize` gives it" in r.output) == (follow.exit_code == 0), (r.output, follow.output)
