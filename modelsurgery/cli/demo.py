@@ -105,7 +105,8 @@ def parse_only(only: str | None) -> list[str]:
 
 
 def demo_command(
-    fixtures: Path = typer.Option(None, "--fixtures", help="Fixtures folder (default: ./fixtures)."),
+    fixtures: Path = typer.Option(None, "--fixtures", help="Fixtures folder (default: ./fixtures, else the "
+                                  "fixtures/ of the checkout modelsurgery runs from)."),
     keep: Path = typer.Option(None, "--keep", help="Write outputs here instead of a temporary folder."),
     only: str = typer.Option(None, "--only", help=f"Run only these steps, comma-separated ({', '.join(STEPS)})."),
     json_out: bool = json_option(),
