@@ -146,13 +146,14 @@ class WeightQuantizer(nn.Module):
     def regularizer(self, progress: float) -> torch.Tensor:
         return self.w.new_zeros(())
 
-    def signed_step(self, steps: int) -> float:
+    @classmethod
+    def signed_step(cls, bits: int, steps: int) -> float:
         """Initial step size of a ``signsgd`` method when no lr is given: SignRound's 1 / steps."""
         return 1.0 / steps
 
     def initial_step(self) -> float:
-        """The step size a ``signsgd`` method starts from: ``lr`` when given, else ``signed_step(steps)``."""
-        return self.settings["lr"] or self.signed_step(max(1, self.settings["steps"]))
+        """The step size a ``signsgd`` method starts from: ``lr`` when given, else ``signed_step(bits, steps)``."""
+        return self.settings["lr"] or self.signed_step(self.scheme.bits, max(1, self.settings["steps"]))
 
     # ----- shared -------------------------------------------------------------------------------
     def to_stored(self, g: torch.Tensor) -> torch.Tensor:

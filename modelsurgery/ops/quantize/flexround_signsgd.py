@@ -104,9 +104,10 @@ class FlexRoundSignSGDQuantizer(FlexRoundQuantizer):
         q = torch.clamp(x + (torch.round(x) - x).detach() + self.zero, 0, self.scheme.qmax)
         return self.to_stored((q - self.zero) * (s1 + (self.stored_s1() - s1).detach()))
 
-    def signed_step(self, steps: int) -> float:
+    @classmethod
+    def signed_step(cls, bits: int, steps: int) -> float:
         """The initial step size when no lr is given: 2^(2 - bits) / sqrt(REFERENCE_STEPS x steps), which is
         2^(2 - bits) / steps at 50 steps. Beyond 50 it shrinks as 1 / sqrt(steps), not 1 / steps: a parameter
         whose gradient sign is noise moves as a random walk, about lr x sqrt(steps), and that is what stays
         fixed, while a parameter with a consistent sign can go further in a longer run."""
-        return 2.0 ** (2 - self.scheme.bits) / math.sqrt(REFERENCE_STEPS * steps)
+        return 2.0 ** (2 - bits) / math.sqrt(REFERENCE_STEPS * steps)

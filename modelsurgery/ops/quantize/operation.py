@@ -344,6 +344,8 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     method = method_by_name(opts.method)
     opts = with_preset(opts, method)
     settings = method.resolve(opts.params)
+    if method.optimizer == "signsgd" and not settings["lr"]:  # lr 0 means the method's rule: record its value
+        settings["lr"] = method.signed_step(scheme.bits, max(1, settings["steps"]))
     check_writing(opts)
     from modelsurgery.deploy import FORMATS as DEPLOYED  # imported late: deploy reads packing.py
 

@@ -40,10 +40,9 @@ def test_defaults_are_autorounds():
     assert (s["steps"], s["batch_size"], s["lr"]) == (200, 8, 0.0)  # lr 0: signed_step
     assert (s["s1_step"], s["s3_step"], s["round_offset"]) == (1.0, 1.0, 0.0)  # ablation switches, off
     assert (method.optimizer, method.lr_schedule) == ("signsgd", "linear")
-    w = torch.randn(4, 8)
     # at 50 steps AutoRound's 1 / iters at 2 bits, halved per extra bit; at 200 steps half that (1 / sqrt(steps))
-    assert [method(w, QuantScheme(b)).signed_step(50) for b in (2, 3, 4)] == [0.02, 0.01, 0.005]
-    assert [method(w, QuantScheme(b)).signed_step(200) for b in (2, 3, 4)] == [0.01, 0.005, 0.0025]
+    assert [method.signed_step(b, 50) for b in (2, 3, 4)] == [0.02, 0.01, 0.005]
+    assert [method.signed_step(b, 200) for b in (2, 3, 4)] == [0.01, 0.005, 0.0025]
 
 
 def test_each_step_moves_every_parameter_by_lr_times_the_sign_of_its_gradient():

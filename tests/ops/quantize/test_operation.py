@@ -2,6 +2,7 @@
 skips, transformers interop for GPT-2's Conv1D, and bad input (one-line error, nothing written)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,19 @@ def test_provenance_records_the_grid_and_samples_used(tmp_path, method):
         with safe_open(str(tmp_path / "nodata.safetensors"), "pt") as f:
             recorded = json.loads(f.metadata()["modelsurgery"])["parameters"]
         assert recorded["samples"] is None and "samples_used" not in recorded
+
+
+def test_provenance_records_the_signed_step_used(tmp_path):
+    """flexround-signsgd's lr 0 means 2^(2 - bits) / sqrt(50 x steps) (its declaration, README): the provenance
+    records that value, not the 0, and passing it as --lr gives the same bytes."""
+    common = {"method": "flexround-signsgd", "bits": 3, "calib": CALIB, "samples": 64}
+    quantize_checkpoint(MLP, tmp_path / "q.safetensors", QuantizeOptions(**common, params={"steps": 8}))
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        lr = json.loads(f.metadata()["modelsurgery"])["parameters"]["params"]["lr"]
+    assert lr == pytest.approx(2.0 ** (2 - 3) / math.sqrt(50 * 8), rel=1e-12)
+    quantize_checkpoint(MLP, tmp_path / "given.safetensors", QuantizeOptions(**common, params={"steps": 8, "lr": lr}))
+    a, b = load_file(tmp_path / "q.safetensors"), load_file(tmp_path / "given.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("seq_len", [10, 128])
