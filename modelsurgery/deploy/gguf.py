@@ -39,6 +39,7 @@ from modelsurgery.deploy.gguf_families import (
     check_family,
     head_dim,
     leaves_out,
+    longrope_factors,
     rope_of,
     row_order,
     value_shift,
@@ -158,6 +159,16 @@ def llama3_rope_factors(config: dict) -> np.ndarray:
     factors = np.where(wavelen < old_context / high, 1.0,
                        np.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth)))
     return factors.astype(np.float32)
+
+
+def rope_tensors(config: dict) -> dict[str, np.ndarray]:
+    """The rope tensors the converter adds (LLaMA 3.1's rope_freqs, Phi-3 longrope's long/short factors)."""
+    rope_type = rope_of(config).get("rope_type")
+    if rope_type == "llama3":
+        return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(config)}
+    if rope_type == "longrope":
+        return longrope_factors(config)
+    return {}
 
 
 def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int, fam: GGUFFamily) -> None:
@@ -311,10 +322,9 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
             dtype = np.dtype(np.float16) if info.dtype == torch.float16 and not shift else np.dtype(np.float32)
             planned.append(_Planned(gname, tuple(info.shape), dtype, math.prod(info.shape) * dtype.itemsize, None,
                                     _float_loader(src.ckpt, name, dtype, perm, shift)))
-    if rope_of(config).get("rope_type") == "llama3":  # generate_extra_tensors in the converter
-        factors = llama3_rope_factors(config)
-        planned.insert(0, _Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape,
-                                   np.dtype(np.float32), factors.nbytes, None, lambda: factors))
+    for tname, factors in reversed(rope_tensors(config).items()):  # generate_extra_tensors in the converter
+        planned.insert(0, _Planned(tname, factors.shape, np.dtype(np.float32), factors.nbytes, None,
+                                   lambda factors=factors: factors))
     with atomic_path(out, force, is_dir=False) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         write_hparams(writer, config, (src.folder or out).name, file_type, fam)

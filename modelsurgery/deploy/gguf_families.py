@@ -11,15 +11,21 @@ one line otherwise). ``gguf.py`` writes the file; this module says what goes in 
   by 1 + w), no output head (tied), key/value length, both soft-caps and the sliding window; llama.cpp
   fixes the window pattern (every other layer, from the first) and scales attention by 1/sqrt(head_dim).
 - gemma3 (``Gemma3Model``): Gemma 2's norm shift (q/k norms too), final soft-cap when set, window pattern
-  fixed at five sliding layers then a full one, sliding layers' rope base fixed at 10000.
+  fixed at five sliding layers then a full one, sliding layers' rope base fixed at 10000; the full layers'
+  linear rope scaling (Gemma 3 4B-27B: x8) as ``TextModel``'s rope.scaling.type/factor, which llama.cpp
+  applies to the full layers only (``get_rope_freq_scale``: sliding layers take rope_freq_scale_train_swa,
+  fixed at 1 for gemma3), as transformers does.
 - phi3 (``Phi3MiniModel``): fused qkv_proj and gate_up_proj kept fused (llama.cpp splits them), the
-  original context length and a partial rope dimension count.
+  original context length and a partial rope dimension count; longrope (Phi-3 128k, Phi-3.5) as
+  ``rope_factors_long/short.weight`` and rope.scaling.attn_factor sqrt(1 + ln s / ln original) with
+  s = max_position_embeddings / original (1 when s <= 1).
 - gpt_neox (``GPTNeoXModel``): the per-head [q_h, k_h, v_h] rows of query_key_value regrouped as
   [q; k; v] (weight and bias), partial rope dimension count, parallel residual, LayerNorm epsilon.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,10 +79,35 @@ def _gemma3_hparams(w: gguf.GGUFWriter, config: dict) -> None:
 
 
 def _phi3_hparams(w: gguf.GGUFWriter, config: dict) -> None:
-    w.add_rope_scaling_orig_ctx_len(int(config.get("original_max_position_embeddings")
-                                        or config["max_position_embeddings"]))
+    w.add_rope_scaling_orig_ctx_len(original_context(config))
     w.add_rope_dimension_count(rope_dimensions(config))
     w.add_sliding_window(int(config.get("sliding_window") or 0))  # 0: none (the converter's convention)
+    if rope_of(config).get("rope_type") == "longrope":
+        w.add_rope_scaling_attn_factors(longrope_attn_factor(config))
+
+
+def original_context(config: dict) -> int:
+    """Phi-3's pretraining context (the converter's original_max_position_embeddings, else the context)."""
+    return int(config.get("original_max_position_embeddings") or config["max_position_embeddings"])
+
+
+def longrope_attn_factor(config: dict) -> float:
+    """The converter's rope.scaling.attn_factor for longrope (``Phi3MiniModel.generate_extra_tensors``):
+    sqrt(1 + ln s / ln original), s = max_position_embeddings / original, 1 when s <= 1; llama.cpp
+    multiplies cos and sin by it (cparams.yarn_attn_factor *= hparams.rope_attn_factor), as transformers
+    multiplies them by its attention_factor."""
+    original = original_context(config)
+    scale = config["max_position_embeddings"] / original
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+
+
+def longrope_factors(config: dict) -> dict[str, np.ndarray]:
+    """The converter's ``rope_factors_long.weight`` / ``rope_factors_short.weight`` (float32): ggml's rope
+    divides each rotary frequency by its factor, as transformers' inv_freq = 1 / (factor * base^(2i/d))."""
+    rope = rope_of(config)
+    return {gguf.TENSOR_NAMES[tensor] + ".weight": np.asarray(rope[key], dtype=np.float32)
+            for tensor, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                                (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))}
 
 
 def _gpt_neox_hparams(w: gguf.GGUFWriter, config: dict) -> None:
@@ -102,9 +133,9 @@ FAMILIES: dict[str, GGUFFamily] = {
     "gemma2": GGUFFamily(gguf.MODEL_ARCH.GEMMA2, norm_shift=1.0, tied_head_only=True, rope_types=("default",),
                          window_period=2, no_window=False, activations=GELU_TANH, hparams=_gemma2_hparams,
                          attention_bias=False),
-    "gemma3_text": GGUFFamily(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, rope_types=("default",), window_period=6,
+    "gemma3_text": GGUFFamily(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, rope_types=("default", "linear"), window_period=6,
                               no_window=False, activations=GELU_TANH, hparams=_gemma3_hparams, attention_bias=False),
-    "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, rope_types=("default",), hparams=_phi3_hparams),
+    "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, rope_types=("default", "longrope"), hparams=_phi3_hparams),
     "gpt_neox": GGUFFamily(gguf.MODEL_ARCH.GPTNEOX, regroup_qkv=True, rope_types=("default",),
                            activations=("gelu",), hparams=_gpt_neox_hparams),
 }
@@ -163,6 +194,8 @@ def check_family(config: dict, where: str) -> GGUFFamily:
         _check_window_pattern(config, fam, where)
     if fam.arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3):
         _check_gemma(config, fam, where)
+    if rope_type == "longrope":
+        _check_longrope(config, rope, where)
     if not fam.attention_bias and config.get("attention_bias"):
         raise SurgeryError(f"{where}: attention_bias true: llama.cpp's {fam.arch.name.lower()} graph has no place "
                            "for all of the attention biases (the file would not load)")
@@ -201,6 +234,33 @@ def _check_gemma(config: dict, fam: GGUFFamily, where: str) -> None:
         if float(theta) != 10000.0 or local.get("rope_type", "default") != "default":
             raise SurgeryError(f"{where}: sliding layers' rope theta {theta} ({local.get('rope_type', 'default')}): "
                                "llama.cpp fixes them at 10000, unscaled")
+
+
+def _check_longrope(config: dict, rope: dict, where: str) -> None:
+    """What transformers' _compute_longrope_parameters reads and the converter does not: an explicit
+    attention_factor, or a factor other than max_position_embeddings / original (its attention factor's
+    source), or another original context than config.json's top-level one (llama.cpp's n_ctx_orig_yarn)."""
+    ours = longrope_attn_factor(config)
+    original = original_context(config)
+    if rope.get("original_max_position_embeddings", original) != original:
+        raise SurgeryError(f"{where}: rope original_max_position_embeddings {rope['original_max_position_embeddings']}"
+                           f" != {original}: llama.cpp's converter takes config.json's")
+    factor = rope.get("factor")
+    if rope.get("attention_factor") is not None:
+        key, value, theirs = "attention_factor", rope["attention_factor"], float(rope["attention_factor"])
+    elif factor is not None:
+        theirs = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+        key, value = "factor", factor
+    else:
+        theirs = key = value = None
+    if theirs is not None and not math.isclose(theirs, ours, rel_tol=1e-6):
+        raise SurgeryError(f"{where}: rope {key} {value}: transformers scales attention by {theirs:.6g}, llama.cpp's "
+                           f"converter writes {ours:.6g} (from max_position_embeddings / original)")
+    dims = rope_dimensions(config) // 2
+    for key in ("long_factor", "short_factor"):
+        if len(rope.get(key) or []) != dims:
+            raise SurgeryError(f"{where}: rope {key} has {len(rope.get(key) or [])} values: llama.cpp reads "
+                               f"{dims} (rotary dimensions / 2)")
 
 
 # ----- tensors --------------------------------------------------------------------------------------

@@ -26,6 +26,10 @@ Q4_1 = QuantScheme(4, "group", 32, False)
 #: Gemma 3: seven layers, llama.cpp's pattern (five sliding, one full), local rope 10000, global 1e6
 GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+#: Phi-3 128k-style longrope (short/long factors distinct), pretrained context 32 of 256
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+                 "short_factor": [1.0, 1.3, 1.9, 2.5], "long_factor": [1.1, 2.0, 4.0, 7.0]}
+PHI3_LONG = {"max_position_embeddings": 256, "original_max_position_embeddings": 32, "rope_parameters": PHI3_LONGROPE}
 MODELS = {
     "gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
     "gemma3": {"head_dim": 256, "query_pre_attn_scalar": 256, "num_hidden_layers": 7, "sliding_window_pattern": 6,
@@ -143,8 +147,15 @@ def test_transformers_gguf_loader_matches_our_forward(written, token_ids):
      r"sliding layers \[\]: llama.cpp's gemma2 graph fixes them"),
     ("gemma3", {"head_dim": 16, "query_pre_attn_scalar": 16, "rope_parameters": GEMMA3_ROPE},
      r"sliding layers \[0, 2\]: llama.cpp's gemma3 graph fixes them as every layer but each 6th"),
-    ("gemma3", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window_pattern": 6},
-     "rope_type 'linear' is not written to GGUF for gemma3_text"),
+    ("gemma3", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window_pattern": 6, "rope_parameters": {
+        "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0},
+        "full_attention": GEMMA3_ROPE["full_attention"]}},
+     r"sliding layers' rope theta 10000.0 \(linear\): llama.cpp fixes them at 10000, unscaled"),
+    # transformers reads the attention factor from rope_parameters; the converter derives it from the contexts
+    ("phi3", {**PHI3_LONG, "rope_parameters": {**PHI3_LONGROPE, "attention_factor": 1.5}},
+     r"rope attention_factor 1.5: transformers scales attention by 1.5, llama.cpp's converter writes 1.26491"),
+    ("phi3", {**PHI3_LONG, "rope_parameters": {**PHI3_LONGROPE, "factor": 2.0}},
+     r"rope factor 2.0: transformers scales attention by 1.09"),
     ("phi3", {"sliding_window": 16}, "sliding_window 16 < context 64: llama.cpp's phi3 graph attends"),
     ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32 != head_dim 16"),
     # llama.cpp refuses to load such a file ("wrong number of tensors"): its graph takes no o_proj bias
@@ -160,6 +171,60 @@ def test_configs_llama_cpp_computes_differently_refused(tmp_path, kind, override
         deploy(rtn_source("gguf", Q4_1, skip=off_grid(folder), folder=folder, select=block_weights),
                out / "m.gguf", "gguf", gguf_tokenizer="none")
     assert "\n" not in str(e.value) and list(out.iterdir()) == []
+
+
+def _float_gguf(folder, out):
+    deploy(rtn_source("gguf", Q4_1, skip=off_grid(folder), folder=folder, select=block_weights), out, "gguf",
+           gguf_tokenizer="none")
+    reader = gguf.GGUFReader(out)
+    return {k: f.contents() for k, f in reader.fields.items()}, {t.name: t for t in reader.tensors}
+
+
+def test_gemma3_linear_global_rope_is_written_as_transformers_scales_it(tmp_path):
+    """Gemma 3 4B-27B: linear x8 on the full layers only. The file says linear with transformers' factor
+    (its full layers' inv_freq over the unscaled one), which llama.cpp's gemma3 graph applies to the full
+    layers (get_rope_freq_scale) while the sliding ones keep 1, as transformers' sliding table does."""
+    from transformers import AutoConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    folder = save_tiny_decoder("gemma3", tmp_path / "tiny", head_dim=16, query_pre_attn_scalar=16,
+                               num_hidden_layers=7, sliding_window_pattern=6)
+    config = AutoConfig.from_pretrained(folder)
+    rotary = Gemma3RotaryEmbedding(config)  # the tables transformers' Gemma 3 rotates by, per layer type
+    full, sliding = rotary.full_attention_inv_freq, rotary.sliding_attention_inv_freq
+    exponents = torch.arange(0, 16, 2).float() / 16
+    field, _ = _float_gguf(folder, tmp_path / "m.gguf")
+    assert field["gemma3.rope.scaling.type"] == "linear"
+    base = field["gemma3.rope.freq_base"]
+    # llama.cpp's full layers: position x freq_scale (1 / factor) x base^(-2i/d)
+    torch.testing.assert_close(full, base ** -exponents / field["gemma3.rope.scaling.factor"])
+    # its sliding layers: base 10000, freq_scale 1 (rope_freq_base/scale_train_swa for gemma3)
+    torch.testing.assert_close(sliding, 10000.0 ** -exponents)
+    assert rotary.full_attention_attention_scaling == rotary.sliding_attention_attention_scaling == 1.0
+
+
+def test_phi3_longrope_is_written_as_transformers_computes_it(tmp_path):
+    """Phi-3 128k / 3.5: the long and short factors as transformers' longrope tables divide the default
+    frequencies (above / within the pretrained context), its attention factor, and the pretrained context
+    llama.cpp chooses between them by."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    folder = save_tiny_decoder("phi3", tmp_path / "tiny", **PHI3_LONG)
+    config = AutoConfig.from_pretrained(folder)
+    default = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)
+    short, attn = ROPE_INIT_FUNCTIONS["longrope"](config, seq_len=32)
+    long, attn_long = ROPE_INIT_FUNCTIONS["longrope"](config, seq_len=33)
+    field, tensors = _float_gguf(folder, tmp_path / "m.gguf")
+    for name, table in (("rope_factors_short.weight", short), ("rope_factors_long.weight", long)):
+        t = tensors[name]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        torch.testing.assert_close(torch.from_numpy(np.asarray(t.data, dtype=np.float32).copy()), default / table)
+    assert not torch.equal(short, long)
+    assert field["phi3.rope.scaling.attn_factor"] == pytest.approx(attn, rel=1e-6) and attn == attn_long
+    assert attn > 1.0
+    assert field["phi3.rope.scaling.original_context_length"] == config.original_max_position_embeddings == 32
+    assert field["phi3.context_length"] == 256 and "phi3.rope.scaling.type" not in field
 
 
 def test_gemma2_hidden_act_gelu_alone_is_written(tmp_path):
