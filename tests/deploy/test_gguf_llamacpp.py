@@ -186,12 +186,14 @@ def reference_logits(path: Path, folder: Path, ids: list[int], ggml_gelu: bool =
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+def llama_cpp_logits(path: Path, ids: list[int], n_ctx: int | None = None) -> np.ndarray:
+    """``n_ctx``: the context asked for and checked (None: 64, which llama.cpp pads to 256)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     f32 = int(llama_cpp.GGML_TYPE_F32)
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=1,
-                          type_k=f32, type_v=f32, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx or 64, n_batch=n_ctx or 64,
+                          n_threads=1, type_k=f32, type_v=f32, verbose=False)
     try:
+        assert n_ctx is None or llm.n_ctx() == n_ctx, f"llama.cpp's context is {llm.n_ctx()}, not {n_ctx}"
         llm.eval(ids)
         return np.array(llm.scores[:len(ids)], dtype=np.float64)
     finally:
@@ -257,6 +259,61 @@ def test_llama_attention_bias_runs_as_transformers(tmp_path):
     theirs, ours = llama_cpp_logits(out, ids), reference_logits(out, folder, ids)
     assert np.abs(theirs - ours).max() < F32_BOUND * np.ptp(ours)
     assert (theirs.argmax(1) == ours.argmax(1)).all()
+
+
+def float_gguf(folder: Path, out: Path) -> Path:
+    deploy(DeploySource(Checkpoint.open(folder), [], QuantScheme(8, "group", 32, True), "rtn"), out, "gguf",
+           gguf_tokenizer="none")
+    return out
+
+
+def test_gemma3_linear_global_rope_runs_as_transformers(tmp_path):
+    """Gemma 3 4B-27B's rope: linear x8 on the full layers (here layer 5 of 7), none on the sliding ones.
+    llama.cpp computes transformers' logits; the same weights with unscaled global rope (transformers'
+    model for that config) fail the bound, so the check sees the scaling."""
+    shape = {"head_dim": 16, "query_pre_attn_scalar": 16, "num_hidden_layers": 7, "sliding_window_pattern": 6}
+    folder = save_tiny_decoder("gemma3", tmp_path / "m", **shape)
+    unscaled = save_tiny_decoder("gemma3", tmp_path / "unscaled", **shape, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+    assert (folder / "model.safetensors").read_bytes() == (unscaled / "model.safetensors").read_bytes()
+    out = float_gguf(folder, tmp_path / "m.gguf")
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 97, N_TOKENS)]
+    theirs = llama_cpp_logits(out, ids)
+    ours = reference_logits(out, folder, ids, ggml_gelu=True)
+    assert np.abs(theirs - ours).max() < F32_BOUND * np.ptp(ours)
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+    unscaled_logits = reference_logits(out, unscaled, ids, ggml_gelu=True)
+    assert np.abs(theirs - unscaled_logits).max() > 3 * F32_BOUND * np.ptp(ours)  # measured: 9e-2 of the range
+
+
+#: pretrained context 256 of 1024: llama.cpp pads n_ctx to a multiple of 256, so the short factors are
+#: reachable only with an original context of at least 256
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+                 "short_factor": [1.0, 1.3, 1.9, 2.5], "long_factor": [1.5, 3.0, 6.0, 12.0]}
+
+
+@pytest.mark.parametrize("n_ctx,n_tokens,used", [(256, N_TOKENS, "short"), (512, 300, "long")])
+def test_phi3_longrope_runs_as_transformers(tmp_path, n_ctx, n_tokens, used):
+    """Phi-3 128k / 3.5 longrope. llama.cpp takes the long factors when its context n_ctx (per sequence)
+    exceeds the original one, transformers when the sequence does: they agree for n_ctx <= original
+    (short) and for sequences longer than the original (long), the two cases run here. Against
+    transformers' model with the other factors in both places, llama.cpp fails the bound: the check sees
+    which set it used. (With n_ctx > original and a sequence within the original context, llama.cpp takes
+    the long factors and transformers the short ones: a different model, not run here.)"""
+    other = {"short": "long_factor", "long": "short_factor"}[used]
+    config = {"max_position_embeddings": 1024, "original_max_position_embeddings": 256}
+    folder = save_tiny_decoder("phi3", tmp_path / "m", **config, rope_parameters=PHI3_LONGROPE)
+    swapped = save_tiny_decoder("phi3", tmp_path / "other", **config, rope_parameters={
+        **PHI3_LONGROPE, "short_factor": PHI3_LONGROPE[other], "long_factor": PHI3_LONGROPE[other]})
+    out = float_gguf(folder, tmp_path / "m.gguf")
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 97, n_tokens)]
+    theirs = llama_cpp_logits(out, ids, n_ctx=n_ctx)
+    ours = reference_logits(out, folder, ids)
+    assert np.abs(theirs - ours).max() < F32_BOUND * np.ptp(ours)
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+    # measured: 2e-7 of the range above, 1.6e-3 here
+    assert np.abs(theirs - reference_logits(out, swapped, ids)).max() > 3 * F32_BOUND * np.ptp(ours)
 
 
 def main() -> None:
