@@ -241,3 +241,31 @@ def test_gemma2_hidden_act_gelu_alone_is_written(tmp_path):
     deploy(rtn_source("gguf", Q4_1, skip=off_grid(folder), folder=folder, select=block_weights), out, "gguf",
            gguf_tokenizer="none")
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["gemma-3-4b", "phi-3.5-mini"])
+def test_published_rope_spellings_are_written(tmp_path, name):
+    """config.json as the Hub's Gemma 3 4B and Phi-3.5-mini spell it (4.x ``rope_scaling`` beside
+    ``rope_theta`` / ``rope_local_base_freq``; Phi-3.5's ``type: longrope``): the same keys as above, with
+    the values the file's own config states."""
+    import json
+    import math
+
+    from tests.families.test_decoder import PUBLISHED, save_published
+
+    kind, config = PUBLISHED[name]
+    folder = save_published(kind, config, tmp_path / "m")
+    stated = json.loads((folder / "config.json").read_text())
+    assert "rope_parameters" not in stated and stated["rope_scaling"] == config["rope_scaling"]
+    field, tensors = _float_gguf(folder, tmp_path / "m.gguf")
+    if kind == "gemma3":
+        assert field["gemma3.rope.scaling.type"] == "linear" and field["gemma3.rope.scaling.factor"] == 8.0
+        assert field["gemma3.rope.freq_base"] == config["rope_theta"]
+    else:
+        original = config["original_max_position_embeddings"]
+        scale = config["max_position_embeddings"] / original
+        assert field["phi3.rope.scaling.attn_factor"] == pytest.approx(
+            math.sqrt(1 + math.log(scale) / math.log(original)), rel=1e-6)
+        for which in ("long", "short"):
+            np.testing.assert_array_equal(tensors[f"rope_factors_{which}.weight"].data,
+                                          np.float32(config["rope_scaling"][f"{which}_factor"]))
