@@ -124,9 +124,9 @@ def quantize_command(
     scales with SignRound's signed gradient steps (AutoRound's optimiser); RTN rounds to nearest
     without data.
     Embeddings and the output head stay float unless --no-default-skips (embedding tables are then
-    rounded to nearest, a token's row as an output channel). Each method's flags (--steps, --lr, --batch-size; AdaRound's
-    --reg-weight, --beta-start, --beta-end, --warmup) default to the values of its paper or reference
-    code, and the values used are written to the output's provenance.
+    rounded to nearest, a token's row as an output channel). Each method's flags (--steps, --lr,
+    --batch-size; AdaRound's --reg-weight, --beta-start, --beta-end, --warmup) default to the values of
+    its paper or reference code, and the values used are written to the output's provenance.
 
     Examples:\n
       surgery quantize mlp.safetensors -o q.safetensors --bits 3 --calib calib.safetensors\n
