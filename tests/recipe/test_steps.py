@@ -4,6 +4,7 @@ byte-identical outputs, --dry-run, --json, and a failing step named with earlier
 import hashlib
 import json
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -46,6 +47,13 @@ def write(tmp_path, text, name="recipe.yml"):
 
 def run(recipe, out, *extra):
     return runner.invoke(app, ["run", str(recipe), "-o", str(out), *extra])
+
+
+def first_status(recipe, out):
+    """Run ``recipe`` into ``out`` and return its first step's status ("ran" or "cached")."""
+    r = run(recipe, out, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)["steps"][0]["status"]
 
 
 def hashes(folder):
@@ -260,11 +268,7 @@ def test_cache_follows_input_contents(tmp_path, llamas):
     recipe = write(tmp_path, f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
                              f"  - model: {b}\n    parameters: {{weight: 1}}\n")
     out = tmp_path / "merged"
-
-    def status():
-        r = run(recipe, out, "--json")
-        assert r.exit_code == 0, r.output
-        return json.loads(r.stdout)["steps"][0]["status"]
+    status = partial(first_status, recipe, out)
 
     assert status() == "ran"
     assert status() == "cached"
@@ -473,6 +477,15 @@ steps:
     assert planned == ["planned", "planned"]
 
 
+def align_step(tmp_path, source, options=""):
+    """A one-step recipe aligning ``source`` (old_classes 3, no clamp; ``options`` added to its options) and a
+    function that runs it and returns the step's status ("ran" or "cached"); also the output folder."""
+    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{source}]\n"
+                             f"    options: {{old_classes: 3, no_clamp: true{options}}}\n    output: al.safetensors\n")
+    out = tmp_path / "build"
+    return partial(first_status, recipe, out), out
+
+
 def test_hub_id_input_follows_the_cached_revision(tmp_path, monkeypatch):
     """An input given as a hub id is read from the snapshot its revision names in the local cache: when the
     cache's main moves to another commit (new weights), the step is rebuilt from them, not reported cached."""
@@ -489,15 +502,7 @@ def test_hub_id_input_follows_the_cached_revision(tmp_path, monkeypatch):
                   str(src / "model.safetensors"))
         _cache_model(cache, src, commit, refs=("main",) if seed == 0 else ())
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{REPO}]\n"
-                             "    options: {old_classes: 3, no_clamp: true}\n    output: al.safetensors\n")
-    out = tmp_path / "build"
-
-    def status():
-        r = run(recipe, out, "--json")
-        assert r.exit_code == 0, r.output
-        return json.loads(r.stdout)["steps"][0]["status"]
-
+    status, out = align_step(tmp_path, REPO)
     assert status() == "ran"
     assert status() == "cached"
     (cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main").write_text("c" * 40)
@@ -519,15 +524,7 @@ def test_shard_index_input_follows_its_shards(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {n: f"model-0000{i + 1}-of-00002.safetensors" for i, n in enumerate(tensors)}}))
     index = folder / "model.safetensors.index.json"
-    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{index}]\n"
-                             "    options: {old_classes: 3, no_clamp: true}\n    output: al.safetensors\n")
-    out = tmp_path / "build"
-
-    def status():
-        r = run(recipe, out, "--json")
-        assert r.exit_code == 0, r.output
-        return json.loads(r.stdout)["steps"][0]["status"]
-
+    status, out = align_step(tmp_path, index)
     assert status() == "ran"
     assert status() == "cached"
     save_file({"0.weight": tensors["0.weight"] + 1}, str(folder / "model-00001-of-00002.safetensors"))
@@ -546,16 +543,7 @@ def test_model_file_of_a_step_is_an_input(tmp_path):
     layers = "collections.OrderedDict(body=nn.Linear(4, 8, bias=False), act=nn.{}(), head=nn.Linear(8, 6, bias=False))"
     model = tmp_path / "net.py"
     model.write_text("import collections\n" + code.format(layers.format("ReLU")))
-    recipe = write(tmp_path, f"steps:\n  - name: al\n    run: align\n    inputs: [{tmp_path / 'm.safetensors'}]\n"
-                             f"    options: {{old_classes: 3, no_clamp: true, layer: head, model: '{model}:make'}}\n"
-                             "    output: al.safetensors\n")
-    out = tmp_path / "build"
-
-    def status():
-        r = run(recipe, out, "--json")
-        assert r.exit_code == 0, r.output
-        return json.loads(r.stdout)["steps"][0]["status"]
-
+    status, _ = align_step(tmp_path, tmp_path / "m.safetensors", f", layer: head, model: '{model}:make'")
     assert status() == "ran"
     assert status() == "cached"
     model.write_text("import collections\n" + code.format(layers.format("Tanh")))
