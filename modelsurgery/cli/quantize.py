@@ -91,9 +91,9 @@ def quantize_command(
                             "points; gptq, compressed-tensors (folders for transformers/vLLM) and gguf (llama.cpp; "
                             "Q8_0/Q4_0/Q4_1: --granularity group --group-size 32) hold the same codes with fp16 "
                             "scales, which the quantizer then learns on."),
-    gguf_tokenizer: str = typer.Option("auto", "--gguf-tokenizer", help="--format gguf: auto (the folder's "
-                                       "tokenizer, refused where llama.cpp's converter refuses it) or none (token "
-                                       "ids only)."),
+    gguf_tokenizer: str = typer.Option(None, "--gguf-tokenizer", help="--format gguf only: auto (the default: the "
+                                       "folder's tokenizer, refused where llama.cpp's converter refuses it) or none "
+                                       "(token ids only)."),
     eval_data: Path = typer.Option(None, "--eval", help="Evaluate float vs quantized on this data file."),
     model: str = model_option(),
     seed: int = typer.Option(0, "--seed", help="Random seed for batch order."),

@@ -23,7 +23,7 @@ def check_before_calibration(path: Path, opts, scheme) -> None:
     fmt = opts.format
     check_scheme(fmt, scheme)
     ckpt = Checkpoint.open(path)
-    check_model(fmt, ckpt.config, ckpt.folder, str(path), opts.gguf_tokenizer)
+    check_model(fmt, ckpt.config, ckpt.folder, str(path), opts.gguf_tokenizer or "auto")
     family = detect_family(ckpt, opts.model)
     if not family.runnable:
         return  # quantize_checkpoint refuses it in its own words
@@ -44,7 +44,7 @@ def quantize_to_format(path: str | Path, out: str | Path, opts, progress=None):
     from modelsurgery.deploy import storage_dtype
 
     packed_opts = replace(opts, format="packed", storage=fmt, storage_dtype=storage_dtype(fmt, Checkpoint.open(path)),
-                          force=False)
+                          force=False, gguf_tokenizer=None)  # the tokenizer is the format writer's (``deploy``)
     scheme = packed_opts.scheme
     scheme.validate()
     check_before_calibration(path, opts, scheme)
@@ -57,7 +57,7 @@ def quantize_to_format(path: str | Path, out: str | Path, opts, progress=None):
         src = open_packed(packed)
         src.operation, src.sources = "quantize", [str(p) for p in Checkpoint.open(path).source_files]
         src.parameters = {"method": opts.method, **scheme.to_dict(), "params": result.options}
-        report = deploy(src, out, fmt, opts.force, opts.gguf_tokenizer)
+        report = deploy(src, out, fmt, opts.force, opts.gguf_tokenizer or "auto")
     result.output, result.bytes_out, result.deploy = str(out), report.bytes_out, report.to_dict()
     result.options = {**result.options, "format": fmt}
     return result

@@ -111,8 +111,9 @@ class QuantizeOptions(WriteOptions):
     #: keep cached calibration activations in memory-mapped files in this folder
     offload_dir: Path | None = None
     force: bool = False
-    #: --format gguf: "auto" (the folder's tokenizer, as llama.cpp's converter reads it) or "none"
-    gguf_tokenizer: str = "auto"
+    #: --format gguf: "auto" (the folder's tokenizer, as llama.cpp's converter reads it) or "none"; None: auto
+    #: (given with another format it is refused: ``check_writing``)
+    gguf_tokenizer: str | None = None
     #: a deployment format whose stored grid the quantizer uses (set by ``modelsurgery.deploy.quantize``)
     storage: str | None = None
     #: the dtype ``storage`` keeps scales in when that is the model's (set with it)
@@ -195,6 +196,9 @@ def check_writing(opts: QuantizeOptions) -> None:
     from modelsurgery.deploy import FORMATS as DEPLOYED
 
     opts.check_write_options()
+    if opts.gguf_tokenizer is not None and opts.format != "gguf":
+        raise SurgeryError(f"--gguf-tokenizer {opts.gguf_tokenizer}: only for --format gguf (--format {opts.format} "
+                           "writes no tokenizer)")
     if opts.dtype is not None and opts.format != "fake":
         raise SurgeryError(f"--dtype {opts.dtype}: only for --format fake (--format {opts.format} keeps its "
                            "scales in the dtype its readers expect); use surgery dequantize --dtype on its output")
@@ -367,6 +371,9 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         raise SurgeryError(f"{path}: {family.not_runnable_reason()}")
     if method.learned and opts.calib is None:
         raise SurgeryError(f"--method {opts.method} learns the rounding from data: pass --calib FILE")
+    if opts.offload_dir is not None and opts.calib is None:
+        raise SurgeryError(f"--offload-dir {opts.offload_dir}: it keeps cached calibration activations, and without "
+                           "--calib there are none")
     device = resolve_device(opts.device)
     if rank == 0:
         check_output(out, opts.force, [path, *opts.data_files()])

@@ -124,6 +124,10 @@ def _listing(folder: Path) -> set:
     ({"bits": 4, "method": "flexround"}, r"--method flexround learns the rounding from data: pass --calib"),
     ({"bits": 4, "method": "nearest"}, r"--method nearest: expected one of"),
     ({"bits": 4, "method": "rtn", "format": "int4"}, r"--format int4"),
+    # options that would otherwise be ignored
+    ({"method": "rtn", "format": "packed", "gguf_tokenizer": "none"},
+     r"--gguf-tokenizer none: only for --format gguf \(--format packed writes no tokenizer\)"),
+    ({"method": "rtn", "offload_dir": Path("/tmp")}, r"--offload-dir /tmp: .* without --calib there are none"),
 ])
 def test_bad_options_write_nothing(tmp_path, opts, message):
     before = _listing(tmp_path)
