@@ -239,13 +239,13 @@ class Checkpoint:
         # a hub snapshot's files link into its cache folder
         return carried_files(self.folder, [*self.source_files, self.path], link_root(self.folder))
 
-    def dtype(self) -> torch.dtype:
-        """The dominant floating dtype (by bytes)."""
+    def dtype(self, skip: tuple[str, ...] = ()) -> torch.dtype:
+        """The dominant floating dtype (by bytes), leaving out tensors whose names end with ``skip``."""
         import torch
 
         totals: dict[torch.dtype, int] = {}
         for i in self.infos.values():
-            if i.dtype.is_floating_point:
+            if i.dtype.is_floating_point and not i.name.endswith(skip):
                 totals[i.dtype] = totals.get(i.dtype, 0) + i.nbytes
         return max(totals, key=totals.get) if totals else torch.float32
 

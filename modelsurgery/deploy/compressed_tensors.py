@@ -57,11 +57,7 @@ def model_dtype(ckpt: Checkpoint) -> torch.dtype:
     if isinstance(stated, str) and isinstance(getattr(torch, stated, None), torch.dtype) \
             and getattr(torch, stated).is_floating_point:
         return getattr(torch, stated)
-    totals: dict[torch.dtype, int] = {}
-    for name, info in ckpt.infos.items():
-        if info.dtype.is_floating_point and not name.endswith(PACKED_SUFFIXES):
-            totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
-    return max(totals, key=totals.get) if totals else torch.float32
+    return ckpt.dtype(skip=PACKED_SUFFIXES)
 
 
 def scale_dtype_for(src: DeploySource) -> torch.dtype:
