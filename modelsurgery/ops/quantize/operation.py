@@ -359,13 +359,13 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         return quantize_to_format(path, out, opts, progress)
     if opts.format not in FORMATS:
         raise SurgeryError(f"--format {opts.format}: expected one of {', '.join((*FORMATS, *DEPLOYED))}")
-    from modelsurgery.ops.float_input import quantization_of  # imported late: it reads packing.py
+    from modelsurgery.ops.float_input import float_source, quantization_of  # imported late: they read packing.py
 
     ckpt = Checkpoint.open(path)
     quantized = quantization_of(ckpt)
     if quantized is not None and quantized.format != "fake":  # fake-quantized weights are float: quantized again
-        raise SurgeryError(f"{path}: {quantized.describe()}; quantize needs the float weights: dequantize it first "
-                           "(`surgery dequantize` reads packed, GPTQ and compressed-tensors checkpoints)")
+        raise SurgeryError(f"{path}: {quantized.describe()}; quantize needs the float weights "
+                           f"({float_source(ckpt, quantized)})")
     family = detect_family(ckpt, opts.model)
     if not family.runnable:
         raise SurgeryError(f"{path}: {family.not_runnable_reason()}")
@@ -414,6 +414,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
 
     tensors_for = FORMATS[opts.format]
+    grid = opts.grid or method.default_grid  # the grid the weights start from (the method's when none is given)
     if opts.dtype is not None:  # a quantized weight goes from float32 to --dtype once, not through the input's dtype
         write_dtype, own = float_dtype(opts.dtype), tensors_for
         tensors_for = lambda name, qw, bits, dtype: own(name, qw, bits, write_dtype)
@@ -451,7 +452,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     params = {k: str(v) if isinstance(v, Path) else v for k, v in opts.__dict__.items()
               if k not in ("force", "streaming", "offload_dir", "dtype", "max_shard_size", "hash_inputs")}
     params["params"] = settings  # the values used, defaults included
-    params["grid"] = opts.grid or method.default_grid  # None would not say which grid the method started from
+    params["grid"] = grid  # None would not say which grid the method started from
     if calib:
         params["samples_used"] = used  # a file holding fewer than --samples gives what it has
     else:  # no calibration data: the preset's sample count was not used
@@ -485,7 +486,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     return QuantizeResult(
         output=str(out), family=family.name, options={"method": opts.method, "format": opts.format,
                                                       **scheme.to_dict(), **settings, "preset": opts.preset,
-                                                      "grid": opts.grid or method.default_grid,
+                                                      "grid": grid,
                                                       "samples": opts.samples if calib else 0,
                                                       "samples_used": used},
         layers=layers, skipped=skipped,
