@@ -40,6 +40,21 @@ MODEL_HELP = ("Custom model factory 'package.module:function' (imported from the
               "then the Python path, as `python -m` does) or 'path/to/file.py:function'.")
 
 
+def factory_file(spec: str) -> Path | None:
+    """The file ``load_factory`` would import for ``spec`` when it is the user's own: 'path/to/file.py:fn',
+    or 'package.module:fn' found in the current folder (a module elsewhere on the Python path is installed
+    code); None otherwise, and for a spec ``load_factory`` refuses."""
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        return None
+    if mod_name.endswith(".py"):
+        candidates = [Path(mod_name)]
+    else:
+        base = Path(*mod_name.split("."))
+        candidates = [base.with_suffix(".py"), base / "__init__.py"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def load_factory(spec: str):
     """'package.module:function' or 'path/to/file.py:function' -> the function (SurgeryError naming
     what is missing). A module name is looked up in the current folder first, then on the Python path."""

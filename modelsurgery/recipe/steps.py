@@ -20,6 +20,7 @@ from modelsurgery.checkpoint.hub import parse_hub_id, resolve_hub_id
 from modelsurgery.checkpoint.store import weight_files
 from modelsurgery.checkpoint.writer import DEFAULT_MAX_SHARD, WriteOptions
 from modelsurgery.errors import SurgeryError
+from modelsurgery.families.custom import factory_file
 from modelsurgery.recipe.mergekit_config import MergekitConfig, parse_config
 from modelsurgery.recipe.mergekit_merge import run_mergekit, with_out_dtype
 
@@ -127,7 +128,7 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
         if key == "output":
             continue
         if key == "model" and isinstance(value, str):  # --model: the user's module file is an input too
-            input_paths += _model_sources(value)
+            input_paths += [f for f in [factory_file(value)] if f is not None]
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, Path) and (v.exists() or str(v) in {str(o) for o in outputs.values()}):
                 input_paths.append(v)
@@ -144,20 +145,6 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
 
     return Step(name, run, output, list(dict.fromkeys(input_paths)), parameters, argv, list(dict.fromkeys(depends)),
                 execute)
-
-
-def _model_sources(spec: str) -> list[Path]:
-    """The file ``--model`` reads: 'path/to/file.py:fn', or 'package.module:fn' found in the current folder
-    (a module elsewhere on the Python path is installed code, not part of the recipe's inputs)."""
-    module, sep, _ = spec.rpartition(":")
-    if not sep or not module:
-        return []
-    if module.endswith(".py"):
-        candidates = [Path(module)]
-    else:
-        base = Path(*module.split("."))
-        candidates = [base.with_suffix(".py"), base / "__init__.py"]
-    return [c for c in candidates if c.is_file()][:1]
 
 
 def _is_path(value: Any) -> bool:
