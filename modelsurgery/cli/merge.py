@@ -34,7 +34,7 @@ from modelsurgery.cli.options import (
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.analyze import AnalyzeOptions, analyze_pair
 from modelsurgery.ops.merge import all_methods
-from modelsurgery.ops.merge.merge import MergeOptions, merge_checkpoints
+from modelsurgery.ops.merge.merge import MATCHING_DEFAULTS, MergeOptions, merge_checkpoints
 from modelsurgery.ops.merge.plot import check_plot, plot_path
 
 #: the most alpha values evaluated along the path (each is a full evaluation of a merged model)
@@ -56,9 +56,12 @@ def merge_command(
     align: bool = typer.Option(None, "--align/--no-align",
                                help="Weight-match every model into the first's basis (the base's with --base); "
                                "default: on for match."),
-    backend: str = typer.Option("auto", "--backend", help="Assignment solver: auto, lap, scipy, torch."),
-    device: str = typer.Option("cpu", "--device", help="Device for similarities and the torch solver (cpu, cuda)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random group order of weight matching."),
+    backend: str = typer.Option(None, "--backend", help="Assignment solver of weight matching: auto, lap, scipy, "
+                                f"torch (default {MATCHING_DEFAULTS['backend']}; only when matching)."),
+    device: str = typer.Option(None, "--device", help="Device for the similarities and torch solver of weight "
+                               f"matching: cpu, cuda (default {MATCHING_DEFAULTS['device']}; only when matching)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the random group order of weight matching (default "
+                             f"{MATCHING_DEFAULTS['seed']}; only when matching)."),
     model: str = model_option(),
     eval_data: Path = typer.Option(None, "--eval",
                                    help="Data (.safetensors/.pt/.npz with inputs+labels or input_ids, or a text file) "

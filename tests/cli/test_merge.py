@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -161,3 +162,43 @@ def test_base_that_nothing_reads_is_refused(fixtures_dir, tmp_path):
         assert len(r.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
     r = runner.invoke(app, [*args, "--method", "linear", "--align"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", "1"), ("--backend", "scipy"), ("--device", "cpu")])
+@pytest.mark.parametrize("method", [["--method", "linear"], ["--method", "slerp"], ["--method", "match", "--no-align"]])
+def test_matching_options_without_matching_are_refused_not_ignored(fixtures_dir, tmp_path, flag, value, method):
+    """--seed, --backend and --device configure weight matching only; a merge that does not match would silently
+    ignore them (as --points without --eval): refused in one line naming the flag, nothing written."""
+    d = fixtures_dir / "digits"
+    r = runner.invoke(app, ["merge", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors"),
+                            "-o", str(tmp_path / "m.safetensors"), *method, flag, value])
+    assert r.exit_code == 1 and f"{flag} configures weight matching" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def _recorded(out):
+    return json.loads(Checkpoint.open(out).metadata["modelsurgery"])["parameters"]
+
+
+def test_matching_options_apply_when_matching_runs(fixtures_dir, tmp_path):
+    """With matching (match, or another method with --align) the options are taken and recorded; not given,
+    the defaults --help states (backend auto, seed 0) are recorded as before."""
+    d = fixtures_dir / "digits"
+    a, b = str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors")
+    r = runner.invoke(app, ["merge", a, b, "-o", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert (_recorded(tmp_path / "d.safetensors")["backend"], _recorded(tmp_path / "d.safetensors")["seed"]) \
+        == ("auto", 0)
+    r = runner.invoke(app, ["merge", a, b, "-o", str(tmp_path / "s.safetensors"), "--method", "linear", "--align",
+                            "--seed", "3", "--backend", "scipy", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert (_recorded(tmp_path / "s.safetensors")["backend"], _recorded(tmp_path / "s.safetensors")["seed"]) \
+        == ("scipy", 3)
+    # without matching nothing about matching is recorded (it did not run)
+    r = runner.invoke(app, ["merge", a, b, "-o", str(tmp_path / "l.safetensors"), "--method", "linear"])
+    assert r.exit_code == 0, r.output
+    assert "backend" not in _recorded(tmp_path / "l.safetensors")
+    help_text = " ".join(runner.invoke(app, ["merge", "--help"]).stdout.replace("│", " ").split())
+    for words in ("(default auto; only when matching)", "(default cpu; only when matching)",
+                  "(default 0; only when matching)"):
+        assert words in help_text, words

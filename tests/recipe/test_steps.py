@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.cli.app import app
 
 runner = CliRunner()
@@ -548,3 +549,22 @@ def test_model_file_of_a_step_is_an_input(tmp_path):
     assert status() == "cached"
     model.write_text("import collections\n" + code.format(layers.format("Tanh")))
     assert status() == "ran"
+
+
+def test_merge_step_matching_options(tmp_path, llamas):
+    """A merge step takes --seed/--backend/--device as the command line does: without them a linear merge runs and
+    a matching merge records the defaults (backend auto, seed 0); given to a merge that does not match, the step
+    fails naming the option instead of ignoring it."""
+    a, b = llamas["a"], llamas["b"]
+    recipe = write(tmp_path, f"steps:\n  - {{name: lin, run: merge, inputs: [{a}, {b}], options: {{method: linear}}}}\n"
+                             f"  - {{name: m, run: merge, inputs: [{a}, {b}]}}\n")
+    out = tmp_path / "build"
+    r = run(recipe, out)
+    assert r.exit_code == 0, r.output
+    recorded = json.loads(Checkpoint.open(out / "m").metadata["modelsurgery"])["parameters"]
+    assert (recorded["backend"], recorded["seed"]) == ("auto", 0)
+    bad = write(tmp_path, f"steps:\n  - {{name: lin, run: merge, inputs: [{a}, {b}], "
+                          "options: {method: linear, seed: 1}}\n", name="bad.yml")
+    r = run(bad, tmp_path / "bad")
+    assert r.exit_code == 1 and "--seed configures weight matching" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

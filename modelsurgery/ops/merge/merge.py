@@ -26,6 +26,10 @@ from modelsurgery.ops.match.spec import Perms, PermutationSpec, permute_tensor
 from modelsurgery.ops.match.weight_matching import weight_matching
 from modelsurgery.ops.merge import Method, get_method
 
+#: the settings of weight matching and their values when it runs; None in ``MergeOptions`` means not given, and
+#: giving one to a merge that does not match (``--method linear`` without ``--align``) is refused, never ignored
+MATCHING_DEFAULTS: dict[str, Any] = {"backend": "auto", "device": "cpu", "seed": 0}
+
 
 @dataclass
 class MergeOptions(WriteOptions):
@@ -38,9 +42,9 @@ class MergeOptions(WriteOptions):
     base: Path | None = None
     align: bool | None = None  # default: True for match, False otherwise
     params: dict[str, Any] = field(default_factory=dict)  # the method's declared parameters (ops.merge.Param)
-    backend: str = "auto"
-    device: str = "cpu"
-    seed: int = 0
+    backend: str | None = None  # weight matching only (MATCHING_DEFAULTS when it runs)
+    device: str | None = None
+    seed: int | None = None
     max_iter: int = 100
     model: str | None = None
     eval_data: Path | None = None
@@ -116,6 +120,17 @@ def method_params(method: Method, options: MergeOptions, weights: list[float]) -
     return method.resolve(given)
 
 
+def matching_options(options: MergeOptions, align: bool) -> MergeOptions:
+    """``options`` with the weight-matching settings not given set to ``MATCHING_DEFAULTS``; one given to a
+    merge that does not match is refused (it would configure nothing)."""
+    given = [k for k in MATCHING_DEFAULTS if getattr(options, k) is not None]
+    if given and not align:
+        raise SurgeryError(f"--{given[0]} configures weight matching, which --method {options.method} "
+                           f"{'with --no-align ' if options.method == 'match' else ''}does not run "
+                           "(give --align to match, or drop the option)")
+    return replace(options, **{k: v for k, v in MATCHING_DEFAULTS.items() if getattr(options, k) is None})
+
+
 def align_models(states: list[dict[str, torch.Tensor]], spec: PermutationSpec, options: MergeOptions,
                  progress: Callable | None = None, reference: dict[str, torch.Tensor] | None = None
                  ) -> list[tuple[Perms | None, dict]]:
@@ -152,6 +167,7 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     if options.base is not None and not align and not (method is not None and method.needs_base):
         raise SurgeryError(f"--base: --method {method_name} without --align does not read it (task-arithmetic and "
                            "ties take their task vectors from it, --align its basis)")
+    options = matching_options(options, align)
     weights = resolve_weights(options, len(paths))
     # match averages as linear does, with linear's declared parameters under its own name
     params = method_params(method or replace(get_method("linear"), name="match"), options, weights)
@@ -206,7 +222,8 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
             planned.append(PlannedTensor(name, info.shape, dtype, lambda n=name: state_override[n]))
         else:
             planned.append(PlannedTensor(name, info.shape, dtype, lambda n=name: merged(n)))
-    recorded = {"method": method_name, "weights": weights, "aligned": align, "backend": options.backend,
+    recorded = {"method": method_name, "weights": weights, "aligned": align,
+                **({"backend": options.backend, "seed": options.seed} if align else {}),
                 "base": str(options.base) if options.base else None, "repair": options.repair, **params}
     if notes:
         recorded["float_inputs"] = notes
