@@ -8,7 +8,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from modelsurgery.cli.common import emit_json, err_console, human_bytes, out_console, progress_bar, safe, user_errors
+from modelsurgery.cli.common import (
+    emit_json,
+    err_console,
+    human_bytes,
+    out_console,
+    progress_bar,
+    safe,
+    user_errors,
+    warn,
+)
 from modelsurgery.cli.options import (
     debug_option,
     dtype_option,
@@ -84,6 +93,10 @@ def run_command(
                                     progress)
             except RecipeFailed as e:
                 failed, result = e, e.result
+        for step in result.steps:  # a mergekit step's notes (a command step's command printed its own)
+            if step.run == "mergekit" and step.status == "ran":
+                for note in (step.result or {}).get("notes", []):
+                    warn(note)
         if failed is not None and not json_out:
             if result.kind == "steps":  # which steps ran, were cached, or failed
                 render(result.to_dict())

@@ -246,6 +246,19 @@ class Family:
     per_layer_keys: ClassVar[tuple[str, ...]] = ("layer_types", "no_rope_layers", "mlp_layer_types",
                                                  "layers_block_type")
 
+    #: config.json keys under which weights of the same shapes compute another function, so that merging models
+    #: that differ in one is meaningless (head counts, head_dim, activation, tied head, which layers slide): a
+    #: merge refuses the difference (``ops/merge/configs.py``)
+    structural_config_keys: ClassVar[tuple[str, ...]] = ()
+    #: config.json keys of numeric settings that fine-tunes of one model may differ in on purpose (rope base and
+    #: scaling, context length, norm epsilon, window size): a merge warns and records the difference
+    tuning_config_keys: ClassVar[tuple[str, ...]] = ()
+
+    def config_value(self, key: str):
+        """The value this checkpoint computes with for config.json ``key``: as written, or what the family
+        assumes when the file leaves it out (None without config.json)."""
+        return self.config.get(key)
+
     def per_layer_config(self) -> dict[str, list]:
         """The config.json lists with one entry per block: ``per_layer_keys`` whose value is a list of
         ``num_layers`` entries. A family whose per-layer settings are implied (a window pattern) writes

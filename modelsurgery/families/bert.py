@@ -10,7 +10,7 @@ last_hidden_state.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
@@ -34,6 +34,11 @@ class BertFamily(TransformerFamily):
     output_kind = "hidden"
     norm_placement = "post"
     block_pattern = r"(?:bert\.)?encoder\.layer\.(\d+)\."
+    structural_config_keys = ("num_attention_heads", "hidden_act", "position_embedding_type")
+    tuning_config_keys = ("layer_norm_eps",)
+    #: BertConfig's defaults (transformers ``configuration_bert.py``)
+    config_defaults: ClassVar[dict[str, Any]] = {"hidden_act": "gelu", "layer_norm_eps": 1e-12,
+                                                 "position_embedding_type": "absolute"}
 
     @classmethod
     def detect(cls, ckpt: Checkpoint) -> bool:
@@ -134,7 +139,7 @@ class BertFamily(TransformerFamily):
         where = self.ckpt.path
         if self.cfg("is_decoder", default=False) or self.cfg("add_cross_attention", default=False):
             raise SurgeryError(f"{where}: BERT as a decoder (is_decoder / add_cross_attention) is not supported")
-        if self.cfg("position_embedding_type", default="absolute") != "absolute":
+        if self.cfg("position_embedding_type", default=self.config_defaults["position_embedding_type"]) != "absolute":
             raise SurgeryError(f"{where}: position_embedding_type "
                                f"'{self.cfg('position_embedding_type')}' is not supported (only 'absolute')")
         if self.hidden_size % heads:
@@ -150,8 +155,8 @@ class BertFamily(TransformerFamily):
             inner=self.ckpt.shape(self._p(0, "intermediate.dense.weight"))[0],
             num_layers=self.num_layers,
             heads=heads,
-            eps=float(self.cfg("layer_norm_eps", default=1e-12)),
-            activation=self.cfg("hidden_act", default="gelu"),
+            eps=float(self.cfg("layer_norm_eps", default=self.config_defaults["layer_norm_eps"])),
+            activation=self.cfg("hidden_act", default=self.config_defaults["hidden_act"]),
             where=str(where),
         )
         return self.load_state(module, state, dtype)

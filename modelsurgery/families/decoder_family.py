@@ -12,8 +12,9 @@ attention variant) are refused in one line naming the key and value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
@@ -194,6 +195,31 @@ class DecoderFamily(TransformerFamily):
         """The MLP activation, as the family's transformers code reads config.json."""
         return self.layout.activation(self.config or {})
 
+    def norm_eps(self) -> float:
+        """The epsilon of every norm, as the family's transformers code reads config.json."""
+        sw = self.switches
+        return float(sw.get("rms_norm_eps") or sw.get("layer_norm_eps") or 1e-6)
+
+    def config_readers(self) -> dict[str, Callable[[], Any]]:
+        """Besides heads and the tied head: the activation, which layers slide and their window, the norm epsilon
+        and the rope, each as the decoder runs it (so a 4.x ``rope_theta`` and a 5.x ``rope_parameters`` with the
+        same base read the same, and a window that no layer uses reads as none)."""
+        readers = super().config_readers()
+        readers.update(dict.fromkeys(self.layout.activation_keys, self.activation))
+        readers.update(rms_norm_eps=self.norm_eps, layer_norm_eps=self.norm_eps,
+                       sliding_window=lambda: next((w for w in self.layer_windows() if w is not None), None),
+                       layer_types=lambda: ["full_attention" if w is None else "sliding_attention"
+                                            for w in self.layer_windows()])
+        att = self.attention
+        if att is not None:
+            def rope(local: bool = False) -> Rope | None:
+                return self.ropes(att.head_dim)[1 if local else 0]
+
+            readers.update(rope_theta=lambda: rope().theta, rope_scaling=lambda: rope_scaling(rope()),
+                           partial_rotary_factor=lambda: rope().dim / att.head_dim,
+                           rope_local_base_freq=lambda: getattr(rope(local=True), "theta", None))
+        return readers
+
     def ropes(self, head_dim: int) -> tuple[Rope, Rope | None]:
         """The rope of full-attention layers and, for Gemma 3, the one of sliding layers."""
         lay, where = self.layout, str(self.ckpt.path)
@@ -230,7 +256,7 @@ class DecoderFamily(TransformerFamily):
             vocab=self.vocab_size, hidden=self.hidden_size,
             inner=self.ckpt.shape(lin["down"].weight)[1], num_layers=self.num_layers,
             heads=att.num_heads, kv_heads=att.num_kv_heads, head_dim=att.head_dim,
-            eps=float(sw.get("rms_norm_eps") or sw.get("layer_norm_eps") or 1e-6),
+            eps=self.norm_eps(),
             activation=self.activation(),
             parallel_residual=lay.parallel_residual and bool(self.cfg("use_parallel_residual", default=True)),
             scaling=float(scalar) ** -0.5 if scalar else att.head_dim ** -0.5,
@@ -308,10 +334,37 @@ def _window_feature(windows: list[int | None]) -> list[str]:
     return [f"sliding_window={w} on {len(sliding)} of {n} layers"]
 
 
+def rope_scaling(rope: Rope) -> dict | None:
+    """A rope's scaling as one comparable mapping (None: unscaled); its base is ``rope_theta``'s."""
+    if rope.kind == "default":
+        return None
+    skip = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+    return {"rope_type": rope.kind, **{k: v for k, v in sorted(rope.params.items()) if k not in skip}}
+
+
+def merge_config_keys(layout: Layout) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The config.json keys a merge compares (``Family.structural_config_keys``, ``tuning_config_keys``), from
+    the switches the layout reads."""
+    structural = ["num_attention_heads", "num_key_value_heads", "head_dim", layout.activation_keys[0],
+                  "tie_word_embeddings", "partial_rotary_factor"]
+    structural += ["layer_types"] if layout.window_rule == "typed" else []
+    structural += ["query_pre_attn_scalar"] if layout.attention_scalar else []
+    structural += ["attn_logit_softcapping", "final_logit_softcapping"] if layout.softcaps else []
+    structural += ["use_parallel_residual"] if layout.parallel_residual else []
+    tuning = ["rope_theta", "rope_scaling", "max_position_embeddings",
+              "rms_norm_eps" if layout.norm_kind == "rmsnorm" else "layer_norm_eps"]
+    tuning += ["sliding_window"] if layout.window_rule != "none" else []
+    tuning += ["rope_local_base_freq"] if layout.local_rope else []
+    return tuple(structural), tuple(tuning)
+
+
 def _family_class(layout: Layout) -> type[DecoderFamily]:
     name = "".join(p.capitalize() for p in layout.family.split("_")) + "Family"
+    structural, tuning = merge_config_keys(layout)
     return register(type(name, (DecoderFamily,), {
         "name": layout.family, "layout": layout, "model_types": layout.model_types,
+        "config_defaults": layout.config_defaults, "structural_config_keys": structural,
+        "tuning_config_keys": tuning,
         "block_pattern": rf"{layout.blocks.replace('.', chr(92) + '.')}\.(\d+)\.",
         "__doc__": f"{layout.family}: {', '.join(layout.architectures)} (see layouts.py)",
     }))

@@ -10,7 +10,7 @@ forward pass then asks for config.json. The module built is ``modules/gpt2.GPT2`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
@@ -29,6 +29,12 @@ class GPT2Family(TransformerFamily):
     name = "gpt2"
     model_types = ("gpt2",)
     block_pattern = r"(?:transformer\.)?h\.(\d+)\."
+    structural_config_keys = ("n_head", "activation_function", "scale_attn_weights",
+                              "scale_attn_by_inverse_layer_idx", "tie_word_embeddings")
+    tuning_config_keys = ("layer_norm_epsilon",)
+    #: GPT2Config's defaults (transformers ``configuration_gpt2.py``)
+    config_defaults: ClassVar[dict[str, Any]] = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                                                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
     @classmethod
     def detect(cls, ckpt: Checkpoint) -> bool:
@@ -123,10 +129,12 @@ class GPT2Family(TransformerFamily):
             inner=self.ckpt.shape(self._p(0, "mlp.c_fc.weight"))[1],
             num_layers=self.num_layers,
             num_heads=heads,
-            eps=float(self.cfg("layer_norm_epsilon", "layer_norm_eps", default=1e-5)),
-            activation=self.cfg("activation_function", default="gelu_new"),
-            scale_weights=bool(self.cfg("scale_attn_weights", default=True)),
-            scale_by_layer=bool(self.cfg("scale_attn_by_inverse_layer_idx", default=False)),
+            eps=float(self.cfg("layer_norm_epsilon", "layer_norm_eps",
+                               default=self.config_defaults["layer_norm_epsilon"])),
+            activation=self.cfg("activation_function", default=self.config_defaults["activation_function"]),
+            scale_weights=bool(self.cfg("scale_attn_weights", default=self.config_defaults["scale_attn_weights"])),
+            scale_by_layer=bool(self.cfg("scale_attn_by_inverse_layer_idx",
+                                         default=self.config_defaults["scale_attn_by_inverse_layer_idx"])),
             untied_head=not self.tied_head,
             where=str(self.ckpt.path),
         )

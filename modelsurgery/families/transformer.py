@@ -9,7 +9,8 @@ module (resolved on first use, so importing it does not import torch).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families.base import Family
@@ -84,6 +85,32 @@ class TransformerFamily(Family):
     norm_placement: str = "pre"
     #: True when positions enter as rotary embeddings of q and k (head dims are then paired)
     rotary: bool = False
+
+    #: what the family's transformers config class assumes for a key config.json leaves out, for the keys
+    #: ``config_value`` reads as written
+    config_defaults: ClassVar[dict[str, Any]] = {}
+
+    def config_readers(self) -> dict[str, Callable[[], Any]]:
+        """The config.json keys whose value the family derives (from other keys or tensor shapes) instead of
+        reading it as written: head counts and head_dim as attention uses them, the tied head as the file
+        says or, when it says nothing, as the tensors show."""
+        readers: dict[str, Callable[[], Any]] = {
+            "tie_word_embeddings": lambda: self.cfg("tie_word_embeddings", default=self.tied_head)}
+        att = self.attention
+        if att is not None:
+            readers.update(num_attention_heads=lambda: att.num_heads, n_head=lambda: att.num_heads,
+                           num_key_value_heads=lambda: att.num_kv_heads, head_dim=lambda: att.head_dim)
+        return readers
+
+    def config_value(self, key: str):
+        if not self.config:
+            return None
+        written = {**self.config_defaults, **self.config}.get(key)
+        try:
+            reader = self.config_readers().get(key)
+            return written if reader is None else reader()
+        except SurgeryError:  # a value the family does not run (an unknown rope type): compared as written
+            return written
 
     def max_positions(self) -> int | None:
         return self.cfg("max_position_embeddings", "n_positions", "n_ctx")

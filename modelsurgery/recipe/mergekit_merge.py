@@ -27,6 +27,7 @@ from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
 from modelsurgery.ops.float_input import float_view
 from modelsurgery.ops.merge import get_method
+from modelsurgery.ops.merge.configs import compare_configs, config_file
 from modelsurgery.ops.merge.ties import trim
 from modelsurgery.recipe.mergekit_config import REQUIRED, MergekitConfig, OutSlice
 from modelsurgery.recipe.settings import evaluate_setting, is_gradient, layer_position
@@ -101,6 +102,11 @@ class MergekitPlan:
                     self.notes.append(note)
             self.families = {m: detect_family(c) for m, c in self.ckpts.items()}
             self._plan()
+            # heads, activation, ... must agree across every source; per-layer lists (layer_types) are compared
+            # layer by layer where slices put them (output_config)
+            per_layer = {k for fam in self.families.values() for k in fam.per_layer_keys}
+            self.config_differences = compare_configs([(self.ckpts[m], self.families[m]) for m in self.ckpts],
+                                                      skip=per_layer)
         except BaseException:
             self.close()
             raise
@@ -320,6 +326,7 @@ class MergekitResult:
     num_layers: int
     models: list[str]
     files: list[str]
+    notes: list[str] = field(default_factory=list)  # config.json settings that differ between the models
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -396,6 +403,10 @@ def run_mergekit(cfg: MergekitConfig, out: Path, force: bool = False,
             planned.append(PlannedTensor(job.name, shape, plan.output_dtype(job), lambda j=job: produce(j)))
         config = plan.output_config()
         recorded = {"config": cfg.raw, **({"float_inputs": plan.notes} if plan.notes else {})}
+        carried = config_file(plan.ckpts[plan.donor])
+        if plan.config_differences:
+            recorded["config_differences"] = {d.key: d.values for d in plan.config_differences}
+            recorded["config_from"] = carried
         report = write_checkpoint(out, planned, provenance=Provenance("mergekit", recorded, plan.source_files()),
                                   config=config, extra_files=extra, force=force,
                                   dtype=cfg.out_dtype or cfg.dtype,  # config.json's torch_dtype, as mergekit sets it
@@ -403,4 +414,4 @@ def run_mergekit(cfg: MergekitConfig, out: Path, force: bool = False,
     finally:
         plan.close()
     return MergekitResult(str(out), cfg.method.name, len(planned), plan.num_layers, list(plan.ckpts),
-                          [str(f) for f in report.files])
+                          [str(f) for f in report.files], [d.note(carried) for d in plan.config_differences])

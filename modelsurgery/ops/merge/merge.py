@@ -25,6 +25,7 @@ from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import Perms, PermutationSpec, permute_tensor
 from modelsurgery.ops.match.weight_matching import weight_matching
 from modelsurgery.ops.merge import Method, get_method
+from modelsurgery.ops.merge.configs import compare_configs, config_file
 
 #: the settings of weight matching and their values when it runs; None in ``MergeOptions`` means not given, and
 #: giving one to a merge that does not match (``--method linear`` without ``--align``) is refused, never ignored
@@ -64,7 +65,7 @@ class MergeResult:
     evaluation: dict | None = None
     files: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)  # the method's resolved parameters
-    notes: list[str] = field(default_factory=list)  # quantized inputs: dequantized, the output is float
+    notes: list[str] = field(default_factory=list)  # quantized inputs dequantized; config.json settings that differ
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,15 +173,19 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     # match averages as linear does, with linear's declared parameters under its own name
     params = method_params(method or replace(get_method("linear"), name="match"), options, weights)
     views = [float_view(Checkpoint.open(p), "merge") for p in [*paths, *([options.base] if options.base else [])]]
-    notes = [note for _, note in views if note]
+    float_notes = [note for _, note in views if note]
     ckpts = [c for c, _ in views[:len(paths)]]
     base = views[-1][0] if options.base else None
-    check_compatible(ckpts + ([base] if base else []))
-    family = detect_family(ckpts[0], options.model)
-    for c in ckpts[1:]:
-        other = detect_family(c, options.model)
+    every = ckpts + ([base] if base else [])
+    check_compatible(every)
+    families = [detect_family(c, options.model) for c in every]
+    family = families[0]
+    for c, other in zip(every, families):
         if other.name != family.name:
             raise SurgeryError(f"{c.path}: family '{other.name}', but {ckpts[0].path} is '{family.name}'")
+    # the output carries the first model's config.json: refuse models that compute another function
+    differences = compare_configs(list(zip(every, families)))
+    notes = float_notes + [d.note(config_file(ckpts[0])) for d in differences]
 
     spec, aligned, matching = None, [(None, {})] * len(paths), []
     if align:
@@ -225,8 +230,11 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     recorded = {"method": method_name, "weights": weights, "aligned": align,
                 **({"backend": options.backend, "seed": options.seed} if align else {}),
                 "base": str(options.base) if options.base else None, "repair": options.repair, **params}
-    if notes:
-        recorded["float_inputs"] = notes
+    if float_notes:
+        recorded["float_inputs"] = float_notes
+    if differences:
+        recorded["config_differences"] = {d.key: d.values for d in differences}
+        recorded["config_from"] = config_file(ckpts[0])
     if evaluation is not None and "repaired" in evaluation:
         rep = evaluation["repaired"]
         recorded["repaired"] = {"method": rep["method"], "layers": [x["name"] for x in rep["layers"]],
