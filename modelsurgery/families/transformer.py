@@ -92,10 +92,10 @@ class TransformerFamily(Family):
 
     def config_readers(self) -> dict[str, Callable[[], Any]]:
         """The config.json keys whose value the family derives (from other keys or tensor shapes) instead of
-        reading it as written: head counts and head_dim as attention uses them, the tied head as the file
-        says or, when it says nothing, as the tensors show."""
-        readers: dict[str, Callable[[], Any]] = {
-            "tie_word_embeddings": lambda: self.cfg("tie_word_embeddings", default=self.tied_head)}
+        reading it as written: head counts and head_dim as attention uses them, and the tied head, which
+        is, as transformers 5 loads it, whether the file lacks the head's tensor (it keeps a head the file holds,
+        whatever the flag says)."""
+        readers: dict[str, Callable[[], Any]] = {"tie_word_embeddings": lambda: self.tied_head}
         att = self.attention
         if att is not None:
             readers.update(num_attention_heads=lambda: att.num_heads, n_head=lambda: att.num_heads,

@@ -525,3 +525,46 @@ def test_resnets_merge_with_their_blocks_in_place_and_refuse_slices_that_move_th
     r, out = run(tmp_path, "slices:\n  - sources: [{model: a, layer_range: [1, 2]}]\nmerge_method: passthrough\n",
                  models, out_name="s.safetensors")
     assert r.exit_code == 1 and "resnet" in r.stderr and not out.exists(), r.output
+
+
+def _config_variant(src, dst, **changes):
+    """A copy of the folder ``src`` (same weights) with ``changes`` in its config.json."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return dst
+
+
+LINEAR_AB = "models: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\nmerge_method: linear\n"
+
+
+@pytest.mark.parametrize("config", [LINEAR_AB, PASSTHROUGH], ids=["linear", "passthrough-slices"])
+def test_sources_with_other_heads_refused(tmp_path, llamas, config):
+    """Same shapes, another head count (8 heads of 4 instead of 4 of 8): merged or stacked under the donor's
+    config.json, b's weights would compute another function. mergekit only compares architecture names; refused
+    here in one line naming both config.json files, the key and both values, before anything is written."""
+    models = {"a": llamas["a"], "b": _config_variant(llamas["b"], tmp_path / "b", num_attention_heads=8,
+                                                      num_key_value_heads=4, head_dim=4)}
+    r, out = run(tmp_path, config, models)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "num_attention_heads=8" in lines[0] and "num_attention_heads=4" in lines[0], r.output
+    assert str(models["b"] / "config.json") in lines[0] and str(llamas["a"] / "config.json") in lines[0]
+    assert not out.exists()
+
+
+def test_sources_with_another_rope_base_noted_and_recorded(tmp_path, llamas):
+    """A rope base (or eps, context length) fine-tunes may differ in on purpose: the run warns naming the key and
+    both values, records them, and the output carries the donor's config.json, as mergekit's does."""
+    models = {"a": llamas["a"], "b": _config_variant(
+        llamas["b"], tmp_path / "b", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})}
+    r, out = run(tmp_path, PASSTHROUGH, models)
+    assert r.exit_code == 0, r.output
+    assert "config.json rope_theta differs" in r.stderr and "500000.0" in r.stderr, r.stderr
+    record = json.loads(safe_open(str(out / "model.safetensors"), "pt").metadata()["modelsurgery"])["parameters"]
+    assert record["config_differences"]["rope_theta"] == {str(llamas["a"] / "config.json"): 10000.0,
+                                                         str(models["b"] / "config.json"): 500000.0}
+    assert record["config_from"] == str(llamas["a"] / "config.json")
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_theta"] == 10000.0
