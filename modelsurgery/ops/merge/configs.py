@@ -1,7 +1,7 @@
 """The config.json of the models a merge combines: same shapes do not mean the same function.
 
 Two LLaMA-shaped folders can agree in every tensor shape and still compute differently: 8 heads of 64 or 16
-of 32 (head_dim set apart from hidden_size), another activation, a tied head, other sliding layers. The
+of 32 (head_dim set apart from hidden_size), another activation, other sliding layers. The
 average of their weights is then no model at all. Each family declares which config.json keys change its
 function (``Family.structural_config_keys``, refused when they differ) and which are numeric settings that
 fine-tunes of one model differ in on purpose (``Family.tuning_config_keys``: rope base and scaling, context
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from modelsurgery.checkpoint import Checkpoint
@@ -36,9 +36,6 @@ class ConfigDifference:
         shown = ", ".join(f"{_show(v)} ({f})" for f, v in self.values.items())
         return (f"config.json {self.key} differs between the merged models: {shown}; the output carries "
                 f"{_show(self.values.get(carried))} from {carried}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def config_file(ckpt: Checkpoint) -> str:
