@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.cli.app import app
-from tests.hf_tiny import load_hf, save_tiny_bert, save_tiny_decoder, save_tiny_gpt2, save_tiny_llama
+from tests.hf_tiny import DECODER_FAMILY, load_hf, save_tiny_bert, save_tiny_decoder, save_tiny_gpt2, save_tiny_llama
 
 runner = CliRunner()
 
@@ -170,3 +170,26 @@ def test_declared_defaults_are_transformers_defaults():
             assert written[key] == value, (family.name, key)
             checked += 1
     assert checked == len(GPT2Family.config_defaults) + len(BertFamily.config_defaults) - 1
+
+
+@pytest.mark.parametrize("kind", sorted(DECODER_FAMILY))
+def test_every_decoder_family_reads_its_own_config_alike(tmp_path, kind):
+    """Two seeds of one configuration (every decoder family: llama3 rope, Gemma 3's two ropes, Phi-3, NeoX's partial
+    rotary) have nothing to report; a structural key changed in one is refused naming it."""
+    from modelsurgery.errors import SurgeryError
+    from modelsurgery.families import detect_family
+    from modelsurgery.ops.merge.configs import compare_configs
+
+    a = save_tiny_decoder(kind, tmp_path / "a", seed=0)
+    b = variant(save_tiny_decoder(kind, tmp_path / "b0", seed=1), tmp_path / "b", _name_or_path="b")
+    ckpts = [Checkpoint.open(a), Checkpoint.open(b)]
+    families = [detect_family(c) for c in ckpts]
+    assert families[0].structural_config_keys and families[0].tuning_config_keys
+    assert compare_configs(list(zip(ckpts, families))) == []
+    key = families[0].structural_config_keys[0]  # num_attention_heads: 4 -> 2 heads of twice the head_dim
+    cfg = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**cfg, key: 2, "head_dim": 2 * families[0].attention.head_dim,
+                                               "num_key_value_heads": 1}))
+    other = Checkpoint.open(b)
+    with pytest.raises(SurgeryError, match=f"config.json {key}=2, but .* has {key}=4"):
+        compare_configs([(ckpts[0], families[0]), (other, detect_family(other))])
