@@ -81,6 +81,15 @@ def link_root(folder: Path) -> Path:
     """The folder links inside ``folder`` may point into: a cached snapshot's files are links into its
     repository's ``blobs/``, so the repository folder; any other folder itself."""
     resolved = folder.resolve()
-    if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
-        return resolved.parent.parent
-    return resolved
+    return resolved.parent.parent if _in_snapshots(resolved) else resolved
+
+
+def _in_snapshots(folder: Path) -> bool:
+    return folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+
+
+def hub_repo_of(folder: Path) -> str | None:
+    """The repo id ('org/name') of a cached snapshot folder (``models--org--name/snapshots/<commit>``;
+    the hub allows no '--' in an id, so the folder name splits back unambiguously), else None."""
+    resolved = folder.resolve()
+    return resolved.parent.parent.name.removeprefix("models--").replace("--", "/") if _in_snapshots(resolved) else None

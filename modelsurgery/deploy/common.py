@@ -40,6 +40,9 @@ class DeploySource:
     parameters: dict = field(default_factory=dict)
     #: the files the provenance names (default: the checkpoint's own)
     sources: list[str] | None = None
+    #: the folder of the model the user gave, which names the output as llama.cpp's converter names it
+    #: (GGUF's general.name); default: the checkpoint's own folder
+    model_folder: Path | None = None
 
     def source_files(self) -> list[Path]:
         return [Path(p) for p in self.sources] if self.sources is not None else list(self.ckpt.source_files)

@@ -22,8 +22,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+import yaml
 
 from modelsurgery.checkpoint import Provenance, check_output
+from modelsurgery.checkpoint.hub import hub_repo_of
 from modelsurgery.checkpoint.writer import atomic_path
 from modelsurgery.deploy.common import (
     DeployReport,
@@ -169,6 +171,25 @@ def rope_tensors(config: dict) -> dict[str, np.ndarray]:
     if rope_type == "longrope":
         return longrope_factors(config)
     return {}
+
+
+def model_name(folder: Path | None) -> str | None:
+    """``general.name`` as llama.cpp's converter writes it for the model in ``folder`` (``prepare_metadata``):
+    for a cached hub snapshot the repo id (its ``--remote`` mode names the file after the id it reads);
+    else what the gguf package's ``Metadata.load`` finds: the model card's ``name``/``model_name``, then
+    config.json's ``_name_or_path`` when it is a hub id, then the folder's name, the last two in title
+    form ('my-llama-merge' -> 'My Llama Merge'); else the folder's name. None without a folder."""
+    if folder is None:
+        return None
+    repo = hub_repo_of(folder)
+    if repo is not None:
+        return repo
+    try:
+        found = gguf.Metadata.load(model_path=folder).name
+    except (yaml.YAMLError, UnicodeDecodeError):  # a model card the converter fails on: the rules without it
+        found = gguf.Metadata.apply_metadata_heuristic(gguf.Metadata(), {}, gguf.Metadata.load_hf_parameters(folder),
+                                                       folder).name
+    return found or folder.name
 
 
 def write_hparams(w: gguf.GGUFWriter, config: dict, name: str, file_type: int, fam: GGUFFamily) -> None:
@@ -327,7 +348,7 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
                                    lambda factors=factors: factors))
     with atomic_path(out, force, is_dir=False) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        write_hparams(writer, config, (src.folder or out).name, file_type, fam)
+        write_hparams(writer, config, model_name(src.model_folder or src.folder) or out.stem, file_type, fam)
         tok = write_tokenizer(writer, src.folder, config["vocab_size"], tokenizer)
         # the record every output of ours carries (tool version, parameters, sources with their sha256)
         writer.add_string("modelsurgery", Provenance(src.operation, {"format": NAME, **src.parameters},

@@ -55,7 +55,9 @@ def quantize_to_format(path: str | Path, out: str | Path, opts, progress=None):
         if not packed.exists():  # another process of a torchrun group: rank 0 writes
             return result
         src = open_packed(packed)
-        src.operation, src.sources = "quantize", [str(p) for p in Checkpoint.open(path).source_files]
+        original = Checkpoint.open(path)
+        src.operation, src.sources = "quantize", [str(p) for p in original.source_files]
+        src.model_folder = original.folder  # the model quantized names the output, not the folder packed here
         src.parameters = {"method": opts.method, **scheme.to_dict(), "params": result.options}
         report = deploy(src, out, fmt, opts.force, opts.gguf_tokenizer or "auto")
     result.output, result.bytes_out, result.deploy = str(out), report.bytes_out, report.to_dict()

@@ -163,14 +163,68 @@ def test_mistral_as_llama_and_sliding_window_refused(tmp_path, token_ids):
     with pytest.raises(SurgeryError, match="sliding_window 5 < context 64"):
         deploy(rtn_source("gguf", SCHEMES["Q8_0"], folder=windowed), tmp_path / "w.gguf", "gguf",
                gguf_tokenizer="none")
-    # (a folder named "mistral" becomes general.name, from which transformers' loader guesses an
-    # architecture gguf-py does not list)
-    folder = save_tiny_mistral(tmp_path / "tiny", sliding_window=None)
+    # transformers' loader reads a llama file whose general.name is exactly "mistral" as an architecture
+    # gguf-py does not list, and refuses it; the converter names the folder "mistral" "Mistral"
+    folder = save_tiny_mistral(tmp_path / "mistral", sliding_window=None)
     src = rtn_source("gguf", SCHEMES["Q8_0"], skip=("down_proj",), folder=folder)
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
     deploy(src, out, "gguf", gguf_tokenizer="none")
+    assert gguf.GGUFReader(out).fields["general.name"].contents() == "Mistral"
     loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    ids = token_ids % 97
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)
+
+
+CARD = "---\nlicense: mit\nmodel_name: Our Merge\n---\n# a merge\n"
+
+
+@pytest.mark.parametrize("folder,card,name_or_path,name", [
+    # hand-derived from gguf-py's Metadata (apply_metadata_heuristic, get_model_id_components, id_to_title)
+    # and convert_hf_to_gguf.py's prepare_metadata
+    ("my-llama-merge", None, None, "My Llama Merge"),        # the folder's name, '-' to spaces, words titled
+    ("tiny-llama-v0.2", None, None, "Tiny Llama v0.2"),      # a version stays as written
+    ("my merge", None, None, "My Merge"),                    # a name with spaces is one name, titled
+    ("run3", None, "meta-llama/Llama-2-7b-hf", "Llama 2 7b Hf"),  # config.json's _name_or_path, a hub id
+    ("run3", None, "/home/me/checkpoints/llama", "Run3"),    # ... but not a path of several folders
+    ("run3", CARD, "meta-llama/Llama-2-7b-hf", "Our Merge"),  # the model card's model_name first
+    ("run3", "---\n: [unclosed\n---\n", None, "Run3"),     # a card YAML cannot read: read without it
+    ("run3", "---\nname: caf\xe9\n---\n".encode("latin-1"), None, "Run3"),  # ... or a card not in UTF-8
+])
+def test_general_name_as_the_converter_writes_it(tmp_path, folder, card, name_or_path, name):
+    """general.name is the name llama.cpp's converter gives the model's folder, not the name of a
+    folder the writer happens to read (the quantize path packs into one called 'packed')."""
+    model = tmp_path / folder
+    shutil.copytree(LLAMA, model)
+    if card is not None:
+        (model / "README.md").write_bytes(card if isinstance(card, bytes) else card.encode())
+    if name_or_path is not None:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "_name_or_path": name_or_path}))
+    out = tmp_path / "m.gguf"
+    deploy(rtn_source("gguf", SCHEMES["Q8_0"], folder=model), out, "gguf", gguf_tokenizer="none")
+    assert gguf.GGUFReader(out).fields["general.name"].contents() == name
+
+
+def test_llama_in_a_mistral_named_folder_loads_as_llama(tmp_path, token_ids):
+    """transformers' loader takes a llama file for Mistral only when general.name is the one word
+    "mistral" (a list membership test on the field); the converter's "My Mistral Merge" leaves a LLaMA a
+    LLaMA, with its logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.hf_tiny import save_tiny_llama3
+
+    folder = save_tiny_llama3(tmp_path / "my-mistral-merge",
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    src = rtn_source("gguf", SCHEMES["Q8_0"], skip=("down_proj",), folder=folder)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    deploy(src, out, "gguf", gguf_tokenizer="none")
+    assert gguf.GGUFReader(out).fields["general.name"].contents() == "My Mistral Merge"
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    assert type(loaded).__name__ == "LlamaForCausalLM"
     ids = token_ids % 97
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference_model(src)(ids).logits, rtol=0, atol=1e-5)

@@ -125,3 +125,44 @@ def test_compressed_tensors_scales_in_a_half_precision_models_dtype(tmp_path, dt
         assert local["weight_scale"].dtype == getattr(torch, dtype)
         theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
         assert torch.equal(theirs, weight.to(theirs.dtype)), module
+
+
+def test_gguf_named_after_the_model_quantized(tmp_path, monkeypatch):
+    """general.name is the name llama.cpp's converter gives the input (gguf-py's Metadata: the folder's
+    name in title form; a hub id as its --remote mode writes it), never 'packed', the folder the quantize
+    path packs into; converting a packed folder names the file after that folder, by the same rule."""
+    import hashlib
+    import os
+    import shutil
+
+    def name(path):
+        return gguf.GGUFReader(path).fields["general.name"].contents()
+
+    model = shutil.copytree(LLAMA, tmp_path / "char-llama")
+    rtn = ["--method", "rtn", "--bits", "8", "--granularity", "group", "--group-size", "32", "--skip", "down_proj",
+           "-q"]
+    res = runner.invoke(app, ["quantize", str(model), "-o", str(tmp_path / "q.gguf"), "--format", "gguf",
+                              "--gguf-tokenizer", "none", *rtn])
+    assert res.exit_code == 0, res.output
+    assert name(tmp_path / "q.gguf") == "Char Llama"
+    res = runner.invoke(app, ["quantize", str(model), "-o", str(tmp_path / "char-llama-q8"), "--format", "packed",
+                              *rtn])
+    assert res.exit_code == 0, res.output
+    convert_packed(tmp_path / "char-llama-q8", tmp_path / "p.gguf", "gguf", gguf_tokenizer="none")
+    assert name(tmp_path / "p.gguf") == "Char Llama Q8"
+    # a hub id read from the local cache (huggingface_hub's layout: snapshot files link into blobs/)
+    storage = tmp_path / "hub" / "models--tiny-org--char-llama"
+    snapshot = storage / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (storage / "blobs").mkdir()
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text("c" * 40)
+    for f in LLAMA.iterdir():
+        blob = storage / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    res = runner.invoke(app, ["quantize", "tiny-org/char-llama", "-o", str(tmp_path / "h.gguf"), "--format", "gguf",
+                              "--gguf-tokenizer", "none", *rtn])
+    assert res.exit_code == 0, res.output
+    assert name(tmp_path / "h.gguf") == "tiny-org/char-llama"
