@@ -61,7 +61,7 @@ def run(spec: dict, method: str, preset: str | None, out: Path) -> dict:
     from modelsurgery.ops.quantize import QuantizeOptions, quantize_checkpoint
 
     opts = QuantizeOptions(bits=spec["bits"], method=method, preset=preset, calib=spec["calib"], eval=spec["eval"],
-                           seq_len=spec["seq_len"] or 128, default_skips=spec["default_skips"], force=True)
+                           seq_len=spec["seq_len"], default_skips=spec["default_skips"], force=True)
     start, cpu = time.perf_counter(), time.process_time()
     r = quantize_checkpoint(spec["model"], out, opts)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu

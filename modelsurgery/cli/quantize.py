@@ -82,8 +82,8 @@ def quantize_command(
     preset: str = typer.Option(None, "--preset", help="learned methods: fast, default or best: the steps, "
                                "samples and batch size that you do not set yourself (default: each method's "
                                "declared values; table in the README)."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per calibration sample (--eval samples are cut "
-                                "to it too)."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Tokens per calibration sample (--eval samples are cut "
+                                "to it too; default 128); token data only."),
     grid: str = typer.Option(None, "--grid", help="Grid init: minmax, or search (Lp clipping search). "
                              "Default: minmax for rtn, search for learned methods."),
     fmt: str = typer.Option("fake", "--format", help=f"One of {', '.join((*FORMATS, *DEPLOY_FORMATS))}. fake: "

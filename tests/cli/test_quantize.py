@@ -246,3 +246,41 @@ def test_skip_that_names_no_weight_is_reported(tmp_path):
     assert report["skip_unmatched"] == ["lm_head"]
     kept = json.loads(runner.invoke(app, [*args[:-1], "embed_tokens", "-o", str(tmp_path / "q3"), "--json"]).stdout)
     assert kept["skip_unmatched"] == []
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "error: --seq-len 16: it cuts calibration and evaluation samples, and without --calib or --eval there "
+         "are none"),
+    (["--calib", str(CALIB)], f"error: --seq-len 16: it cuts token samples, and {CALIB} holds feature inputs, not "
+                              "token ids"),
+])
+def test_seq_len_without_token_data_refused(tmp_path, args, message):
+    """--seq-len cuts token samples: with the digits' feature inputs, or no data at all, nothing reads it."""
+    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(tmp_path / "q.safetensors"), "--method", "rtn",
+                            "--seq-len", "16", *args])
+    assert r.exit_code == 1
+    assert r.stderr.strip() == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seq_len_in_a_recipe_as_on_the_command_line(tmp_path):
+    """A recipe's quantize step passes seq_len as the command line does: refused for the digits MLP, recorded
+    for token data."""
+    from safetensors import safe_open
+
+    from tests.hf_tiny import save_tiny_llama
+
+    llama = save_tiny_llama(tmp_path / "llama")
+    step = "steps:\n  - {{name: q, run: quantize, inputs: [{model}], options: {{method: rtn, calib: {calib}, " \
+           "seq_len: 16}}}}\n"
+    recipe = tmp_path / "mlp.yml"
+    recipe.write_text(step.format(model=MLP, calib=CALIB))
+    r = runner.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "mlp")])
+    assert r.exit_code == 1 and "step 'q' (quantize) failed" in r.stderr and "--seq-len 16: it cuts token" in r.stderr
+    assert not (tmp_path / "mlp").exists()
+    torch.save({"input_ids": torch.randint(3, 97, (4, 24))}, tmp_path / "ids.pt")
+    recipe.write_text(step.format(model=llama, calib=tmp_path / "ids.pt"))
+    r = runner.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "llama-q")])
+    assert r.exit_code == 0, r.output
+    with safe_open(str(tmp_path / "llama-q" / "q" / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["modelsurgery"])["parameters"]["seq_len"] == 16

@@ -74,6 +74,10 @@ FORMATS: dict[str, Callable[[str, QuantizedWeight, int, torch.dtype], dict[str, 
 }
 
 
+#: tokens per calibration and evaluation sample when ``QuantizeOptions.seq_len`` is None
+SEQ_LEN = 128
+
+
 @dataclass
 class QuantizeOptions(WriteOptions):
     """What to quantize and how; the writing options (``WriteOptions``: dtype, max_shard_size,
@@ -90,7 +94,9 @@ class QuantizeOptions(WriteOptions):
     calib: Path | None = None
     #: calibration samples; None: the preset's (``params.PRESETS``; 128 at "default")
     samples: int | None = None
-    seq_len: int = 128
+    #: tokens per calibration and evaluation sample (token data only: given for other data it is refused);
+    #: None: ``SEQ_LEN``
+    seq_len: int | None = None
     #: the method's parameters to override (steps, lr, batch_size, reg_weight ...: ``method.params``);
     #: any left out, or None, take the method's default
     params: dict[str, Any] = field(default_factory=dict)
@@ -374,6 +380,9 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     if opts.offload_dir is not None and opts.calib is None:
         raise SurgeryError(f"--offload-dir {opts.offload_dir}: it keeps cached calibration activations, and without "
                            "--calib there are none")
+    if opts.seq_len is not None and opts.calib is None and opts.eval is None:
+        raise SurgeryError(f"--seq-len {opts.seq_len}: it cuts calibration and evaluation samples, and without "
+                           "--calib or --eval there are none")
     device = resolve_device(opts.device)
     if rank == 0:
         check_output(out, opts.force, [path, *opts.data_files()])
@@ -399,10 +408,11 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     if not targets:
         raise SurgeryError(f"{path}: no Linear, Conv or Embedding weight left to quantize (check --skip)")
 
-    calib, used = [], 0
+    calib, used, read = [], 0, []
+    seq_len = opts.seq_len if opts.seq_len is not None else SEQ_LEN
     if opts.calib is not None:
-        data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, opts.seq_len,
-                         None if streamed else model)
+        data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, seq_len, None if streamed else model)
+        read.append((opts.calib, data))
         used = len(data)  # a file with fewer samples than --samples gives what it has
         calib = list(data.batches(settings["batch_size"], family))
     parallel = None
@@ -411,7 +421,12 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         parallel = distributed.DataParallel(rank, world_size, shares)
     eval_data = None
     if opts.eval is not None:
-        eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, opts.seq_len, model)
+        eval_data = read_data(Path(opts.eval), family, ckpt.folder, None, seq_len, model)
+        read.append((opts.eval, eval_data))
+    tokens = any(d.is_tokens for _, d in read)
+    if opts.seq_len is not None and not tokens:
+        raise SurgeryError(f"--seq-len {opts.seq_len}: it cuts token samples, and {read[0][0]} holds feature inputs, "
+                           "not token ids")
 
     tensors_for = FORMATS[opts.format]
     grid = opts.grid or method.default_grid  # the grid the weights start from (the method's when none is given)
@@ -453,6 +468,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
               if k not in ("force", "streaming", "offload_dir", "dtype", "max_shard_size", "hash_inputs")}
     params["params"] = settings  # the values used, defaults included
     params["grid"] = grid  # None would not say which grid the method started from
+    params["seq_len"] = seq_len if tokens else None  # None: no token data was cut
     if calib:
         params["samples_used"] = used  # a file holding fewer than --samples gives what it has
     else:  # no calibration data: the preset's sample count was not used

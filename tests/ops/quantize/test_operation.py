@@ -128,6 +128,13 @@ def _listing(folder: Path) -> set:
     ({"method": "rtn", "format": "packed", "gguf_tokenizer": "none"},
      r"--gguf-tokenizer none: only for --format gguf \(--format packed writes no tokenizer\)"),
     ({"method": "rtn", "offload_dir": Path("/tmp")}, r"--offload-dir /tmp: .* without --calib there are none"),
+    ({"method": "rtn", "seq_len": 16},
+     r"^--seq-len 16: it cuts calibration and evaluation samples, and without --calib or --eval there are none$"),
+    ({"method": "rtn", "calib": CALIB, "seq_len": 16},
+     r"^--seq-len 16: it cuts token samples, and \S*digits_calib.safetensors holds feature inputs, not token ids$"),
+    ({"method": "flexround", "calib": CALIB, "eval": EVAL, "seq_len": 128, "params": {"steps": 1}},
+     r"^--seq-len 128: it cuts token samples, and \S*digits_calib.safetensors holds feature inputs"),
+    ({"method": "rtn", "eval": EVAL, "seq_len": 16}, r"^--seq-len 16: .* \S*digits_eval.safetensors holds feature"),
 ])
 def test_bad_options_write_nothing(tmp_path, opts, message):
     before = _listing(tmp_path)
@@ -267,6 +274,7 @@ def test_provenance_records_the_grid_and_samples_used(tmp_path, method):
         with safe_open(str(tmp_path / "nodata.safetensors"), "pt") as f:
             recorded = json.loads(f.metadata()["modelsurgery"])["parameters"]
         assert recorded["samples"] is None and "samples_used" not in recorded
+    assert recorded["seq_len"] is None  # no token data was cut
 
 
 def test_provenance_records_the_signed_step_used(tmp_path):
@@ -280,6 +288,30 @@ def test_provenance_records_the_signed_step_used(tmp_path):
     quantize_checkpoint(MLP, tmp_path / "given.safetensors", QuantizeOptions(**common, params={"steps": 8, "lr": lr}))
     a, b = load_file(tmp_path / "q.safetensors"), load_file(tmp_path / "given.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seq_len_cuts_token_calibration(tmp_path):
+    """--seq-len N on token data calibrates on the first N tokens of each sample: the blocks' errors are those
+    of the file cut to N columns by hand (other lengths give others), and the provenance records N; left out,
+    the default 128 is recorded, as before it was refused for data it does not apply to."""
+    from tests.hf_tiny import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "llama")
+    ids = torch.randint(3, 97, (8, 24), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, tmp_path / "full.safetensors")
+    save_file({"input_ids": ids[:, :6].contiguous()}, tmp_path / "cut.safetensors")
+    runs = {"flag": ("full", 6), "by_hand": ("cut", None), "longer": ("full", 12), "default": ("full", None)}
+    losses = {}
+    for run, (calib, seq_len) in runs.items():
+        r = quantize_checkpoint(folder, tmp_path / run, QuantizeOptions(
+            method="rtn", calib=tmp_path / f"{calib}.safetensors", seq_len=seq_len, format="packed"))
+        losses[run] = [b["rtn_loss"] for b in r.blocks]
+        with safe_open(str(tmp_path / run / "model.safetensors"), "pt") as f:
+            recorded = json.loads(f.metadata()["modelsurgery"])["parameters"]["seq_len"]
+        assert recorded == (seq_len or 128), run
+    assert len(losses["flag"]) == 3 and all(x > 0 for x in losses["flag"])
+    assert losses["flag"] == losses["by_hand"]
+    assert losses["flag"] != losses["longer"] and losses["longer"] != losses["default"]
 
 
 @pytest.mark.parametrize("seq_len", [10, 128])
