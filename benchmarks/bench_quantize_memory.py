@@ -118,7 +118,8 @@ def run_one(cfg: dict) -> dict:
     torch.manual_seed(0)
     opts = QuantizeOptions(
         bits=cfg["bits"], method=cfg["method"], calib=Path(cfg["calib"]), samples=cfg["samples"],
-        seq_len=cfg["seq_len"], default_skips=True, low_memory=cfg["low_memory"], force=True,
+        seq_len=cfg["seq_len"], default_skips=True, force=True,
+        low_memory=cfg["low_memory"] if cfg["method"] != "rtn" else None,
         params={"batch_size": cfg["batch_size"], **({"steps": cfg["steps"]} if cfg["method"] != "rtn" else {})})
     r = operation.quantize_checkpoint(cfg["model"], Path(cfg["out"]), opts)
     sampler.stop.set()

@@ -148,8 +148,8 @@ def run_surgery(cfg: dict):
     params.update(cfg.get("extra") or {})
     opts = QuantizeOptions(bits=bits, method=cfg["method"], granularity="group" if group else "channel",
                            group_size=group, calib=Path(cfg["calib"]), samples=cfg["samples"],
-                           seq_len=cfg["seq_len"], params=params, grid=cfg.get("grid"), seed=cfg.get("seed", 0),
-                           default_skips=True, force=True)
+                           seq_len=cfg["seq_len"], params=params, grid=cfg.get("grid"),
+                           seed=cfg.get("seed", 0) if cfg["method"] != "rtn" else None, default_skips=True, force=True)
     out = Path(cfg["workdir"]) / f"{cfg['model']}-{cfg['row']}-{cfg['method']}"
     quantize_checkpoint(cfg["folder"], out, opts)
     return lambda: load_float({**cfg, "folder": str(out)})

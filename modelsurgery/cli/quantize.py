@@ -96,10 +96,11 @@ def quantize_command(
                                        "(token ids only)."),
     eval_data: Path = typer.Option(None, "--eval", help="Evaluate float vs quantized on this data file."),
     model: str = model_option(),
-    seed: int = typer.Option(0, "--seed", help="Random seed for batch order."),
-    low_memory: bool = typer.Option(True, "--low-memory/--fast", help="While blocks train, return freed memory "
-                                    "to the OS every step (peak memory within twice the model plus one block's "
-                                    "activations), or skip that for speed (page faults cost time on small blocks)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed for the learned methods' batch order (default 0)."),
+    low_memory: bool = typer.Option(None, "--low-memory/--fast", help="Learned methods: while blocks train, return "
+                                    "freed memory to the OS every step (the default; peak memory within twice the "
+                                    "model plus one block's activations), or skip that for speed (page faults cost "
+                                    "time on small blocks)."),
     device: str = typer.Option("cpu", "--device", help="Where the block being calibrated and its activations "
                                "live: cpu, cuda, cuda:N or auto (cuda when present); the rest stays on the host."),
     offload_dir: Path = typer.Option(None, "--offload-dir", help="Keep the cached calibration activations in "

@@ -249,15 +249,21 @@ def test_skip_that_names_no_weight_is_reported(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    ([], "error: --seq-len 16: it cuts calibration and evaluation samples, and without --calib or --eval there "
-         "are none"),
-    (["--calib", str(CALIB)], f"error: --seq-len 16: it cuts token samples, and {CALIB} holds feature inputs, not "
-                              "token ids"),
+    (["--seq-len", "16"], "error: --seq-len 16: it cuts calibration and evaluation samples, and without --calib or "
+                          "--eval there are none"),
+    (["--seq-len", "16", "--calib", str(CALIB)],
+     f"error: --seq-len 16: it cuts token samples, and {CALIB} holds feature inputs, not token ids"),
+    (["--samples", "64"], "error: --samples 64: it counts calibration samples, and without --calib there are none"),
+    (["--batch-size", "8"], "error: --batch-size 8: it batches calibration samples, and without --calib there are "
+                            "none"),
+    (["--seed", "1", "--calib", str(CALIB)], "error: --seed 1: it orders the batches a learned method trains on; "
+                                             "--method rtn trains nothing"),
+    (["--fast"], "error: --fast: it applies while a learned method trains a block; --method rtn trains nothing"),
 ])
-def test_seq_len_without_token_data_refused(tmp_path, args, message):
-    """--seq-len cuts token samples: with the digits' feature inputs, or no data at all, nothing reads it."""
-    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(tmp_path / "q.safetensors"), "--method", "rtn",
-                            "--seq-len", "16", *args])
+def test_options_nothing_reads_refused(tmp_path, args, message):
+    """--seq-len cuts token samples (none in the digits' feature inputs, or without data), --samples and
+    --batch-size the calibration set, --seed and --fast the training: where nothing reads them they are refused."""
+    r = runner.invoke(app, ["quantize", str(MLP), "-o", str(tmp_path / "q.safetensors"), "--method", "rtn", *args])
     assert r.exit_code == 1
     assert r.stderr.strip() == message
     assert list(tmp_path.iterdir()) == []

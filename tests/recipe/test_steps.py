@@ -294,7 +294,7 @@ steps:
   - name: q
     run: quantize
     inputs: [{llamas['a']}]
-    options: {{method: rtn, skip: [lm_head, embed_tokens], symmetric: false, low_memory: false}}
+    options: {{method: flexround, skip: [lm_head, embed_tokens], symmetric: false, low_memory: false}}
   - name: onnx
     run: export
     inputs: [q]
@@ -305,7 +305,7 @@ steps:
     r = run(write(tmp_path, text), out, "--dry-run", "--json")
     assert r.exit_code == 0, r.output
     steps = json.loads(r.stdout)["steps"]
-    assert steps[0]["command"].endswith("--method rtn --skip lm_head --skip embed_tokens --asymmetric --fast")
+    assert steps[0]["command"].endswith("--method flexround --skip lm_head --skip embed_tokens --asymmetric --fast")
     assert steps[1]["command"].endswith("-o " + str(out / "m.onnx") + " --no-check --opset 21")
 
 

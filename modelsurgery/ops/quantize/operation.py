@@ -107,8 +107,11 @@ class QuantizeOptions(WriteOptions):
     format: str = "fake"
     eval: Path | None = None
     model: str | None = None
-    seed: int = 0
-    low_memory: bool = True
+    #: the learned methods' batch order; None: 0 (given with RTN, which draws no batches, it is refused)
+    seed: int | None = None
+    #: the learned methods: return freed memory to the OS at every training step (True), or not; None: True
+    #: (given with RTN, which trains nothing, it is refused)
+    low_memory: bool | None = None
     #: read the checkpoint a tensor (RTN) or a block (calibration) at a time instead of building the
     #: whole float model first (``streaming.py``); --eval always builds the whole model
     streaming: bool = True
@@ -186,6 +189,9 @@ def with_preset(opts: QuantizeOptions, method) -> QuantizeOptions:
                            "steps, samples and batch size of the learned methods)")
     preset = PRESETS[opts.preset or "default"]
     params = {k: v for k, v in opts.params.items() if v is not None}
+    if opts.preset is not None and opts.samples is not None and {"steps", "batch_size"} <= params.keys():
+        raise SurgeryError(f"--preset {opts.preset}: it sets the steps, samples and batch size left out, and "
+                           "--steps, --samples and --batch-size are all given")
     steps, preset_samples, batch_size = preset.for_method(method.name)
     if method.learned and "steps" not in params and steps is not None:
         params["steps"] = steps
@@ -193,6 +199,29 @@ def with_preset(opts: QuantizeOptions, method) -> QuantizeOptions:
         params["batch_size"] = batch_size
     samples = opts.samples if opts.samples is not None else preset_samples
     return replace(opts, params=params, samples=samples, preset=preset.name if method.learned else None)
+
+
+def check_unread(opts: QuantizeOptions, method) -> None:
+    """Options that nothing would read, refused in one line (``opts`` as given, before a preset fills in the
+    samples and batch size): the calibration set's without --calib, --seq-len without data, and the training's
+    with a method that trains nothing. --seq-len given for data of feature inputs is refused once the data is
+    read. A learned method without --calib is refused later, in its own words."""
+    if opts.calib is None and not method.learned:
+        for flag, value, what in (("--samples", opts.samples, "it counts calibration samples"),
+                                  ("--batch-size", opts.params.get("batch_size"), "it batches calibration samples"),
+                                  ("--offload-dir", opts.offload_dir, "it keeps cached calibration activations")):
+            if value is not None:
+                raise SurgeryError(f"{flag} {value}: {what}, and without --calib there are none")
+    if opts.seq_len is not None and opts.calib is None and opts.eval is None:
+        raise SurgeryError(f"--seq-len {opts.seq_len}: it cuts calibration and evaluation samples, and without "
+                           "--calib or --eval there are none")
+    if not method.learned:
+        for flag, given, what in (
+                (f"--seed {opts.seed}", opts.seed is not None, "it orders the batches a learned method trains on"),
+                ("--low-memory" if opts.low_memory else "--fast", opts.low_memory is not None,
+                 "it applies while a learned method trains a block")):
+            if given:
+                raise SurgeryError(f"{flag}: {what}; --method {method.name} trains nothing")
 
 
 def check_writing(opts: QuantizeOptions) -> None:
@@ -352,7 +381,8 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     scheme = opts.scheme
     scheme.validate()
     method = method_by_name(opts.method)
-    opts = with_preset(opts, method)
+    check_unread(opts, method)
+    given, opts = opts, with_preset(opts, method)
     settings = method.resolve(opts.params)
     if method.optimizer == "signsgd" and not settings["lr"]:  # lr 0 means the method's rule: record its value
         settings["lr"] = method.signed_step(scheme.bits, max(1, settings["steps"]))
@@ -362,7 +392,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     if opts.format in DEPLOYED:  # GPTQ, compressed-tensors, GGUF (modelsurgery.deploy.quantize)
         from modelsurgery.deploy.quantize import quantize_to_format
 
-        return quantize_to_format(path, out, opts, progress)
+        return quantize_to_format(path, out, given, progress)  # which quantizes as given, the preset applied there
     if opts.format not in FORMATS:
         raise SurgeryError(f"--format {opts.format}: expected one of {', '.join((*FORMATS, *DEPLOYED))}")
     from modelsurgery.ops.float_input import float_source, quantization_of  # imported late: they read packing.py
@@ -377,12 +407,6 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         raise SurgeryError(f"{path}: {family.not_runnable_reason()}")
     if method.learned and opts.calib is None:
         raise SurgeryError(f"--method {opts.method} learns the rounding from data: pass --calib FILE")
-    if opts.offload_dir is not None and opts.calib is None:
-        raise SurgeryError(f"--offload-dir {opts.offload_dir}: it keeps cached calibration activations, and without "
-                           "--calib there are none")
-    if opts.seq_len is not None and opts.calib is None and opts.eval is None:
-        raise SurgeryError(f"--seq-len {opts.seq_len}: it cuts calibration and evaluation samples, and without "
-                           "--calib or --eval there are none")
     device = resolve_device(opts.device)
     if rank == 0:
         check_output(out, opts.force, [path, *opts.data_files()])
@@ -435,7 +459,9 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         tensors_for = lambda name, qw, bits, dtype: own(name, qw, bits, write_dtype)
     in_targets = [any(id(p) in targets for p in b.parameters()) for b in model.stages().blocks]
     timer = CalibrationEstimate(progress, sum(in_targets))
-    recon = ReconstructOptions(settings=settings, grid=opts.grid, seed=opts.seed, low_memory=opts.low_memory,
+    seed = opts.seed if opts.seed is not None else 0
+    low_memory = opts.low_memory is not False
+    recon = ReconstructOptions(settings=settings, grid=opts.grid, seed=seed, low_memory=low_memory,
                                device=device, offload_dir=opts.offload_dir, parallel=parallel)
     blocks: list = []
     steps = rounding = None
@@ -469,6 +495,8 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     params["params"] = settings  # the values used, defaults included
     params["grid"] = grid  # None would not say which grid the method started from
     params["seq_len"] = seq_len if tokens else None  # None: no token data was cut
+    if method.learned:  # the values used (RTN's are None: it draws no batches and trains nothing)
+        params["seed"], params["low_memory"] = seed, low_memory
     if calib:
         params["samples_used"] = used  # a file holding fewer than --samples gives what it has
     else:  # no calibration data: the preset's sample count was not used

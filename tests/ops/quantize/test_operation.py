@@ -135,6 +135,15 @@ def _listing(folder: Path) -> set:
     ({"method": "flexround", "calib": CALIB, "eval": EVAL, "seq_len": 128, "params": {"steps": 1}},
      r"^--seq-len 128: it cuts token samples, and \S*digits_calib.safetensors holds feature inputs"),
     ({"method": "rtn", "eval": EVAL, "seq_len": 16}, r"^--seq-len 16: .* \S*digits_eval.safetensors holds feature"),
+    ({"method": "rtn", "samples": 64},
+     r"^--samples 64: it counts calibration samples, and without --calib there are none$"),
+    ({"method": "rtn", "eval": EVAL, "params": {"batch_size": 8}},
+     r"^--batch-size 8: it batches calibration samples, and without --calib there are none$"),
+    ({"method": "rtn", "calib": CALIB, "seed": 3},
+     r"^--seed 3: it orders the batches a learned method trains on; --method rtn trains nothing$"),
+    ({"method": "rtn", "calib": CALIB, "low_memory": False},
+     r"^--fast: it applies while a learned method trains a block; --method rtn trains nothing$"),
+    ({"method": "rtn", "low_memory": True}, r"^--low-memory: it applies while a learned method trains a block"),
 ])
 def test_bad_options_write_nothing(tmp_path, opts, message):
     before = _listing(tmp_path)
@@ -275,6 +284,8 @@ def test_provenance_records_the_grid_and_samples_used(tmp_path, method):
             recorded = json.loads(f.metadata()["modelsurgery"])["parameters"]
         assert recorded["samples"] is None and "samples_used" not in recorded
     assert recorded["seq_len"] is None  # no token data was cut
+    # RTN draws no batches and trains nothing; a learned method records the seed and memory mode it used
+    assert (recorded["seed"], recorded["low_memory"]) == ((None, None) if method == "rtn" else (0, True))
 
 
 def test_provenance_records_the_signed_step_used(tmp_path):

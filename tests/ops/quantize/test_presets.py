@@ -66,14 +66,18 @@ def test_what_the_user_sets_wins_over_the_preset():
     assert (settings["steps"], settings["batch_size"], settings["lr"], samples) == (20_000, 4, 0.01, 1024)
 
 
-@pytest.mark.parametrize("method,preset,message", [
-    ("rtn", "fast", "--preset fast: --method rtn learns nothing"),
-    ("flexround", "slow", "--preset slow: expected one of fast, default, best"),
+@pytest.mark.parametrize("method,preset,given,message", [
+    ("rtn", "fast", {}, "--preset fast: --method rtn learns nothing"),
+    ("flexround", "slow", {}, "--preset slow: expected one of fast, default, best"),
+    # a preset that would set nothing the user left out
+    ("flexround", "best", {"samples": 8, "params": {"steps": 2, "batch_size": 4}},
+     "--preset best: it sets the steps, samples and batch size left out, and --steps, --samples and --batch-size "
+     "are all given"),
 ])
-def test_bad_presets_are_refused(tmp_path, method, preset, message):
+def test_bad_presets_are_refused(tmp_path, method, preset, given, message):
     out = tmp_path / "q.safetensors"
     with pytest.raises(SurgeryError, match=message):
-        quantize_checkpoint(MLP, out, QuantizeOptions(method=method, preset=preset, calib=CALIB))
+        quantize_checkpoint(MLP, out, QuantizeOptions(method=method, preset=preset, calib=CALIB, **given))
     assert not out.exists()
 
 
