@@ -202,11 +202,13 @@ def with_preset(opts: QuantizeOptions, method) -> QuantizeOptions:
 
 
 def check_unread(opts: QuantizeOptions, method) -> None:
-    """Options that nothing would read, refused in one line (``opts`` as given, before a preset fills in the
-    samples and batch size): the calibration set's without --calib, --seq-len without data, and the training's
-    with a method that trains nothing. --seq-len given for data of feature inputs is refused once the data is
-    read. A learned method without --calib is refused later, in its own words."""
-    if opts.calib is None and not method.learned:
+    """Options that RTN would not read, refused in one line (``opts`` as given, before a preset fills in the
+    samples and batch size): the calibration set's without --calib, --seq-len without data, and the training's.
+    A learned method reads them all from its --calib data (refused later without it, in its own words);
+    --seq-len given for data of feature inputs is refused once the data is read."""
+    if method.learned:
+        return
+    if opts.calib is None:
         for flag, value, what in (("--samples", opts.samples, "it counts calibration samples"),
                                   ("--batch-size", opts.params.get("batch_size"), "it batches calibration samples"),
                                   ("--offload-dir", opts.offload_dir, "it keeps cached calibration activations")):
@@ -215,13 +217,12 @@ def check_unread(opts: QuantizeOptions, method) -> None:
     if opts.seq_len is not None and opts.calib is None and opts.eval is None:
         raise SurgeryError(f"--seq-len {opts.seq_len}: it cuts calibration and evaluation samples, and without "
                            "--calib or --eval there are none")
-    if not method.learned:
-        for flag, given, what in (
-                (f"--seed {opts.seed}", opts.seed is not None, "it orders the batches a learned method trains on"),
-                ("--low-memory" if opts.low_memory else "--fast", opts.low_memory is not None,
-                 "it applies while a learned method trains a block")):
-            if given:
-                raise SurgeryError(f"{flag}: {what}; --method {method.name} trains nothing")
+    for flag, given, what in (
+            (f"--seed {opts.seed}", opts.seed is not None, "it orders the batches a learned method trains on"),
+            ("--low-memory" if opts.low_memory else "--fast", opts.low_memory is not None,
+             "it applies while a learned method trains a block")):
+        if given:
+            raise SurgeryError(f"{flag}: {what}; --method {method.name} trains nothing")
 
 
 def check_writing(opts: QuantizeOptions) -> None:

@@ -135,6 +135,8 @@ def _listing(folder: Path) -> set:
     ({"method": "flexround", "calib": CALIB, "eval": EVAL, "seq_len": 128, "params": {"steps": 1}},
      r"^--seq-len 128: it cuts token samples, and \S*digits_calib.safetensors holds feature inputs"),
     ({"method": "rtn", "eval": EVAL, "seq_len": 16}, r"^--seq-len 16: .* \S*digits_eval.safetensors holds feature"),
+    # a learned method without data: the missing --calib is what to fix
+    ({"method": "flexround", "seq_len": 64, "samples": 8}, r"^--method flexround learns the rounding from data"),
     ({"method": "rtn", "samples": 64},
      r"^--samples 64: it counts calibration samples, and without --calib there are none$"),
     ({"method": "rtn", "eval": EVAL, "params": {"batch_size": 8}},
