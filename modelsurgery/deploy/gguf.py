@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,7 @@ def model_name(folder: Path | None) -> str | None:
     form ('my-llama-merge' -> 'My Llama Merge'); else the folder's name. None without a folder."""
     if folder is None:
         return None
+    folder = Path(os.path.abspath(folder))  # '.' or 'x/..' named after the folder they stand for (links kept)
     repo = hub_repo_of(folder)
     if repo is not None:
         return repo

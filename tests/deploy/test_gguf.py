@@ -208,6 +208,16 @@ def test_general_name_as_the_converter_writes_it(tmp_path, folder, card, name_or
     assert gguf.GGUFReader(out).fields["general.name"].contents() == name
 
 
+def test_general_name_of_a_relative_folder(tmp_path, monkeypatch):
+    """A model given as '.' is named after the folder it stands for, not ''."""
+    from pathlib import Path
+
+    model = shutil.copytree(LLAMA, tmp_path / "my-llama-merge")
+    monkeypatch.chdir(model)
+    deploy(rtn_source("gguf", SCHEMES["Q8_0"], folder=Path(".")), tmp_path / "m.gguf", "gguf", gguf_tokenizer="none")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.name"].contents() == "My Llama Merge"
+
+
 def test_llama_in_a_mistral_named_folder_loads_as_llama(tmp_path, token_ids):
     """transformers' loader takes a llama file for Mistral only when general.name is the one word
     "mistral" (a list membership test on the field); the converter's "My Mistral Merge" leaves a LLaMA a
