@@ -207,8 +207,9 @@ def _dense(t: PlannedTensor) -> torch.Tensor:
     return value.detach().to("cpu")
 
 
-def write_safetensors(path: Path, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
-    """Write one safetensors file, one tensor in memory at a time."""
+def write_safetensors(path: Path, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None,
+                      written: Callable[[], None] | None = None):
+    """Write one safetensors file, one tensor in memory at a time; ``written`` is called after each tensor."""
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -221,6 +222,8 @@ def write_safetensors(path: Path, tensors: Sequence[PlannedTensor], metadata: di
                 copy_file_bytes(t.source[0], t.source[1], t.nbytes, f.fileno())
             else:
                 f.write(_tensor_bytes(t))
+            if written is not None:
+                written()
 
 
 def copy_file_bytes(src: Path, offset: int, count: int, dst_fd: int, chunk: int = 1 << 24) -> None:
@@ -292,11 +295,15 @@ def write_checkpoint(
     dtype: str | torch.dtype | None = None,
     hash_inputs: bool = True,
     force: bool = False,
+    progress: Callable[[str, int, int, dict], None] | None = None,
 ) -> WriteReport:
     """Write ``tensors`` to ``out``: a .safetensors file, a .pt file, or a folder (sharded above
     ``max_shard_size``, with config.json and carried-along files). ``dtype`` casts floating tensors
     (and sets config.json's ``torch_dtype``/``dtype``); without ``hash_inputs`` the provenance lists
-    its sources as ``inputs_unhashed`` and hashes nothing."""
+    its sources as ``inputs_unhashed`` and hashes nothing. ``progress`` (the operations' callback) hears
+    ``("write", tensors written, tensors planned, {})`` from the start and after each tensor: producing a
+    planned tensor (a fold, a dequantization, a width growth) happens as it is written, so this is the
+    bar of most of an operation's time on a large model."""
     out = Path(out)
     max_bytes = parse_size(max_shard_size)
     dtype = float_dtype(dtype)
@@ -316,6 +323,7 @@ def write_checkpoint(
         md.update(provenance.to_metadata(pending.placeholders))
     total = sum(t.nbytes for t in tensors)
     folder = output_is_folder(out)
+    written = _Counter(progress, len(tensors))
     if not folder:  # an input folder's list of its files (passed on with its metadata) is no file's list
         md.pop(FILES_KEY, None)
     try:
@@ -325,13 +333,13 @@ def write_checkpoint(
                     raise SurgeryError(
                         f"{out}: {total} bytes exceed --max-shard-size {max_bytes}; write to a folder to shard"
                     )
-                write_safetensors(tmp, tensors, md)
+                write_safetensors(tmp, tensors, md, written)
                 files = [out]
             elif not folder:
-                torch.save({t.name: _dense(t) for t in tensors}, tmp)
+                torch.save({t.name: written.after(_dense(t)) for t in tensors}, tmp)
                 files = [out]
             else:
-                files = _write_folder(tmp, out, tensors, md, max_bytes, config, extra_files)
+                files = _write_folder(tmp, out, tensors, md, max_bytes, config, extra_files, written)
             if pending is not None:
                 pending.patch(tmp.parent / f.relative_to(out.parent) for f in files
                               if f.name.endswith(".safetensors") and f.parent in (out, out.parent))
@@ -375,7 +383,25 @@ def _carry(src: Path, dst: Path) -> None:
             shutil.copyfileobj(f, g)
 
 
-def _write_folder(tmp: Path, out: Path, tensors, md, max_bytes, config, extra_files) -> list[Path]:
+class _Counter:
+    """Tensors written so far, told to the progress callback (nothing without one)."""
+
+    def __init__(self, progress: Callable[[str, int, int, dict], None] | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+        if progress is not None:
+            progress("write", 0, total, {})
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress("write", self.done, self.total, {})
+
+    def after(self, value: torch.Tensor) -> torch.Tensor:
+        self()
+        return value
+
+
+def _write_folder(tmp: Path, out: Path, tensors, md, max_bytes, config, extra_files, written) -> list[Path]:
     shards = split_shards(tensors, max_bytes)
     # a Path is carried under its own name, a CarriedFile (Checkpoint.extra_files) under its name in the folder
     extra_files = [p if isinstance(p, CarriedFile) else CarriedFile(Path(p), Path(p).name) for p in extra_files]
@@ -384,13 +410,13 @@ def _write_folder(tmp: Path, out: Path, tensors, md, max_bytes, config, extra_fi
     md = {**md, FILES_KEY: json.dumps(names)}
     files = []
     if len(shards) == 1:
-        write_safetensors(tmp / "model.safetensors", shards[0], md)
+        write_safetensors(tmp / "model.safetensors", shards[0], md, written)
         files.append(out / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(tmp / name, shard, md)
+            write_safetensors(tmp / name, shard, md, written)
             files.append(out / name)
             weight_map.update({t.name: name for t in shard})
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
