@@ -83,8 +83,10 @@ def write_grown(
     options: GrowOptions,
     report: GrowReport,
     config: dict | None,
+    progress: Progress = no_progress,
 ) -> GrowReport:
-    """Write the planned tensors (config and the first input's extra files carried along) and finish the report."""
+    """Write the planned tensors (config and the first input's extra files carried along) and finish the
+    report; ``progress`` hears the writer's "write" task (tensors written of the planned ones)."""
     sources = [f for c in ckpts for f in c.source_files]
     provenance = Provenance(f"grow.{options.method}", options.parameters(), sources)
     # descriptive metadata (activation, CNN arch, input shape) still holds; quantization and provenance don't
@@ -92,7 +94,7 @@ def write_grown(
                 if k.startswith("modelsurgery.") and k != "modelsurgery.quantization"}
     written = write_checkpoint(
         out, tensors, provenance=provenance, config=config, metadata=metadata, extra_files=ckpts[0].extra_files(),
-        force=options.force, **options.write_kwargs(),
+        force=options.force, progress=progress, **options.write_kwargs(),
     )
     if config is not None and not output_is_folder(out):
         report.notes.append(f"config.json (with the grown sizes) was not written: {out.name} is one file; "

@@ -44,4 +44,4 @@ def grow_interleave(ckpts: list[Checkpoint], out: Path, options: GrowOptions, pr
                 "projection shortcuts change the stream); use --method stack"
             )
     check_output(out, options.force, [ckpt.path])
-    return grow_depth(ckpt, out, options, layout, identity, family, "interleave")
+    return grow_depth(ckpt, out, options, layout, identity, family, "interleave", progress)

@@ -79,7 +79,8 @@ def orthogonal_coefficients(existing: torch.Tensor, gen: torch.Generator) -> tup
     return (v / v.norm()).float(), True
 
 
-def plain_layers(ckpts: list[Checkpoint], num_templates: int | None) -> list[TemplateLayer]:
+def plain_layers(ckpts: list[Checkpoint], num_templates: int | None, progress: Progress = no_progress
+                 ) -> list[TemplateLayer]:
     families = [detect_family(c) for c in ckpts]
     for c, f in zip(ckpts, families):
         chain = f.chain_layers()
@@ -109,7 +110,8 @@ def plain_layers(ckpts: list[Checkpoint], num_templates: int | None) -> list[Tem
     if t < 1:
         raise SurgeryError(f"--templates {t}: need at least one template per layer")
     layers = []
-    for lin in families[0].chain_layers():
+    chain = families[0].chain_layers()
+    for i, lin in enumerate(chain):
         ws = [c.get(lin.weight).float() for c in ckpts]
         layers.append(TemplateLayer(
             lin.weight,
@@ -117,6 +119,7 @@ def plain_layers(ckpts: list[Checkpoint], num_templates: int | None) -> list[Tem
             [torch.ones(t) for _ in ws],
             [c.get(lin.bias).float() for c in ckpts] if lin.bias else None,
         ))
+        progress("templates", i + 1, len(chain), {})  # an SVD per input and layer
     return layers
 
 
@@ -202,7 +205,7 @@ def grow_mixture(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progr
             "--method mixture needs two or more checkpoints of one architecture (or one in template form)"
         )
     else:
-        layers = plain_layers(ckpts, options.num_templates)
+        layers = plain_layers(ckpts, options.num_templates, progress)
         source = "spectral bands of the inputs' weights"
     if len(layers) < 2:
         raise SurgeryError(f"{ckpts[0].path}: MixtureGrowth needs at least two layers")
@@ -227,7 +230,7 @@ def grow_mixture(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progr
     report.notes.append(f"templates: {source}; {len(layers[0].templates[0])} per member and layer")
     report.notes.append(f"{new_blocks} new off-diagonal blocks, {orthogonal} with coefficients orthogonal "
                         "to the existing ones")
-    return write_grown(out, ckpts, plans, options, report, None)
+    return write_grown(out, ckpts, plans, options, report, None, progress)
 
 
 class _Named:

@@ -125,7 +125,7 @@ def config_for_depth(family: Family, layout: list[int]) -> dict | None:
 
 
 def grow_depth(ckpt: Checkpoint, out: Path, options: GrowOptions, layout: list[int], identity: set[int],
-               family: Family, method: str) -> GrowReport:
+               family: Family, method: str, progress: Progress = no_progress) -> GrowReport:
     family.check_layout(layout)
     report = new_report(method, [ckpt], out, family)
     report.layers_before = family.num_layers
@@ -134,7 +134,7 @@ def grow_depth(ckpt: Checkpoint, out: Path, options: GrowOptions, layout: list[i
     report.identity_blocks = sorted(identity)
     plans, _ = plan_depth(family, layout, identity)
     report.function_preserving = bool(identity) and len(layout) - len(identity) == family.num_layers
-    return write_grown(out, [ckpt], plans, options, report, config_for_depth(family, layout))
+    return write_grown(out, [ckpt], plans, options, report, config_for_depth(family, layout), progress)
 
 
 def grow_stack(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progress: Progress = no_progress
@@ -153,7 +153,7 @@ def grow_stack(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progres
             raise SurgeryError(f"--factor {factor}: stacking repeats the block stack a whole number of times >= 1")
         layout = stack_layout(n, int(factor))
     check_output(out, options.force, [ckpt.path])
-    return grow_depth(ckpt, out, options, layout, set(), family, "stack")
+    return grow_depth(ckpt, out, options, layout, set(), family, "stack", progress)
 
 
 def single_input(ckpts: list[Checkpoint], method: str) -> Checkpoint:

@@ -214,4 +214,4 @@ def grow_width(ckpts: list[Checkpoint], out: Path, options: GrowOptions, progres
     config = plan_groups(family, plan, factor, options.split, gen, report)
     check_output(out, options.force, [ckpt.path])
     report.function_preserving = True
-    return write_grown(out, [ckpt], plan.planned(), options, report, config)
+    return write_grown(out, [ckpt], plan.planned(), options, report, config, progress)
