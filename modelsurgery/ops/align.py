@@ -252,7 +252,7 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
         replaced = {lin.weight: new_w, **({lin.bias: new_b} if lin.bias and new_b is not None else {})}
         report.eval = evaluate_alignment(family, replaced, data, groups, progress)
     if out is not None:
-        report.files = write_aligned(ckpt, Path(out), lin, new_w, new_b, options)
+        report.files = write_aligned(ckpt, Path(out), lin, new_w, new_b, options, progress)
     return report
 
 
@@ -292,8 +292,11 @@ def group_metrics(module: torch.nn.Module, family: Family, data: Dataset, groups
 def evaluate_alignment(family: Family, replaced: dict[str, torch.Tensor], data: Dataset,
                        groups: list[tuple[int, int]], progress: Progress) -> dict:
     state = family.ckpt.state_dict()
-    before = group_metrics(family.build_module(state), family, data, groups, progress)
-    after = group_metrics(family.build_module({**state, **replaced}), family, data, groups, progress)
+    # two tasks, not one "evaluate" bar running twice (a plain line's 10 % steps and rate would carry over)
+    before = group_metrics(family.build_module(state), family, data, groups,
+                           lambda task, done, total, info=None: progress(f"{task} before", done, total, info))
+    after = group_metrics(family.build_module({**state, **replaced}), family, data, groups,
+                          lambda task, done, total, info=None: progress(f"{task} after", done, total, info))
     return {"before": before, "after": after}
 
 
@@ -315,7 +318,7 @@ def premise_warnings(report: AlignReport) -> list[str]:
 
 
 def write_aligned(ckpt: Checkpoint, out: Path, lin: Linear, new_w: torch.Tensor, new_b: torch.Tensor | None,
-                  options: AlignOptions) -> list[str]:
+                  options: AlignOptions, progress: Progress | None = None) -> list[str]:
     """Stream every tensor to ``out``: the classifier's new weight (and bias), the rest copied."""
     replaced = {lin.weight: new_w}
     if lin.bias and new_b is not None:
@@ -326,6 +329,6 @@ def write_aligned(ckpt: Checkpoint, out: Path, lin: Linear, new_w: torch.Tensor,
     written = write_checkpoint(
         out, planned, provenance=Provenance("align", options.parameters(), ckpt.source_files),
         config=ckpt.config, metadata=metadata, extra_files=ckpt.extra_files(), force=options.force,
-        **options.write_kwargs(),
+        progress=progress, **options.write_kwargs(),
     )
     return [str(f) for f in written.files]

@@ -10,6 +10,7 @@ as the float model it is.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +49,10 @@ class DequantizeResult:
         return dict(self.__dict__)
 
 
-def dequantize(path: str | Path, out: str | Path, options: DequantizeOptions | None = None) -> DequantizeResult:
-    """Write the float checkpoint ``path`` stands for to ``out`` (a folder or a .safetensors file)."""
+def dequantize(path: str | Path, out: str | Path, options: DequantizeOptions | None = None,
+               progress: Callable[[str, int, int, dict], None] | None = None) -> DequantizeResult:
+    """Write the float checkpoint ``path`` stands for to ``out`` (a folder or a .safetensors file);
+    ``progress`` hears the writer's "write" task (a packed weight is dequantized as it is written)."""
     opts = options or DequantizeOptions()
     start = time.perf_counter()
     path, out = Path(path), Path(out)
@@ -95,6 +98,6 @@ def dequantize(path: str | Path, out: str | Path, options: DequantizeOptions | N
     report = write_checkpoint(
         out, planned, provenance=Provenance("dequantize", params, sources),
         metadata=metadata, config=config, extra_files=ckpt.extra_files(), max_shard_size=opts.max_shard_size,
-        dtype=dtype, force=opts.force)
+        dtype=dtype, force=opts.force, progress=progress)
     return DequantizeResult(str(path), str(out), source, count, params["dtype"], ckpt.nbytes,
                             report.total_bytes, time.perf_counter() - start, [str(f) for f in report.files])
