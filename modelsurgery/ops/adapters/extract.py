@@ -192,6 +192,7 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
             delta = delta.t()
         if not bool(delta.any()):
             report.unchanged.append(module)
+            progress("extract", i + 1, len(targets), {})  # counted too: a bar ending on one stops short of 100 %
             continue
         u, s, v, how = truncated_svd(delta, options)
         root = s.sqrt()
@@ -205,7 +206,11 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
         progress("extract", i + 1, len(targets), {"rank": ranks[module], "error": error})
     if not tensors:
         raise SurgeryError(f"{tuned.path}: no targeted layer differs from BASE; there is nothing to extract")
-    report.other_changed = [k for k in base if k not in targets and not torch.equal(base.get(k), tuned.get(k))]
+    others = [k for k in base if k not in targets]
+    for i, k in enumerate(others):  # a full read of both models' other tensors (embeddings, heads)
+        if not torch.equal(base.get(k), tuned.get(k)):
+            report.other_changed.append(k)
+        progress("compare", i + 1, len(others), {})
     base.close(), tuned.close()
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: r for m, r in ranks.items() if r != common}

@@ -214,7 +214,8 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
     metadata = {k: v for k, v in base.metadata.items()
                 if k.startswith("modelsurgery.") and k != "modelsurgery.quantization"}
     written = write_checkpoint(out, plans, provenance=provenance, config=base.config, metadata=metadata,
-                               extra_files=base.extra_files(), force=options.force, **options.write_kwargs())
+                               extra_files=base.extra_files(), force=options.force, progress=progress,
+                               **options.write_kwargs())
     report = FoldReport(
         base=str(base.path), output=str(out), family=family.name, scale=options.scale,
         adapters=[{"path": str(a.path), "peft_type": a.peft_type, "modules": len(a.modules),
