@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from modelsurgery.cli.common import emit_json, human_bytes, out_console, safe, user_errors
+from modelsurgery.cli.common import emit_json, human_bytes, out_console, progress_bar, safe, user_errors
 from modelsurgery.cli.options import (
     debug_option,
     dtype_option,
@@ -44,11 +44,13 @@ def dequantize_command(
     with user_errors(debug):
         from modelsurgery.ops.dequantize import DequantizeOptions, dequantize
 
-        result = dequantize(input, output, DequantizeOptions(dtype=dtype, max_shard_size=max_shard_size,
-                                                             hash_inputs=not no_input_hash, force=force))
+        options = DequantizeOptions(dtype=dtype, max_shard_size=max_shard_size, hash_inputs=not no_input_hash,
+                                    force=force)
+        with progress_bar(quiet or json_out) as progress:
+            result = dequantize(input, output, options, progress)
     if json_out:
         emit_json(result.to_dict())
-    else:  # --quiet as on every command: no progress display (dequantize shows none), the result still printed
+    else:  # --quiet as on every command: no progress display, the result still printed
         out_console.print(f"[bold]{safe(result.output)}[/]: {result.weights} {safe(result.source_format)} weights "
                           f"dequantized to {result.dtype}, {human_bytes(result.bytes_in)} -> "
                           f"{human_bytes(result.bytes_out)} in {result.seconds:.1f} s")
