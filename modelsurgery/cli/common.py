@@ -123,9 +123,14 @@ ProgressCallback = Callable[[str, int, int, dict], None]
 @contextmanager
 def progress_bar(quiet: bool = False) -> Iterator[ProgressCallback]:
     """A callback ``(task, done, total, info)`` for operations: a rich bar with rate and ETA on stderr when it
-    is a terminal, one plain line per task every 10 % or 30 s when it is not (CI logs), nothing when ``quiet``."""
-    from modelsurgery.cli.progress import progress_display
+    is a terminal, one plain line per task every 10 % or 30 s when it is not (CI logs), nothing when ``quiet``;
+    inside a recipe step, the recipe's own callback (``progress.reporting_to``)."""
+    from modelsurgery.cli.progress import outer_progress, progress_display
 
+    outer = outer_progress()
+    if outer is not None:  # a recipe step: its display (quiet or not as `surgery run` was asked) shows it
+        yield outer
+        return
     with progress_display(err_console, plain, quiet) as update:
         yield update
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,6 +22,26 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 PLAIN_STEPS, PLAIN_SECONDS = 10, 30.0
 
 ProgressCallback = Callable[[str, int, int, dict], None]
+
+#: the callback of a caller that runs commands inside its own display (``surgery run``'s steps): a command's
+#: ``progress_bar`` reports there instead of opening a second display (rich allows one live display at a
+#: time) or staying silent for the --json the step runs it with
+_outer: ContextVar[ProgressCallback | None] = ContextVar("modelsurgery_outer_progress", default=None)
+
+
+@contextmanager
+def reporting_to(callback: ProgressCallback | None) -> Iterator[None]:
+    """Commands run inside report their progress to ``callback`` (None: to their own display)."""
+    token = _outer.set(callback)
+    try:
+        yield
+    finally:
+        _outer.reset(token)
+
+
+def outer_progress() -> ProgressCallback | None:
+    """The callback of an enclosing ``reporting_to``, if any."""
+    return _outer.get()
 
 
 def _info_text(info: dict | None, plain: Callable[[object], str]) -> str:

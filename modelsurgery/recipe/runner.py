@@ -226,7 +226,8 @@ def _run_steps(steps: list[Step], result: RecipeResult, options: RunOptions,
             # an output an earlier run of this recipe wrote (it has a record) is stale and rebuilt
             replace = options.force or cache.read_record(step.output) is not None
             try:
-                sr.result = step.execute(replace)
+                sr.result = step.execute(replace, None if progress is None else _step_progress(progress, step, i,
+                                                                                               len(steps)))
             except (SurgeryError, OSError) as e:
                 sr.seconds = time.perf_counter() - start
                 raise _fail(result, sr, str(e)) from None
@@ -235,6 +236,13 @@ def _run_steps(steps: list[Step], result: RecipeResult, options: RunOptions,
         sr.seconds = time.perf_counter() - start
     if progress is not None:
         progress("recipe", len(steps), len(steps), {})
+
+
+def _step_progress(progress: Callable[[str, int, int, dict], None], step: Step, index: int, count: int
+                   ) -> Callable[[str, int, int, dict], None]:
+    """A step's tasks under names that say which step they belong to: two steps' "write" are two bars."""
+    label = f"step {index + 1}/{count} {step.name}"
+    return lambda task, done, total, info=None: progress(f"{label}: {task}", done, total, info or {})
 
 
 def _fail(result: RecipeResult, sr: StepResult, message: str) -> RecipeFailed:

@@ -24,6 +24,8 @@ from modelsurgery.families.custom import factory_file
 from modelsurgery.recipe.mergekit_config import MergekitConfig, parse_config
 from modelsurgery.recipe.mergekit_merge import run_mergekit, with_out_dtype
 
+Progress = Callable[[str, int, int, dict], None]
+
 #: options the runner sets itself
 RUNNER_OPTIONS = ("output", "json_out", "force", "quiet", "debug")
 #: the options a mergekit step takes: the writing options of every command that writes a checkpoint
@@ -41,7 +43,7 @@ class Step:
     parameters: dict[str, Any]  # what the cache compares: the parsed options, paths as given
     argv: list[str] = field(default_factory=list)
     depends: list[str] = field(default_factory=list)  # earlier steps it reads
-    execute: Callable[[bool], dict] | None = None  # force -> result dict
+    execute: Callable[[bool, Progress | None], dict] | None = None  # (force, progress) -> result dict
 
     def command_line(self) -> str:
         return " ".join(["surgery", self.run, *(_quote(a) for a in self.argv)])
@@ -140,8 +142,8 @@ def command_step(name: str, run: str, command: Any, inputs: list[str], options: 
                     input_paths.append(resolve_hub_id(str(v)))
     parameters = {k: v for k, v in params.items() if k not in RUNNER_OPTIONS}
 
-    def execute(force: bool) -> dict:
-        return _invoke(command, run, dict(params, json_out=True, quiet=True, debug=True, force=force))
+    def execute(force: bool, progress: Progress | None = None) -> dict:
+        return _invoke(command, run, dict(params, json_out=True, quiet=True, debug=True, force=force), progress)
 
     return Step(name, run, output, list(dict.fromkeys(input_paths)), parameters, argv, list(dict.fromkeys(depends)),
                 execute)
@@ -162,11 +164,14 @@ def _parse(command: Any, run: str, argv: list[str], where: str) -> dict:
     return dict(ctx.params)
 
 
-def _invoke(command: Any, run: str, params: dict) -> dict:
-    """Run the command with ``--json`` and return its JSON object (its errors propagate as SurgeryError)."""
+def _invoke(command: Any, run: str, params: dict, progress: Progress | None = None) -> dict:
+    """Run the command with ``--json`` and return its JSON object (its errors propagate as SurgeryError).
+    ``progress``: where the command reports its progress (the recipe's display) instead of its own."""
+    from modelsurgery.cli.progress import reporting_to
+
     ctx = command.make_context(run, [], resilient_parsing=True)
     buffer = io.StringIO()
-    with ctx, contextlib.redirect_stdout(buffer):
+    with ctx, contextlib.redirect_stdout(buffer), reporting_to(progress):
         try:
             ctx.invoke(command.callback, **params)
         except SystemExit as e:
@@ -234,7 +239,7 @@ def mergekit_step(name: str, config: Mapping[str, Any], output: Path, outputs: M
     inputs = [Path(m) for m in cfg.referenced_models()]
     parameters: dict[str, Any] = {"config": doc, **({"options": dict(options)} if options else {})}
 
-    def execute(force: bool) -> dict:
-        return run_mergekit(parse_config(doc, where), output, force=force, write=write).to_dict()
+    def execute(force: bool, progress: Progress | None = None) -> dict:
+        return run_mergekit(parse_config(doc, where), output, force=force, progress=progress, write=write).to_dict()
 
     return Step(name, "mergekit", output, inputs, parameters, [], list(dict.fromkeys(depends)), execute)
