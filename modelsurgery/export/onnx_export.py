@@ -266,11 +266,12 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
 
     progress("export", 2, 4, {"stage": "save"})
     files, external = save_model(model, out, options.external_data_threshold, options.force, verify)
+    counts = op_counts(out)  # a read of the saved graph: before the bar says done
     progress("export", 4, 4, {"stage": "done"})
     return ExportReport(
         source=str(path), output=str(out), files=[str(f) for f in files], family=family.name,
         dtype=options.dtype, opset=opset, inputs=list(trace_inputs), outputs=output_names,
-        file_bytes=sum(f.stat().st_size for f in files), external_data=external, op_counts=op_counts(out),
+        file_bytes=sum(f.stat().st_size for f in files), external_data=external, op_counts=counts,
         export_seconds=time.perf_counter() - start, quantization=quantization, session_config=session_config,
         check=result.get("check"),
         warnings=report_warnings,
