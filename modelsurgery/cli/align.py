@@ -80,7 +80,7 @@ def align_command(
             dtype=dtype, max_shard_size=max_shard_size, hash_inputs=not no_input_hash,
         )
         options.check_write_options()
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(quiet) as progress:
             report = align_checkpoint(path, output, options, progress)
     for w in report.warnings:
         warn(w)

@@ -46,7 +46,7 @@ def dequantize_command(
 
         options = DequantizeOptions(dtype=dtype, max_shard_size=max_shard_size, hash_inputs=not no_input_hash,
                                     force=force)
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(quiet) as progress:
             result = dequantize(input, output, options, progress)
     if json_out:
         emit_json(result.to_dict())

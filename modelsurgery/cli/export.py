@@ -72,7 +72,7 @@ def export_command(
                     raise SurgeryError(f"{flag} configures the check, which --no-check skips: drop one of them")
         options = ExportOptions(opset=opset, dtype=dtype, check=check, tolerance=tolerance, model=model,
                                 data=data, samples=samples, seq_len=seq_len, force=force)
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(quiet) as progress:
             report = export_checkpoint(path, output, options, progress)
     if json_out:
         emit_json(report.to_dict())

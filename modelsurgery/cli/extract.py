@@ -56,7 +56,7 @@ def extract_command(
             rank=parse_rank(rank), targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
             device=device, dtype=dtype, lowrank_above=lowrank_above, oversample=oversample, niter=niter, force=force,
         )
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(quiet) as progress:
             report = extract_lora(base, tuned, output, options, progress)
     if json_out:
         emit_json(report.to_dict())

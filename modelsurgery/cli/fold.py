@@ -57,7 +57,7 @@ def fold_command(
         options = FoldOptions(scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                               hash_inputs=not no_input_hash, force=force)
         options.check_write_options()
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(quiet) as progress:
             report = fold_adapters(base, paths, output, options, progress)
     if json_out:
         emit_json(report.to_dict())

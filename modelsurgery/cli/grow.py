@@ -101,7 +101,7 @@ def grow_command(
             dtype=dtype, max_shard_size=max_shard_size, force=force, hash_inputs=not no_input_hash,
         )
         options.check_write_options()
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(quiet) as progress:
             report = grow(inputs, output, options, progress)
     if json_out:
         emit_json(report.to_dict())

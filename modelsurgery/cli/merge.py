@@ -112,7 +112,7 @@ def merge_command(
             if eval_data is None:
                 raise SurgeryError(f"{plot}: --plot needs --eval DATA")
             check_plot(plot, len(models), points, force=force, inputs=[*inputs, output])
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(quiet) as progress:
             result = merge_checkpoints(models, output, options, force=force, progress=progress)
         if plot is not None and result.evaluation:
             plot_path(result.evaluation, plot, force=force)
@@ -230,7 +230,7 @@ def analyze_command(
       surgery analyze a.safetensors b.safetensors\n
       surgery analyze a.safetensors b.safetensors --top-k 3 --json
     """
-    with user_errors(debug), progress_bar(quiet or json_out) as progress:
+    with user_errors(debug), progress_bar(quiet) as progress:
         check_range(top_k, "--top-k", 1, integer=True)
         device = check_device(device)
         result = analyze_pair(a, b, AnalyzeOptions(top_k=top_k, backend=backend, device=device, model=model),

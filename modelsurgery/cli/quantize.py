@@ -155,7 +155,7 @@ def quantize_command(
             max_shard_size=max_shard_size, hash_inputs=not no_input_hash,
         )
         rank = world()[0]  # under torchrun only rank 0 shows progress and prints
-        with progress_bar(quiet or json_out or rank != 0) as progress:
+        with progress_bar(quiet or rank != 0) as progress:
             result = quantize_checkpoint(input, output, options, progress)
     if rank != 0:
         return

@@ -85,7 +85,7 @@ def run_command(
     """
     failed = None
     with user_errors(debug):
-        with progress_bar(quiet or json_out) as progress:
+        with progress_bar(quiet) as progress:
             try:
                 write = {k: v for k, v in (("dtype", dtype), ("max_shard_size", max_shard_size),
                                            ("no_input_hash", no_input_hash)) if v not in (None, False)}
