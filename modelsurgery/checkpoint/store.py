@@ -44,9 +44,13 @@ class Checkpoint:
         config: dict | None = None,
         folder: Path | None = None,
         loaded: dict[str, torch.Tensor] | None = None,
+        tied: dict[str, str] | None = None,
     ):
         self.path = path
         self.infos = infos
+        #: names a PyTorch pickle stores as the very data of an earlier name, read as tied (``tied_in_pickle``):
+        #: left out of the tensors, as a safetensors file of the same model leaves them out
+        self.tied = dict(tied or {})
         self.metadata = metadata
         self.config = config
         self.folder = folder
@@ -82,8 +86,10 @@ class Checkpoint:
             return cls(path, OrderedDict(infos), metadata, config, folder)
         if name.endswith(PICKLE_SUFFIXES):
             state = load_torch_pickle(path)
-            infos = OrderedDict((k, TensorInfo(k, tuple(v.shape), v.dtype, path)) for k, v in state.items())
-            return cls(path, infos, {}, config, folder, loaded=state)
+            tied = tied_in_pickle(state, config)
+            infos = OrderedDict((k, TensorInfo(k, tuple(v.shape), v.dtype, path)) for k, v in state.items()
+                                if k not in tied)
+            return cls(path, infos, {}, config, folder, loaded=state, tied=tied)
         # No known suffix: sniff. A safetensors file starts with a little-endian header length.
         try:
             infos, metadata = read_safetensors_header(path)
@@ -105,11 +111,13 @@ class Checkpoint:
                 state = load_torch_pickle(shard)
                 _refuse_unlisted(path, shard, state, weight_map)
                 loaded.update(state)
+            tied = tied_in_pickle(loaded, config)
             for k in weight_map:
                 if k not in loaded:
                     raise SurgeryError(f"{path}: tensor '{k}' is listed but missing from its shard")
-                infos[k] = TensorInfo(k, tuple(loaded[k].shape), loaded[k].dtype, weight_map[k])
-            return cls(path, infos, {}, config, folder, loaded=loaded)
+                if k not in tied:
+                    infos[k] = TensorInfo(k, tuple(loaded[k].shape), loaded[k].dtype, weight_map[k])
+            return cls(path, infos, {}, config, folder, loaded=loaded, tied=tied)
         shard_infos: dict[Path, dict[str, TensorInfo]] = {}
         for shard in dict.fromkeys(weight_map.values()):
             shard_infos[shard], md = read_safetensors_header(shard)
@@ -197,18 +205,10 @@ class Checkpoint:
 
     def aliases(self) -> dict[str, str]:
         """Tensors a PyTorch pickle stores as the very data of an earlier name (a tied embedding and head
-        saved by ``torch.save``): name -> that earlier name. A safetensors file has no shared data."""
-        seen: dict[tuple, str] = {}
-        out: dict[str, str] = {}
-        for name, t in self._loaded.items():
-            if t.numel() == 0:
-                continue
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            if key in seen:
-                out[name] = seen[key]
-            else:
-                seen[key] = name
-        return out
+        saved by ``torch.save``): name -> that earlier name, the ones read as tied (``tied``, not among the
+        tensors) and the ones kept because config.json does not say the model ties them. A safetensors
+        file has no shared data."""
+        return {**self.tied, **shared_data({k: v for k, v in self._loaded.items() if k in self.infos})}
 
     @property
     def num_parameters(self) -> int:
@@ -251,6 +251,39 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def shared_data(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each name whose tensor is the very data of an earlier name's (same storage, offset, shape, strides
+    and dtype: the same values, always) -> that earlier name."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for name, t in state.items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            out[name] = seen[key]
+        else:
+            seen[key] = name
+    return out
+
+
+def tied_in_pickle(state: dict[str, torch.Tensor], config: dict | None) -> dict[str, str]:
+    """The names of a PyTorch pickle read as tied to an earlier name, and so left out of the checkpoint
+    as a safetensors file of the same model leaves them out (``save_pretrained`` keeps one name of each
+    shared tensor there; transformers 4's ``safe_serialization=False`` and ``torch.save(model.state_dict())``
+    keep both, sharing one storage). Then every family and operation decides tying as it does for
+    safetensors (a missing ``lm_head.weight`` is a tied head) and writes the tied name once.
+
+    Shared storage is read as the model's tie only when config.json says ``tie_word_embeddings: true``,
+    as transformers then ties them on loading. With ``false``, or no such key (its default is the model
+    class's: true for GPT-2, false for LLaMA), transformers loads both names as separate weights, so
+    both are kept: an untied model whose two tensors start equal. Without config.json (a bare
+    ``torch.save`` of a user's module) both are kept too: the module's own state_dict names both."""
+    if not config or config.get("tie_word_embeddings") is not True:
+        return {}
+    return shared_data(state)
 
 
 def _folder_weights(folder: Path) -> Path:

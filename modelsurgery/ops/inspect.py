@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from modelsurgery.checkpoint import Checkpoint
@@ -215,8 +215,10 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
     num_parameters = 0
     first_parts: set[str] = set()
     aliases = ckpt.aliases()  # a tied head pickled as the embedding's own data: counted once, as stored
-    num_bytes = ckpt.nbytes - sum(ckpt.info(n).nbytes for n in aliases)
-    for info in ckpt.infos.values():
+    # the file's names, the tied ones too (the checkpoint reads them as tied, not as tensors of their own)
+    stored = [*ckpt.infos.values(), *(replace(ckpt.info(first), name=name) for name, first in ckpt.tied.items())]
+    num_bytes = sum(i.nbytes for i in stored if i.name not in aliases)
+    for info in stored:
         weight = layout.parts.get(info.name) if layout else None
         entry = {"name": info.name, "shape": list(info.shape), "dtype": info.dtype_name,
                  "parameters": info.numel, "bytes": info.nbytes}
@@ -240,7 +242,7 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> InspectRep
         family=family.describe(),
         num_parameters=num_parameters,
         num_bytes=num_bytes,
-        num_tensors=len(ckpt),
+        num_tensors=len(stored),
         dtypes=dtypes,
         groups=groups,
         metadata=metadata,
