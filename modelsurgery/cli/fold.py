@@ -41,6 +41,10 @@ def fold_command(
 
     Adapter types: LORA (with DoRA, rsLoRA, rank/alpha patterns, fan_in_fan_out), MISS, BONE, LOKR.
 
+    A LoftQ adapter (init_lora_weights "loftq", or a loftq_config) folds only onto LoftQ's quantized backbone (the
+    base model PEFT's LoftQ init saved beside it); BASE's targeted weights are checked for its NF4 / int8 grid and
+    the float model is refused.
+
     Names, dtypes (unless --dtype), config.json and tokenizer files of BASE are kept; provenance names each
     adapter.
 

@@ -21,6 +21,7 @@ from modelsurgery.checkpoint import Checkpoint, PlannedTensor, Provenance, check
 from modelsurgery.checkpoint.writer import WriteOptions, float_dtype
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import detect_family
+from modelsurgery.ops.adapters.loftq import check_backbone, loftq_bits
 from modelsurgery.ops.adapters.peft_format import Adapter, read_adapter
 from modelsurgery.ops.adapters.variants import Site, Variant, variant_for
 
@@ -105,6 +106,25 @@ def check_config(adapter: Adapter) -> None:
         )
 
 
+def check_loftq(base: Checkpoint, adapters: list[Adapter], updates: dict[str, list[Update]]) -> dict[int, dict]:
+    """Each LoftQ adapter (by position) -> what was checked: its weights must be BASE's own, and BASE must be
+    LoftQ's quantized backbone (``loftq.check_backbone``); refused otherwise, before anything is written."""
+    found: dict[int, dict] = {}
+    for i, adapter in enumerate(adapters):
+        bits = loftq_bits(adapter.config)
+        if bits is None:
+            continue
+        mine = [name for name, ups in updates.items() if any(u.adapter is adapter and u.role == "weight" for u in ups)]
+        earlier = next((name for name in mine if updates[name][0].adapter is not adapter), None)
+        if earlier is not None:
+            raise SurgeryError(f"{adapter.path}: a LoftQ adapter folds onto LoftQ's backbone, but an adapter given "
+                               f"before it changes '{earlier}' first; give the LoftQ adapter first")
+        check_backbone(base, mine, bits, str(adapter.path))
+        base.close()
+        found[i] = {"bits": bits, "tensors_on_grid": len(mine)}
+    return found
+
+
 def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Variant],
                  transposed: Callable[[str, Adapter], bool], tied: dict[str, str] | None = None
                  ) -> dict[str, list[Update]]:
@@ -170,6 +190,7 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
         return name in transposed if knows_layout else bool(adapter.config.get("fan_in_fan_out"))
 
     updates = plan_updates(base, adapters, variants, flipped, family.tied_weights())
+    loftq = check_loftq(base, adapters, updates)
     check_output(out, options.force, [base.path, *(a.path for a in adapters)])
 
     def apply(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -209,7 +230,8 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
             plans.append(plan_copy(base, name, raw=True))
     provenance = Provenance("fold", {
         "scale": options.scale,
-        "adapters": [{"path": str(a.path), "peft_type": a.peft_type} for a in adapters],
+        "adapters": [{"path": str(a.path), "peft_type": a.peft_type,
+                      **({"loftq_backbone": loftq[i]} if i in loftq else {})} for i, a in enumerate(adapters)],
     }, [*base.source_files, *(f for a in adapters for f in a.files)])
     metadata = {k: v for k, v in base.metadata.items()
                 if k.startswith("modelsurgery.") and k != "modelsurgery.quantization"}
