@@ -77,6 +77,19 @@ class Update:
     key: str | None = None  # the adapter's tensor, for 'whole'
 
 
+@dataclass
+class Plan:
+    """What folding does to BASE: its tensors' updates, and the tied heads the fold unties."""
+
+    #: tensor name -> the updates to apply to it, in adapter order
+    updates: dict[str, list[Update]] = field(default_factory=dict)
+    #: a tied head written as a tensor of its own -> the BASE tensor it starts from (the embedding it read)
+    untied: dict[str, str] = field(default_factory=dict)
+
+    def source(self, name: str) -> str:
+        return self.untied.get(name, name)
+
+
 def resolve_name(name: str, base: Checkpoint, where: str, tied: dict[str, str] | None = None) -> str:
     """The base tensor an adapter names: the same name, else the one base name it is a dotted suffix
     of, or that is a dotted suffix of it (an adapter trained on BertForMaskedLM ('bert.encoder...')
@@ -106,7 +119,7 @@ def check_config(adapter: Adapter) -> None:
         )
 
 
-def check_loftq(base: Checkpoint, adapters: list[Adapter], updates: dict[str, list[Update]]) -> dict[int, dict]:
+def check_loftq(base: Checkpoint, adapters: list[Adapter], plan: Plan) -> dict[int, dict]:
     """Each LoftQ adapter (by position) -> what was checked: its weights must be BASE's own, and BASE must be
     LoftQ's quantized backbone (``loftq.check_backbone``); refused otherwise, before anything is written."""
     found: dict[int, dict] = {}
@@ -114,35 +127,58 @@ def check_loftq(base: Checkpoint, adapters: list[Adapter], updates: dict[str, li
         bits = loftq_bits(adapter.config)
         if bits is None:
             continue
+        updates = plan.updates
         mine = [name for name, ups in updates.items() if any(u.adapter is adapter and u.role == "weight" for u in ups)]
         earlier = next((name for name in mine if updates[name][0].adapter is not adapter), None)
         if earlier is not None:
             raise SurgeryError(f"{adapter.path}: a LoftQ adapter folds onto LoftQ's backbone, but an adapter given "
                                f"before it changes '{earlier}' first; give the LoftQ adapter first")
-        check_backbone(base, mine, bits, str(adapter.path))
+        check_backbone(base, [plan.source(n) for n in mine], bits, str(adapter.path))
         base.close()
         found[i] = {"bits": bits, "tensors_on_grid": len(mine)}
     return found
 
 
+def untie_for_whole(name: str, base: Checkpoint, adapter: Adapter, tied: dict[str, str], plan: Plan) -> str | None:
+    """The tensor a whole tensor of ``adapter`` (``modules_to_save``) replaces, where it is one of a tied head
+    and its embedding and the adapter does not keep them tied (``ensure_weight_tying``); None otherwise.
+    PEFT's ModulesToSaveWrapper trains a copy of that one module while the other keeps the shared weight, and
+    merge_and_unload leaves them untied (tie_word_embeddings set to false): the fold writes the head too."""
+    module = name.rpartition(".")[0]
+    trained = any(module == m or module.endswith("." + m) for m in adapter.config.get("modules_to_save") or [])
+    if not trained or adapter.config.get("ensure_weight_tying"):
+        return None  # (save_embedding_layers stores the base embedding itself: that keeps the tie)
+    for head, embed in list(tied.items()):
+        if name in (head, embed) and embed in base:
+            del tied[head]
+            plan.untied[head] = embed
+            return name
+    return None
+
+
 def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Variant],
-                 transposed: Callable[[str, Adapter], bool], tied: dict[str, str] | None = None
-                 ) -> dict[str, list[Update]]:
-    """Base tensor name -> the updates to apply to it, in adapter order. Every shape an adapter fixes is
+                 transposed: Callable[[str, Adapter], bool], tied: dict[str, str] | None = None) -> Plan:
+    """The updates of every tensor, in adapter order, and the heads untied. Every shape an adapter fixes is
     checked against BASE here, before any tensor is read."""
-    updates: dict[str, list[Update]] = {}
+    plan = Plan()
+    updates = plan.updates
+    tied = dict(tied or {})
     for adapter, variant in zip(adapters, variants):
         where = str(adapter.path)
+
+        def resolve(name: str, where: str = where) -> str:
+            return name if name in plan.untied else resolve_name(name, base, where, tied)
+
         # whole tensors first: PEFT loads a trained bias into the layer, then merging adds lora_B.bias to it
         for name, key in adapter.whole.items():
-            target = resolve_name(name, base, where, tied)
-            have, want = tuple(adapter.weights.shape(key)), tuple(base.shape(target))
+            target = untie_for_whole(name, base, adapter, tied, plan) or resolve(name)
+            have, want = tuple(adapter.weights.shape(key)), tuple(base.shape(plan.source(target)))
             if have != want:
                 raise SurgeryError(f"{where}: adapter tensor '{key}' has shape {have}, BASE tensor '{target}' {want}")
             updates.setdefault(target, []).append(Update(adapter, variant, None, "whole", key))
         for module, parts in adapter.modules.items():
-            weight = resolve_name(f"{module}.weight", base, where, tied)
-            shape = tuple(base.shape(weight))
+            weight = resolve(f"{module}.weight")
+            shape = tuple(base.shape(plan.source(weight)))
             if len(shape) == 2 and transposed(weight, adapter):
                 shape = shape[::-1]
             want = variant.weight_shape({p: tuple(adapter.weights.shape(k)) for p, k in parts.items()})
@@ -157,7 +193,7 @@ def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Varia
                     raise SurgeryError(f"{where}: module '{module}' trains a bias (lora_bias) but BASE has no "
                                        f"tensor '{bias}'")
                 updates.setdefault(bias, []).append(Update(adapter, variant, module, "bias"))
-    return updates
+    return plan
 
 
 def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
@@ -189,8 +225,9 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
     def flipped(name: str, adapter: Adapter) -> bool:
         return name in transposed if knows_layout else bool(adapter.config.get("fan_in_fan_out"))
 
-    updates = plan_updates(base, adapters, variants, flipped, family.tied_weights())
-    loftq = check_loftq(base, adapters, updates)
+    plan = plan_updates(base, adapters, variants, flipped, family.tied_weights())
+    updates = plan.updates
+    loftq = check_loftq(base, adapters, plan)
     check_output(out, options.force, [base.path, *(a.path for a in adapters)])
 
     def apply(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -214,17 +251,17 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
     done = [0]
 
     def fold_one(name: str) -> torch.Tensor:
-        value = base.get(name).to(torch.float32, copy=True)
+        value = base.get(plan.source(name)).to(torch.float32, copy=True)
         base.close()  # unmap: pages of a mapped input count as resident memory until then
-        value = apply(name, value)
+        value = apply(name, value) if name in updates else value
         done[0] += 1
         progress("fold", done[0], len(updates), {})
-        return value.to(target or base.info(name).dtype)
+        return value.to(target or base.info(plan.source(name)).dtype)
 
     plans: list[PlannedTensor] = []
-    for name in names:
-        if name in updates:
-            info = base.info(name)
+    for name in [*names, *plan.untied]:
+        if name in updates or name in plan.untied:
+            info = base.info(plan.source(name))
             plans.append(PlannedTensor(name, info.shape, target or info.dtype, lambda n=name: fold_one(n)))
         else:
             plans.append(plan_copy(base, name, raw=True))
@@ -232,17 +269,21 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
         "scale": options.scale,
         "adapters": [{"path": str(a.path), "peft_type": a.peft_type,
                       **({"loftq_backbone": loftq[i]} if i in loftq else {})} for i, a in enumerate(adapters)],
+        **({"untied": plan.untied} if plan.untied else {}),
     }, [*base.source_files, *(f for a in adapters for f in a.files)])
     metadata = {k: v for k, v in base.metadata.items()
                 if k.startswith("modelsurgery.") and k != "modelsurgery.quantization"}
-    written = write_checkpoint(out, plans, provenance=provenance, config=base.config, metadata=metadata,
+    config = base.config
+    if plan.untied and config is not None:  # as PEFT's merge_and_unload sets it when it unties them
+        config = {**config, "tie_word_embeddings": False}
+    written = write_checkpoint(out, plans, provenance=provenance, config=config, metadata=metadata,
                                extra_files=base.extra_files(), force=options.force, progress=progress,
                                **options.write_kwargs())
     report = FoldReport(
         base=str(base.path), output=str(out), family=family.name, scale=options.scale,
         adapters=[{"path": str(a.path), "peft_type": a.peft_type, "modules": len(a.modules),
                    "whole_tensors": len(a.whole)} for a in adapters],
-        tensors_updated=len(updates), tensors_copied=len(names) - len(updates),
+        tensors_updated=len(updates), tensors_copied=len(plans) - len(updates),
         bytes_written=written.total_bytes, files=[str(f) for f in written.files],
     )
     return report

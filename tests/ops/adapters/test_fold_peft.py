@@ -159,3 +159,44 @@ def test_lora_on_a_tied_head_folds_into_the_embedding(kind, tmp_path):
     ours, reference = outputs(load_hf(tmp_path / "folded")), outputs(peft_merged(base, adapter))
     assert (reference - outputs(load_hf(base))).abs().max() > 1e-2
     assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
+
+
+@pytest.mark.parametrize(("kind", "saved", "ensure"), [
+    ("llama3", "embed_tokens", False), ("llama3", "lm_head", False), ("gpt2", "wte", False),
+    ("gpt2", "lm_head", False), ("llama3", "embed_tokens", True), ("gpt2", "lm_head", True),
+])
+def test_modules_to_save_on_a_tied_pair_unties_as_peft_does(kind, saved, ensure, tmp_path):
+    """modules_to_save on a tied embedding or head: PEFT trains a copy of that one module while the other keeps
+    the shared weight, and merge_and_unload leaves them untied (tie_word_embeddings set to false); with
+    ensure_weight_tying both read the trained copy and stay tied. The fold writes what PEFT's merge gives."""
+    from tests.hf_tiny import save_tiny_decoder
+
+    base = build("gpt2", tmp_path / "base") if kind == "gpt2" else save_tiny_decoder(kind, tmp_path / "base")
+    config = LoraConfig(r=4, target_modules=["c_attn" if kind == "gpt2" else "q_proj"], fan_in_fan_out=kind == "gpt2",
+                        modules_to_save=[saved], ensure_weight_tying=ensure)
+    adapter = make_adapter(base, config, tmp_path / "adapter")
+    fold_adapters(base, [adapter], tmp_path / "folded")
+    merged = peft_merged(base, adapter)
+    ours, reference = outputs(load_hf(tmp_path / "folded")), outputs(merged)
+    assert (reference - outputs(load_hf(base))).abs().max() > 1e-2
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
+    written = json.loads((tmp_path / "folded" / "config.json").read_text())
+    assert written["tie_word_embeddings"] is ensure
+    if not ensure:  # (with ensure_weight_tying PEFT's merge holds two equal copies and says untied: the same model)
+        assert merged.config.tie_word_embeddings is False
+    with safe_open(str(tmp_path / "folded" / "model.safetensors"), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) is not ensure  # noqa: SIM118
+
+
+def test_lora_on_a_head_untied_by_an_earlier_adapter_folds_into_the_head(tmp_path):
+    """The first adapter's modules_to_save unties the embedding from the head; PEFT then merges the second
+    adapter's LoRA on lm_head into the head alone."""
+    from tests.hf_tiny import save_tiny_decoder
+
+    base = save_tiny_decoder("llama3", tmp_path / "base")
+    first = make_adapter(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+                         tmp_path / "first", seed=1)
+    second = make_adapter(base, LoraConfig(r=4, target_modules=["lm_head"]), tmp_path / "second", seed=2)
+    fold_adapters(base, [first, second], tmp_path / "folded")
+    ours, reference = outputs(load_hf(tmp_path / "folded")), outputs(peft_merged(base, first, second))
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
