@@ -9,7 +9,9 @@ Low-Rank Adaptation", Eq. 5: m * (W + dW) / ||W + dW||), as PEFT's ``peft/tuners
   weights are stored (in, out));
 - DoRA's norm is taken per output unit (PEFT's ``get_weight_norm``: rows of the (out, in) weight);
 - ``lora_bias``: the bias gains ``lora_B.bias * scaling``;
-- embeddings (``lora_embedding_A`` (r, num), ``lora_embedding_B`` (dim, r)): delta ``(B A)^T * scaling``.
+- embeddings (``lora_embedding_A`` (r, num), ``lora_embedding_B`` (dim, r)): delta ``(B A)^T * scaling``;
+- VeLoRA (``velora_config``) and MonteCLoRA (``monteclora_config``) change training only; PEFT merges them
+  as plain LoRA, and so does this (their extra tensors are not folded).
 """
 
 from __future__ import annotations
@@ -89,8 +91,13 @@ def weight_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int | None, int | 
     return (b[0] if b else None), (a[1] if a and len(a) > 1 else None)
 
 
+#: training-time state of LoRA variants whose merge is plain LoRA's (PEFT's VeloraLinearVariant and
+#: MontecloraLinearVariant merge ``get_delta_weight``, B A times the scaling): read with the module, not folded
+TRAINING_ONLY = ("lora_velora_embed", "lora_monteclora_sampler.expert_weights",
+                 "lora_monteclora_sampler.expert_weights_prior", "lora_monteclora_sampler.gaussian_var_prior",
+                 "lora_monteclora_sampler.std_prior")
 PARAMETERS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_embedding_A",
-              "lora_embedding_B")
+              "lora_embedding_B", *TRAINING_ONLY)
 
 register_variant(Variant("LORA", PARAMETERS, fold_weight, weight_shape, fold_bias,
                          source="peft/tuners/lora/layer.py, dora.py"))

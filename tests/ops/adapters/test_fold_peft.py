@@ -34,6 +34,15 @@ CASES = {
         r=4, lora_alpha=8, target_modules=LLAMA_ALL, rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
         alpha_pattern={"v_proj": 3}, modules_to_save=["lm_head"])),
     "llama-dora": ("llama", lambda: LoraConfig(r=4, target_modules=LLAMA_ALL, use_dora=True)),
+    # VeLoRA and MonteCLoRA change training only: PEFT merges B A; their extra saved tensors are not weights
+    "llama-velora": ("llama", lambda: LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                 velora_config={"num_groups": 4, "init_type": "random"})),
+    "llama-monteclora": ("llama", lambda: LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                     monteclora_config={})),
+    # MiCA freezes B at init; layers_to_transform / exclude_modules leave modules out of the adapter
+    "llama-mica-layers_to_transform": ("llama", lambda: LoraConfig(
+        r=4, target_modules=LLAMA_ALL, init_lora_weights="mica", layers_to_transform=[0, 2], layers_pattern="layers",
+        exclude_modules=["model.layers.2.self_attn.q_proj"])),
     "llama-miss": ("llama", lambda: MissConfig(r=6, target_modules=LLAMA_ALL)),  # 56 = 9*6 + 2: a partial shard
     "llama-miss-bat": ("llama", lambda: MissConfig(r=4, target_modules=["q_proj", "o_proj", "gate_proj"],
                                                    init_weights="bat")),
