@@ -169,3 +169,20 @@ def test_sharded_pickle_reads_the_tie_too(tmp_path):
     ckpt = Checkpoint.open(out)
     assert set(ckpt.keys()) == set(Checkpoint.open(folder).keys())
     assert ckpt.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_gguf_of_a_pickle_reads_the_head_from_token_embd(tmp_path):
+    """llama.cpp reads a tied head from token_embd when the GGUF has no output.weight: the pickle's GGUF is the
+    safetensors folder's, tensor for tensor (read back by the gguf package's own reader)."""
+    from gguf import GGUFReader
+
+    st = save_tiny_decoder("llama3", tmp_path / "st", intermediate_size=64)  # rows divisible by GGUF's 32
+    pk = pickled(st, tmp_path / "pk")
+    files = {}
+    for name, src in (("st", st), ("pk", pk)):
+        ok(["quantize", src, "-o", tmp_path / f"{name}.gguf", "--method", "rtn", "--format", "gguf",
+            "--granularity", "group", "--group-size", "32", "--gguf-tokenizer", "none", "--no-default-skips"])
+        files[name] = {t.name: np.array(t.data) for t in GGUFReader(str(tmp_path / f"{name}.gguf")).tensors}
+    assert "output.weight" not in files["pk"] and "token_embd.weight" in files["pk"]
+    assert files["pk"].keys() == files["st"].keys()
+    assert all(np.array_equal(files["pk"][k], files["st"][k]) for k in files["st"])
