@@ -130,15 +130,19 @@ def test_export_of_a_pickle_holds_the_tied_matrix_once(models, tmp_path):
     np.testing.assert_allclose(out["pk"], logits(st[0]).numpy(), atol=1e-4)
 
 
-def test_config_saying_untied_keeps_both_names(tmp_path):
-    """tie_word_embeddings=false: transformers loads lm_head.weight as a weight of its own, so the pickle
-    is an untied model whose head starts equal to the embedding; both names stay."""
+@pytest.mark.parametrize("tie", [False, None])
+def test_config_not_saying_tied_keeps_both_names(tmp_path, tie):
+    """tie_word_embeddings=false, or no such key (LlamaConfig's default is false): transformers loads
+    lm_head.weight as a weight of its own, so the pickle is an untied model whose head starts equal to the
+    embedding; both names stay."""
     import json
 
     folder = save_tiny_decoder("llama3", tmp_path / "st")
     pk = pickled(folder, tmp_path / "pk")
     config = json.loads((pk / "config.json").read_text())
-    config["tie_word_embeddings"] = False
+    config["tie_word_embeddings"] = tie
+    if tie is None:
+        del config["tie_word_embeddings"]
     (pk / "config.json").write_text(json.dumps(config))
     ckpt = Checkpoint.open(pk)
     assert "lm_head.weight" in ckpt and ckpt.tied == {}
