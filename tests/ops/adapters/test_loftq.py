@@ -136,3 +136,16 @@ def test_refuses_bits_loftq_does_not_have(llama, tmp_path):
     adapter = loftq_adapter(llama, tmp_path / "adapter", bits=3)
     with pytest.raises(SurgeryError, match="loftq_bits=3: PEFT's LoftQ quantizes to 4 .NF4. or 8 bits"):
         fold_adapters(llama, [adapter], tmp_path / "out")
+
+
+def test_adapter_saved_again_by_peft_is_a_plain_lora(llama, tmp_path):
+    """PEFT loading a config whose init_lora_weights is not "loftq" empties its loftq_config, and saves it so:
+    no LoftQ mark is left, and the adapter folds onto whatever BASE is given (as PEFT merges it)."""
+    from peft import PeftModel
+
+    adapter = loftq_adapter(llama, tmp_path / "adapter")
+    PeftModel.from_pretrained(load_hf(llama), adapter).save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["loftq_config"] == {}
+    fold_adapters(llama, [tmp_path / "again"], tmp_path / "folded")
+    ours, reference = outputs(load_hf(tmp_path / "folded")), outputs(peft_merged(llama, tmp_path / "again"))
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
