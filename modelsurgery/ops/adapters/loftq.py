@@ -1,7 +1,8 @@
 """LoftQ (Li et al. 2023, "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models", Alg. 1) as
 PEFT's ``init_lora_weights="loftq"`` applies it (``peft/utils/loftq_utils.py``, ``loftq_init``): each targeted
-weight W is replaced in the base model by Q, the dequantized bitsandbytes quantization of W - B A, and the
-adapter starts at the low-rank factors of W - Q. The model PEFT's LoftQ example saves beside the adapter
+weight W is replaced in the base model by Q, the dequantized bitsandbytes quantization of W (after
+``loftq_iter`` > 1 alternations, of W less the previous low-rank part), and the adapter starts at the
+rank-r SVD factors of W - Q. The model PEFT's LoftQ example saves beside the adapter
 (its "backbone") holds Q; the trained adapter is relative to Q, so folding it is right only onto the backbone,
 never onto the float model LoftQ started from.
 
@@ -22,6 +23,9 @@ misses the grid at almost every value, so a few blocks of each targeted weight d
 from __future__ import annotations
 
 import torch
+
+from modelsurgery.checkpoint import Checkpoint
+from modelsurgery.errors import SurgeryError
 
 #: NF4's 16 codes (QLoRA Appendix E; bitsandbytes ``get_4bit_type("nf4")``)
 NF4_CODES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -71,11 +75,9 @@ def off_grid(weight: torch.Tensor, bits: int) -> str | None:
     return None
 
 
-def check_backbone(base, names: list[str], bits: int, where: str) -> None:
+def check_backbone(base: Checkpoint, names: list[str], bits: int, where: str) -> None:
     """Refuse unless each of ``names`` (BASE tensors a LoftQ adapter updates) lies on the ``bits`` grid:
     the adapter at ``where`` would be folded onto weights it was not trained on."""
-    from modelsurgery.errors import SurgeryError
-
     if bits not in SUPPORTED_BITS:
         raise SurgeryError(f"{where}: loftq_config loftq_bits={bits}: PEFT's LoftQ quantizes to 4 (NF4) or 8 bits")
     for name in names:
