@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.align import AlignOptions, AlignReport, align_checkpoint, parse_class_groups
 
 BAR_WIDTH = 32
+CHART_ROWS = 64  # classes drawn one line each; more are drawn as ranges
 GROUP_STYLES = ("green", "yellow", "magenta", "cyan", "blue", "red")
 
 
@@ -114,22 +116,52 @@ def render_align(report: AlignReport) -> None:
 
 
 def render_norm_chart(report: AlignReport) -> None:
-    """Per-class norms before (light) and after (solid), one line each, colored by group."""
-    finite = [v for v in report.norms_before + report.norms_after if math.isfinite(v)]
+    """Per-class norms before (light) and after (solid), colored by group: one line each up to CHART_ROWS
+    classes; a larger head (an LLM's vocabulary, ImageNet's 1000 classes) is drawn as the mean norm of ranges of
+    consecutive classes, never across a group's boundary, so the chart stays a screen long."""
+    rows = chart_rows(report)
+    finite = [v for _, b, a, _ in rows for v in (b, a) if math.isfinite(v)]
     top = max(finite, default=0.0) or 1.0
-    style = {}
-    for i, g in enumerate(report.groups):
-        for c in range(g.start, g.end):
-            style[c] = GROUP_STYLES[min(i, len(GROUP_STYLES) - 1)]
-    chart = Table(show_edge=False, show_header=True, box=None, title="per-class weight norms")
-    chart.add_column("class", justify="right")
+    binned = len(rows) < len(report.norms_before)
+    title = "per-class weight norms" + (", mean per range" if binned else "")
+    chart = Table(show_edge=False, show_header=True, box=None, title=title)
+    chart.add_column("classes" if binned else "class", justify="right")
     chart.add_column("before / after")
     chart.add_column("norm", justify="right")
-    for c, (b, a) in enumerate(zip(report.norms_before, report.norms_after)):
-        s = style.get(c, "white")
-        chart.add_row(str(c), f"[dim {s}]{bar(b, top)}[/]", f"{b:.3f}")
+    for label, b, a, s in rows:
+        chart.add_row(label, f"[dim {s}]{bar(b, top)}[/]", f"{b:.3f}")
         chart.add_row("", f"[{s}]{bar(a, top)}[/]", f"{a:.3f}")
     out_console.print(chart)
+
+
+def chart_rows(report: AlignReport, limit: int | None = None) -> list[tuple[str, float, float, str]]:
+    """(label, norm before, norm after, style) per chart line: every class when there are at most ``limit``
+    (CHART_ROWS), else each group split into ranges of consecutive classes (lines shared out by size, at
+    least one per group) with their mean norms; a range holding a NaN or Inf shows it."""
+    limit = CHART_ROWS if limit is None else limit
+    before, after = report.norms_before, report.norms_after
+    owner: list[int | None] = [None] * len(before)  # the group of each class (None: in no group)
+    for i, g in enumerate(report.groups):
+        owner[g.start:g.end] = [i] * (g.end - g.start)
+    spans = []  # runs of consecutive classes of one group
+    for i, run in itertools.groupby(range(len(owner)), key=owner.__getitem__):
+        classes = list(run)
+        spans.append((classes[0], classes[-1] + 1, i))
+    out = []
+    for start, end, i in spans:
+        style = "white" if i is None else GROUP_STYLES[min(i, len(GROUP_STYLES) - 1)]
+        n = end - start
+        lines = n if len(before) <= limit else max(1, min(n, round(limit * n / len(before))))
+        edges = [start + round(k * n / lines) for k in range(lines + 1)]
+        for a, b in itertools.pairwise(edges):
+            label = str(a) if b - a == 1 else f"{a}:{b}"
+            out.append((label, _mean(before[a:b]), _mean(after[a:b]), style))
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    bad = [v for v in values if not math.isfinite(v)]
+    return bad[0] if bad else sum(values) / len(values)
 
 
 def bar(value: float, top: float) -> str:

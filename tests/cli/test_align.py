@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -98,3 +100,29 @@ def test_non_finite_classifier_exit_status_agrees_with_what_was_written(tmp_path
     res = runner.invoke(app, ["align", str(tmp_path / "m.safetensors"), "-o", str(out), "--old-classes", "4"])
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert (res.exit_code == 0 and out.exists()) or (res.exit_code == 1 and not out.exists()), res.output
+
+
+def test_a_large_head_is_charted_as_ranges_of_classes(tmp_path):
+    """A head of 1000 classes was charted one line per class (2,000 lines; 32,000 for an LLM vocabulary): now at
+    most CHART_ROWS ranges of consecutive classes, none across the old/new boundary, each showing the mean L1
+    norm of its rows, checked against numpy on the weights."""
+    g = torch.Generator().manual_seed(3)
+    head = torch.rand(1000, 16, generator=g)
+    head[700:] *= 2.0
+    save_file({"0.weight": torch.randn(16, 4, generator=g), "2.weight": head}, str(tmp_path / "m.safetensors"))
+    res = runner.invoke(app, ["align", str(tmp_path / "m.safetensors"), "--old-classes", "700", "--no-clamp"])
+    assert res.exit_code == 0, res.output
+    chart = res.stdout[res.stdout.index("per-class weight norms"):].splitlines()[2:]
+    ranges = [line.split()[0] for line in chart if line.split() and ":" in line.split()[0]]
+    assert 40 <= len(ranges) <= 64 and len(chart) < 2 * 64 + 4, res.stdout
+    bounds = [tuple(map(int, r.split(":"))) for r in ranges]
+    assert bounds[0][0] == 0 and bounds[-1][1] == 1000 and (700 in [a for a, _ in bounds])  # 700 starts a range
+    assert all(b1 == a2 for (_, b1), (a2, _) in itertools.pairwise(bounds))  # consecutive, no class left out
+    a, b = bounds[0]
+    before = np.abs(head[a:b].numpy()).sum(axis=1).mean()
+    assert f"{before:.3f}" in chart[[line.split()[0] if line.split() else "" for line in chart].index(f"{a}:{b}")]
+    a, b = bounds[-1]
+    gamma = np.abs(head[:700].numpy()).sum(1).mean() / np.abs(head[700:].numpy()).sum(1).mean()
+    after = (np.abs(head[a:b].numpy()).sum(axis=1) * gamma).mean()
+    row = [line.split()[0] if line.split() else "" for line in chart].index(f"{a}:{b}")
+    assert f"{after:.3f}" in chart[row + 1], chart[row:row + 2]
