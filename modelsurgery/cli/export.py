@@ -39,8 +39,9 @@ def export_command(
     tolerance: float = typer.Option(None, "--tolerance", help="Largest max-abs difference the check accepts "
                                                               "(default 1e-4 for fp32, 5e-2 for fp16)."),
     data: Path = typer.Option(None, "--data", help="Sample inputs for the check (default: generated)."),
-    samples: int = typer.Option(4, "--samples", help="Batch size of the check inputs."),
-    seq_len: int = typer.Option(12, "--seq-len", help="Sequence length of generated check inputs (token models)."),
+    samples: int = typer.Option(None, "--samples", help="Batch size of the check inputs (default 4)."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Tokens per check input, generated or a --data text line "
+                                                        "(token models; default 12)."),
     model: str = model_option(),
     force: bool = force_option(),
     quiet: bool = quiet_option(),
@@ -67,11 +68,13 @@ def export_command(
         check_range(samples, "--samples", 1, MAX_CHECK_SAMPLES, integer=True)
         check_range(seq_len, "--seq-len", 1, integer=True)
         if not check:  # read only by the check: given with --no-check they would be silently ignored
-            for flag, value in (("--tolerance", tolerance), ("--data", data)):
+            for flag, value in (("--tolerance", tolerance), ("--data", data), ("--samples", samples),
+                                ("--seq-len", seq_len)):
                 if value is not None:
                     raise SurgeryError(f"{flag} configures the check, which --no-check skips: drop one of them")
         options = ExportOptions(opset=opset, dtype=dtype, check=check, tolerance=tolerance, model=model,
-                                data=data, samples=samples, seq_len=seq_len, force=force)
+                                data=data, samples=ExportOptions.samples if samples is None else samples,
+                                seq_len=seq_len, force=force)
         with progress_bar(quiet) as progress:
             report = export_checkpoint(path, output, options, progress)
     if json_out:

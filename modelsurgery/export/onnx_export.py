@@ -39,6 +39,9 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 13
 
 
+DEFAULT_CHECK_SEQ_LEN = 12
+
+
 @dataclass
 class ExportOptions:
     opset: int | None = None  # None: 17, or the smallest opset the packed weights need
@@ -48,7 +51,12 @@ class ExportOptions:
     model: str | None = None  # custom factory 'package.module:function'
     data: Path | None = None  # sample inputs for the check, read by modelsurgery.data (default: generated)
     samples: int = 4  # check inputs: batch size (first N samples of --data)
-    seq_len: int = 12  # check inputs: sequence length of generated tokens, or of --data text lines
+    seq_len: int | None = None  # check inputs: tokens per generated sample or --data text line (None: 12); token
+    # models only: given for feature inputs or tensor --data, where nothing reads it, it is refused
+
+    @property
+    def check_seq_len(self) -> int:
+        return DEFAULT_CHECK_SEQ_LEN if self.seq_len is None else self.seq_len
     seed: int = 0
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     force: bool = False
@@ -115,16 +123,30 @@ def sample_inputs(family: Family, options: ExportOptions, batch: int, seq_len: i
     return {n: raw[n].to(dtype) if raw[n].is_floating_point() else raw[n] for n in names}
 
 
+def check_seq_len_is_read(family: Family, options: ExportOptions, path: Path) -> None:
+    """--seq-len cuts generated token samples and --data text lines; for a model of feature inputs, or --data
+    tensors (used as stored), nothing would read it: refused rather than ignored."""
+    if options.seq_len is None:
+        return
+    if "input_ids" not in family.input_names():
+        raise SurgeryError(f"--seq-len {options.seq_len}: {path} is a {family.name} model of feature inputs, "
+                           "not token sequences; nothing reads it")
+    if options.data is not None and Path(options.data).suffix.lower() in TENSOR_SUFFIXES:
+        raise SurgeryError(f"--seq-len {options.seq_len}: {options.data} holds tensors, which the check uses as "
+                           "stored; --seq-len cuts generated samples and text lines")
+
+
 def check_inputs(family: Family, options: ExportOptions, trace_inputs: dict[str, torch.Tensor], tokenizer: Path
                  ) -> dict[str, torch.Tensor]:
     """Samples for the ONNX Runtime check: the first ``samples`` of ``--data``, else generated in
     another shape than the trace's (which also proves the dynamic axes)."""
     if options.data is None:
-        return sample_inputs(family, options, options.samples, options.seq_len, options.seed + 1)
+        return sample_inputs(family, options, options.samples, options.check_seq_len, options.seed + 1)
     from modelsurgery.data import check_fits, load_data
 
     text = Path(options.data).suffix.lower() not in TENSOR_SUFFIXES
-    data = load_data(options.data, tokenizer=tokenizer if text else None, seq_len=options.seq_len if text else None)
+    data = load_data(options.data, tokenizer=tokenizer if text else None,
+                     seq_len=options.check_seq_len if text else None)
     data = data.select(slice(0, options.samples))
     check_fits(family, data)
     dtype = DTYPES[options.dtype]
@@ -208,9 +230,10 @@ def export_checkpoint(path: str | Path, out: str | Path, options: ExportOptions 
         state = deployed_state(src, weights, dtype) if deployed else dequantized_state(src, weights, dtype)
         view = Checkpoint.from_state_dict(state, path=src.path, config=src.config, metadata=metadata)
     family = runnable_family(view, options.model, str(path))
+    check_seq_len_is_read(family, options, path)
     limit = family.max_positions()
-    if options.check and options.data is None and limit is not None and options.seq_len > limit:
-        raise SurgeryError(f"--seq-len {options.seq_len}: {path} holds positions for {limit} tokens at most")
+    if options.check and options.data is None and limit is not None and options.check_seq_len > limit:
+        raise SurgeryError(f"--seq-len {options.check_seq_len}: {path} holds positions for {limit} tokens at most")
     module = family.build_module(dtype=dtype)
     for name, param in module.named_parameters():  # a NaN/Inf weight would export and "check" as NaN == NaN
         check_finite(name, param.detach(), path)

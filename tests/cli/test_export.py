@@ -13,6 +13,7 @@ from modelsurgery.cli.app import app
 from modelsurgery.cli.export import demo_step
 from modelsurgery.export import ort_session
 from tests.export.packing import write_packed
+from tests.hf_tiny import save_tiny_gpt2
 
 
 @pytest.fixture
@@ -78,11 +79,11 @@ def test_demo_step_exports_and_runs_a_fixture(tmp_path, fixtures_dir):
     assert ort_session(tmp_path / "mlp_seed0.onnx").run(None, {"input": torch.rand(2, 64).numpy()})[0].shape == (2, 10)
 
 
-@pytest.mark.parametrize("flag", [["--tolerance", "1e-3"], ["--data", "DATA"]])
+@pytest.mark.parametrize("flag", [["--tolerance", "1e-3"], ["--data", "DATA"], ["--samples", "3"]])
 def test_check_options_with_no_check_are_refused_not_ignored(tmp_path, runner, flag):
-    """--tolerance and --data only configure the ONNX Runtime check (their help: "the check accepts", "inputs
-    for the check"); with --no-check nothing would read them, so a tolerance the user asked for would be
-    silently unchecked: refused in one line, nothing written."""
+    """--tolerance, --data and --samples only configure the ONNX Runtime check (their help: "the check accepts",
+    "inputs for the check", "check inputs"); with --no-check nothing would read them, so a tolerance the user
+    asked for would be silently unchecked: refused in one line, nothing written."""
     src = mlp_file(tmp_path / "m.safetensors")
     save_file({"inputs": torch.randn(4, 8)}, tmp_path / "d.safetensors")
     args = [a.replace("DATA", str(tmp_path / "d.safetensors")) for a in flag]
@@ -91,3 +92,26 @@ def test_check_options_with_no_check_are_refused_not_ignored(tmp_path, runner, f
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
     result = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "m.onnx"), *args])
     assert result.exit_code == 0, result.output
+
+
+def test_seq_len_nothing_reads_is_refused(tmp_path, runner):
+    """--seq-len cuts generated token samples and --data text lines: for an MLP (feature inputs), for --data
+    tensors (used as stored) and with --no-check nothing reads it, so it is refused in one line with nothing
+    written; on a token model it sets the check inputs' length (ORT is fed [4, 5] token ids)."""
+    src = mlp_file(tmp_path / "m.safetensors")
+    out = tmp_path / "m.onnx"
+    for args, words in ((["--seq-len", "5"], "model of feature inputs"),
+                        (["--seq-len", "5", "--no-check"], "--seq-len configures the check")):
+        result = runner.invoke(app, ["export", str(src), "-o", str(out), *args])
+        assert result.exit_code == 1 and words in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+    gpt2 = save_tiny_gpt2(tmp_path / "gpt2")
+    save_file({"input_ids": torch.randint(0, 50, (4, 6))}, tmp_path / "ids.safetensors")
+    result = runner.invoke(app, ["export", str(gpt2), "-o", str(out), "--seq-len", "5",
+                                 "--data", str(tmp_path / "ids.safetensors")])
+    assert result.exit_code == 1 and "holds tensors" in result.stderr and not out.exists(), result.output
+    result = runner.invoke(app, ["export", str(gpt2), "-o", str(out), "--seq-len", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    check = json.loads(result.stdout)["check"]
+    assert check["passed"] and check["input_shapes"]["input_ids"] == [4, 5] and out.exists()
