@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -199,6 +200,11 @@ class Checkpoint:
             self._offsets[info.file] = offsets
         return info.file, offsets[name], info.nbytes
 
+    def lazy_state(self) -> LazyState:
+        """The tensors as a read-only mapping that reads each one when it is looked up and keeps none
+        (``state_dict`` reads every tensor now: a whole model for pickles' copies or dequantized views)."""
+        return LazyState(self)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All tensors (memory-mapped where the format allows)."""
         return {k: self.get(k) for k in self.infos}
@@ -284,6 +290,24 @@ def tied_in_pickle(state: dict[str, torch.Tensor], config: dict | None) -> dict[
     if not config or config.get("tie_word_embeddings") is not True:
         return {}
     return shared_data(state)
+
+
+class LazyState(Mapping):
+    """A checkpoint's tensors by name, each read by ``Checkpoint.get`` when looked up, never kept."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.ckpt:
+            raise KeyError(name)
+        return self.ckpt.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ckpt.infos)
+
+    def __len__(self) -> int:
+        return len(self.ckpt.infos)
 
 
 def _folder_weights(folder: Path) -> Path:

@@ -20,7 +20,7 @@ from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.families import detect_family
 from modelsurgery.ops.float_input import float_view
 from modelsurgery.ops.match.derive import permutation_spec
-from modelsurgery.ops.match.spec import apply_permutation
+from modelsurgery.ops.match.spec import permute_tensor
 from modelsurgery.ops.match.weight_matching import weight_matching
 from modelsurgery.ops.merge.merge import check_compatible
 
@@ -75,16 +75,18 @@ def analyze_pair(a: Path, b: Path, options: AnalyzeOptions,
     check_compatible([ca, cb])
     family = detect_family(ca, options.model)
     spec = permutation_spec(family, complete=False)  # only the spec's tensors are compared; nothing is written
-    A, B = ca.state_dict(), cb.state_dict()
+    # the tensors are read when matching or a layer's SVD needs them: no float copy of either model
+    A, B = ca.lazy_state(), cb.lazy_state()
     match = weight_matching(A, B, spec, backend=options.backend, device=options.device, seed=options.seed,
-                            progress=progress)
-    Bp = apply_permutation(B, spec, {g: {k: v.cpu() for k, v in p.items()} for g, p in match.perms.items()})
-    names = [n for n in spec.axes if A[n].ndim >= 2 and A[n].is_floating_point()]
+                            progress=progress, streaming=True)
+    perms = {g: {k: v.cpu() for k, v in p.items()} for g, p in match.perms.items()}
+    names = [n for n in spec.axes if len(ca.shape(n)) >= 2 and ca.info(n).dtype.is_floating_point]
     result = AnalyzeResult(str(a), str(b), family.name, match.objective_before, match.objective_after,
                            notes=[n for n in (note_a, note_b) if n])
     dev = torch.device(options.device)
     for i, n in enumerate(names):
-        wa, wb, wp = (x[n].to(dev, torch.float32) for x in (A, B, Bp))
+        wb = B[n]
+        wa, wb, wp = (x.to(dev, torch.float32) for x in (A[n], wb, permute_tensor(spec, n, wb, perms)))
         before, sv = top_alignment(wa, wb, options.top_k)
         after, _ = top_alignment(wa, wp, options.top_k)
         result.layers.append(LayerAnalysis(

@@ -36,3 +36,35 @@ def test_shuffled_copy_is_fully_aligned_after_matching(fixtures_dir, tmp_path):
         assert layer.distance_after == pytest.approx(0.0, abs=1e-5)
         assert layer.alignment_after == pytest.approx([1.0] * 3, abs=1e-4)
     assert min(r.layers[0].alignment_before) < 0.5
+
+
+def test_analyze_streams_and_reports_what_the_in_memory_matching_gives(tmp_path, monkeypatch):
+    """Two differently seeded tiny LLaMAs written by transformers: the tensors are read when the matching or
+    a layer needs them, never all at once, and the report is the one the in-memory matching and the whole
+    permuted B give (the path analyze took before it streamed)."""
+    from modelsurgery.ops.match.weight_matching import weight_matching
+    from tests.hf_tiny import save_tiny_llama
+    from tests.live_tensors import LiveTensors
+
+    a, b = save_tiny_llama(tmp_path / "a", seed=0), save_tiny_llama(tmp_path / "b", seed=1)
+    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
+    spec = permutation_spec(detect_family(ca))
+    A, B = ca.state_dict(), cb.state_dict()
+    match = weight_matching(A, B, spec)
+    Bp = apply_permutation(B, spec, match.perms)
+
+    live = LiveTensors(monkeypatch)
+    r = analyze_pair(a, b, AnalyzeOptions(top_k=3))
+    assert live.reads > len(ca)  # every layer read (the matching reads them again)
+    assert live.peak <= 3, f"{live.peak} tensors read from the checkpoints alive at once"
+
+    assert (r.objective_before, r.objective_after) == (match.objective_before, match.objective_after)
+    names = [n for n in spec.axes if A[n].ndim >= 2]
+    assert [layer.name for layer in r.layers] == names and len(names) > 10
+    for layer in r.layers:
+        wa, wb, wp = (x[layer.name].float() for x in (A, B, Bp))
+        assert layer.distance_before == float((wa - wb).norm())
+        assert layer.distance_after == float((wa - wp).norm())
+        assert (layer.alignment_before, layer.singular_values) == top_alignment(wa, wb, 3)
+        assert layer.alignment_after == top_alignment(wa, wp, 3)[0]
+    assert any(x.distance_after < x.distance_before for x in r.layers)  # a real matching moved B
