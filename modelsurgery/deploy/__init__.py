@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from modelsurgery.checkpoint import PlannedTensor, plan_copy
 from modelsurgery.deploy import compressed_tensors, gguf, gptq
 from modelsurgery.deploy.common import DeployReport, DeploySource, open_packed, weight_from_quantized
 from modelsurgery.errors import SurgeryError
@@ -121,18 +122,22 @@ def read_deployed(ckpt) -> list | None:
     return None
 
 
+def deployed_planned(ckpt, weights: list, dtype: torch.dtype = torch.float32) -> list[PlannedTensor]:
+    """The float tensors a GPTQ or compressed-tensors folder stands for, each made when written: the
+    tensors no module owns as they are, then every module's dequantized ``X.weight``."""
+    suffixes = gptq.SUFFIXES if gptq.is_gptq(ckpt.config) else compressed_tensors.SUFFIXES
+    owned = {w.name[: -len(".weight")] + s for w in weights for s in suffixes}
+    kept = [plan_copy(ckpt, k) for k in ckpt.keys() if k not in owned]  # noqa: SIM118
+    return kept + [PlannedTensor(w.name, tuple(w.shape), dtype, lambda w=w: w.dequantize(dtype)) for w in weights]
+
+
 def deployed_state(ckpt, weights: list, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The float state dict a GPTQ or compressed-tensors folder stands for: each module's stored
     tensors replaced by its dequantized ``X.weight`` (as ``packing.dequantized_state`` does for packed)."""
-    suffixes = gptq.SUFFIXES if gptq.is_gptq(ckpt.config) else compressed_tensors.SUFFIXES
-    owned = {w.name[: -len(".weight")] + s for w in weights for s in suffixes}
-    state = {k: ckpt.get(k) for k in ckpt.keys() if k not in owned}  # noqa: SIM118
-    for w in weights:
-        state[w.name] = w.dequantize(dtype)
-    return state
+    return {t.name: t.load() for t in deployed_planned(ckpt, weights, dtype)}
 
 
 __all__ = ["FORMATS", "DeployReport", "DeploySource", "check_model", "check_scheme", "check_weight",
-           "convert_packed", "deploy", "deployed_state", "read_deployed", "storable_grid", "storable_scale",
-           "storage_dtype",
+           "convert_packed", "deploy", "deployed_planned", "deployed_state", "read_deployed", "storable_grid",
+           "storable_scale", "storage_dtype",
            "weight_from_quantized", "writes_folder"]

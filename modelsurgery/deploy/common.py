@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,8 +195,39 @@ class PackedRef:
         return self.load().dequantize(dtype)
 
 
-def loaded(w: PackedWeight | PackedRef) -> PackedWeight:
-    return w.load() if isinstance(w, PackedRef) else w
+@dataclass
+class DeferredCodes:
+    """One weight of a GPTQ or compressed-tensors folder: its scale and zero point read and checked, its
+    codes unpacked from the file by ``read_codes`` each time they are asked for, so that reading a folder
+    holds one weight's codes at a time. ``load`` gives the ``PackedWeight``."""
+
+    name: str
+    shape: tuple[int, ...]
+    bits: int
+    group_size: int | None
+    read_codes: Callable[[], np.ndarray]
+    scale: np.ndarray
+    zero_point: np.ndarray
+    transposed: bool = False
+
+    rows = PackedWeight.rows
+    row_length = PackedWeight.row_length
+    granularity = PackedWeight.granularity  # from the scale's shape alone
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self.read_codes()
+
+    def load(self) -> PackedWeight:
+        return PackedWeight(self.name, self.shape, self.bits, self.group_size, self.codes, self.scale,
+                            self.zero_point, self.transposed)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.load().dequantize(dtype)
+
+
+def loaded(w: PackedWeight | PackedRef | DeferredCodes) -> PackedWeight:
+    return w.load() if isinstance(w, PackedRef | DeferredCodes) else w
 
 
 def packed_ref(ckpt: Checkpoint, name: str, layer: dict) -> PackedRef:

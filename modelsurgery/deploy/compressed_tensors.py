@@ -22,6 +22,7 @@ import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, plan_copy, plan_tensor
 from modelsurgery.deploy.common import (
+    DeferredCodes,
     DeployReport,
     DeploySource,
     PackedRef,
@@ -29,6 +30,7 @@ from modelsurgery.deploy.common import (
     module_of,
     pack_words,
     plain_2d,
+    read_tensor,
     scale_rounding_error,
     stream_words,
     unpack_words,
@@ -144,8 +146,9 @@ def group_targets(name: str, target: str) -> bool:
     return target in (name, "Linear")
 
 
-def read_compressed_tensors(ckpt: Checkpoint) -> list[PackedWeight]:
-    """Every pack-quantized weight of a compressed-tensors folder, in our representation; each module read
+def read_compressed_tensors(ckpt: Checkpoint) -> list[DeferredCodes]:
+    """Every pack-quantized weight of a compressed-tensors folder, in our representation (codes read when
+    asked for); each module read
     with the weights scheme of the config group that targets it (llm-compressor writes one group per scheme)."""
     qc = ckpt.config["quantization_config"]
     if qc.get("format") != FORMAT:
@@ -163,7 +166,6 @@ def read_compressed_tensors(ckpt: Checkpoint) -> list[PackedWeight]:
         bits, strategy = int(args.get("num_bits", 0)), args["strategy"]
         shape = tuple(int(x) for x in ckpt.get(f"{module}.weight_shape").tolist())
         rows, length = shape
-        codes = unpack_words(ckpt.get(f"{module}.weight_packed").numpy(), bits, length)
         scale = ckpt.get(f"{module}.weight_scale").float().numpy().reshape(rows, -1)
         if f"{module}.weight_zero_point" in ckpt:
             zp = ckpt.get(f"{module}.weight_zero_point").numpy()
@@ -171,8 +173,10 @@ def read_compressed_tensors(ckpt: Checkpoint) -> list[PackedWeight]:
         else:
             zero = np.full(scale.shape, 1 << (bits - 1), np.uint8)
         group = args.get("group_size") if strategy == "group" else None
-        weights.append(PackedWeight(f"{module}.weight", shape, bits, group, codes,
-                                    np.ascontiguousarray(scale), np.ascontiguousarray(zero)))
+        weights.append(DeferredCodes(
+            f"{module}.weight", shape, bits, group,
+            lambda m=module, b=bits, n=length: unpack_words(read_tensor(ckpt, f"{m}.weight_packed").numpy(), b, n),
+            np.ascontiguousarray(scale), np.ascontiguousarray(zero)))
     return weights
 
 

@@ -26,6 +26,7 @@ import torch
 
 from modelsurgery.checkpoint import Checkpoint, PlannedTensor, plan_copy
 from modelsurgery.deploy.common import (
+    DeferredCodes,
     DeployReport,
     DeploySource,
     PackedRef,
@@ -34,6 +35,7 @@ from modelsurgery.deploy.common import (
     module_of,
     pack_words,
     plain_2d,
+    read_tensor,
     scale_rounding_error,
     stream_words,
     unpack_words,
@@ -206,8 +208,9 @@ def check_readable(qc: dict, where) -> None:
         raise SurgeryError(f"{where}: GPTQ rotation '{qc['rotation']}': the stored weights are rotated; not read")
 
 
-def read_gptq(ckpt: Checkpoint) -> list[PackedWeight]:
-    """Every GPTQ weight of a folder in our representation (v1 zeros: stored value + 1)."""
+def read_gptq(ckpt: Checkpoint) -> list[DeferredCodes]:
+    """Every GPTQ weight of a folder in our representation (v1 zeros: stored value + 1), its codes read when
+    asked for."""
     qc = ckpt.config["quantization_config"]
     if qc.get("checkpoint_format", "gptq") != "gptq" or qc.get("desc_act"):
         raise SurgeryError(f"{ckpt.path}: GPTQ checkpoint_format '{qc.get('checkpoint_format')}' with desc_act "
@@ -219,9 +222,7 @@ def read_gptq(ckpt: Checkpoint) -> list[PackedWeight]:
     for module in modules:
         scales = ckpt.get(f"{module}.scales").float().numpy()
         groups, out_features = scales.shape
-        qweight = ckpt.get(f"{module}.qweight").numpy()
-        in_features = qweight.shape[0] * 32 // bits
-        codes = unpack_words(qweight.T, bits, in_features)
+        in_features = ckpt.shape(f"{module}.qweight")[0] * 32 // bits
         zeros = unpack_words(ckpt.get(f"{module}.qzeros").numpy(), bits, out_features).astype(np.int64) + 1
         if (zeros > (1 << bits) - 1).any():
             raise SurgeryError(f"{ckpt.path}: tensor '{module}.qzeros' holds a zero point of {1 << bits} "
@@ -230,7 +231,8 @@ def read_gptq(ckpt: Checkpoint) -> list[PackedWeight]:
         group = in_features // groups
         if g_idx is not None and not (g_idx == np.arange(in_features) // group).all():
             raise SurgeryError(f"{ckpt.path}: tensor '{module}.g_idx' is not in input order (act-order is not read)")
-        weights.append(PackedWeight(f"{module}.weight", (out_features, in_features), bits,
-                                    group if groups > 1 else None, codes, np.ascontiguousarray(scales.T),
-                                    np.ascontiguousarray(zeros.T.astype(np.uint8))))
+        weights.append(DeferredCodes(
+            f"{module}.weight", (out_features, in_features), bits, group if groups > 1 else None,
+            lambda m=module, n=in_features: unpack_words(read_tensor(ckpt, f"{m}.qweight").numpy().T, bits, n),
+            np.ascontiguousarray(scales.T), np.ascontiguousarray(zeros.T.astype(np.uint8))))
     return weights

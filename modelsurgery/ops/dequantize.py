@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from modelsurgery.checkpoint import DEFAULT_MAX_SHARD, Provenance, open_checkpoint, plan_copy, plan_tensor
+from modelsurgery.checkpoint import DEFAULT_MAX_SHARD, Provenance, open_checkpoint, plan_copy
 from modelsurgery.checkpoint.output import check_output
 from modelsurgery.checkpoint.writer import float_dtype, write_checkpoint
 from modelsurgery.errors import SurgeryError
@@ -65,7 +65,7 @@ def dequantize(path: str | Path, out: str | Path, options: DequantizeOptions | N
                            "quantization_config); nothing to dequantize")
     if q.format == "fake":
         raise SurgeryError(f"{path}: {q.describe()}: its weights are already float; use it as it is")
-    from modelsurgery.deploy import deployed_state, read_deployed  # only GPTQ/compressed-tensors need it
+    from modelsurgery.deploy import deployed_planned, read_deployed  # only GPTQ/compressed-tensors need it
 
     if q.format == "packed":
         view, _ = float_view(ckpt, "dequantize")
@@ -78,8 +78,7 @@ def dequantize(path: str | Path, out: str | Path, options: DequantizeOptions | N
             raise SurgeryError(f"{path}: {q.describe()}; dequantize reads modelsurgery's packed format, GPTQ "
                                "(without act-order) and compressed-tensors pack-quantized folders")
         source, count = str(ckpt.config["quantization_config"].get("quant_method")), len(weights)
-        state = deployed_state(ckpt, weights, torch.float32)
-        planned = [plan_tensor(k, v) for k, v in state.items()]
+        planned = deployed_planned(ckpt, weights, torch.float32)  # dequantized when written
         config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
         metadata = {k: v for k, v in ckpt.metadata.items() if k.startswith("modelsurgery.") and k != METADATA_KEY}
     if dtype is None:

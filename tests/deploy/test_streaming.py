@@ -132,3 +132,43 @@ def test_bad_packed_weight_refused_before_writing(tmp_path):
     with pytest.raises(SurgeryError, match=f"tensor '{name}.qweight' is torch.uint8 .* expected uint8"):
         convert_packed(too_wide, out, "compressed-tensors")
     assert not out.exists()
+
+
+
+def _dequantize_traced(folder: Path, fmt: str, layers: int) -> tuple[int, int]:
+    """(numpy's traced peak while dequantizing a ``fmt`` folder of a tiny LLaMA of ``layers`` blocks, bytes
+    of all its codes); the dequantized weights are checked against the source representation's own."""
+    import tracemalloc
+
+    from modelsurgery.deploy.common import DeferredCodes
+    from modelsurgery.ops.dequantize import DequantizeOptions, dequantize
+    from modelsurgery.ops.quantize.grids import QuantScheme
+    from tests.deploy.conftest import rtn_source
+    from tests.hf_tiny import save_tiny_llama
+
+    model = save_tiny_llama(folder / "float", hidden_size=128, intermediate_size=384, num_hidden_layers=layers)
+    src = rtn_source(fmt, QuantScheme(4, "group", 32, False), skip=(), folder=model)
+    deploy(src, folder / "q", fmt)
+    assert all(isinstance(w, DeferredCodes) for w in read_deployed(Checkpoint.open(folder / "q")))
+    dequantize(folder / "q", folder / "warm")  # imports and first-call caches, outside the traced run
+    tracemalloc.start()
+    try:  # without the inputs' digest, which reads 4 MB at a time
+        dequantize(folder / "q", folder / "deq", DequantizeOptions(hash_inputs=False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    out = Checkpoint.open(folder / "deq")
+    assert len(src.weights) == 7 * layers
+    for w in src.weights:
+        torch.testing.assert_close(out.get(w.name).float(), w.dequantize(), rtol=0, atol=0)
+    return peak, sum(w.codes.nbytes for w in src.weights)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_dequantize_of_a_deployed_folder_holds_one_weights_codes_at_a_time(tmp_path, fmt):
+    """`surgery dequantize` of a GPTQ or compressed-tensors folder reads each module's codes when the writer
+    reaches its weight (``DeferredCodes``): twice the blocks add less than half their codes to numpy's traced
+    peak (the reader used to unpack every weight's codes first: the peak grew by more than the codes). Every
+    weight written is the source representation's own dequantization."""
+    (peak6, codes6), (peak12, codes12) = (_dequantize_traced(tmp_path / str(n), fmt, n) for n in (6, 12))
+    assert peak12 - peak6 < (codes12 - codes6) / 2, (peak6, peak12, codes6, codes12)
