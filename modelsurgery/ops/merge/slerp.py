@@ -17,19 +17,35 @@ DOT_THRESHOLD = 0.9995  # mergekit's
 EPS = 1e-8  # mergekit's: a tensor with a smaller norm is not normalised
 
 
+#: elements of the normalised tensors turned to float64 at a time for their dot product (8 MB each), so that
+#: a merge of two embeddings holds no float64 or normalised copy of them
+DOT_CHUNK = 1 << 20
+
+
+def unit_dot(a: torch.Tensor, b: torch.Tensor, na: float, nb: float) -> float:
+    """<a/na, b/nb> in float64 (a tensor of norm <= EPS is not divided), a piece at a time."""
+    a, b = a.flatten(), b.flatten()
+    total = 0.0
+    for i in range(0, a.numel(), DOT_CHUNK):
+        pa, pb = a[i:i + DOT_CHUNK], b[i:i + DOT_CHUNK]
+        pa, pb = (pa / na if na > EPS else pa), (pb / nb if nb > EPS else pb)
+        total += float(pa.double() @ pb.double())
+    return total
+
+
 def slerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None,
           params: Mapping[str, Any]) -> torch.Tensor:
     a, b = (x.to(torch.float32) for x in tensors)
     t = float(params["t"])
-    na, nb = float(a.norm()), float(b.norm())
-    ua = a / na if na > EPS else a
-    ub = b / nb if nb > EPS else b
-    dot = float(ua.flatten().double() @ ub.flatten().double())
+    dot = unit_dot(a, b, float(a.norm()), float(b.norm()))
     if abs(dot) > DOT_THRESHOLD:
-        return (1 - t) * a + t * b
-    omega = math.acos(max(-1.0, min(1.0, dot)))
-    s = math.sin(omega)
-    return a * (math.sin((1 - t) * omega) / s) + b * (math.sin(t * omega) / s)
+        ca, cb = 1 - t, t
+    else:
+        omega = math.acos(max(-1.0, min(1.0, dot)))
+        s = math.sin(omega)
+        ca, cb = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
+    out = a * ca
+    return out.add_(b * cb)
 
 
 PARAMS = (

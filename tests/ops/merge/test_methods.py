@@ -144,3 +144,48 @@ def test_ties_without_normalize_sums_the_agreeing_deltas():
                                t(3, 3))
     # normalize: true averages over the agreeing models: entry 0 -> 3/2, entry 1 -> 3/1
     torch.testing.assert_close(run("ties", [t(2, -1), t(1, 3)], [1.0, 1.0], base, density=1.0), t(1.5, 3))
+
+
+def _slerp_whole(a, b, t):
+    """mergekit's slerp as its documentation states it, on whole tensors: both normalised, their float64 dot."""
+    ua, ub = a / a.norm(), b / b.norm()
+    dot = float(ua.flatten().double() @ ub.flatten().double())
+    omega = math.acos(dot)
+    return a * (math.sin((1 - t) * omega) / math.sin(omega)) + b * (math.sin(t * omega) / math.sin(omega))
+
+
+@pytest.mark.parametrize("shape", [(3000, 1000), (7, 5)])
+def test_slerp_in_pieces_equals_the_whole_tensor_formula(shape):
+    """The dot product is taken a piece at a time (several pieces at 3M elements): the merged tensor is the
+    whole-tensor formula's, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    b = b + 0.5 * a  # not orthogonal: omega away from pi/2
+    for tt in (0.3, 0.5):
+        assert torch.equal(run("slerp", [a, b], [0.5, 0.5], t=tt), _slerp_whole(a, b, tt))
+
+
+SLERP_PEAK = """
+import resource, torch
+from modelsurgery.ops.merge import get_method
+m = get_method("slerp")
+gen = torch.Generator().manual_seed(0)
+a, b = torch.randn(1 << 24, generator=gen), torch.randn(1 << 24, generator=gen)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = m.fn([a, b], [0.5, 0.5], None, m.resolve({"t": 0.3}))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_slerp_holds_no_normalised_or_float64_copy():
+    """Two float32 tensors of 64 MB: the merge adds its output and one product to the peak (2 x 64 MB), not the
+    two normalised copies and their float64 copies (another 6 x 64 MB) the whole-tensor dot product takes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", SLERP_PEAK], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown = int(proc.stdout.split()[-1])
+    assert grown < 3 * 64 * 2**20, f"peak grew by {grown / 2**20:.0f} MB"
