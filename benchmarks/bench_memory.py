@@ -13,9 +13,10 @@ a command holds the whole model or large temporaries of one tensor is read from 
 Inputs, generated once in --workdir and removed at the end: models A, B, C (bench_scale.generate, seeds 0,
 1, 2); a fine-tune T = A + noise (std 1e-3) on every matrix; a rank-16 LoRA adapter on q_proj/v_proj in
 PEFT's own file format (adapter_config.json + adapter_model.safetensors, the names and shapes
-``peft.get_peft_model`` saves); A quantized RTN 4-bit packed, GPTQ and compressed-tensors (the rows that read them follow);
-mergekit configs (linear of A, B, C; a passthrough of A's layers 0-8 and B's 4-12). ``export`` builds the
-whole torch module and traces it (ONNX export is whole-model by nature): it runs on the --small model only.
+``peft.get_peft_model`` saves); A quantized RTN 4-bit packed, GPTQ and compressed-tensors (the rows that
+read them follow); mergekit configs (linear of A, B, C; a passthrough of A's layers 0-8 and B's 4-12).
+``export`` builds the whole torch module and traces it (ONNX export is whole-model by nature): it runs on
+the --small model only.
 
     python benchmarks/bench_memory.py [--small] [--workdir /tmp] [--only merge-linear,fold ...] [--threads 1]
     python benchmarks/bench_memory.py --list   # the rows
