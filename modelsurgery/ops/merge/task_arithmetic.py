@@ -17,9 +17,9 @@ def task_arithmetic(tensors: list[torch.Tensor], weights: list[float], base: tor
     scale = float(params["scale"])
     b = base.to(torch.float32)
     delta = torch.zeros_like(b)
-    for t, w in zip(tensors, weights):
-        delta.add_(t.to(torch.float32) - b, alpha=w)
-    return b + scale * delta
+    for t, w in zip(tensors, weights):  # in place: the base, the sum and one task vector at a time
+        delta.add_(t.to(torch.float32, copy=True).sub_(b), alpha=w)
+    return delta.mul_(scale).add_(b)
 
 
 PARAMS = (

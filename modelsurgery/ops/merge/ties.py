@@ -36,16 +36,22 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def ties(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor,
          params: Mapping[str, Any]) -> torch.Tensor:
+    # in place where a tensor is not needed again: the peak is the base, the weighted deltas and their
+    # agreement (2n + 1 copies of the tensor in float32), not the dozen temporaries of the plain formula
     b = base.to(torch.float32)
     w = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * b.ndim)
-    deltas = torch.stack([trim(t.to(torch.float32) - b, float(params["density"])) for t in tensors]) * w
+    deltas = torch.empty((len(tensors), *b.shape), dtype=torch.float32)
+    for i, t in enumerate(tensors):
+        deltas[i] = trim(t.to(torch.float32, copy=True).sub_(b), float(params["density"]))
+    deltas.mul_(w)
     elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(deltas) == elected  # a trimmed (zero) entry has sign 0 and never agrees
-    merged = (deltas * agree).sum(0)
+    agree = torch.sign(deltas).eq_(elected)  # 1 or 0; a trimmed (zero) entry has sign 0 and never agrees
+    merged = deltas.mul_(agree).sum(0)
+    del deltas, elected
     if params.get("normalize", True):
-        divisor = (w * agree).sum(0)
-        merged = merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return b + float(params["scale"]) * merged
+        divisor = agree.mul_(w).sum(0)
+        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return merged.mul_(float(params["scale"])).add_(b)
 
 
 PARAMS = (
