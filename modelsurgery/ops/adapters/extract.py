@@ -28,7 +28,11 @@ from modelsurgery.checkpoint.writer import float_dtype
 from modelsurgery.devices import resolve_device
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, detect_family
+from modelsurgery.memory import large_allocations_mapped
 from modelsurgery.ops.adapters.peft_format import lora_config, module_key, write_lora_adapter
+
+#: allocations from this size get their own mapping while layers are extracted (``memory.large_allocations_mapped``)
+MAP_FROM_BYTES = 1 << 20
 
 Progress = Callable[[str, int, int, dict], None]
 @dataclass(frozen=True)
@@ -184,26 +188,29 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     report = ExtractReport(str(base.path), str(tuned.path), str(out), bf.name, options.rank)
     tensors: list[PlannedTensor] = []
     ranks: dict[str, int] = {}
-    for i, (name, flipped) in enumerate(targets.items()):
-        module = name.removesuffix(".weight")
-        delta = (tuned.get(name).to(device, torch.float32) - base.get(name).to(device, torch.float32))
-        base.close(), tuned.close()  # unmap: read pages of mapped inputs count as resident memory until then
-        if flipped:
-            delta = delta.t()
-        if not bool(delta.any()):
-            report.unchanged.append(module)
-            progress("extract", i + 1, len(targets), {})  # counted too: a bar ending on one stops short of 100 %
-            continue
-        u, s, v, how = truncated_svd(delta, options)
-        root = s.sqrt()
-        lora_b, lora_a = (u * root).to(dtype), (v * root).t().to(dtype)
-        # the error of what the adapter holds: after the cast to its dtype
-        error = float(torch.linalg.norm(delta - lora_b.float() @ lora_a.float()) / torch.linalg.norm(delta))
-        report.layers.append(LayerResult(module, tuple(delta.shape), int(s.numel()), error, how))
-        ranks[module] = int(s.numel())
-        tensors.append(plan_tensor(module_key(module, "lora_A.weight"), lora_a.to("cpu").contiguous()))
-        tensors.append(plan_tensor(module_key(module, "lora_B.weight"), lora_b.to("cpu").contiguous()))
-        progress("extract", i + 1, len(targets), {"rank": ranks[module], "error": error})
+    # each layer's delta and SVD factors are freed before the next: mapped, they go back to the OS when
+    # freed (in glibc's heap, the holes they left kept 1.3 GB resident on the 1.7 GB bench model; 0.4 GB mapped)
+    with large_allocations_mapped(MAP_FROM_BYTES):
+        for i, (name, flipped) in enumerate(targets.items()):
+            module = name.removesuffix(".weight")
+            delta = (tuned.get(name).to(device, torch.float32) - base.get(name).to(device, torch.float32))
+            base.close(), tuned.close()  # unmap: read pages of mapped inputs count as resident memory until then
+            if flipped:
+                delta = delta.t()
+            if not bool(delta.any()):
+                report.unchanged.append(module)
+                progress("extract", i + 1, len(targets), {})  # counted too: a bar ending on one stops short of 100 %
+                continue
+            u, s, v, how = truncated_svd(delta, options)
+            root = s.sqrt()
+            lora_b, lora_a = (u * root).to(dtype), (v * root).t().to(dtype)
+            # the error of what the adapter holds: after the cast to its dtype
+            error = float(torch.linalg.norm(delta - lora_b.float() @ lora_a.float()) / torch.linalg.norm(delta))
+            report.layers.append(LayerResult(module, tuple(delta.shape), int(s.numel()), error, how))
+            ranks[module] = int(s.numel())
+            tensors.append(plan_tensor(module_key(module, "lora_A.weight"), lora_a.to("cpu").contiguous()))
+            tensors.append(plan_tensor(module_key(module, "lora_B.weight"), lora_b.to("cpu").contiguous()))
+            progress("extract", i + 1, len(targets), {"rank": ranks[module], "error": error})
     if not tensors:
         raise SurgeryError(f"{tuned.path}: no targeted layer differs from BASE; there is nothing to extract")
     others = [k for k in base if k not in targets]
