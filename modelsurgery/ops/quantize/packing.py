@@ -68,9 +68,27 @@ def unpack_codes(packed: np.ndarray | torch.Tensor, bits: int, length: int) -> n
         raise SurgeryError(f"packed rows of shape {tuple(a.shape)} cannot hold {length} codes of {bits} bits")
     if bits == 8:
         return a[:, :length].astype(np.uint8)
-    stream = np.unpackbits(a, axis=1, count=length * bits, bitorder="little")
-    stream = stream.reshape(a.shape[0], length, bits)
-    return (stream << np.arange(bits, dtype=np.uint8)).sum(axis=2, dtype=np.uint16).astype(np.uint8)
+    # pack_codes's words read back: ``per`` codes fill ``nbytes`` whole bytes, a little-endian word with
+    # code k at bit k * bits (a shift and a mask per code of the word, not a byte per bit of the stream)
+    rows = a.shape[0]
+    per = 8 // math.gcd(bits, 8)
+    nbytes = per * bits // 8
+    words = -(-length // per)
+    if nbytes == 1:
+        word = a if a.shape[1] == words else np.pad(a, ((0, 0), (0, words - a.shape[1])))
+    else:
+        word_type = np.dtype("<u8" if nbytes > 4 else "<u4")
+        flat = np.zeros((rows, words * nbytes), dtype=np.uint8)  # the stream, padded to whole words
+        flat[:, :a.shape[1]] = a
+        lanes = np.zeros((rows, words, word_type.itemsize), dtype=np.uint8)
+        lanes[:, :, :nbytes] = flat.reshape(rows, words, nbytes)  # each word's bytes, low first
+        word = lanes.view(word_type).reshape(rows, words)
+    mask = word.dtype.type((1 << bits) - 1)
+    codes = np.empty((rows, words, per), dtype=np.uint8)
+    for k in range(per):
+        codes[:, :, k] = (word >> word.dtype.type(k * bits)) & mask
+    codes = codes.reshape(rows, words * per)
+    return codes if words * per == length else np.ascontiguousarray(codes[:, :length])
 
 
 # ----- writing ----------------------------------------------------------------------------------
@@ -166,13 +184,20 @@ class PackedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(q - zero_point) * scale in ``dtype`` (as DequantizeLinear computes it), in the stored shape."""
-        q = torch.from_numpy(self.codes.astype(np.int32))
-        zp = torch.from_numpy(self.zero_point.astype(np.int32))
+        # each group's codes against its own zero point and scale by broadcasting (no full-size copies of
+        # them); q and z are integers below 256, exact in every float type, so (q - z) is the same exact
+        # value as the integer difference, and the product the same rounding of it
+        q = torch.from_numpy(self.codes)
+        zp = torch.from_numpy(self.zero_point).to(dtype)
         scale = torch.from_numpy(self.scale).to(dtype)
-        size = self.row_length if self.granularity != "group" else (self.group_size or self.row_length)
-        zp_full = zp.repeat_interleave(size, dim=1)[:, : self.row_length]
-        s_full = scale.repeat_interleave(size, dim=1)[:, : self.row_length]
-        return self.to_stored((q - zp_full).to(dtype) * s_full)
+        length, groups = self.row_length, scale.shape[1]
+        size = length if groups == 1 else (self.group_size or -(-length // groups))
+        if size * groups != length:  # a last group cut short: pad it with codes dropped below
+            q = torch.nn.functional.pad(q, (0, size * groups - length))
+        w = q.reshape(q.shape[0], groups, size).to(dtype)
+        w.sub_(zp.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        w = w.reshape(w.shape[0], size * groups)
+        return self.to_stored(w if size * groups == length else w[:, :length])
 
 
 def read_packed_weight(ckpt, name: str, layer: dict) -> PackedWeight:

@@ -11,6 +11,7 @@ from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.packing import (
     METADATA_KEY,
+    PackedWeight,
     dequantize_checkpoint,
     pack_codes,
     read_packed,
@@ -112,3 +113,24 @@ def test_group_size_of_the_wrong_type_is_one_line(tmp_path, group_size):
     ckpt = _write(tmp_path / "g.safetensors", tensors, layers)
     with pytest.raises(SurgeryError, match=r"g.safetensors: quantization entry for 'w' has group_size .*expected"):
         dequantize_checkpoint(ckpt)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 4), length=st.integers(1, 40), group=st.integers(1, 12), transposed=st.booleans(),
+       granularity=st.sampled_from(["tensor", "channel", "group"]), seed=st.integers(0, 2**16))
+def test_dequantize_every_granularity_against_numpy(rows, length, group, transposed, granularity, seed):
+    """(q - z) * s with each column's group found by index (column // group size, a last group cut short):
+    numpy in float32, one rounding, so bit for bit."""
+    rng = np.random.default_rng(seed)
+    groups = {"tensor": 1, "channel": 1, "group": -(-length // group)}[granularity]
+    held = 1 if granularity == "tensor" else rows
+    codes = rng.integers(0, 16, (rows, length)).astype(np.uint8)
+    scale = rng.random((held, groups)).astype(np.float32)
+    zero = rng.integers(0, 16, (held, groups)).astype(np.uint8)
+    shape = (length, rows) if transposed else (rows, length)
+    w = PackedWeight("w", shape, 4, group if granularity == "group" else None, codes, scale, zero, transposed)
+    col = np.arange(length) // (group if granularity == "group" else length)
+    r = np.arange(rows)[:, None] if held == rows else np.zeros((rows, 1), dtype=int)
+    expected = (codes.astype(np.float32) - zero[r, col].astype(np.float32)) * scale[r, col]
+    got = w.dequantize(torch.float32).numpy()
+    assert np.array_equal(got, expected.T if transposed else expected)
