@@ -4,6 +4,9 @@ one total, counts that never go back, the last count at the total."""
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
+
+from safetensors import safe_open
 
 
 class Recorder:
@@ -29,3 +32,14 @@ class Recorder:
         done = [d for d, _ in reports]
         assert done == sorted(done) and done[0] >= 0 and done[-1] == total, (task, done)
         return done
+
+
+def tensors_in(path: Path) -> int:
+    """How many tensors a written checkpoint holds (one .safetensors file, or every one in a folder), read back
+    with safetensors: what a "write" task must end at."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+    n = 0
+    for f in files:
+        with safe_open(f, "pt") as s:
+            n += len(list(s.keys()))
+    return n

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modelsurgery.ops.quantize.operation import QuantizeOptions, quantize_checkpoint
 from tests.hf_tiny import save_tiny_llama
+from tests.progress_record import tensors_in
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = ROOT / "fixtures" / "digits" / "mlp_seed0.safetensors"
@@ -29,14 +29,6 @@ def surgery(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", CODE, *map(str, args)], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
 
-
-def tensors(path: Path) -> int:
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    n = 0
-    for f in files:
-        with safe_open(f, "pt") as s:
-            n += len(list(s.keys()))
-    return n
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,7 @@ def test_plain_lines_on_stderr_json_and_quiet(inputs, tmp_path, name):
     args = COMMANDS[name]
     r = surgery(*args(inputs, tmp_path / "plain"))
     assert r.returncode == 0, r.stderr
-    n = tensors(tmp_path / "plain")
+    n = tensors_in(tmp_path / "plain")
     lines = r.stderr.splitlines()
     assert f"write: {n}/{n} (100%)" in [x.split(",")[0] for x in lines], r.stderr
     assert all(PROGRESS_LINE.match(x) for x in lines), r.stderr  # nothing but progress lines there
@@ -77,7 +69,7 @@ def test_plain_lines_on_stderr_json_and_quiet(inputs, tmp_path, name):
 
     r = surgery(*args(inputs, tmp_path / "quiet"), "-q")
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert tensors(tmp_path / "quiet") == n
+    assert tensors_in(tmp_path / "quiet") == n
 
     r = surgery(*args(inputs, tmp_path / "quiet"), "-q")  # exists, no --force: the refusal still shows
     assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1, r.stderr
@@ -101,7 +93,7 @@ def test_recipe_steps_report_their_progress_with_a_step_counter(inputs, tmp_path
     recipe.write_text(RECIPE.format(llama=inputs["llama"]))
     r = surgery("run", recipe, "-o", tmp_path / "build")
     assert r.returncode == 0, r.stderr
-    first, second = tensors(tmp_path / "build" / "stacked"), tensors(tmp_path / "build" / "deeper")
+    first, second = tensors_in(tmp_path / "build" / "stacked"), tensors_in(tmp_path / "build" / "deeper")
     lines = [x.split(",")[0] for x in r.stderr.splitlines()]
     assert f"step 1/2 stacked: write: {first}/{first} (100%)" in lines, r.stderr
     assert f"step 2/2 deeper: write: {second}/{second} (100%)" in lines, r.stderr

@@ -7,25 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modelsurgery.ops.align import AlignOptions, align_checkpoint
 from modelsurgery.ops.dequantize import dequantize
 from modelsurgery.ops.quantize.operation import QuantizeOptions, quantize_checkpoint
-from tests.progress_record import Recorder
+from tests.progress_record import Recorder, tensors_in
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = ROOT / "fixtures" / "digits" / "mlp_seed0.safetensors"
 
-
-def _tensors(path: Path) -> int:
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    n = 0
-    for f in files:
-        with safe_open(f, "pt") as s:
-            n += len(list(s.keys()))
-    return n
 
 
 def test_align_reports_both_evaluations_and_writing(tmp_path):
@@ -41,7 +32,7 @@ def test_align_reports_both_evaluations_and_writing(tmp_path):
                      AlignOptions(old_classes=4, eval_data=tmp_path / "eval.pt"), rec)
     assert rec.finished("evaluate before", 300) == [256, 300]  # batches of 256
     assert rec.finished("evaluate after", 300) == [256, 300]
-    assert rec.finished("write", _tensors(tmp_path / "a.safetensors")) == [0, 1, 2, 3, 4]
+    assert rec.finished("write", tensors_in(tmp_path / "a.safetensors")) == [0, 1, 2, 3, 4]
 
 
 def test_dequantize_reports_every_tensor_written(tmp_path):
@@ -49,6 +40,6 @@ def test_dequantize_reports_every_tensor_written(tmp_path):
     quantize_checkpoint(MLP, packed, QuantizeOptions(method="rtn", bits=4, format="packed"))
     rec = Recorder()
     result = dequantize(packed, tmp_path / "float", progress=rec)
-    n = _tensors(tmp_path / "float")
-    assert result.weights >= 1 and n == _tensors(MLP)  # the float model's tensors, codes and scales gone
+    n = tensors_in(tmp_path / "float")
+    assert result.weights >= 1 and n == tensors_in(MLP)  # the float model's tensors, codes and scales gone
     rec.finished("write", n)

@@ -4,19 +4,9 @@ tasks (here grow's writing) arrive from inside the command, which runs with --js
 
 from __future__ import annotations
 
-from safetensors import safe_open
-
 from modelsurgery.cli.run import _Commands
 from modelsurgery.recipe import RunOptions, run_recipe
-from tests.progress_record import Recorder
-
-
-def _tensors(folder) -> int:
-    n = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as s:
-            n += len(list(s.keys()))
-    return n
+from tests.progress_record import Recorder, tensors_in
 
 
 def test_mergekit_config_and_steps_report_per_step(tmp_path, llamas):
@@ -39,8 +29,8 @@ steps:
 """)
     rec = Recorder()
     run_recipe(recipe, tmp_path / "build", _Commands(), RunOptions(), rec)
-    rec.finished("step 1/2 mixed: merge", _tensors(tmp_path / "build" / "mixed"))
-    rec.finished("step 2/2 deeper: write", _tensors(tmp_path / "build" / "deeper"))
+    rec.finished("step 1/2 mixed: merge", tensors_in(tmp_path / "build" / "mixed"))
+    rec.finished("step 2/2 deeper: write", tensors_in(tmp_path / "build" / "deeper"))
     assert rec.finished("recipe", 2) == [0, 1, 2]
     tasks = [task for task, *_ in rec.calls]
     assert tasks.index("step 2/2 deeper: write") > tasks.index("step 1/2 mixed: merge")
@@ -50,4 +40,4 @@ steps:
                       "parameters: {weight: 0.5}\n")
     rec = Recorder()
     run_recipe(config, tmp_path / "merged", _Commands(), RunOptions(), rec)
-    rec.finished("step 1/1 merge: merge", _tensors(tmp_path / "merged"))
+    rec.finished("step 1/1 merge: merge", tensors_in(tmp_path / "merged"))

@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig
-from safetensors import safe_open
 
 from modelsurgery.ops.adapters import FoldOptions, fold_adapters
 from modelsurgery.ops.adapters.extract import ExtractOptions, extract_lora
 from tests.hf_tiny import load_hf
 from tests.ops.adapters.peft_helpers import build, make_adapter
-from tests.progress_record import Recorder
-
-
-def _tensors(folder) -> int:
-    n = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as s:
-            n += len(list(s.keys()))
-    return n
+from tests.progress_record import Recorder, tensors_in
 
 
 def test_fold_reports_folded_tensors_and_writing(tmp_path):
@@ -30,8 +21,8 @@ def test_fold_reports_folded_tensors_and_writing(tmp_path):
     report = fold_adapters(base, [adapter], tmp_path / "folded", FoldOptions(), rec)
     rec.finished("fold", 6)  # q_proj and v_proj in each of the 3 blocks
     assert report.tensors_updated == 6
-    rec.finished("write", _tensors(tmp_path / "folded"))
-    assert _tensors(tmp_path / "folded") == _tensors(base)
+    rec.finished("write", tensors_in(tmp_path / "folded"))
+    assert tensors_in(tmp_path / "folded") == tensors_in(base)
 
 
 def test_extract_reports_layers_and_the_comparison_of_the_rest(tmp_path):
@@ -45,5 +36,5 @@ def test_extract_reports_layers_and_the_comparison_of_the_rest(tmp_path):
     report = extract_lora(base, tmp_path / "tuned", tmp_path / "adapter", ExtractOptions(rank=2), rec)
     targets = len(report.layers) + len(report.unchanged)
     rec.finished("extract", targets)
-    rec.finished("compare", _tensors(base) - targets)
+    rec.finished("compare", tensors_in(base) - targets)
     assert report.other_changed == ["model.norm.weight"]

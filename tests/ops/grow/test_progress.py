@@ -5,20 +5,10 @@ up to the number of tensors the output holds (read back with safetensors), and M
 from __future__ import annotations
 
 import pytest
-from safetensors import safe_open
 
 from modelsurgery.ops.grow import GrowOptions, grow
 from tests.ops.grow.helpers import hf_folder, save_mlp
-from tests.progress_record import Recorder
-
-
-def _tensors(out) -> int:
-    files = sorted(out.glob("*.safetensors")) if out.is_dir() else [out]
-    n = 0
-    for f in files:
-        with safe_open(f, "pt") as s:
-            n += len(list(s.keys()))
-    return n
+from tests.progress_record import Recorder, tensors_in
 
 
 @pytest.mark.parametrize("options,blocks", [
@@ -31,7 +21,7 @@ def test_depth_methods_report_every_tensor_written(tmp_path, options, blocks):
     rec = Recorder()
     report = grow([src], tmp_path / "out", options, rec)
     assert report.layers_after == blocks
-    n = _tensors(tmp_path / "out")
+    n = tensors_in(tmp_path / "out")
     assert n == 3 + 9 * blocks  # by hand, from the layout
     rec.finished("write", n)
 
@@ -49,6 +39,6 @@ def test_mixture_reports_templates_layers_and_writing(tmp_path):
     grow(srcs, tmp_path / "mix.safetensors", GrowOptions(method="mixture"), rec)
     rec.finished("templates", 3)
     rec.finished("mixture", 3)
-    rec.finished("write", _tensors(tmp_path / "mix.safetensors"))
+    rec.finished("write", tensors_in(tmp_path / "mix.safetensors"))
     order = [task for task, *_ in rec.calls]
     assert order.index("templates") < order.index("mixture") < order.index("write")
