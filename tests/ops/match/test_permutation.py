@@ -14,6 +14,7 @@ from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.fx_spec import module_spec
 from modelsurgery.ops.match.spec import apply_permutation
 from modelsurgery.ops.match.weight_matching import weight_matching
+from tests.float_bounds import network_atol, widest_fan_in
 from tests.hf_tiny import load_hf, save_tiny_bert, save_tiny_gpt2, save_tiny_llama
 from tests.ops.match.perms import random_perms
 
@@ -31,7 +32,8 @@ def test_digits_families_preserve_function(fixtures_dir, kind):
     with torch.no_grad():
         ref = family.build_module(state)(**x)
         out = family.build_module(permuted)(**x)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # permuted units sum in another order: a bound scaled to the logits (up to 30 here)
+    torch.testing.assert_close(out, ref, atol=network_atol(ref, widest_fan_in(state)), rtol=0)
 
 
 HF = {
