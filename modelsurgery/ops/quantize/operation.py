@@ -6,7 +6,8 @@ Writes fake-quantized float weights under the same names, or the packed format (
 tensors written for it. Each method's parameters (steps, learning rate, regulariser ...) come from
 its declaration (``params.py``); ``QuantizeOptions.params`` overrides some of them, a preset
 (``params.PRESETS``: fast, default, best) sets steps, samples and batch size that the user left
-out, and the values used are written to the output's provenance.
+out, and the values used are written to the output's provenance. The options and their checks live in
+``options.py``.
 """
 
 from __future__ import annotations
@@ -15,23 +16,20 @@ import fnmatch
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from modelsurgery.checkpoint import (
-    DEFAULT_MAX_SHARD,
     Checkpoint,
     Provenance,
     check_output,
-    parse_size,
     plan_copy,
     plan_tensor,
     write_checkpoint,
 )
-from modelsurgery.checkpoint.writer import WriteOptions, float_dtype
+from modelsurgery.checkpoint.writer import float_dtype
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.devices import resolve_device
 from modelsurgery.errors import SurgeryError
@@ -39,7 +37,8 @@ from modelsurgery.families import detect_family
 from modelsurgery.ops.quantize import distributed, streaming
 from modelsurgery.ops.quantize.base import QuantizedWeight, method_by_name
 from modelsurgery.ops.quantize.compare import compare_models
-from modelsurgery.ops.quantize.grids import QuantScheme, group_size_for
+from modelsurgery.ops.quantize.grids import group_size_for
+from modelsurgery.ops.quantize.options import QuantizeOptions, check_unread, check_writing, with_preset
 from modelsurgery.ops.quantize.packing import (
     METADATA_KEY,
     folder_config,
@@ -47,7 +46,6 @@ from modelsurgery.ops.quantize.packing import (
     packed_tensors,
     scheme_metadata,
 )
-from modelsurgery.ops.quantize.params import PRESETS
 from modelsurgery.ops.quantize.reconstruct import (
     Progress,
     ReconstructOptions,
@@ -72,70 +70,6 @@ FORMATS: dict[str, Callable[[str, QuantizedWeight, int, torch.dtype], dict[str, 
     "fake": fake_tensors,
     "packed": _packed,
 }
-
-
-#: tokens per calibration and evaluation sample when ``QuantizeOptions.seq_len`` is None
-SEQ_LEN = 128
-
-
-@dataclass
-class QuantizeOptions(WriteOptions):
-    """What to quantize and how; the writing options (``WriteOptions``: dtype, max_shard_size,
-    hash_inputs) apply to --format fake and packed (dtype to fake only: see ``check_writing``)."""
-
-    bits: int = 4
-    #: the default is what wins benchmarks/bench_quantize_peers.py (README, "Quantize: against the peers")
-    method: str = "flexround-signsgd"
-    granularity: str = "channel"
-    group_size: int | None = None
-    symmetric: bool = True
-    skip: list[str] = field(default_factory=list)
-    default_skips: bool = True
-    calib: Path | None = None
-    #: calibration samples; None: the preset's (``params.PRESETS``; 128 at "default")
-    samples: int | None = None
-    #: tokens per calibration and evaluation sample (token data only: given for other data it is refused);
-    #: None: ``SEQ_LEN``
-    seq_len: int | None = None
-    #: the method's parameters to override (steps, lr, batch_size, reg_weight ...: ``method.params``);
-    #: any left out, or None, take the method's default
-    params: dict[str, Any] = field(default_factory=dict)
-    #: learned methods: "fast", "default" or "best" (``params.PRESETS``): steps, samples and batch size
-    #: where ``params``/``samples`` leave them out; None: "default" (the method's declared values)
-    preset: str | None = None
-    grid: str | None = None
-    format: str = "fake"
-    eval: Path | None = None
-    model: str | None = None
-    #: the learned methods' batch order; None: 0 (given with RTN, which draws no batches, it is refused)
-    seed: int | None = None
-    #: the learned methods: return freed memory to the OS at every training step (True), or not; None: True
-    #: (given with RTN, which trains nothing, it is refused)
-    low_memory: bool | None = None
-    #: read the checkpoint a tensor (RTN) or a block (calibration) at a time instead of building the
-    #: whole float model first (``streaming.py``); --eval always builds the whole model
-    streaming: bool = True
-    #: where the block being calibrated and its activations live: cpu, cuda, cuda:N or auto
-    device: str = "cpu"
-    #: keep cached calibration activations in memory-mapped files in this folder
-    offload_dir: Path | None = None
-    force: bool = False
-    #: --format gguf: "auto" (the folder's tokenizer, as llama.cpp's converter reads it) or "none"; None: auto
-    #: (given with another format it is refused: ``check_writing``)
-    gguf_tokenizer: str | None = None
-    #: a deployment format whose stored grid the quantizer uses (set by ``modelsurgery.deploy.quantize``)
-    storage: str | None = None
-    #: the dtype ``storage`` keeps scales in when that is the model's (set with it)
-    storage_dtype: str | None = None
-
-    def data_files(self) -> list[Path]:
-        """The calibration and evaluation files: inputs an output may never replace."""
-        return [Path(p) for p in (self.calib, self.eval) if p is not None]
-
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.granularity, self.group_size, self.symmetric, self.storage,
-                           self.storage_dtype)
 
 
 @dataclass
@@ -177,73 +111,6 @@ def _skipped(name: str, patterns: list[str]) -> bool:
     module = name.rsplit(".", 1)[0]
     return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") or fnmatch.fnmatchcase(module, p)
                or f".{p}." in f".{module}." for p in patterns)
-
-
-def with_preset(opts: QuantizeOptions, method) -> QuantizeOptions:
-    """``opts`` with the preset's steps, samples and batch size where the user set none (``params.PRESETS``;
-    no preset is "default": the method's declared steps and batch size, 128 samples)."""
-    if opts.preset is not None and opts.preset not in PRESETS:
-        raise SurgeryError(f"--preset {opts.preset}: expected one of {', '.join(PRESETS)}")
-    if opts.preset is not None and not method.learned:
-        raise SurgeryError(f"--preset {opts.preset}: --method {method.name} learns nothing (a preset sets the "
-                           "steps, samples and batch size of the learned methods)")
-    preset = PRESETS[opts.preset or "default"]
-    params = {k: v for k, v in opts.params.items() if v is not None}
-    if opts.preset is not None and opts.samples is not None and {"steps", "batch_size"} <= params.keys():
-        raise SurgeryError(f"--preset {opts.preset}: it sets the steps, samples and batch size left out, and "
-                           "--steps, --samples and --batch-size are all given")
-    steps, preset_samples, batch_size = preset.for_method(method.name)
-    if method.learned and "steps" not in params and steps is not None:
-        params["steps"] = steps
-    if method.learned and "batch_size" not in params and batch_size is not None:
-        params["batch_size"] = batch_size
-    samples = opts.samples if opts.samples is not None else preset_samples
-    return replace(opts, params=params, samples=samples, preset=preset.name if method.learned else None)
-
-
-def check_unread(opts: QuantizeOptions, method) -> None:
-    """Options that RTN would not read, refused in one line (``opts`` as given, before a preset fills in the
-    samples and batch size): the calibration set's without --calib, --seq-len without data, and the training's.
-    A learned method reads them all from its --calib data (refused later without it, in its own words);
-    --seq-len given for data of feature inputs is refused once the data is read."""
-    if method.learned:
-        return
-    if opts.calib is None:
-        for flag, value, what in (("--samples", opts.samples, "it counts calibration samples"),
-                                  ("--batch-size", opts.params.get("batch_size"), "it batches calibration samples"),
-                                  ("--offload-dir", opts.offload_dir, "it keeps cached calibration activations")):
-            if value is not None:
-                raise SurgeryError(f"{flag} {value}: {what}, and without --calib there are none")
-    if opts.seq_len is not None and opts.calib is None and opts.eval is None:
-        raise SurgeryError(f"--seq-len {opts.seq_len}: it cuts calibration and evaluation samples, and without "
-                           "--calib or --eval there are none")
-    for flag, given, what in (
-            (f"--seed {opts.seed}", opts.seed is not None, "it orders the batches a learned method trains on"),
-            ("--low-memory" if opts.low_memory else "--fast", opts.low_memory is not None,
-             "it applies while a learned method trains a block")):
-        if given:
-            raise SurgeryError(f"{flag}: {what}; --method {method.name} trains nothing")
-
-
-def check_writing(opts: QuantizeOptions) -> None:
-    """The writing options, refused in one line where the format has no use for them: --dtype casts the float
-    tensors of --format fake (its quantized weights included); packed and the deployment formats store their
-    scales in the dtype their readers expect, and the deployment writers shard and hash on their own."""
-    from modelsurgery.deploy import FORMATS as DEPLOYED
-
-    opts.check_write_options()
-    if opts.gguf_tokenizer is not None and opts.format != "gguf":
-        raise SurgeryError(f"--gguf-tokenizer {opts.gguf_tokenizer}: only for --format gguf (--format {opts.format} "
-                           "writes no tokenizer)")
-    if opts.dtype is not None and opts.format != "fake":
-        raise SurgeryError(f"--dtype {opts.dtype}: only for --format fake (--format {opts.format} keeps its "
-                           "scales in the dtype its readers expect); use surgery dequantize --dtype on its output")
-    if opts.format in DEPLOYED:
-        given = [flag for flag, used in (("--max-shard-size", parse_size(opts.max_shard_size) != DEFAULT_MAX_SHARD),
-                                         ("--no-input-hash", not opts.hash_inputs)) if used]
-        if given:
-            raise SurgeryError(f"{', '.join(given)}: not available with --format {opts.format} (its writer shards "
-                               "and records the inputs itself); use --format fake or packed")
 
 
 #: steps of the first trained block timed before the estimate is reported (after the first step, which
@@ -434,7 +301,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         raise SurgeryError(f"{path}: no Linear, Conv or Embedding weight left to quantize (check --skip)")
 
     calib, used, read = [], 0, []
-    seq_len = opts.seq_len if opts.seq_len is not None else SEQ_LEN
+    seq_len = opts.tokens_per_sample
     if opts.calib is not None:
         data = read_data(Path(opts.calib), family, ckpt.folder, opts.samples, seq_len, None if streamed else model)
         read.append((opts.calib, data))
@@ -460,8 +327,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
         tensors_for = lambda name, qw, bits, dtype: own(name, qw, bits, write_dtype)
     in_targets = [any(id(p) in targets for p in b.parameters()) for b in model.stages().blocks]
     timer = CalibrationEstimate(progress, sum(in_targets))
-    seed = opts.seed if opts.seed is not None else 0
-    low_memory = opts.low_memory is not False
+    seed, low_memory = opts.batch_seed, opts.frees_memory
     recon = ReconstructOptions(settings=settings, grid=opts.grid, seed=seed, low_memory=low_memory,
                                device=device, offload_dir=opts.offload_dir, parallel=parallel)
     blocks: list = []
