@@ -12,6 +12,10 @@ a file changed in between is hashed again; as git's index does with "racily clea
 modified less than ``RACY_NS`` before its hashing began is not remembered (a change within the
 clock's granularity could keep its size and mtime). No torch here: the CLI uses this module before
 it imports the command.
+
+A write that ends before the hashing waits for it; ``results`` then reports the bytes hashed of the
+total (each job counts what its thread has read), so a multi-GB input does not leave a finished bar
+and nothing moving.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures import TimeoutError as StillRunning
 from pathlib import Path
 
@@ -32,10 +36,22 @@ CHUNK = 1 << 22
 THREADS = 8
 #: a file modified this recently (nanoseconds before its hashing began) is hashed again when next asked
 RACY_NS = 2_000_000_000
+#: seconds between two reports of the bytes hashed while a write waits for its digests
+REPORT_EVERY = 0.1
+
+
+class Hashing(Future):
+    """A file's digest, done or being computed (a result of None: none to give, hash it yourself), and
+    how many of its ``size`` bytes are hashed so far (written by the hashing thread only)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.hashed = size, 0
+
 
 _lock = threading.Lock()
-#: identity -> the digest, done or being computed (a result of None: none to give, hash it yourself)
-_known: dict[tuple, Future] = {}
+#: identity -> its digest's job
+_known: dict[tuple, Hashing] = {}
 #: the started files not hashed yet, each with the event that stops its hashing (``only``)
 _unfinished: dict[tuple, threading.Event] = {}
 
@@ -51,8 +67,9 @@ def _settled(key: tuple, began_ns: int) -> bool:
     return began_ns - key[-1] > RACY_NS
 
 
-def _sha256(path: Path, stop: threading.Event | None = None) -> str:
-    """The hex SHA-256 of the file's bytes; "" when ``stop`` is set before the end."""
+def _sha256(path: Path, stop: threading.Event | None = None, job: Hashing | None = None) -> str:
+    """The hex SHA-256 of the file's bytes; "" when ``stop`` is set before the end. ``job`` counts the
+    bytes hashed."""
     h = hashlib.sha256()
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
@@ -61,6 +78,8 @@ def _sha256(path: Path, stop: threading.Event | None = None) -> str:
             if stop is not None and stop.is_set():
                 return ""
             h.update(view[:n])
+            if job is not None:
+                job.hashed += n
     return h.hexdigest()
 
 
@@ -68,12 +87,12 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def start(paths: Iterable[Path]) -> list[Future | None]:
+def start(paths: Iterable[Path]) -> list[Hashing | None]:
     """Start hashing ``paths`` in daemon threads (one per file, as many as there are CPUs, up to
     ``THREADS``; daemons, so that a command that fails exits at once instead of waiting for them); one
     job per path: the one already known for a file hashed or started before, None for a path that
     cannot be read (``result`` then meets the error)."""
-    jobs: list[Future | None] = []
+    jobs: list[Hashing | None] = []
     queue: deque = deque()
     with _lock:
         for path in map(Path, paths):
@@ -83,7 +102,7 @@ def start(paths: Iterable[Path]) -> list[Future | None]:
                 jobs.append(None)
                 continue
             if key not in _known:
-                _known[key] = Future()
+                _known[key] = Hashing(key[3])
                 _unfinished[key] = threading.Event()
                 queue.append((path, key, _known[key], _unfinished[key]))
             jobs.append(_known[key])
@@ -100,7 +119,7 @@ def _hash_queue(queue: deque) -> None:
             return
         began = time.time_ns()
         try:
-            digest = _sha256(path, stop) or None  # "": stopped (``only``)
+            digest = _sha256(path, stop, job) or None  # "": stopped (``only``)
             if _identity(path) != key:  # changed while hashed
                 digest = None
         except OSError:  # gone or unreadable
@@ -112,7 +131,7 @@ def _hash_queue(queue: deque) -> None:
         job.set_result(digest)
 
 
-def result(job: Future | None, path: Path, stop: threading.Event | None = None) -> str:
+def result(job: Hashing | None, path: Path, stop: threading.Event | None = None) -> str:
     """The digest ``job`` (from ``start``) computes for ``path``; when it has none to give (the file
     changed, was unreadable or was stopped), ``file_digest``'s. "" once ``stop`` is set."""
     while job is not None:
@@ -140,11 +159,30 @@ def file_digest(path: Path, stop: threading.Event | None = None) -> str:
     began = time.time_ns()
     digest = _sha256(path, stop)
     if digest and _settled(key, began) and _identity(path) == key:
-        done: Future = Future()
+        done = Hashing(key[3])
         done.set_result(digest)
         with _lock:
             _known.setdefault(key, done)
     return digest
+
+
+def results(jobs: Sequence[Hashing | None], paths: Sequence[Path], stop: threading.Event | None = None,
+            progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """``result`` of each job, in order. While some are still being hashed, ``progress(bytes hashed,
+    bytes in all)`` hears how far they are, every ``REPORT_EVERY`` s and once at the end; nothing when
+    every job is done already."""
+    running = [j for j in jobs if j is not None and not j.done()]
+    if progress is None or not running:
+        return [result(j, p, stop) for j, p in zip(jobs, paths)]
+    known = [j for j in jobs if j is not None]
+    total = sum(j.size for j in known)
+    while running and not (stop is not None and stop.is_set()):
+        progress(sum(j.size if j.done() else min(j.hashed, j.size) for j in known), total)
+        running = list(wait(running, timeout=REPORT_EVERY, return_when=FIRST_COMPLETED).not_done)
+    values = [result(j, p, stop) for j, p in zip(jobs, paths)]
+    if not running:
+        progress(total, total)
+    return values
 
 
 def only(paths: Iterable[Path]) -> None:

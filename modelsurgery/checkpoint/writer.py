@@ -99,8 +99,15 @@ class PendingDigests:
         digests.only(self.sources)
         self._jobs = digests.start(self.sources)
 
-    def patch(self, files: Iterable[Path]) -> None:
-        values = [digests.result(job, p, self._stop) for job, p in zip(self._jobs, self.sources)]
+    def patch(self, files: Iterable[Path], progress: Callable[[str, int, int, dict], None] | None = None) -> None:
+        """Write the digests into the headers of ``files`` (none: nothing to wait for). While the hashing
+        outlasts the write, ``progress`` hears ``("hash", bytes hashed, bytes of the sources, {"unit":
+        "bytes"})``; nothing when the digests are done already."""
+        files = list(files)
+        if not files:
+            return
+        report = None if progress is None else lambda done, total: progress("hash", done, total, {"unit": "bytes"})
+        values = digests.results(self._jobs, self.sources, self._stop, report)
         for path in files:
             with open(path, "r+b") as f:
                 n = int.from_bytes(f.read(8), "little")
@@ -303,7 +310,8 @@ def write_checkpoint(
     its sources as ``inputs_unhashed`` and hashes nothing. ``progress`` (the operations' callback) hears
     ``("write", tensors written, tensors planned, {})`` from the start and after each tensor: producing a
     planned tensor (a fold, a dequantization, a width growth) happens as it is written, so this is the
-    bar of most of an operation's time on a large model."""
+    bar of most of an operation's time on a large model. When the inputs' SHA-256 is not done as the
+    tensors are, it then hears ``("hash", bytes hashed, bytes in all, {"unit": "bytes"})`` while it waits."""
     out = Path(out)
     max_bytes = parse_size(max_shard_size)
     dtype = float_dtype(dtype)
@@ -341,8 +349,8 @@ def write_checkpoint(
             else:
                 files = _write_folder(tmp, out, tensors, md, max_bytes, config, extra_files, written)
             if pending is not None:
-                pending.patch(tmp.parent / f.relative_to(out.parent) for f in files
-                              if f.name.endswith(".safetensors") and f.parent in (out, out.parent))
+                pending.patch([tmp.parent / f.relative_to(out.parent) for f in files
+                               if f.name.endswith(".safetensors") and f.parent in (out, out.parent)], progress)
     finally:
         if pending is not None:
             pending.close()

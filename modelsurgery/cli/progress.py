@@ -5,7 +5,8 @@ without a file descriptor, such as a test runner's).
 Operations call ``progress(task, done, total, info)``. ``info["state"] = "converged"`` (or any word) ends a
 task early: the bar is completed and shows the word, the plain line says it, instead of a bar stuck at 6 %.
 ``info["message"]`` is a one-off line (such as quantize's time estimate), printed as it is above the bars
-or among the plain lines, never a task of its own.
+or among the plain lines, never a task of its own. ``info["unit"] = "bytes"`` counts bytes (the writer's
+"hash" of its inputs): shown as sizes ("1.2/4.3 GB", "850 MB/s").
 """
 
 from __future__ import annotations
@@ -46,13 +47,36 @@ def outer_progress() -> ProgressCallback | None:
 
 def _info_text(info: dict | None, plain: Callable[[object], str]) -> str:
     return plain(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in (info or {}).items() if k != "state"))
+                          for k, v in (info or {}).items() if k not in ("state", "unit")))
 
 
-def _rate(done: int, seconds: float) -> str:
+def _in_bytes(info: dict | None) -> bool:
+    return (info or {}).get("unit") == "bytes"
+
+
+def _size_unit(n: float) -> tuple[int, str]:
+    """The largest decimal byte unit ``n`` reaches, and its size in bytes."""
+    for i, unit in enumerate(("B", "kB", "MB", "GB")):
+        if abs(n) < 1000 ** (i + 1):
+            return 1000**i, unit
+    return 1000**4, "TB"
+
+
+def _count(done: int, total: int, info: dict | None) -> str:
+    """"done/total", or for bytes "1.2/4.3 GB" in the total's unit."""
+    if not _in_bytes(info):
+        return f"{done}/{total}"
+    scale, unit = _size_unit(total)
+    return f"{done / scale:.3g}/{total / scale:.3g} {unit}"
+
+
+def _rate(done: int, seconds: float, info: dict | None = None) -> str:
     if done <= 0 or seconds <= 0:
         return ""
     per = done / seconds
+    if _in_bytes(info):
+        scale, unit = _size_unit(per)
+        return f"{per / scale:.3g} {unit}/s"
     return f"{per:.3g}/s" if per >= 1 else f"{seconds / done:.3g} s each"
 
 
@@ -84,10 +108,10 @@ class PlainLines:
             return
         self.last[task] = (now, step)
         elapsed = now - start
-        parts = [f"{done}/{total}" + (f" ({100 * done / total:.0f}%)" if total else "")]
+        parts = [_count(done, total, info) + (f" ({100 * done / total:.0f}%)" if total else "")]
         if state:
             parts.append(str(state))
-        if rate := _rate(done, elapsed):
+        if rate := _rate(done, elapsed, info):
             parts.append(rate)
         parts.append(f"elapsed {_duration(elapsed)}")
         if not state and 0 < done < total and elapsed > 0:
@@ -118,7 +142,7 @@ def progress_display(console: Console, plain: Callable[[object], str], quiet: bo
         yield PlainLines(console, plain) if _is_os_stream(console.file) else (lambda task, done, total, info=None: None)
         return
     with Progress(
-        TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.fields[count]}", markup=False),
         TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TextColumn("ETA"),
         TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False), console=console, transient=True,
     ) as progress:
@@ -131,13 +155,13 @@ def progress_display(console: Console, plain: Callable[[object], str], quiet: bo
                 return
             now = time.monotonic()
             if task not in tasks:
-                tasks[task] = progress.add_task(plain(task), total=total, info="", rate="")
+                tasks[task] = progress.add_task(plain(task), total=total, info="", rate="", count="")
                 started[task] = now
             state = (info or {}).get("state")
             text = _info_text(info, plain)
             if state:
                 done, text = total, f"{plain(state)} {text}".strip()
-            progress.update(tasks[task], completed=done, total=total, info=text,
-                            rate=_rate(done, now - started[task]))
+            progress.update(tasks[task], completed=done, total=total, info=text, count=_count(done, total, info),
+                            rate=_rate(done, now - started[task], info))
 
         yield update
