@@ -13,10 +13,19 @@ weights are already float), and other tools' quantized checkpoints, which are re
 ``quantization_config`` in config.json (GPTQ, AWQ, bitsandbytes, compressed-tensors...) or tensors
 named like their packed weights (``.qzeros``, ``.weight_packed``, ``.SCB``...: ``checkpoint.foreign``, which
 family detection refuses for every command).
+
+A packed weight is dequantized each time ``get`` reads it (one read per weight: dequantize, merge's
+writing). Weight matching looks every weight up again in every round: the view's ``lazy_state`` (what
+merge and analyze match on) dequantizes a packed weight once, at its first lookup, into a memory-mapped
+temporary file (in ``tempfile``'s folder: $TMPDIR), and serves it from there, to ``get`` too. Dequantizing
+the whole model up front held it in float32 in memory (8x a 4-bit model); dequantizing it again on
+each lookup took longer than the matching itself; a bounded in-memory cache misses on every lookup once
+the model outgrows it (the matching cycles through all the weights).
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +35,7 @@ import torch
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.checkpoint.foreign import foreign_quantization
 from modelsurgery.checkpoint.formats import TensorInfo
+from modelsurgery.checkpoint.store import LazyState
 from modelsurgery.errors import SurgeryError
 from modelsurgery.ops.quantize.packing import METADATA_KEY, SUFFIXES, float_config, read_packed_weight, read_scheme
 
@@ -95,11 +105,35 @@ class _Dequantized(Mapping):
             raise KeyError(name)
         return read_packed_weight(self.ckpt, name, self.layers[name] or {}).dequantize(torch.float32)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would dequantize the weight to answer
+        return name in self.layers
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+class _Spilled:
+    """Weights of ``source`` each made once, on its first lookup, into a file-backed tensor: a shared mapping
+    of an unlinked temporary file, whose pages are the page cache's to write back and evict (not anonymous
+    memory), freed with the view."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor]):
+        self.source = source
+        self.made: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.made:
+            value = self.source[name]
+            if value.numel() == 0:
+                self.made[name] = value
+            else:
+                with tempfile.NamedTemporaryFile(prefix="modelsurgery-dequantized-", suffix=".bin") as f:
+                    mapped = torch.from_file(f.name, shared=True, size=value.numel(), dtype=value.dtype)
+                self.made[name] = mapped.view(value.shape).copy_(value)
+        return self.made[name]
 
 
 class _FloatView(Checkpoint):
@@ -111,11 +145,26 @@ class _FloatView(Checkpoint):
         self.infos, self.metadata = infos, metadata
         self.config = float_config(source.config)  # a float output must not say it is packed
         self._dequantized = dequantized or {}
+        self._spilled = _Spilled(self._dequantized)
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self._spilled.made:
+            return self._spilled.made[name]
         if name in self._dequantized:
             return self._dequantized[name]
         return super().get(name)
+
+    def lazy_state(self) -> LazyState:
+        """The tensors by name, each read when looked up; a packed weight dequantized once, at its first
+        lookup, into a temporary file (module docstring), for the many lookups of weight matching."""
+        return _SpillingState(self)
+
+
+class _SpillingState(LazyState):
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.ckpt._dequantized:
+            return self.ckpt._spilled[name]
+        return super().__getitem__(name)
 
 
 def float_view(ckpt: Checkpoint, operation: str) -> tuple[Checkpoint, str | None]:

@@ -146,3 +146,52 @@ def test_grow_refusal_names_a_way_out_that_works(quantized, tmp_path, kind):
     assert r.exit_code == 1 and "grow works on float weights" in r.output, r.output
     follow = runner.invoke(app, ["dequantize", str(src), "-o", str(tmp_path / "d.safetensors")])
     assert ("`surgery dequantize` gives it" in r.output) == (follow.exit_code == 0), (r.output, follow.output)
+
+
+def _dequantized_floats(quantized, tmp_path):
+    """The packed pair as float safetensors files, dequantized by the packed format's own reader."""
+    out = []
+    for seed in (0, 1):
+        p = tmp_path / f"float{seed}.safetensors"
+        save_file(dequantize_checkpoint(Checkpoint.open(quantized["packed", seed])), str(p))
+        out.append(p)
+    return out
+
+
+def test_matching_packed_inputs_merges_the_bytes_of_their_float_models(quantized, tmp_path):
+    """Weight matching on packed inputs (each weight dequantized once, to a temporary file) finds the same
+    permutations and writes the same bytes as merging the float checkpoints they stand for."""
+    packed = tmp_path / "packed.safetensors"
+    floats = tmp_path / "floats.safetensors"
+    r_packed = merge_checkpoints([quantized["packed", 0], quantized["packed", 1]], packed, MergeOptions())
+    r_float = merge_checkpoints(_dequantized_floats(quantized, tmp_path), floats, MergeOptions())
+    assert r_packed.matching == r_float.matching and r_packed.matching[0]["objective_after"] > \
+        r_packed.matching[0]["objective_before"]  # really permuted
+    got, want = Checkpoint.open(packed), Checkpoint.open(floats)
+    assert sorted(got.keys()) == sorted(want.keys())
+    for k in want:
+        assert got.get(k).dtype == want.get(k).dtype and torch.equal(got.get(k), want.get(k)), k
+
+
+def test_each_packed_weight_is_dequantized_once_by_match_and_analyze(quantized, monkeypatch):
+    """Weight matching looks every weight up in every round; a packed weight is dequantized at its first lookup
+    only (before: merge dequantized the whole model up front and again to write it; analyze at every lookup)."""
+    import modelsurgery.ops.float_input as float_input
+
+    reads: dict[str, int] = {}
+    real = float_input.read_packed_weight
+
+    def counted(ckpt, name, layer):
+        reads[f"{ckpt.path.name}:{name}"] = reads.get(f"{ckpt.path.name}:{name}", 0) + 1
+        return real(ckpt, name, layer)
+
+    monkeypatch.setattr(float_input, "read_packed_weight", counted)
+    a, b = quantized["packed", 0], quantized["packed", 1]
+    out = a.parent / "once.safetensors"
+    r = merge_checkpoints([a, b], out, MergeOptions(), force=True)
+    assert r.matching[0]["iterations"] > 1  # several rounds of lookups
+    layers = json.loads(Checkpoint.open(a).metadata[METADATA_KEY])["layers"]
+    assert reads == {f"{p.name}:{n}": 1 for p in (a, b) for n in layers}
+    reads.clear()
+    analyze_pair(a, b, AnalyzeOptions(top_k=2))
+    assert reads and set(reads.values()) == {1}, reads

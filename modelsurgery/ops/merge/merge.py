@@ -190,8 +190,9 @@ def merge_checkpoints(paths: list[Path], out: Path, options: MergeOptions, force
     spec, aligned, matching = None, [(None, {})] * len(paths), []
     if align:
         spec = permutation_spec(family)
-        states = [c.state_dict() for c in ckpts]
-        reference = base.state_dict() if base is not None else None
+        # each tensor read when matching looks it up (a packed input's weights dequantized once: ops.float_input)
+        states = [c.lazy_state() for c in ckpts]
+        reference = base.lazy_state() if base is not None else None
         aligned = align_models(states, spec, options, progress, reference)
         matching = [m for _, m in aligned if m]
         del states
