@@ -25,10 +25,12 @@ the model outgrows it (the matching cycles through all the weights).
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -120,8 +122,8 @@ class _Spilled:
     of an unlinked temporary file, whose pages are the page cache's to write back and evict (not anonymous
     memory), freed with the view."""
 
-    def __init__(self, source: Mapping[str, torch.Tensor]):
-        self.source = source
+    def __init__(self, source: Mapping[str, torch.Tensor], path: Path):
+        self.source, self.path = source, path
         self.made: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -131,9 +133,21 @@ class _Spilled:
                 self.made[name] = value
             else:
                 with tempfile.NamedTemporaryFile(prefix="modelsurgery-dequantized-", suffix=".bin") as f:
+                    self._reserve(f.fileno(), name, value.numel() * value.element_size())
                     mapped = torch.from_file(f.name, shared=True, size=value.numel(), dtype=value.dtype)
                 self.made[name] = mapped.view(value.shape).copy_(value)
         return self.made[name]
+
+    def _reserve(self, fd: int, name: str, size: int) -> None:
+        """The file's blocks taken now: a full disk is then an error here, not a SIGBUS when a mapped page is
+        written."""
+        if not hasattr(os, "posix_fallocate"):
+            return
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            raise SurgeryError(f"{self.path}: no room for packed weight '{name}' dequantized ({size} bytes) in "
+                               f"{tempfile.gettempdir()} ({e.strerror}); set TMPDIR to a folder with room") from e
 
 
 class _FloatView(Checkpoint):
@@ -145,7 +159,7 @@ class _FloatView(Checkpoint):
         self.infos, self.metadata = infos, metadata
         self.config = float_config(source.config)  # a float output must not say it is packed
         self._dequantized = dequantized or {}
-        self._spilled = _Spilled(self._dequantized)
+        self._spilled = _Spilled(self._dequantized, source.path)
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._spilled.made:

@@ -3,6 +3,7 @@ as float, or refused in one line naming the file; never quantization metadata on
 The expected merge is computed from the packed format's own reader (``ops.quantize.packing``)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -195,3 +196,25 @@ def test_each_packed_weight_is_dequantized_once_by_match_and_analyze(quantized, 
     reads.clear()
     analyze_pair(a, b, AnalyzeOptions(top_k=2))
     assert reads and set(reads.values()) == {1}, reads
+
+
+def test_no_room_for_the_dequantized_weights_is_one_line_naming_the_input(quantized, tmp_path):
+    """A temporary folder without room for a dequantized weight fails in one line naming the input, the weight and
+    TMPDIR (not a SIGBUS when a mapped page is written). The lack of room is real: the child's file size limit."""
+    import subprocess
+    import sys
+
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))\n"
+            "from modelsurgery.cli.app import main\n"
+            "sys.argv = ['surgery', *sys.argv[1:]]\n"
+            "main()\n")
+    a, b = quantized["packed", 0], quantized["packed", 1]
+    r = subprocess.run([sys.executable, "-c", code, "analyze", str(a), str(b)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{a}: no room for packed weight '0.weight' dequantized" in lines[0], r.stderr
+    assert f"in {tmp_path} (File too large); set TMPDIR" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # the temporary file went with the error
