@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 #: glibc's DEFAULT_MMAP_THRESHOLD_MIN, the threshold a process starts with
@@ -90,3 +93,18 @@ def large_allocations_mapped(threshold: int = 1 << 20, enabled: bool = True) -> 
     finally:
         if done:
             _set_threshold(before)
+
+
+def file_backed_empty(shape: tuple[int, ...], dtype, folder: Path | None = None, prefix: str = "modelsurgery-"):
+    """An uninitialised torch tensor in a shared mapping of an unlinked temporary file in ``folder`` (None:
+    ``tempfile``'s, $TMPDIR): its pages are the page cache's to write back and evict, not anonymous memory,
+    and the file goes with the tensor. The file's blocks are reserved first (``posix_fallocate``), so a
+    disk without room raises OSError here instead of a SIGBUS when a mapped page is written."""
+    import torch  # not at import time: the CLI imports this module before torch
+
+    numel = math.prod(shape)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=prefix, suffix=".bin") as f:
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        return torch.from_file(f.name, shared=True, size=numel, dtype=dtype).view(shape)

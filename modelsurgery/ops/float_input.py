@@ -25,7 +25,6 @@ the model outgrows it (the matching cycles through all the weights).
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -39,6 +38,7 @@ from modelsurgery.checkpoint.foreign import foreign_quantization
 from modelsurgery.checkpoint.formats import TensorInfo
 from modelsurgery.checkpoint.store import LazyState
 from modelsurgery.errors import SurgeryError
+from modelsurgery.memory import file_backed_empty
 from modelsurgery.ops.quantize.packing import METADATA_KEY, SUFFIXES, float_config, read_packed_weight, read_scheme
 
 
@@ -132,22 +132,15 @@ class _Spilled:
             if value.numel() == 0:
                 self.made[name] = value
             else:
-                with tempfile.NamedTemporaryFile(prefix="modelsurgery-dequantized-", suffix=".bin") as f:
-                    self._reserve(f.fileno(), name, value.numel() * value.element_size())
-                    mapped = torch.from_file(f.name, shared=True, size=value.numel(), dtype=value.dtype)
-                self.made[name] = mapped.view(value.shape).copy_(value)
+                try:
+                    mapped = file_backed_empty(tuple(value.shape), value.dtype, prefix="modelsurgery-dequantized-")
+                except OSError as e:
+                    size = value.numel() * value.element_size()
+                    raise SurgeryError(f"{self.path}: no room for packed weight '{name}' dequantized ({size} bytes) "
+                                       f"in {tempfile.gettempdir()} ({e.strerror}); set TMPDIR to a folder with "
+                                       "room") from e
+                self.made[name] = mapped.copy_(value)
         return self.made[name]
-
-    def _reserve(self, fd: int, name: str, size: int) -> None:
-        """The file's blocks taken now: a full disk is then an error here, not a SIGBUS when a mapped page is
-        written."""
-        if not hasattr(os, "posix_fallocate"):
-            return
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            raise SurgeryError(f"{self.path}: no room for packed weight '{name}' dequantized ({size} bytes) in "
-                               f"{tempfile.gettempdir()} ({e.strerror}); set TMPDIR to a folder with room") from e
 
 
 class _FloatView(Checkpoint):

@@ -28,7 +28,6 @@ tables (quantized only when asked) are rounded to nearest per row, whatever the 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +37,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from modelsurgery.memory import large_allocations_mapped, release_freed_memory
+from modelsurgery.errors import SurgeryError
+from modelsurgery.memory import file_backed_empty, large_allocations_mapped, release_freed_memory
 from modelsurgery.ops.quantize.base import QuantizedWeight, WeightQuantizer
 from modelsurgery.ops.quantize.distributed import DataParallel
 from modelsurgery.ops.quantize.grids import Grid, QuantScheme, fake_quantize
@@ -182,8 +182,12 @@ class BatchCache:
         if self.offload_dir is None:
             return like.new_empty(shape)
         # a file-backed mapping: its pages are the page cache's to evict, not anonymous memory
-        with tempfile.NamedTemporaryFile(dir=self.offload_dir, prefix="activations-", suffix=".bin") as f:
-            return torch.from_file(f.name, shared=True, size=math.prod(shape), dtype=like.dtype).view(shape)
+        try:
+            return file_backed_empty(tuple(shape), like.dtype, self.offload_dir, prefix="activations-")
+        except OSError as e:
+            nbytes = math.prod(shape) * like.element_size()
+            raise SurgeryError(f"--offload-dir {self.offload_dir}: no room for {nbytes} bytes of cached "
+                               f"activations ({e.strerror})") from e
 
     def __len__(self) -> int:
         return len(self.sizes)

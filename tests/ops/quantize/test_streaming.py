@@ -188,3 +188,29 @@ def test_cli_device_refusal_exits_1_in_one_line(tmp_path):
     assert res.exit_code == 1
     assert "--device cuda:0: CUDA is not available" in res.output and "Traceback" not in res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_offload_dir_without_room_is_one_line_and_writes_nothing(tmp_path):
+    """An --offload-dir without room for the cached activations fails in one line naming it (its file's blocks
+    are reserved before mapping, ``memory.file_backed_empty``), not with a SIGBUS when a mapped page is written.
+    The lack of room is real: the child's file size limit, below the first batch of activations (64 x 64 float32)."""
+    import os
+    import subprocess
+    import sys
+
+    offload, out = tmp_path / "offload", tmp_path / "q.safetensors"
+    offload.mkdir()
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "from modelsurgery.cli.app import main\n"
+            "sys.argv = ['surgery', *sys.argv[1:]]\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code, "quantize", str(MLP), "-o", str(out), "--calib", str(CALIB),
+                        "--samples", "64", "--steps", "2", "--offload-dir", str(offload)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--offload-dir {offload}: no room for" in lines[0], r.stderr
+    assert "(File too large)" in lines[0]
+    assert list(offload.iterdir()) == [] and not out.exists() and sorted(tmp_path.iterdir()) == [offload]
