@@ -36,6 +36,7 @@ from modelsurgery.deploy.common import (
     loaded,
     read_tensor,
     scale_rounding_error,
+    unpack_stream,
 )
 from modelsurgery.deploy.gguf_families import (
     GGUFFamily,
@@ -105,7 +106,7 @@ def encode(w: PackedWeight, qtype: Q) -> tuple[np.ndarray, np.ndarray, np.ndarra
     nb = length // BLOCK
     if (w.group_size or length) != BLOCK or length % BLOCK:
         raise SurgeryError(f"tensor '{w.name}': GGUF blocks hold 32 weights; it has groups of {w.group_size or length}")
-    codes = w.codes.reshape(rows, nb, BLOCK).astype(np.uint8)
+    codes = w.codes.reshape(rows, nb, BLOCK).astype(np.uint8, copy=False)
     zero = w.zero_point.reshape(rows, nb)
     d = fp16(w.scale.reshape(rows, nb))
     if qtype in (Q.Q8_0, Q.Q4_0):
@@ -367,27 +368,90 @@ def write_gguf(src: DeploySource, out: str | Path, force: bool = False, tokenize
             if data.nbytes != p.nbytes:
                 raise SurgeryError(f"tensor '{p.name}': {data.nbytes} bytes, planned {p.nbytes}")
             writer.write_tensor_data(data)
+            del data  # before the next one is made: one tensor's data at a time
         writer.close()
     return DeployReport(NAME, str(out), [str(out)], out.stat().st_size, len(src.weights), src.scheme.to_dict(),
                         max(errors.values(), default=0.0),
                         {"type": qtype.name, "architecture": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tok})
 
 
+#: weights per slice of rows a loader converts at a time: its temporaries stay a few MB beside the output
+CHUNK = 1 << 20
+
+
+def _row_slices(rows: int, row_size: int, perm: np.ndarray | None) -> list[tuple[int, int, slice | np.ndarray]]:
+    """The output's rows in slices of about ``CHUNK`` elements: (start, stop, the source rows they take)."""
+    step = max(1, CHUNK // max(row_size, 1))
+    return [(s, min(s + step, rows), perm[s: s + step] if perm is not None else slice(s, min(s + step, rows)))
+            for s in range(0, rows, step)]
+
+
 def _quantized_loader(ref: PackedWeight | PackedRef, qtype: Q, perm, errors: dict[str, float]):
+    """The tensor's blocks, encoded a slice of rows at a time into the output array: beside it, the scales
+    and zero points and one slice's bit streams and temporaries (an in-memory weight: its codes), not
+    the whole weight's codes unpacked and copied."""
     def load() -> np.ndarray:
-        w = loaded(ref)
-        blocks, d, m = encode(w, qtype)
-        errors[w.name] = scale_rounding_error(w, d, m)
-        return blocks[perm] if perm is not None else blocks
+        w = ref if isinstance(ref, PackedRef) else loaded(ref)
+        scale, zero, length = w.scale, w.zero_point, w.row_length  # a PackedRef reads them when asked
+        if isinstance(w, PackedRef):  # the bit streams read a slice of rows at a time, as the floats are
+            qweight = w.name + ".qweight"
+            read = _source_rows(w.ckpt, qweight, tuple(w.ckpt.shape(qweight)), torch.uint8)
+            codes_of = lambda rows: unpack_stream(read(rows).numpy(), w.bits, length)
+        else:
+            codes_of = lambda rows: w.codes[rows]
+        out = np.empty((w.rows, length // BLOCK * gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
+        worst = 0.0
+        for start, stop, rows in _row_slices(w.rows, length, perm):
+            part = PackedWeight(w.name, (stop - start, length), w.bits, w.group_size, codes_of(rows), scale[rows],
+                                zero[rows])
+            out[start:stop], d, m = encode(part, qtype)
+            worst = max(worst, scale_rounding_error(part, d, m))
+        errors[w.name] = worst
+        return out
     return load
 
 
 def _float_loader(ckpt, name: str, dtype: np.dtype, perm, shift: float = 0.0):
+    """The tensor converted to ``dtype`` (plus ``shift``) a slice of rows at a time into the output array,
+    read from its file a slice at a time: the output is the only whole-tensor copy. Nothing is added
+    without a shift (-0.0 stays -0.0, as the converter's float32 copy keeps it)."""
     def load() -> np.ndarray:
-        t = read_tensor(ckpt, name)
-        a = (t.to(torch.float16) if dtype == np.float16 else t.float() + shift).numpy()
-        return np.ascontiguousarray(a[perm] if perm is not None else a)
+        info = ckpt.info(name)
+        shape = tuple(info.shape) or (1,)
+        out = np.empty(shape, dtype)
+        target = torch.from_numpy(out)
+        read = _source_rows(ckpt, name, shape, info.dtype)
+        for start, stop, rows in _row_slices(shape[0], math.prod(shape[1:]), perm):
+            target[start:stop] = read(rows).float() + shift if shift else read(rows)  # converted as copied
+        return out.reshape(tuple(info.shape))
     return load
+
+
+def _source_rows(ckpt, name: str, shape: tuple[int, ...], dtype: torch.dtype):
+    """rows (a slice or indices) -> those rows of the stored tensor, read from its safetensors file into a
+    buffer of their size (one read per run of consecutive rows), else from the tensor ``read_tensor`` gives."""
+    where = ckpt.byte_range(name)
+    if where is None:
+        whole = read_tensor(ckpt, name).reshape(shape)
+        return lambda rows: whole[rows if isinstance(rows, slice) else torch.from_numpy(rows)]
+    file, offset, _ = where
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+
+    def read(rows: slice | np.ndarray) -> torch.Tensor:
+        index = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else np.asarray(rows)
+        order = np.argsort(index, kind="stable")
+        wanted = index[order]
+        buf = np.empty(len(index) * row_bytes, np.uint8)
+        at = 0
+        with open(file, "rb") as f:
+            for run in np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1):
+                f.seek(offset + int(run[0]) * row_bytes)
+                if f.readinto(memoryview(buf)[at: at + len(run) * row_bytes]) != len(run) * row_bytes:
+                    raise SurgeryError(f"{file}: tensor '{name}' ends before its {shape[0]} rows (truncated file?)")
+                at += len(run) * row_bytes
+        part = torch.from_numpy(buf).view(dtype).reshape(len(index), *shape[1:])
+        return part if isinstance(rows, slice) else part[torch.from_numpy(np.argsort(order))]
+    return read
 
 
 # ----- reader ---------------------------------------------------------------------------------------
