@@ -20,6 +20,10 @@ the --small model only.
 
     python benchmarks/bench_memory.py [--small] [--workdir /tmp] [--only merge-linear,fold ...] [--threads 1]
     python benchmarks/bench_memory.py --list   # the rows
+    git worktree add /tmp/old REV  # then rows of that commit beside this code's, each right after the other:
+    python benchmarks/bench_memory.py --only quantize-gguf --baseline /tmp/old
+
+Only the models the selected rows read are generated (B and C for the merges and mergekit runs).
 
 ``analyze`` runs on two full-width models of 2 blocks (with 16, its weight matching and singular value
 decompositions take hours on 2 cores; memory does not depend on the depth once it streams).
@@ -144,6 +148,14 @@ def rows(work: Path, shape: dict, small_model: Path) -> dict[str, list[str]]:
     return o
 
 
+def with_code(cmd: list[str], code: Path) -> list[str]:
+    """``cmd`` (``python -m modelsurgery ...``) run with the modelsurgery of the checkout ``code``, ahead of any
+    on the path (a checkout in the working directory included)."""
+    i = cmd.index("-m")
+    return [cmd[0], "-c", f"import sys, runpy; sys.path.insert(0, {str(code.resolve())!r}); "
+            "runpy.run_module('modelsurgery', run_name='__main__', alter_sys=True)", *cmd[i + 2:]]
+
+
 def verdict(peak_mb: float, start_mb: float, largest_mb: float, model_mb: float) -> tuple[float, str]:
     """(the peak beyond the process start, in largest float32 tensors; what that says)."""
     tensors = (peak_mb - start_mb) / largest_mb
@@ -162,6 +174,8 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the row names and exit")
     ap.add_argument("--threads", type=int, help="torch threads in each measured run (OMP_NUM_THREADS)")
     ap.add_argument("--keep", action="store_true", help="leave the work folder (printed) in place")
+    ap.add_argument("--baseline", type=Path, help="a checkout of other code (say, an older commit): every selected "
+                    "row is also run with it (PYTHONPATH), just before this code's")
     args = ap.parse_args()
     shape = SMALL if args.small else FULL
     names = list(rows(Path("w"), shape, Path("s")))
@@ -182,8 +196,11 @@ def main() -> None:
         subprocess.run([py, "-c", f"import sys; sys.path.insert(0, {here!r}); from pathlib import Path; "
                         f"from bench_scale import *; from bench_memory import *; {code}"], check=True)
 
+    reads = {arg for n, cmd in rows(work, shape, work / "small").items() if n in only for arg in cmd}
     try:
         for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+            if name != "a" and str(work / name) not in reads and not any(n.startswith("run") for n in only):
+                continue  # B and C: read by the merges and the mergekit configs only
             child(f"generate(Path({str(work / name)!r}), {'SMALL' if args.small else 'FULL'}, {seed})")
         if "extract" in only:
             child(f"generate_tuned(Path({str(work / 'a')!r}), Path({str(work / 't')!r}))")
@@ -203,19 +220,24 @@ def main() -> None:
         start = measure([py, "-c", "import torch, modelsurgery.cli.app"], args.threads)
         print(f"process start: {start}", file=sys.stderr, flush=True)
         results = {}
-        for name, cmd in rows(work, shape, small_model).items():
-            if name not in only:
-                continue
+        # the baseline's run of a row first, this code's after it (whose outputs the reading rows then read)
+        labelled = [(name, with_code(cmd, args.baseline) if base else cmd, base)
+                    for name, cmd in rows(work, shape, small_model).items() if name in only
+                    for base in ([True] if args.baseline else []) + [False]]
+        for name, cmd, base in labelled:
+            label = name + (" (baseline)" if base else "")
             try:
                 r = measure(cmd, args.threads)
             except SystemExit as e:  # a failing command is a row of the table, not the end of the run
-                print(f"{name}: {e}", file=sys.stderr, flush=True)
-                results[name] = {"peak_anon_mb": float("nan"), "seconds": float("nan"), "tensors": float("nan"),
-                                 "verdict": "failed"}
+                print(f"{label}: {e}", file=sys.stderr, flush=True)
+                results[label] = {"peak_anon_mb": float("nan"), "seconds": float("nan"), "tensors": float("nan"),
+                                  "verdict": "failed"}
                 continue
             r["tensors"], r["verdict"] = verdict(r["peak_anon_mb"], start["peak_anon_mb"], largest_mb, model_mb)
-            print(f"{name}: {r}", file=sys.stderr, flush=True)
-            results[name] = r
+            print(f"{label}: {r}", file=sys.stderr, flush=True)
+            results[label] = r
+            if base:
+                continue
             done = [name.split()[0]]
             if name.startswith("dequantize"):  # its input, a quantize row's output, is read now
                 done.append(READS[name])
@@ -223,7 +245,8 @@ def main() -> None:
                 for p in work.glob(f"out-{row}*"):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         print(json.dumps({"model": shape, "checkpoint_mb": round(model_mb, 1), "largest_float32_mb": largest_mb,
-                          "threads": args.threads, "process_start": start, "runs": results}, indent=1))
+                          "threads": args.threads, "baseline": str(args.baseline) if args.baseline else None,
+                          "process_start": start, "runs": results}, indent=1))
         print(f"\nprocess start: {start['peak_anon_mb']:.0f} MB; largest tensor in float32: {largest_mb:.0f} MB; "
               f"model: {model_mb:.0f} MB bf16\n")
         print("| command | peak RssAnon MB | beyond the start, in largest tensors | wall s | verdict |\n"
