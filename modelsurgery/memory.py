@@ -25,7 +25,6 @@ once ``mallopt`` has set it, so after the first use the threshold stays fixed at
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import os
 import tempfile
@@ -44,7 +43,7 @@ _current: int | None = None
 @cache
 def _libc_function(name: str, argtypes: list):
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (find_library forks ldconfig)
         fn = getattr(libc, name)
     except (OSError, AttributeError):
         return None

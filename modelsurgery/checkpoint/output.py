@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
@@ -213,7 +212,9 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     global _libc
     if _libc is None:
         try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # the process's own symbols, libc's among them: ``ctypes.util.find_library`` forks ``ldconfig -p``,
+            # whose child shows the parent's anonymous memory until it execs (a multi-GB process counted twice)
+            _libc = ctypes.CDLL(None, use_errno=True)
             _libc.renameat2  # noqa: B018 (missing before glibc 2.28)
         except (OSError, AttributeError):
             _libc = False

@@ -268,3 +268,29 @@ def test_output_name_too_long_is_one_error(tmp_path):
         write_checkpoint(tmp_path / ("x" * 240 + ".safetensors"), _tensors())
     write_checkpoint(tmp_path / ("y" * 190 + ".safetensors"), _tensors())  # room left for the temporary
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_the_final_step_and_the_allocator_calls_start_no_process(tmp_path):
+    """Finding libc with ``ctypes.util.find_library`` forks ``ldconfig -p``: the child shows the parent's anonymous
+    memory until it execs, so a multi-GB process is briefly there twice (bench_memory counted it). The writer's
+    renameat2 and the allocator's malloc_trim/mallopt come from the process's own symbols: a fresh process in
+    which starting any process fails still writes through renameat2 and trims."""
+    import subprocess
+    import sys
+
+    code = (
+        "import subprocess, torch\n"
+        "def refuse(*a, **k): raise AssertionError('a process was started')\n"
+        "subprocess.Popen.__init__ = refuse\n"
+        "from modelsurgery.checkpoint import output, plan_tensor, write_checkpoint\n"
+        "from modelsurgery.memory import large_allocations_mapped, release_freed_memory\n"
+        f"write_checkpoint({str(tmp_path / 'a.safetensors')!r}, [plan_tensor('w', torch.ones(3))])\n"
+        "assert output._libc not in (None, False), output._libc\n"
+        "assert release_freed_memory()\n"
+        "with large_allocations_mapped() as mapped: assert mapped\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "a.safetensors").exists()
