@@ -224,7 +224,9 @@ def analyze_command(
     """Per layer: L2 distance and top singular vector alignment of two models, before/after weight matching.
 
     Alignment of singular pair i is |<u_i^A,u_i^B>|*|<v_i^A,v_i^B>| (Ito et al. 2024): matching
-    works when it aligns the directions with the largest singular values.
+    works when it aligns the directions with the largest singular values. A value marked * is of a pair
+    whose singular value is too close to a neighbour's (the footnote says how close): its vectors are not
+    determined alone, so neither is its alignment.
 
     Examples:\n
       surgery analyze a.safetensors b.safetensors\n
@@ -243,11 +245,18 @@ def analyze_command(
     table = Table(title=safe(f"{result.family}: {a} vs {b}"), show_edge=False)
     for col in ("layer", "shape", "L2 before", "L2 after", f"top-{top_k} align before", f"top-{top_k} align after"):
         table.add_column(col, justify="left" if col in ("layer", "shape") else "right", no_wrap=col == "layer")
+    def aligned(values: list[float], separated: list[bool]) -> str:
+        return " ".join(f"{x:.2f}" + ("" if ok else "*") for x, ok in zip(values, separated))
+
     for layer in result.layers:
         table.add_row(safe(layer.name), "x".join(map(str, layer.shape)), f"{layer.distance_before:.4g}",
-                      f"{layer.distance_after:.4g}", " ".join(f"{x:.2f}" for x in layer.alignment_before),
-                      " ".join(f"{x:.2f}" for x in layer.alignment_after))
+                      f"{layer.distance_after:.4g}", aligned(layer.alignment_before, layer.separated),
+                      aligned(layer.alignment_after, layer.separated))
     out_console.print(table)
+    if not all(all(layer.separated) for layer in result.layers):
+        out_console.print(f"* singular value within {result.gap_tolerance:g} of the largest from a neighbour (or 0) "
+                          "in A or B: its vectors are not determined alone (any rotation among close values is as "
+                          "good), so its alignment says little")
     out_console.print(f"matching objective <A, P(B)>: {result.objective_before:.4g} -> {result.objective_after:.4g}")
 
 

@@ -6,6 +6,17 @@ Alignment of the i-th singular pair: |<u_i^A, u_i^B>| * |<v_i^A, v_i^B>|, the co
 rank-one components u_i v_i^T of the two matrices (1 = the same direction, 0 = orthogonal).
 Weight matching is expected to raise it for the largest singular values first. A quantized input
 is analysed as the float weights it stands for (``ops.float_input``).
+
+Only the top-k singular pairs are used, so each matrix's are computed once, from the eigenvectors
+of its smaller Gram matrix W^T W (or W W^T) in float64 (``top_singular``): to float64 rounding for
+the top pairs, several times faster than a full SVD (``benchmarks/bench_analyze.py``). The matched
+B = P_out B P_in^T has B's singular values and B's singular vectors permuted, so its factors are
+B's, permuted: no decomposition after matching.
+
+A singular pair is only defined up to rotation within a group of equal singular values, and a pair
+whose value is within a small gap of a neighbour turns with any change of the weights of that size;
+its alignment then says little. Each pair is reported ``separated`` when its value, in A and in B,
+is at least ``GAP_TOL`` times the largest away from its neighbours (and from zero).
 """
 
 from __future__ import annotations
@@ -23,6 +34,13 @@ from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import permute_tensor
 from modelsurgery.ops.match.weight_matching import weight_matching
 from modelsurgery.ops.merge.merge import check_compatible
+
+#: a singular pair is ``separated`` when its value is at least this fraction of the largest away from its neighbours
+#: and from zero. bf16, the storage of most LLM checkpoints, rounds each weight by up to 2^-9 (2e-3) of itself: a
+#: gap below 1e-3 of the largest value is within what that rounding can move on a matrix without a dominant direction
+GAP_TOL = 1e-3
+#: rows of a float64 working copy at a time when forming a Gram matrix (64 MiB at 2048 columns)
+CHUNK_ELEMENTS = 2**23
 
 
 @dataclass
@@ -42,7 +60,9 @@ class LayerAnalysis:
     distance_after: float
     alignment_before: list[float]
     alignment_after: list[float]
-    singular_values: list[float]
+    singular_values: list[float]  # A's
+    singular_values_b: list[float]  # B's (matching permutes B: the same before and after)
+    separated: list[bool]  # per pair: its value is apart from its neighbours in A and in B (GAP_TOL)
 
 
 @dataclass
@@ -54,19 +74,93 @@ class AnalyzeResult:
     objective_after: float
     layers: list[LayerAnalysis] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # quantized inputs, analysed as their dequantized weights
+    gap_tolerance: float = GAP_TOL
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class Singular:
+    """Top singular triplets of a matrix, float64: ``u`` (m, k), ``s`` (k + 1 when there is one more: the gap of
+    the k-th pair below), ``vh`` (k, n)."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x in float64, ``x`` converted a block of rows at a time (no float64 copy of the whole matrix)."""
+    n = x.shape[1]
+    g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    step = max(1, CHUNK_ELEMENTS // n)
+    for r in range(0, x.shape[0], step):
+        c = x[r:r + step].double()
+        g.addmm_(c.T, c)
+    return g
+
+
+def top_singular(w: torch.Tensor, k: int) -> Singular:
+    """The top-``k`` singular triplets of ``w.flatten(1)``, plus the (k+1)-th value when there is one.
+
+    The right vectors are the top eigenvectors of the smaller Gram matrix, formed and decomposed in float64
+    (scipy's ``eigh`` for the top eigenpairs only); u_i = W v_i / s_i. An eigenvector's error is about
+    eps64 * s_1 / gap (eps64 = 1.1e-16), so pairs separated by GAP_TOL are exact to float64 rounding of
+    W's float32 values, well beyond a float32 SVD. A zero singular value gets a zero vector (its pair is
+    not separated)."""
+    import scipy.linalg
+
+    x = w.flatten(1)
+    transposed = x.shape[0] < x.shape[1]
+    if transposed:  # Gram matrix of the smaller side
+        x = x.T
+    n = x.shape[1]
+    k = min(k, n)
+    kv = min(k + 1, n)
+    vals, vecs = scipy.linalg.eigh(_gram(x).cpu().numpy(), subset_by_index=[n - kv, n - 1])
+    s = torch.from_numpy(vals[::-1].copy()).clamp_min(0).sqrt().to(x.device)
+    v = torch.from_numpy(vecs[:, ::-1][:, :k].copy()).to(x.device)
+    # u = x v / s, a block of rows at a time; a zero singular value leaves its column zero
+    inv = torch.where(s[:k] > 0, 1 / s[:k], torch.zeros_like(s[:k]))
+    step = max(1, CHUNK_ELEMENTS // n)
+    u = torch.cat([x[r:r + step].double() @ v for r in range(0, x.shape[0], step)]) * inv
+    return Singular(v, s, u.T) if transposed else Singular(u, s, v.T)
+
+
+def separated(*values: torch.Tensor, k: int, tol: float = GAP_TOL) -> list[bool]:
+    """Per pair i < k: in each of ``values`` (descending singular values), s_i is at least ``tol * s_1`` away
+    from s_{i-1}, s_{i+1} (where there is one) and 0."""
+    out = [True] * min(k, *(s.numel() for s in values))
+    for s in values:
+        vals = s.tolist()
+        for i in range(len(out)):
+            gaps = [vals[i]] + [abs(vals[i] - vals[j]) for j in (i - 1, i + 1) if 0 <= j < len(vals)]
+            out[i] = out[i] and vals[0] > 0 and min(gaps) >= tol * vals[0]
+    return out
+
+
+def alignment(a: Singular, b: Singular, k: int) -> list[float]:
+    """|<u_i^A, u_i^B>| * |<v_i^A, v_i^B>| for the top ``k`` pairs (signs of singular vectors do not matter)."""
+    k = min(k, a.u.shape[1], b.u.shape[1])
+    u = (a.u[:, :k] * b.u[:, :k]).sum(0).abs()
+    v = (a.vh[:k] * b.vh[:k]).sum(1).abs()
+    return (u * v).tolist()
+
+
 def top_alignment(wa: torch.Tensor, wb: torch.Tensor, k: int) -> tuple[list[float], list[float]]:
     """Per top-k singular pair, |<u_A,u_B>|*|<v_A,v_B>|; and A's top-k singular values."""
-    ua, sa, vha = torch.linalg.svd(wa.flatten(1).float(), full_matrices=False)
-    ub, _, vhb = torch.linalg.svd(wb.flatten(1).float(), full_matrices=False)
-    k = min(k, sa.numel())
-    u = (ua[:, :k] * ub[:, :k]).sum(0).abs()
-    v = (vha[:k] * vhb[:k]).sum(1).abs()
-    return (u * v).tolist(), sa[:k].tolist()
+    sa = top_singular(wa, k)
+    return alignment(sa, top_singular(wb, k), k), sa.s[:k].tolist()
+
+
+def permute_singular(spec, name: str, shape: torch.Size, sv: Singular, perms) -> Singular:
+    """The factors of ``permute_tensor(spec, name, W, perms)`` from W's: rows of u take W's axis 0 order, the
+    columns of vh (W's other axes, flattened) theirs; singular values unchanged."""
+    k = sv.vh.shape[0]
+    u = permute_tensor(spec, name, sv.u, perms, skip_axis=1)
+    vh = permute_tensor(spec, name, sv.vh.reshape(k, *shape[1:]), perms, skip_axis=0).reshape(k, -1)
+    return Singular(u, sv.s, vh)
 
 
 def analyze_pair(a: Path, b: Path, options: AnalyzeOptions,
@@ -75,7 +169,7 @@ def analyze_pair(a: Path, b: Path, options: AnalyzeOptions,
     check_compatible([ca, cb])
     family = detect_family(ca, options.model)
     spec = permutation_spec(family, complete=False)  # only the spec's tensors are compared; nothing is written
-    # the tensors are read when matching or a layer's SVD needs them: no float copy of either model
+    # the tensors are read when matching or a layer's decomposition needs them: no float copy of either model
     A, B = ca.lazy_state(), cb.lazy_state()
     match = weight_matching(A, B, spec, backend=options.backend, device=options.device, seed=options.seed,
                             progress=progress, streaming=True)
@@ -84,13 +178,17 @@ def analyze_pair(a: Path, b: Path, options: AnalyzeOptions,
     result = AnalyzeResult(str(a), str(b), family.name, match.objective_before, match.objective_after,
                            notes=[n for n in (note_a, note_b) if n])
     dev = torch.device(options.device)
+    k = options.top_k
     for i, n in enumerate(names):
-        wb = B[n]
-        wa, wb, wp = (x.to(dev, torch.float32) for x in (A[n], wb, permute_tensor(spec, n, wb, perms)))
-        before, sv = top_alignment(wa, wb, options.top_k)
-        after, _ = top_alignment(wa, wp, options.top_k)
+        wa, wb = (x[n].to(dev, torch.float32) for x in (A, B))
+        sa, sb = top_singular(wa, k), top_singular(wb, k)
+        sp = permute_singular(spec, n, wb.shape, sb, perms)
+        distance_before = float((wa - wb).norm())
+        distance_after = float((wa - permute_tensor(spec, n, wb, perms)).norm())
         result.layers.append(LayerAnalysis(
-            n, list(wa.shape), float((wa - wb).norm()), float((wa - wp).norm()), before, after, sv))
+            n, list(wa.shape), distance_before, distance_after, alignment(sa, sb, k), alignment(sa, sp, k),
+            sa.s[:k].tolist(), sb.s[:k].tolist(), separated(sa.s, sb.s, k=k)))
+        del wa, wb  # before the next layer's are read
         if progress:
             progress("singular vectors", i + 1, len(names), {})
     return result

@@ -112,11 +112,32 @@ def test_analyze_json(fixtures_dir):
         assert layer["distance_after"] < layer["distance_before"]
         assert len(layer["alignment_after"]) == 3
         assert all(0 <= x <= 1 + 1e-6 for x in layer["alignment_after"])
+        assert len(layer["separated"]) == 3 and len(layer["singular_values_b"]) == 3
+    assert report["gap_tolerance"] == 1e-3
     # matching aligns the top singular directions (Ito et al.)
     assert sum(layer["alignment_after"][0] for layer in report["layers"]) > \
         sum(layer["alignment_before"][0] for layer in report["layers"]) + 0.5
     r = runner.invoke(app, ["analyze", str(d / "mlp_seed0.safetensors"), str(d / "mlp_seed1.safetensors")])
     assert r.exit_code == 0 and "L2 before" in r.stdout
+
+
+def test_analyze_marks_pairs_with_close_singular_values(fixtures_dir, tmp_path):
+    """B = A with its first layer's two top singular values made equal: those alignments are marked * and the
+    footnote says why; the other layers' are not marked."""
+    from safetensors.torch import save_file
+
+    a = fixtures_dir / "digits" / "mlp_seed0.safetensors"
+    state = Checkpoint.open(a).state_dict()
+    u, s, vh = torch.linalg.svd(state["0.weight"].double(), full_matrices=False)
+    s[1] = s[0]
+    state["0.weight"] = (u * s @ vh).float()
+    save_file(state, str(tmp_path / "b.safetensors"))
+    r = runner.invoke(app, ["analyze", str(a), str(tmp_path / "b.safetensors"), "--top-k", "3"],
+                      env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip().startswith(("0.", "2.", "4."))}
+    assert rows["0.weight"].count("*") == 4 and "*" not in rows["2.weight"] + rows["4.weight"]
+    assert "* singular value within 0.001 of the largest from a neighbour" in " ".join(r.stdout.split())
 
 
 def test_demo_step(fixtures_dir, tmp_path):
