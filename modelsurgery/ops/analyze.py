@@ -21,6 +21,7 @@ is at least ``GAP_TOL`` times the largest away from its neighbours (and from zer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from modelsurgery.ops.merge.merge import check_compatible
 #: and from zero. bf16, the storage of most LLM checkpoints, rounds each weight by up to 2^-9 (2e-3) of itself: a
 #: gap below 1e-3 of the largest value is within what that rounding can move on a matrix without a dominant direction
 GAP_TOL = 1e-3
-#: rows of a float64 working copy at a time when forming a Gram matrix (64 MiB at 2048 columns)
+#: elements of a float64 working block (64 MiB): the Gram matrix and distances are summed a block of rows at a time
 CHUNK_ELEMENTS = 2**23
 
 
@@ -154,6 +155,14 @@ def top_alignment(wa: torch.Tensor, wb: torch.Tensor, k: int) -> tuple[list[floa
     return alignment(sa, top_singular(wb, k), k), sa.s[:k].tolist()
 
 
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||_F summed in float64, a block of rows at a time (no full-size difference tensor)."""
+    a, b = a.flatten(1), b.flatten(1)
+    step = max(1, CHUNK_ELEMENTS // a.shape[1])
+    return math.sqrt(sum(float((a[r:r + step].double() - b[r:r + step]).square().sum())
+                         for r in range(0, a.shape[0], step)))
+
+
 def permute_singular(spec, name: str, shape: torch.Size, sv: Singular, perms) -> Singular:
     """The factors of ``permute_tensor(spec, name, W, perms)`` from W's: rows of u take W's axis 0 order, the
     columns of vh (W's other axes, flattened) theirs; singular values unchanged."""
@@ -183,8 +192,9 @@ def analyze_pair(a: Path, b: Path, options: AnalyzeOptions,
         wa, wb = (x[n].to(dev, torch.float32) for x in (A, B))
         sa, sb = top_singular(wa, k), top_singular(wb, k)
         sp = permute_singular(spec, n, wb.shape, sb, perms)
-        distance_before = float((wa - wb).norm())
-        distance_after = float((wa - permute_tensor(spec, n, wb, perms)).norm())
+        distance_before = distance(wa, wb)
+        wb = permute_tensor(spec, n, wb, perms)  # matched B: unmatched B is done with
+        distance_after = distance(wa, wb)
         result.layers.append(LayerAnalysis(
             n, list(wa.shape), distance_before, distance_after, alignment(sa, sb, k), alignment(sa, sp, k),
             sa.s[:k].tolist(), sb.s[:k].tolist(), separated(sa.s, sb.s, k=k)))
