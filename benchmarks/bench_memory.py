@@ -25,8 +25,8 @@ the --small model only.
 
 Only the models the selected rows read are generated (B and C for the merges and mergekit runs).
 
-``analyze`` runs on two full-width models of 2 blocks (with 16, its weight matching and singular value
-decompositions take hours on 2 cores; memory does not depend on the depth once it streams).
+``analyze`` runs on two full-width models of 2 blocks (its weight matching and per-matrix decompositions grow with
+the depth, its memory does not once it streams; 2 blocks keep the row to minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def main() -> None:
             child(f"generate_tuned(Path({str(work / 'a')!r}), Path({str(work / 't')!r}))")
         if "fold" in only:
             child(f"generate_lora(Path({str(work / 'a')!r}), Path({str(work / 'lora')!r}))")
-        # analyze: full width, 2 blocks (weight matching and the SVDs of 16 blocks take hours on 2 cores)
+        # analyze: full width, 2 blocks (time grows with the depth, memory does not)
         if any(n.startswith("analyze") for n in only):
             for name, seed in (("a2", 0), ("b2", 1)):
                 child(f"generate(Path({str(work / name)!r}), {{**{'SMALL' if args.small else 'FULL'}, 'layers': 2}}, "
