@@ -377,16 +377,11 @@ def stream_words(w: PackedWeight | PackedRef) -> np.ndarray:
 
 
 def unpack_words(words: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Inverse of ``pack_words``: int32 [rows, words] -> uint8 codes [rows, n]."""
-    from modelsurgery.ops.quantize.packing import unpack_codes
-
-    if bits in (2, 4, 8) and n % (32 // bits) == 0:
-        per = 32 // bits
-        shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
-        w = np.ascontiguousarray(words).astype("<i4").view(np.uint32)[:, : n // per]
-        return ((w[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(w.shape[0], n).astype(np.uint8)
-    raw = np.ascontiguousarray(words).astype("<i4").view(np.uint8)
-    return np.asarray(unpack_codes(raw[:, : -(-n * bits // 8)], bits, n)).astype(np.uint8)
+    """Inverse of ``pack_words``: int32 [rows, words] -> uint8 codes [rows, n]. The words' little-endian
+    bytes are the packed format's bit stream, unpacked by ``unpack_stream`` in uint8 (no int32 or wider
+    copy of the codes: at 4 bits one was 8 bytes per code, twice the float32 weight it dequantizes to)."""
+    raw = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)  # a copy only when transposed
+    return unpack_stream(raw[:, : -(-n * bits // 8)], bits, n)
 
 
 # ----- folder formats ------------------------------------------------------------------------------

@@ -172,3 +172,36 @@ def test_dequantize_of_a_deployed_folder_holds_one_weights_codes_at_a_time(tmp_p
     weight written is the source representation's own dequantization."""
     (peak6, codes6), (peak12, codes12) = (_dequantize_traced(tmp_path / str(n), fmt, n) for n in (6, 12))
     assert peak12 - peak6 < (codes12 - codes6) / 2, (peak6, peak12, codes6, codes12)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_codes_are_unpacked_without_wider_copies(tmp_path, fmt):
+    """Reading one weight's 4-bit codes from a GPTQ or compressed-tensors folder allocates its words (half a
+    byte per code), GPTQ's transposed copy of them and the uint8 codes: numpy's traced peak stays under 3 bytes
+    per code (2.0 for GPTQ, 1.5 for compressed-tensors when measured). The int32 shift-and-mask unpacking held
+    two 4-byte copies of the codes at once (9.0 bytes per code when measured), more than the float32 weight
+    they dequantize to."""
+    import tracemalloc
+
+    from modelsurgery.ops.quantize.grids import QuantScheme
+    from tests.deploy.conftest import rtn_source
+    from tests.hf_tiny import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "float", hidden_size=256, intermediate_size=768, num_hidden_layers=1)
+    src = rtn_source(fmt, QuantScheme(4, "group", 32, False), skip=(), folder=model)
+    deploy(src, tmp_path / "q", fmt)
+    expected = {w.name: w.codes for w in src.weights}
+    weights = read_deployed(Checkpoint.open(tmp_path / "q"))
+    assert sorted(w.name for w in weights) == sorted(expected) and len(weights) == 7
+    tracemalloc.start()
+    try:
+        for w in weights:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            codes = w.codes
+            per_code = (tracemalloc.get_traced_memory()[1] - before) / codes.size
+            np.testing.assert_array_equal(codes, expected[w.name], err_msg=w.name)
+            assert codes.dtype == np.uint8 and per_code < 3, (w.name, per_code)
+            del codes
+    finally:
+        tracemalloc.stop()
