@@ -205,3 +205,71 @@ def test_codes_are_unpacked_without_wider_copies(tmp_path, fmt):
             del codes
     finally:
         tracemalloc.stop()
+
+
+DEQUANTIZE_PEAK = """
+import json, sys, threading, time
+from pathlib import Path
+from modelsurgery.ops.dequantize import DequantizeOptions, dequantize
+
+
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+peak, done = [0], []
+
+
+def poll():
+    while not done:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+
+
+start = anon()
+thread = threading.Thread(target=poll)
+thread.start()
+dequantize(Path(sys.argv[1]), Path(sys.argv[2]), DequantizeOptions(hash_inputs=False))
+done.append(1)
+thread.join()
+print(json.dumps(peak[0] - start))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["gptq", pytest.param("compressed-tensors", marks=pytest.mark.slow),
+                                 pytest.param("packed", marks=pytest.mark.slow)])
+def test_dequantize_returns_each_weights_memory(tmp_path, fmt):
+    """A 4-block bf16 LLaMA of width 1024 (MLP matrices of 11.5 MB in float32) quantized 4-bit, dequantized with
+    one torch thread: each weight's codes, float32 values and bfloat16 copy are mapped and go back to the OS
+    when freed, so the peak anonymous memory grows by less than 3 such matrices (1.75 when measured); in glibc's
+    heap their holes stayed resident (3.9 to 7.1 when measured, varying from run to run). The mapping is the
+    operation's, whatever the input format: GPTQ in the default suite, the two others with -m slow."""
+    import os
+    import subprocess
+    import sys
+
+    from modelsurgery.checkpoint import PlannedTensor, write_checkpoint
+
+    h, inner, layers = 1024, 2816, 4
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+              "intermediate_size": inner, "num_hidden_layers": layers, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "vocab_size": 128, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    shapes = {"model.embed_tokens.weight": (128, h), "model.norm.weight": (h,), "lm_head.weight": (128, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       **{p + f"self_attn.{r}_proj.weight": (h, h) for r in "qkvo"},
+                       p + "mlp.gate_proj.weight": (inner, h), p + "mlp.up_proj.weight": (inner, h),
+                       p + "mlp.down_proj.weight": (h, inner)})
+    gen = torch.Generator().manual_seed(0)
+    write_checkpoint(tmp_path / "float", [PlannedTensor(n, s, torch.bfloat16, lambda s=s: (
+        torch.randn(s, generator=gen) * 0.02).bfloat16()) for n, s in shapes.items()], config=config)
+    quantize_checkpoint(tmp_path / "float", tmp_path / "q", QuantizeOptions(bits=4, method="rtn", format=fmt))
+    proc = subprocess.run([sys.executable, "-c", DEQUANTIZE_PEAK, str(tmp_path / "q"), str(tmp_path / "out")],
+                          capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown = json.loads(proc.stdout.split()[-1]) / (inner * h * 4)
+    assert grown < 3, f"peak grew by {grown:.1f} MLP matrices"
