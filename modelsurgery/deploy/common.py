@@ -119,6 +119,21 @@ def read_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return torch.from_numpy(buf).view(info.dtype).reshape(info.shape)
 
 
+def stored_shape(ckpt: Checkpoint, name: str, expected: tuple[int, ...] | int, fmt: str, implied: str
+                 ) -> tuple[int, ...]:
+    """The header shape of ``name`` in a GPTQ or compressed-tensors folder, refused in one line when the tensor
+    is missing or its shape is not ``expected`` (a shape, or a number of dimensions), which ``implied`` says
+    what implies: checked from the header before anything is read or written, so that a module's tensors that
+    do not fit each other cannot broadcast into a wrong weight."""
+    if name not in ckpt:
+        raise SurgeryError(f"{ckpt.path}: {fmt} tensor '{name}' is missing")
+    shape = tuple(ckpt.shape(name))
+    if (len(shape) != expected) if isinstance(expected, int) else (shape != tuple(expected)):
+        want = f"{expected} dimensions" if isinstance(expected, int) else str(list(expected))
+        raise SurgeryError(f"{ckpt.path}: {fmt} tensor '{name}' has shape {list(shape)}; {implied} imply {want}")
+    return shape
+
+
 def unpack_stream(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
     """uint8 [rows, ceil(n * bits / 8)] little-endian bit streams (the packed ``qweight``) -> uint8 codes
     [rows, n], by shift and mask over whole arrays: at 1, 2, 4 and 8 bits a byte holds 8 / bits codes;

@@ -32,6 +32,7 @@ from modelsurgery.deploy.common import (
     plain_2d,
     read_tensor,
     scale_rounding_error,
+    stored_shape,
     stream_words,
     unpack_words,
     write_quantized_folder,
@@ -164,15 +165,21 @@ def read_compressed_tensors(ckpt: Checkpoint) -> list[DeferredCodes]:
     for module in [n[: -len(".weight_packed")] for n in ckpt.keys() if n.endswith(".weight_packed")]:  # noqa: SIM118
         args = module_weights(ckpt, module, groups)
         bits, strategy = int(args.get("num_bits", 0)), args["strategy"]
+        stored_shape(ckpt, f"{module}.weight_shape", (2,), NAME, "a 2-D weight")
         shape = tuple(int(x) for x in ckpt.get(f"{module}.weight_shape").tolist())
         rows, length = shape
-        scale = ckpt.get(f"{module}.weight_scale").float().numpy().reshape(rows, -1)
+        group = int(args.get("group_size") or 0) if strategy == "group" else None
+        per_row = -(-length // group) if group else 1  # scales (and zero points) per row
+        implied = f"'{module}.weight_shape' {list(shape)} with {bits} bits, {strategy}{f' {group}' if group else ''}"
+        stored_shape(ckpt, f"{module}.weight_packed", (rows, -(-length * bits // 32)), NAME, implied)
+        stored_shape(ckpt, f"{module}.weight_scale", (rows, per_row), NAME, implied)
+        scale = ckpt.get(f"{module}.weight_scale").float().numpy()
         if f"{module}.weight_zero_point" in ckpt:
+            stored_shape(ckpt, f"{module}.weight_zero_point", (-(-rows * bits // 32), per_row), NAME, implied)
             zp = ckpt.get(f"{module}.weight_zero_point").numpy()
             zero = unpack_words(zp.T, bits, rows).T.copy()
         else:
             zero = np.full(scale.shape, 1 << (bits - 1), np.uint8)
-        group = args.get("group_size") if strategy == "group" else None
         weights.append(DeferredCodes(
             f"{module}.weight", shape, bits, group,
             lambda m=module, b=bits, n=length: unpack_words(read_tensor(ckpt, f"{m}.weight_packed").numpy(), b, n),

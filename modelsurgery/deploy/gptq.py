@@ -37,6 +37,7 @@ from modelsurgery.deploy.common import (
     plain_2d,
     read_tensor,
     scale_rounding_error,
+    stored_shape,
     stream_words,
     unpack_words,
     write_quantized_folder,
@@ -216,19 +217,25 @@ def read_gptq(ckpt: Checkpoint) -> list[DeferredCodes]:
         raise SurgeryError(f"{ckpt.path}: GPTQ checkpoint_format '{qc.get('checkpoint_format')}' with desc_act "
                            f"{qc.get('desc_act')} is not read (gptq without act-order is)")
     check_readable(qc, ckpt.path)
-    bits = int(qc["bits"])
+    bits, group_size = int(qc["bits"]), int(qc.get("group_size") or -1)
     weights = []
     modules = [n[: -len(".qweight")] for n in ckpt.keys() if n.endswith(".qweight")]  # noqa: SIM118
     for module in modules:
+        words, out_features = stored_shape(ckpt, f"{module}.qweight", 2, NAME, "a 2-D weight")
+        in_features = words * 32 // bits
+        group = group_size if 0 < group_size < in_features else in_features
+        groups = -(-in_features // group)
+        implied = f"'{module}.qweight' {[words, out_features]} with {bits} bits, group_size {group_size}"
+        stored_shape(ckpt, f"{module}.scales", (groups, out_features), NAME, implied)
+        stored_shape(ckpt, f"{module}.qzeros", (groups, -(-out_features * bits // 32)), NAME, implied)
+        if f"{module}.g_idx" in ckpt:
+            stored_shape(ckpt, f"{module}.g_idx", (in_features,), NAME, implied)
         scales = ckpt.get(f"{module}.scales").float().numpy()
-        groups, out_features = scales.shape
-        in_features = ckpt.shape(f"{module}.qweight")[0] * 32 // bits
         zeros = unpack_words(ckpt.get(f"{module}.qzeros").numpy(), bits, out_features).astype(np.int64) + 1
         if (zeros > (1 << bits) - 1).any():
             raise SurgeryError(f"{ckpt.path}: tensor '{module}.qzeros' holds a zero point of {1 << bits} "
                                "(stored -1, the v1 overflow): not representable")
         g_idx = ckpt.get(f"{module}.g_idx").numpy() if f"{module}.g_idx" in ckpt else None
-        group = in_features // groups
         if g_idx is not None and not (g_idx == np.arange(in_features) // group).all():
             raise SurgeryError(f"{ckpt.path}: tensor '{module}.g_idx' is not in input order (act-order is not read)")
         weights.append(DeferredCodes(
