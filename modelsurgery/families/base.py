@@ -360,6 +360,11 @@ class Family:
         file) -> that tensor."""
         return {}
 
+    def renamed_weights(self) -> dict[str, str]:
+        """Tensor names the model transformers loads gives tensors this checkpoint spells otherwise -> the
+        checkpoint's names (what an adapter trained on that model calls them)."""
+        return {}
+
     # ----- running ------------------------------------------------------------------------------
     # Built modules take the inputs named by ``input_names()`` as keyword arguments, return one
     # tensor (logits or last_hidden_state), are traceable for ONNX export, and have a

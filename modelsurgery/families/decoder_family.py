@@ -154,6 +154,10 @@ class DecoderFamily(TransformerFamily):
     def tied_weights(self) -> dict[str, str]:
         return {f"{self.layout.lm_head}.weight": f"{self.layout.embed}.weight"} if self.tied_head else {}
 
+    def renamed_weights(self) -> dict[str, str]:
+        return {f"{loaded}.{kind}": f"{stored}.{kind}" for loaded, stored in self.layout.module_aliases.items()
+                for kind in ("weight", "bias")}
+
     def head_names(self) -> list[str]:
         lay = self.layout
         norm = [n for n in (f"{lay.final_norm}.weight", f"{lay.final_norm}.bias") if n in self.ckpt]

@@ -65,6 +65,9 @@ class Layout:
     config_defaults: dict = field(default_factory=dict)
     #: detected from tensor names alone when config.json is absent (the layout names this family)
     claims_without_config: bool = False
+    #: module paths transformers' model spells otherwise than the checkpoint -> the checkpoint's (transformers 5
+    #: loads GPT-NeoX's 'embed_out' as 'lm_head'; PEFT adapters name the module as the loaded model does)
+    module_aliases: dict = field(default_factory=dict)
 
     def tensor(self, index: int, role_path: str, kind: str = "weight") -> str:
         return f"{self.blocks}.{index}.{role_path}.{kind}"
@@ -110,7 +113,7 @@ LAYOUTS: tuple[Layout, ...] = (
            embed="gpt_neox.embed_in", blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm",
            lm_head="embed_out", qkv_per_head=True, norm_kind="layernorm", default_activation="gelu",
            parallel_residual=True, config_defaults={"rotary_pct": 0.25, "layer_norm_eps": 1e-5},
-           claims_without_config=True),
+           claims_without_config=True, module_aliases={"lm_head": "embed_out"}),
 )
 
 

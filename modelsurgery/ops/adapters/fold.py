@@ -157,12 +157,15 @@ def untie_for_whole(name: str, base: Checkpoint, adapter: Adapter, tied: dict[st
 
 
 def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Variant],
-                 transposed: Callable[[str, Adapter], bool], tied: dict[str, str] | None = None) -> Plan:
+                 transposed: Callable[[str, Adapter], bool], tied: dict[str, str] | None = None,
+                 renamed: dict[str, str] | None = None) -> Plan:
     """The updates of every tensor, in adapter order, and the heads untied. Every shape an adapter fixes is
-    checked against BASE here, before any tensor is read."""
+    checked against BASE here, before any tensor is read. ``renamed``: the family's names of the model PEFT
+    trained on -> BASE's (``Family.renamed_weights``)."""
     plan = Plan()
     updates = plan.updates
     tied = dict(tied or {})
+    renamed = renamed or {}
     for adapter, variant in zip(adapters, variants):
         where = str(adapter.path)
 
@@ -171,13 +174,15 @@ def plan_updates(base: Checkpoint, adapters: list[Adapter], variants: list[Varia
 
         # whole tensors first: PEFT loads a trained bias into the layer, then merging adds lora_B.bias to it
         for name, key in adapter.whole.items():
+            name = name if name in base else renamed.get(name, name)
             target = untie_for_whole(name, base, adapter, tied, plan) or resolve(name)
             have, want = tuple(adapter.weights.shape(key)), tuple(base.shape(plan.source(target)))
             if have != want:
                 raise SurgeryError(f"{where}: adapter tensor '{key}' has shape {have}, BASE tensor '{target}' {want}")
             updates.setdefault(target, []).append(Update(adapter, variant, None, "whole", key))
         for module, parts in adapter.modules.items():
-            weight = resolve(f"{module}.weight")
+            weight = f"{module}.weight"
+            weight = resolve(weight if weight in base else renamed.get(weight, weight))
             shape = tuple(base.shape(plan.source(weight)))
             if len(shape) == 2 and transposed(weight, adapter):
                 shape = shape[::-1]
@@ -225,7 +230,7 @@ def fold_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: s
     def flipped(name: str, adapter: Adapter) -> bool:
         return name in transposed if knows_layout else bool(adapter.config.get("fan_in_fan_out"))
 
-    plan = plan_updates(base, adapters, variants, flipped, family.tied_weights())
+    plan = plan_updates(base, adapters, variants, flipped, family.tied_weights(), family.renamed_weights())
     updates = plan.updates
     loftq = check_loftq(base, adapters, plan)
     check_output(out, options.force, [base.path, *(a.path for a in adapters)])
