@@ -4,13 +4,15 @@ reference (PEFT's merge_and_unload, transformers' own model)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig
 from typer.testing import CliRunner
 
 from modelsurgery.cli.app import app
-from tests.hf_tiny import load_hf, save_tiny_gpt_neox
+from tests.hf_tiny import load_hf, save_tiny_gpt2, save_tiny_gpt_neox, save_tiny_llama3
 from tests.ops.adapters.peft_helpers import make_adapter, outputs, peft_merged
 
 runner = CliRunner()
@@ -35,3 +37,40 @@ def test_gpt_neox_head_adapter_folds_as_peft_merges_it(pythia, tmp_path, config)
     ours, reference = outputs(load_hf(tmp_path / "out")), outputs(peft_merged(pythia, adapter))
     assert (reference - outputs(load_hf(pythia))).abs().max() > 1e-2  # the adapter changes the model
     assert torch.allclose(ours, reference, atol=1e-5, rtol=0), (ours - reference).abs().max()
+
+
+def refusal(args: list[str], out) -> str:
+    result = runner.invoke(app, [*map(str, args), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert not out.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_gpt2_deploy_formats_refusal_names_conv1d_and_what_works(tmp_path, fmt):
+    """Every block weight of GPT-2 is a Conv1D stored [in, out]: the refusal says so and names the formats that
+    hold it; 'keep it float with --skip' would have left nothing to quantize."""
+    src = save_tiny_gpt2(tmp_path / "gpt2")
+    line = refusal(["quantize", src, "--method", "rtn", "--format", fmt], tmp_path / "q")
+    assert "'transformer.h.0.attn.c_attn.weight' [32, 96] is stored [in, out] (a Conv1D layer" in line, line
+    assert "--format packed or fake" in line and "--skip" not in line, line
+    assert runner.invoke(app, ["quantize", str(src), "-o", str(tmp_path / "p"), "--method", "rtn",
+                               "--format", "packed"]).exit_code == 0
+
+
+@pytest.mark.parametrize("layer", [None, "lm_head"])
+def test_align_on_a_tied_head_names_the_embedding_it_reads(tmp_path, layer):
+    """A tied head (LLaMA 3.2, Qwen2.5, GPT-2) is no tensor of its own: align says which tensor it is."""
+    src = save_tiny_llama3(tmp_path / "llama")
+    line = refusal(["align", src, "--old-classes", "50", *(["--layer", layer] if layer else [])], tmp_path / "a")
+    assert "tied to the input embedding 'model.embed_tokens.weight'" in line, line
+
+
+def test_align_layer_lm_head_on_gpt_neox_is_its_embed_out(pythia, tmp_path):
+    """--layer lm_head, transformers' name for GPT-NeoX's head, is the checkpoint's embed_out.weight."""
+    result = runner.invoke(app, ["align", str(pythia), "--old-classes", "50", "--layer", "lm_head",
+                                 "--no-clamp", "-o", str(tmp_path / "a"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["layer"] == "embed_out.weight"

@@ -148,8 +148,13 @@ def resolve_groups(options: AlignOptions, num_classes: int, layer: str) -> list[
 def find_classifier(family: Family, layer: str | None = None) -> Linear:
     """The named layer, else the family's ``classifier()``."""
     ckpt = family.ckpt
+    tied = family.tied_weights()
     if layer is not None:
         weight = layer if layer in ckpt else f"{layer}.weight"
+        weight = family.renamed_weights().get(weight, weight)  # transformers' name for it (GPT-NeoX's lm_head)
+        if weight in tied:
+            raise SurgeryError(f"{ckpt.path}: '{layer}' is not stored: the output head is tied to the input "
+                               f"embedding '{tied[weight]}'; name that with --layer to rescale both")
         if weight not in ckpt:
             raise SurgeryError(f"{ckpt.path}: no layer or tensor named '{layer}'")
         if len(ckpt.shape(weight)) != 2:
@@ -168,6 +173,10 @@ def find_classifier(family: Family, layer: str | None = None) -> Linear:
     found = family.classifier()
     if found is not None:
         return found
+    if tied:
+        head, embedding = next(iter(tied.items()))
+        raise SurgeryError(f"{ckpt.path}: no Linear classifier found (family '{family.name}'): the output head "
+                           f"'{head}' is tied to the input embedding '{embedding}'; --layer {embedding} rescales both")
     raise SurgeryError(f"{ckpt.path}: no Linear classifier found (family '{family.name}'); name it with --layer")
 
 
