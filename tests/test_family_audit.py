@@ -74,3 +74,18 @@ def test_align_layer_lm_head_on_gpt_neox_is_its_embed_out(pythia, tmp_path):
                                  "--no-clamp", "-o", str(tmp_path / "a"), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["layer"] == "embed_out.weight"
+
+
+@pytest.mark.parametrize("head", ["lm_head", "embed_out"])
+def test_gpt_neox_head_extracted_as_peft_names_it(pythia, tmp_path, head):
+    """An adapter extracted from a fine-tuned Pythia head loads in PEFT on transformers' model, whose head module
+    is lm_head: written as 'embed_out' (the checkpoint's name) PEFT left the head's LoRA out without an error.
+    --targets takes either spelling."""
+    adapter = make_adapter(pythia, LoraConfig(r=4, target_modules=["lm_head", "query_key_value"]), tmp_path / "ft")
+    tuned = tmp_path / "tuned"
+    assert runner.invoke(app, ["fold", str(pythia), str(adapter), "-o", str(tuned)]).exit_code == 0
+    result = runner.invoke(app, ["extract", str(pythia), str(tuned), "-o", str(tmp_path / "x"), "--rank", "4",
+                                 "--targets", f"{head},query_key_value"])
+    assert result.exit_code == 0, result.output
+    ours, reference = outputs(peft_merged(pythia, tmp_path / "x")), outputs(load_hf(tuned))
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=0), (ours - reference).abs().max()

@@ -132,8 +132,11 @@ def linear_targets(family: Family, targets: list[str] | None) -> dict[str, bool]
             raise SurgeryError(f"{ckpt.path}: family '{family.name}' names no linear layers; pass --targets")
         return block
     embeddings = set(family.embedding_names())
+    renamed = family.renamed_weights()
     chosen: dict[str, bool] = {}
     for t in targets:
+        if f"{t}.weight" in renamed:  # transformers' name of a module the checkpoint spells otherwise
+            t = renamed[f"{t}.weight"].removesuffix(".weight")
         hits = [n for n in ckpt if n.endswith(".weight") and len(ckpt.shape(n)) == 2
                 and (n[:-7] == t or n[:-7].endswith("." + t))]
         if not hits:
@@ -188,11 +191,15 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     report = ExtractReport(str(base.path), str(tuned.path), str(out), bf.name, options.rank)
     tensors: list[PlannedTensor] = []
     ranks: dict[str, int] = {}
+    # the adapter names modules as the model PEFT loads them (transformers 5: GPT-NeoX's embed_out is lm_head)
+    loaded = {stored: name for name, stored in bf.renamed_weights().items()}
+    flips: dict[str, bool] = {}
     # each layer's delta and SVD factors are freed before the next: mapped, they go back to the OS when
     # freed (in glibc's heap, the holes they left kept 1.3 GB resident on the 1.7 GB bench model; 0.4 GB mapped)
     with large_allocations_mapped(MAP_FROM_BYTES):
         for i, (name, flipped) in enumerate(targets.items()):
-            module = name.removesuffix(".weight")
+            module = loaded.get(name, name).removesuffix(".weight")
+            flips[module] = flipped
             delta = (tuned.get(name).to(device, torch.float32) - base.get(name).to(device, torch.float32))
             base.close(), tuned.close()  # unmap: read pages of mapped inputs count as resident memory until then
             if flipped:
@@ -222,7 +229,7 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: r for m, r in ranks.items() if r != common}
     config = lora_config(common, common, sorted(ranks), pattern, dict(pattern),
-                         fan_in_fan_out=any(targets[f"{m}.weight"] for m in ranks), base=str(base_path))
+                         fan_in_fan_out=any(flips[m] for m in ranks), base=str(base_path))
     provenance = Provenance("extract", options.parameters(), [*base.source_files, *tuned.source_files])
     files = write_lora_adapter(out, tensors, config, provenance, options.force)
     report.adapter_parameters = sum(math.prod(t.shape) for t in tensors)
