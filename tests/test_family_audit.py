@@ -89,3 +89,21 @@ def test_gpt_neox_head_extracted_as_peft_names_it(pythia, tmp_path, head):
     assert result.exit_code == 0, result.output
     ours, reference = outputs(peft_merged(pythia, tmp_path / "x")), outputs(load_hf(tuned))
     assert torch.allclose(ours, reference, atol=1e-4, rtol=0), (ours - reference).abs().max()
+
+
+@pytest.mark.parametrize("spelling", ["lm_head", "embed_out"])
+def test_gpt_neox_skip_names_the_head_in_either_spelling(pythia, tmp_path, spelling):
+    """--skip lm_head (the head's name in the model transformers 5 loads, and in PEFT or llm-compressor configs)
+    keeps GPT-NeoX's embed_out.weight float as --skip embed_out does; it used to match nothing and warn so. The
+    output's head is compared with the input's as transformers loads both."""
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(pythia), "-o", str(out), "--method", "rtn", "--bits", "4",
+                                 "--no-default-skips", "--skip", spelling, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["skip_unmatched"] == []
+    assert {"name": "embed_out.weight", "reason": f"--skip {spelling}"} in report["kept_float"]
+    before, after = load_hf(pythia), load_hf(out)
+    assert torch.equal(before.get_output_embeddings().weight, after.get_output_embeddings().weight)
+    # the skip named the head only: the embedding, with the default skips off, was quantized
+    assert not torch.equal(before.get_input_embeddings().weight, after.get_input_embeddings().weight)

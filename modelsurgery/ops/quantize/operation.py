@@ -102,12 +102,21 @@ class QuantizeResult:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _skipped(name: str, patterns: list[str]) -> bool:
-    """Whether a --skip pattern (or a family's default skip) names the weight ``name``: a glob on the tensor name or
+def skip_aliases(family) -> dict[str, str]:
+    """A checkpoint tensor name -> the name the model transformers loads gives it, where they differ (GPT-NeoX's
+    ``embed_out.weight`` is ``lm_head.weight`` there): a --skip pattern may name either."""
+    return {stored: loaded for loaded, stored in family.renamed_weights().items()}
+
+
+def _skipped(name: str, patterns: list[str], aliases: dict[str, str] | None = None) -> bool:
+    """Whether a --skip pattern (or a family's default skip) names the weight ``name`` (or its name in
+    ``aliases``, ``skip_aliases``): a glob on the tensor name or
     on its module's name (the name without its last part, as transformers' ``modules_to_not_convert`` and
     llm-compressor's ``ignore`` name layers: ``model.layers.0.mlp.down_proj``, ``*.down_proj``), or a run of its
     dotted parts: one part of the name (``lm_head``, ``weight``) or a run of the module's (``mlp.down_proj``,
     ``layers.0``; within the module's name, so that a default skip ``conv1.weight`` names no ``layer1.0.conv1``)."""
+    if aliases and name in aliases and _skipped(aliases[name], patterns):
+        return True
     module = name.rsplit(".", 1)[0]
     return any(fnmatch.fnmatchcase(name, p) or p in name.split(".") or fnmatch.fnmatchcase(module, p)
                or f".{p}." in f".{module}." for p in patterns)
@@ -182,6 +191,7 @@ def kept_float(ckpt: Checkpoint, family, quantized: set[str], targets: dict[int,
     Linear, Conv or Embedding weight of the model the family runs (a pooler, a tied copy)."""
     embeddings, heads = family.embedding_names(), family.head_names()
     target_names = {t.name for t in targets.values()}
+    aliases = skip_aliases(family)
     out = []
     for name in ckpt.keys():  # noqa: SIM118 - Checkpoint is not iterable
         info = ckpt.info(name)
@@ -189,7 +199,7 @@ def kept_float(ckpt: Checkpoint, family, quantized: set[str], targets: dict[int,
             continue
         if name not in target_names:
             reason = f"not a Linear, Conv or Embedding weight of the {family.name} model"
-        elif user := next((p for p in skip if _skipped(name, [p])), None):
+        elif user := next((p for p in skip if _skipped(name, [p], aliases)), None):
             reason = f"--skip {user}"
         elif default_skips and _skipped(name, embeddings):
             reason = "embedding: default skip"
@@ -288,8 +298,9 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     patterns = list(opts.skip)
     if opts.default_skips:
         patterns += family.embedding_names() + family.head_names()
-    skipped = sorted(t.name for t in targets.values() if _skipped(t.name, patterns))
-    unmatched = [p for p in opts.skip if not any(_skipped(t.name, [p]) for t in targets.values())]
+    aliases = skip_aliases(family)
+    skipped = sorted(t.name for t in targets.values() if _skipped(t.name, patterns, aliases))
+    unmatched = [p for p in opts.skip if not any(_skipped(t.name, [p], aliases) for t in targets.values())]
     targets = {k: t for k, t in targets.items() if t.name not in skipped}
     for t in targets.values():
         if t.name not in ckpt:
