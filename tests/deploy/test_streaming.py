@@ -208,32 +208,13 @@ def test_codes_are_unpacked_without_wider_copies(tmp_path, fmt):
 
 
 DEQUANTIZE_PEAK = """
-import json, sys, threading, time
+import json, sys
 from pathlib import Path
 from modelsurgery.ops.dequantize import DequantizeOptions, dequantize
+from tests.anon_peak import anon_peak_during
 
-
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-
-peak, done = [0], []
-
-
-def poll():
-    while not done:
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.002)
-
-
-start = anon()
-thread = threading.Thread(target=poll)
-thread.start()
-dequantize(Path(sys.argv[1]), Path(sys.argv[2]), DequantizeOptions(hash_inputs=False))
-done.append(1)
-thread.join()
-print(json.dumps(peak[0] - start))
+grown = anon_peak_during(lambda: dequantize(Path(sys.argv[1]), Path(sys.argv[2]), DequantizeOptions(hash_inputs=False)))
+print(json.dumps(grown))
 """
 
 
@@ -250,19 +231,10 @@ def test_dequantize_returns_each_weights_memory(tmp_path, fmt):
     import sys
 
     from modelsurgery.checkpoint import PlannedTensor, write_checkpoint
+    from tests.llama_layout import llama_layout
 
     h, inner, layers = 1024, 2816, 4
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-              "intermediate_size": inner, "num_hidden_layers": layers, "num_attention_heads": 8,
-              "num_key_value_heads": 8, "vocab_size": 128, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-    shapes = {"model.embed_tokens.weight": (128, h), "model.norm.weight": (h,), "lm_head.weight": (128, h)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       **{p + f"self_attn.{r}_proj.weight": (h, h) for r in "qkvo"},
-                       p + "mlp.gate_proj.weight": (inner, h), p + "mlp.up_proj.weight": (inner, h),
-                       p + "mlp.down_proj.weight": (h, inner)})
+    config, shapes = llama_layout(h, inner, layers, 128, torch_dtype="bfloat16")
     gen = torch.Generator().manual_seed(0)
     write_checkpoint(tmp_path / "float", [PlannedTensor(n, s, torch.bfloat16, lambda s=s: (
         torch.randn(s, generator=gen) * 0.02).bfloat16()) for n, s in shapes.items()], config=config)

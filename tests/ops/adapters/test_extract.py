@@ -125,23 +125,16 @@ def test_refuses_another_architecture(tmp_path):
 
 
 EXTRACT_PEAK = """
-import json, sys, threading, time
+import json, sys
 from pathlib import Path
 import torch
 from modelsurgery.checkpoint import PlannedTensor, write_checkpoint
 from modelsurgery.ops.adapters import ExtractOptions, extract_lora
+from tests.anon_peak import anon_peak_during
+from tests.llama_layout import llama_layout
 
 work, h, inner, layers = Path(sys.argv[1]), 1024, 2816, 3
-config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": inner,
-          "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 100,
-          "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
-shapes = {"model.embed_tokens.weight": (100, h), "model.norm.weight": (h,), "lm_head.weight": (100, h)}
-for i in range(layers):
-    p = f"model.layers.{i}."
-    shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   **{p + f"self_attn.{r}_proj.weight": (h, h) for r in "qkvo"},
-                   p + "mlp.gate_proj.weight": (inner, h), p + "mlp.up_proj.weight": (inner, h),
-                   p + "mlp.down_proj.weight": (h, inner)})
+config, shapes = llama_layout(h, inner, layers, 100)
 gen = torch.Generator().manual_seed(0)
 base = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes.items()}
 for name, state in (("base", base), ("tuned", {n: t + 1e-3 * torch.randn(t.shape, generator=gen) if t.dim() == 2
@@ -149,29 +142,8 @@ for name, state in (("base", base), ("tuned", {n: t + 1e-3 * torch.randn(t.shape
     write_checkpoint(work / name, [PlannedTensor(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in state.items()],
                      config=config)
 del base, state
-
-
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-
-peak, done = [0], []
-
-
-def poll():
-    while not done:
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.002)
-
-
-start = anon()
-thread = threading.Thread(target=poll)
-thread.start()
-extract_lora(work / "base", work / "tuned", work / "lora", ExtractOptions(rank=16))
-done.append(1)
-thread.join()
-print(json.dumps((peak[0] - start) / (inner * h * 4)))
+grown = anon_peak_during(lambda: extract_lora(work / "base", work / "tuned", work / "lora", ExtractOptions(rank=16)))
+print(json.dumps(grown / (inner * h * 4)))
 """
 
 
