@@ -21,17 +21,77 @@ from modelsurgery.ops.merge import Method, Param, register_method
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep exactly int(density * n) largest magnitudes (ties at the threshold broken by position), zero the rest."""
+    """Keep exactly int(density * n) largest magnitudes (ties at the threshold broken by position: the first ones
+    are kept), zero the rest."""
+    if density >= 1:
+        return delta
+    return trim_(delta.clone(), density)
+
+
+def trim_(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """``trim`` in place: the entries of ``delta`` that are not kept set to +0.0."""
     if density >= 1:
         return delta
     k = int(density * delta.numel())
     if k <= 0:
-        return torch.zeros_like(delta)
-    flat = delta.flatten()
-    keep = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.view_as(delta)
+        return delta.zero_()
+    return delta.masked_fill_(smallest_magnitudes(delta.view(-1), delta.numel() - k).view_as(delta), 0.0)
+
+
+def smallest_magnitudes(flat: torch.Tensor, m: int) -> torch.Tensor:
+    """Boolean mask of the m = n - k entries of the 1-D ``flat`` that the k largest magnitudes leave: ties at the
+    threshold are kept in order of position, so the last of them are in the mask (a NaN counts as larger than
+    any number, as in ``torch.topk``).
+
+    A radix select, not ``torch.topk``: a float32 magnitude's bits read as an int32 order as the magnitudes
+    do, so two histograms of 16 bits find the k-th largest; the mask is then two comparisons. On one
+    thread it is about twice as fast as ``topk`` (one sequential selection of a 65M-entry tensor), holds no
+    int64 indices, and its choice among equal magnitudes is defined (``topk``'s depends on its algorithm).
+    """
+    k = flat.numel() - m
+    mags = flat.abs()
+    if mags.dtype in (torch.float16, torch.bfloat16):
+        mags = mags.float()  # exact
+    if mags.dtype != torch.float32:  # float64: no 16-bit radix split; the threshold by selection
+        keys = mags
+        threshold = torch.kthvalue(keys, keys.numel() - k + 1).values
+    else:
+        keys = mags.view(torch.int32)  # >= 0: the sign bit is clear
+        threshold = _kth_largest_key(keys, k)
+    drop = keys < threshold
+    ties = keys == threshold
+    del keys, mags
+    need = k - (flat.numel() - int(drop.count_nonzero()) - int(ties.count_nonzero()))  # ties to keep
+    ties[:_position_of_nth(ties, need)] = False
+    return drop.logical_or_(ties)
+
+
+def _kth_largest_key(keys: torch.Tensor, k: int) -> int:
+    """The k-th largest of non-negative int32 ``keys`` (1 <= k <= n): its top 16 bits from a histogram of
+    every key's, then its low 16 bits from a histogram of the keys in that bin."""
+    high = keys >> 16
+    above = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0)  # keys with top bits >= 32767 - i
+    i = int(torch.searchsorted(above, k))
+    top = (1 << 15) - 1 - i
+    rank = k - (int(above[i - 1]) if i else 0)  # the key's rank among those of its bin
+    low = keys[high == top] & 0xFFFF
+    del high
+    above = torch.bincount(low, minlength=1 << 16).flip(0).cumsum(0)
+    return (top << 16) | ((1 << 16) - 1 - int(torch.searchsorted(above, rank)))
+
+
+def _position_of_nth(mask: torch.Tensor, n: int, block: int = 1 << 20) -> int:
+    """The position just after the n-th True of the 1-D ``mask`` (0 when n is 0), counted a block at a time."""
+    if n <= 0:
+        return 0
+    seen = 0
+    for start in range(0, mask.numel(), block):
+        part = mask[start:start + block]
+        count = int(part.count_nonzero())
+        if seen + count >= n:
+            return start + int(part.nonzero()[n - seen - 1]) + 1
+        seen += count
+    return mask.numel()
 
 
 def ties(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor,
@@ -42,7 +102,7 @@ def ties(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor,
     w = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * b.ndim)
     deltas = torch.empty((len(tensors), *b.shape), dtype=torch.float32)
     for i, t in enumerate(tensors):
-        deltas[i] = trim(t.to(torch.float32, copy=True).sub_(b), float(params["density"]))
+        trim_(torch.sub(t.to(torch.float32), b, out=deltas[i]), float(params["density"]))
     deltas.mul_(w)
     elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
     agree = torch.sign(deltas).eq_(elected)  # 1 or 0; a trimmed (zero) entry has sign 0 and never agrees
