@@ -158,7 +158,9 @@ def choose_rank(s: torch.Tensor, total_energy: float, rank: float) -> int:
 def truncated_svd(delta: torch.Tensor, options: ExtractOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """(U_r, S_r, V_r) of the rank the options ask for, exact or randomized."""
     small = min(delta.shape)
-    total = float((delta.double() ** 2).sum())
+    # ||delta||_F^2 in float64: an energy fraction's denominator; a whole rank does not read it (two
+    # float64 copies of the layer, the slowest step of a lowrank layer, for nothing)
+    total = float((delta.double() ** 2).sum()) if options.rank < 1 else math.nan
     if small <= options.lowrank_above:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         r = choose_rank(s, total, options.rank)
@@ -200,11 +202,17 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
         for i, (name, flipped) in enumerate(targets.items()):
             module = loaded.get(name, name).removesuffix(".weight")
             flips[module] = flipped
-            delta = (tuned.get(name).to(device, torch.float32) - base.get(name).to(device, torch.float32))
+            # in place: TUNED's float32 copy minus BASE's tensor; a 16-bit BASE is widened (exactly) as it is read,
+            # any other dtype is first rounded to float32 as before: the same float32 subtraction either way
+            before = base.get(name).to(device)
+            if before.dtype not in (torch.float16, torch.bfloat16):
+                before = before.to(torch.float32)
+            delta = tuned.get(name).to(device, torch.float32, copy=True).sub_(before)
+            del before
             base.close(), tuned.close()  # unmap: read pages of mapped inputs count as resident memory until then
             if flipped:
                 delta = delta.t()
-            if not bool(delta.any()):
+            if not int(torch.count_nonzero(delta)):  # any() reads a float tensor at half the speed
                 report.unchanged.append(module)
                 progress("extract", i + 1, len(targets), {})  # counted too: a bar ending on one stops short of 100 %
                 continue
@@ -212,7 +220,8 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
             root = s.sqrt()
             lora_b, lora_a = (u * root).to(dtype), (v * root).t().to(dtype)
             # the error of what the adapter holds: after the cast to its dtype
-            error = float(torch.linalg.norm(delta - lora_b.float() @ lora_a.float()) / torch.linalg.norm(delta))
+            # (B A - delta): the norm of delta - B A, negated exactly, without a second layer-sized temporary
+            error = float(torch.linalg.norm((lora_b.float() @ lora_a.float()).sub_(delta)) / torch.linalg.norm(delta))
             report.layers.append(LayerResult(module, tuple(delta.shape), int(s.numel()), error, how))
             ranks[module] = int(s.numel())
             tensors.append(plan_tensor(module_key(module, "lora_A.weight"), lora_a.to("cpu").contiguous()))
