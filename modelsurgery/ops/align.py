@@ -185,8 +185,31 @@ def class_rows(weight: torch.Tensor, lin: Linear) -> torch.Tensor:
     return weight.t() if lin.transposed else weight
 
 
+#: rows of a classifier widened to float64 at a time: about 32 MB of float64 (a 32000-class LM head in float64 is 500 MB)
+CHUNK_ELEMENTS = 1 << 22
+
+
+def row_chunks(start: int, end: int, width: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [(i, min(i + step, end)) for i in range(start, end, step)]
+
+
 def row_norms(rows: torch.Tensor, p: int) -> torch.Tensor:
-    return rows.double().norm(p=p, dim=1)
+    """Each row's p-norm, computed in float64 a slice of rows at a time (a row's norm does not depend on the
+    others: the same values as the whole matrix widened at once, without its float64 copy)."""
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    for a, b in row_chunks(0, rows.shape[0], rows.shape[1]):
+        out[a:b] = rows[a:b].double().norm(p=p, dim=1)
+    return out
+
+
+@dataclass
+class AlignedClassifier:
+    weight: torch.Tensor  # as stored (transposed back when the layer is)
+    bias: torch.Tensor | None
+    groups: list[GroupReport]
+    norms_before: torch.Tensor  # float64, per class
+    norms_after: torch.Tensor
 
 
 # ----- the operation ---------------------------------------------------------------------------
@@ -195,11 +218,22 @@ def weight_align(
     scale_bias: bool = True, clamp: bool = True, transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[GroupReport]]:
     """Rescale each later group of classifier rows to the first group's mean norm. Returns new tensors."""
+    aligned = align_rows(weight, bias, groups, norm=norm, scale_bias=scale_bias, clamp=clamp, transposed=transposed)
+    return aligned.weight, aligned.bias, aligned.groups
+
+
+def align_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, groups: list[tuple[int, int]], *, norm: int = 1,
+    scale_bias: bool = True, clamp: bool = True, transposed: bool = False,
+) -> AlignedClassifier:
+    """``weight_align`` with the per-class norms before and after (the report's): each row's norm is computed
+    once, and again after scaling only for the rows that were scaled."""
     if norm not in (1, 2):
         raise SurgeryError(f"--norm {norm}: expected 1 or 2")
     rows = class_rows(weight, Linear("", transposed=transposed)).clone()
     new_bias = bias.clone() if bias is not None else None
     norms = row_norms(rows, norm)
+    norms_after = norms.clone()
     (r0, r1) = groups[0]
     ref = norms[r0:r1].mean().item()
     reports = [GroupReport(r0, r1, ref, ref, 1.0, 1.0, False)]
@@ -210,13 +244,15 @@ def weight_align(
         if abs(gamma - 1.0) <= ALIGNED_TOL:
             gamma = 1.0
         if gamma != 1.0:
-            rows[a:b] = (rows[a:b].double() * gamma).to(rows.dtype)
+            for i, j in row_chunks(a, b, rows.shape[1]):  # elementwise: a slice at a time gives the same values
+                rows[i:j] = (rows[i:j].double() * gamma).to(rows.dtype)
             if scale_bias and new_bias is not None:
                 new_bias[a:b] = (new_bias[a:b].double() * gamma).to(new_bias.dtype)
-        after = row_norms(rows[a:b], norm).mean().item()
+            norms_after[a:b] = row_norms(rows[a:b], norm)
+        after = norms_after[a:b].mean().item()
         reports.append(GroupReport(a, b, mean, after, gamma, raw, clamp and raw > 1.0 + ALIGNED_TOL))
     out = rows.t().contiguous() if transposed else rows
-    return out, new_bias, reports
+    return AlignedClassifier(out, new_bias, reports, norms, norms_after)
 
 
 def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progress: Progress | None = None
@@ -245,16 +281,17 @@ def align_checkpoint(path: Path, out: Path | None, options: AlignOptions, progre
     groups = resolve_groups(options, rows.shape[0], lin.weight)
     if options.eval_data is not None:  # read the data before any work, so a bad file fails fast
         data = load_eval_data(Path(options.eval_data), family, lin)
-    new_w, new_b, group_reports = weight_align(
+    aligned = align_rows(
         weight, bias, groups, norm=options.norm, scale_bias=options.bias == "scale", clamp=options.clamp,
         transposed=lin.transposed,
     )
+    new_w, new_b = aligned.weight, aligned.bias
     report = AlignReport(
         input=str(path), output=str(out) if out is not None else None, family=family.name, layer=lin.weight,
-        bias_name=lin.bias, norm=options.norm, bias=options.bias, clamp=options.clamp, groups=group_reports,
-        negative_share=(rows < 0).double().mean().item(),
-        norms_before=row_norms(rows, options.norm).tolist(),
-        norms_after=row_norms(class_rows(new_w, lin), options.norm).tolist(),
+        bias_name=lin.bias, norm=options.norm, bias=options.bias, clamp=options.clamp, groups=aligned.groups,
+        # a count over the size: the mean of the 0/1 float64 copy it was, the same value (its sum is exact)
+        negative_share=int(torch.count_nonzero(rows < 0)) / rows.numel(),
+        norms_before=aligned.norms_before.tolist(), norms_after=aligned.norms_after.tolist(),
     )
     report.warnings = premise_warnings(report)
     if options.eval_data is not None:
