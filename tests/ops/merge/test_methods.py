@@ -240,3 +240,53 @@ def test_in_place_ties_and_task_arithmetic_give_the_plain_formulas_bits(seed):
     got = run("task-arithmetic", tensors, weights, base, scale=0.8)
     torch.testing.assert_close(got, want)
     assert all(torch.equal(x, c) for x, c in zip(tensors, copies))
+
+
+def _trim_by_stable_sort(delta, density):
+    """The documented rule written plainly: the int(density * n) largest magnitudes, equal magnitudes in order of
+    position (a stable descending sort), the rest +0.0."""
+    k = int(density * delta.numel())
+    flat = delta.flatten()
+    keep = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]
+    out = torch.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.view_as(delta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_ties_trim_breaks_ties_at_the_threshold_by_position(dtype):
+    """bf16 fine-tunes give float32 deltas with few distinct magnitudes (and many exact zeros): thousands of
+    entries share the threshold, and the kept ones are the first by position, as a stable sort keeps them."""
+    gen = torch.Generator().manual_seed(0)
+    base = (1 + torch.rand(300_000, generator=gen)).bfloat16()  # in [1, 2]: one bf16 step, 2^-7
+    moved = (base.float() + 0.01 * torch.randn(300_000, generator=gen) * (torch.rand(300_000, generator=gen) > 0.4))
+    delta = (moved.bfloat16().float() - base.float()).to(dtype).view(600, 500)
+    cut = 0
+    for density in (0.01, 0.2, 0.5, 0.7, 0.9):
+        want = _trim_by_stable_sort(delta, density)
+        k = int(density * delta.numel())
+        threshold = delta.abs().flatten().sort(descending=True).values[k - 1]
+        cut += int((delta.abs() == threshold).sum()) > k - int((delta.abs() > threshold).sum()) > 0
+        got = trim(delta, density)
+        assert got.dtype == dtype and torch.equal(got, want) and int(got.count_nonzero()) <= k
+        assert torch.equal(got.view(-1).signbit(), want.view(-1).signbit())  # +0.0 where dropped, as zeros_like
+    assert cut >= 4  # the threshold's equal magnitudes were split between kept and dropped
+    small = t(3, 1, -1, 1, 0, -1)
+    torch.testing.assert_close(trim(small, 0.5), t(3, 1, -1, 0, 0, 0))  # the first two of the four |1|
+
+
+def test_ties_merge_of_bf16_models_keeps_the_first_tied_entries():
+    """The whole method on bf16 models (ties everywhere at the threshold) against the plain formula with the
+    stable-sort trim: the same bits."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(256, 384, generator=gen).bfloat16()
+    tensors = [(base.float() + 0.02 * torch.randn(256, 384, generator=gen)).bfloat16() for _ in range(3)]
+    for density in (0.2, 0.5):
+        got = run("ties", tensors, [1.0, 0.5, 0.8], base, density=density)
+        b = base.float()
+        w = torch.tensor([1.0, 0.5, 0.8]).view(-1, 1, 1)
+        deltas = torch.stack([_trim_by_stable_sort(x.float() - b, density) for x in tensors]) * w
+        agree = torch.sign(deltas) == torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+        divisor = (w * agree).sum(0)
+        want = b + (deltas * agree).sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
