@@ -185,7 +185,7 @@ def class_rows(weight: torch.Tensor, lin: Linear) -> torch.Tensor:
     return weight.t() if lin.transposed else weight
 
 
-#: rows of a classifier widened to float64 at a time: about 32 MB of float64 (a 32000-class LM head in float64 is 500 MB)
+#: entries of a classifier widened to float64 at a time: 32 MB (a 32000-class LM head in float64: 500 MB)
 CHUNK_ELEMENTS = 1 << 22
 
 

@@ -94,24 +94,33 @@ def _position_of_nth(mask: torch.Tensor, n: int, block: int = 1 << 20) -> int:
     return mask.numel()
 
 
+#: entries of the tensor elected and averaged at a time (per model): the election is elementwise, so a slice at
+#: a time gives the same values with its temporaries (sums, signs, agreement) a slice's size, not the tensor's
+CHUNK = 1 << 18
+
+
 def ties(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor,
          params: Mapping[str, Any]) -> torch.Tensor:
-    # in place where a tensor is not needed again: the peak is the base, the weighted deltas and their
-    # agreement (2n + 1 copies of the tensor in float32), not the dozen temporaries of the plain formula
-    b = base.to(torch.float32)
-    w = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * b.ndim)
-    deltas = torch.empty((len(tensors), *b.shape), dtype=torch.float32)
+    # the peak is the n trimmed deltas in float32, the output and the trim's temporaries of one delta; each delta
+    # is widened into its slot and the base subtracted there (float32 - float32 of a 16-bit base: the same bits)
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, 1)
+    deltas = torch.empty((len(tensors), *base.shape), dtype=torch.float32)
+    b = base if base.dtype in (torch.float16, torch.bfloat16, torch.float32) else base.to(torch.float32)
     for i, t in enumerate(tensors):
-        trim_(torch.sub(t.to(torch.float32), b, out=deltas[i]), float(params["density"]))
-    deltas.mul_(w)
-    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(deltas).eq_(elected)  # 1 or 0; a trimmed (zero) entry has sign 0 and never agrees
-    merged = deltas.mul_(agree).sum(0)
-    del deltas, elected
-    if params.get("normalize", True):
-        divisor = agree.mul_(w).sum(0)
-        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
-    return merged.mul_(float(params["scale"])).add_(b)
+        trim_(deltas[i].copy_(t).sub_(b), float(params["density"]))
+    flat, base_flat = deltas.view(len(tensors), -1), b.reshape(-1)
+    out = torch.empty(base_flat.shape, dtype=torch.float32)
+    normalize, scale = params.get("normalize", True), float(params["scale"])
+    for s in range(0, out.numel(), CHUNK):
+        part = flat[:, s:s + CHUNK].mul(w)
+        elected = torch.where(part.sum(0) >= 0, 1.0, -1.0)
+        agree = torch.sign(part).eq_(elected)  # 1 or 0; a trimmed (zero) entry has sign 0 and never agrees
+        merged = part.mul_(agree).sum(0)
+        if normalize:
+            divisor = agree.mul_(w).sum(0)
+            merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        torch.add(merged.mul_(scale), base_flat[s:s + CHUNK], out=out[s:s + CHUNK])
+    return out.view(base.shape)
 
 
 PARAMS = (
