@@ -403,3 +403,38 @@ def test_custom_model_default_classifier_is_its_last_linear(tmp_path, monkeypatc
     torch.testing.assert_close(out["head.1.weight"], torch.cat([w[:6], w[6:] * gamma]))
     torch.testing.assert_close(out["head.1.bias"], torch.cat([sd["head.1.bias"][:6], sd["head.1.bias"][6:] * gamma]))
     assert rep.groups[1].gamma == pytest.approx(float(gamma))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("norm", [1, 2])
+def test_slices_of_rows_give_the_whole_matrix_bits(monkeypatch, dtype, transposed, norm):
+    """Norms and scaling a few rows at a time (slices of 3 rows here) against the formula on the whole matrix
+    widened to float64 at once: the same weight, bias and per-class norms, bit for bit."""
+    import modelsurgery.ops.align as align
+
+    monkeypatch.setattr(align, "CHUNK_ELEMENTS", 3 * 37)
+    g = torch.Generator().manual_seed(norm + 2 * transposed)
+    rows = torch.randn(50, 37, generator=g)
+    rows[20:35] *= 1.7
+    rows[35:] *= 1.3
+    rows = rows.to(dtype)
+    bias = torch.randn(50, generator=g).to(dtype)
+    groups = [(0, 20), (20, 35), (35, 50)]
+    stored = rows.t().contiguous() if transposed else rows
+    got = align.align_rows(stored, bias, groups, norm=norm, transposed=transposed)
+
+    view = stored.t() if transposed else stored  # as the layer stores it: a transposed view's norms are strided
+    whole = view.double().norm(p=norm, dim=1)
+    want, want_bias = view.clone(), bias.clone()
+    ref = whole[0:20].mean().item()
+    for a, b in groups[1:]:
+        gamma = min(ref / whole[a:b].mean().item(), 1.0)
+        want[a:b] = (view[a:b].double() * gamma).to(dtype)
+        want_bias[a:b] = (bias[a:b].double() * gamma).to(dtype)
+    want_after = want.double().norm(p=norm, dim=1)
+    assert all(grp.gamma < 1 for grp in got.groups[1:])
+    assert torch.equal(got.weight, want.t().contiguous() if transposed else want)
+    assert torch.equal(got.bias, want_bias)
+    assert torch.equal(got.norms_before, whole) and torch.equal(got.norms_after, want_after)
+    assert [grp.mean_norm_after for grp in got.groups[1:]] == [want_after[a:b].mean().item() for a, b in groups[1:]]
