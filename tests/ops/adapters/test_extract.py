@@ -163,3 +163,37 @@ def test_extract_returns_each_layers_memory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     grown = float(proc.stdout.split()[-1])
     assert grown < 12, f"peak grew by {grown:.1f} MLP matrices"
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float64])
+def test_delta_of_mixed_dtypes_is_the_float32_subtraction(base_dtype, tmp_path):
+    """BASE in another dtype than TUNED: each delta is float32(TUNED) - float32(BASE) (a float64 BASE rounded
+    first, as before the in-place subtraction), so the factors are the float32 SVD's of that delta, bit for bit,
+    and the reported error is ||delta - B A|| / ||delta|| of them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    built = build("llama", tmp_path / "base32")
+    tuned = low_rank_tuned(built, tmp_path / "tuned", rank=2)
+    base = tmp_path / "base"
+    shutil.copytree(built, base)
+    state = load_file(str(base / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)  # float64 values between float32's: rounding first matters
+    state = {k: v.double() * (1 + 1e-9 * torch.randn(v.shape, generator=gen, dtype=torch.float64))
+             for k, v in state.items()}
+    save_file({k: v.to(base_dtype) for k, v in state.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    report = extract_lora(base, tuned, tmp_path / "adapter", ExtractOptions(rank=2, dtype="float32"))
+    adapter = Checkpoint.open(tmp_path / "adapter" / "adapter_model.safetensors")
+    b, t = Checkpoint.open(base), Checkpoint.open(tuned)
+    assert report.layers
+    for layer in report.layers:
+        delta = t.get(layer.module + ".weight").float() - b.get(layer.module + ".weight").float()
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        root = s[:2].sqrt()
+        lora_b, lora_a = u[:, :2] * root, (vh[:2].t() * root).t()
+        key = "base_model.model." + layer.module
+        assert torch.equal(adapter.get(key + ".lora_B.weight"), lora_b)
+        assert torch.equal(adapter.get(key + ".lora_A.weight"), lora_a)
+        assert layer.relative_error == float(torch.linalg.norm(delta - lora_b @ lora_a) / torch.linalg.norm(delta))
