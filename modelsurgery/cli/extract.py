@@ -37,6 +37,7 @@ def extract_command(
     lowrank_above: int = typer.Option(DEFAULT["lowrank_above"], "--lowrank-above", help=HELP["lowrank_above"]),
     oversample: int = typer.Option(DEFAULT["oversample"], "--oversample", help=HELP["oversample"]),
     niter: int = typer.Option(DEFAULT["niter"], "--niter", help=HELP["niter"]),
+    seed: int = typer.Option(DEFAULT["seed"], "--seed", help=HELP["seed"]),
     json_out: bool = json_option(),
     force: bool = force_option(),
     quiet: bool = quiet_option(),
@@ -54,7 +55,8 @@ def extract_command(
             raise SurgeryError("no output given: pass -o ADAPTER (a folder)")
         options = ExtractOptions(
             rank=parse_rank(rank), targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-            device=device, dtype=dtype, lowrank_above=lowrank_above, oversample=oversample, niter=niter, force=force,
+            device=device, dtype=dtype, lowrank_above=lowrank_above, oversample=oversample, niter=niter, seed=seed,
+            force=force,
         )
         with progress_bar(quiet) as progress:
             report = extract_lora(base, tuned, output, options, progress)

@@ -53,6 +53,8 @@ PARAMETERS = (
              "Halko, Martinsson & Tropp 2011, Sec. 4.2: p = 5 or 10"),
     Declared("niter", int, 4, "Randomized SVD: power (subspace) iterations.",
              "Halko et al. 2011, Sec. 4.5: q = 1..3 for slowly decaying spectra; torch default 2"),
+    Declared("seed", int, 0, "Randomized SVD: seed of its random sketch (the same adapter on every run).",
+             "torch.svd_lowrank draws its sketch from torch's global generator, unseeded"),
 )
 DEFAULTS = {p.name: p.default for p in PARAMETERS}
 
@@ -70,11 +72,12 @@ class ExtractOptions:
     lowrank_above: int = DEFAULTS["lowrank_above"]
     oversample: int = DEFAULTS["oversample"]
     niter: int = DEFAULTS["niter"]
+    seed: int = DEFAULTS["seed"]
     force: bool = False
 
     def parameters(self) -> dict:
         return {"rank": self.rank, "targets": self.targets, "dtype": self.dtype, "lowrank_above": self.lowrank_above,
-                "oversample": self.oversample, "niter": self.niter}
+                "oversample": self.oversample, "niter": self.niter, "seed": self.seed}
 
 
 @dataclass
@@ -167,7 +170,10 @@ def truncated_svd(delta: torch.Tensor, options: ExtractOptions) -> tuple[torch.T
         return u[:, :r], s[:r], vh[:r].t(), "exact"
     q = min(small, int(options.rank) + options.oversample) if options.rank >= 1 else min(small, 64)
     while True:
-        u, s, v = torch.svd_lowrank(delta, q=q, niter=options.niter)
+        # the sketch from a generator seeded here, leaving the caller's random state as it was
+        with torch.random.fork_rng(devices=[delta.device] if delta.device.type == "cuda" else []):
+            torch.manual_seed(options.seed)
+            u, s, v = torch.svd_lowrank(delta, q=q, niter=options.niter)
         if options.rank >= 1 or q == small or float((s.double() ** 2).sum()) / total >= options.rank:
             break
         q = min(small, 2 * q)  # the fraction is not reached yet: widen the sketch
