@@ -53,13 +53,13 @@ class ExportOptions:
     samples: int = 4  # check inputs: batch size (first N samples of --data)
     seq_len: int | None = None  # check inputs: tokens per generated sample or --data text line (None: 12); token
     # models only: given for feature inputs or tensor --data, where nothing reads it, it is refused
+    seed: int = 0
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    force: bool = False
 
     @property
     def check_seq_len(self) -> int:
         return DEFAULT_CHECK_SEQ_LEN if self.seq_len is None else self.seq_len
-    seed: int = 0
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
-    force: bool = False
 
 
 @dataclass
