@@ -16,7 +16,7 @@ import torch
 
 from modelsurgery.checkpoint import PlannedTensor, plan_copy
 from modelsurgery.deploy import compressed_tensors, gguf, gptq
-from modelsurgery.deploy.common import DeployReport, DeploySource, conv1d_refusal, open_packed, weight_from_quantized
+from modelsurgery.deploy.common import DeployReport, DeploySource, linear_refusal, open_packed, weight_from_quantized
 from modelsurgery.errors import SurgeryError
 
 #: --format name -> the module that owns it
@@ -50,11 +50,8 @@ def check_weight(fmt: str, name: str, shape: tuple[int, ...], transposed: bool, 
                  in_block: bool = True) -> None:
     """One-line refusal of a weight ``fmt`` cannot hold (call before calibration); ``in_block``: whether
     the weight lies inside the family's blocks."""
-    if transposed:
-        raise SurgeryError(conv1d_refusal(name, shape, fmt))
-    if len(shape) != 2:
-        raise SurgeryError(f"tensor '{name}' {list(shape)}: --format {fmt} holds Linear weights [out, in] only "
-                           "(keep it float with --skip)")
+    if why := linear_refusal(name, shape, transposed, fmt):
+        raise SurgeryError(why)
     if embedding and fmt != gguf.NAME:
         raise SurgeryError(f"tensor '{name}': --format {fmt} quantizes Linear layers, not embedding tables "
                            "(drop --no-default-skips or --skip it)")

@@ -428,16 +428,19 @@ def module_of(weight_name: str) -> str:
     return weight_name[: -len(".weight")]
 
 
-def conv1d_refusal(name: str, shape, fmt: str) -> str:
-    """A weight stored [in, out] (GPT-2's Conv1D): every block weight of such a model is one, so skipping it
-    would leave nothing to quantize."""
-    return (f"tensor '{name}' {list(shape)} is stored [in, out] (a Conv1D layer, as in GPT-2): --format {fmt} holds "
-            "Linear weights [out, in] only; quantize this model with --format packed or fake")
+def linear_refusal(name: str, shape, transposed: bool, fmt: str) -> str | None:
+    """Why ``fmt`` (GPTQ, compressed-tensors) cannot hold the weight, or None when it is a Linear weight [out, in]. A
+    weight stored [in, out] (GPT-2's Conv1D) is not skipped: every block weight of such a model is one, so skipping
+    it would leave nothing to quantize."""
+    if transposed:
+        return (f"tensor '{name}' {list(shape)} is stored [in, out] (a Conv1D layer, as in GPT-2): --format {fmt} "
+                "holds Linear weights [out, in] only; quantize this model with --format packed or fake")
+    if len(shape) != 2:
+        return (f"tensor '{name}' {list(shape)}: --format {fmt} holds Linear weights [out, in] only "
+                "(keep it float with --skip)")
+    return None
 
 
 def plain_2d(w: PackedWeight, fmt: str) -> None:
-    if w.transposed:
-        raise SurgeryError(conv1d_refusal(w.name, w.shape, fmt))
-    if len(w.shape) != 2:
-        raise SurgeryError(f"tensor '{w.name}' {list(w.shape)}: --format {fmt} holds Linear weights "
-                           "[out, in] only (keep it in float with --skip)")
+    if why := linear_refusal(w.name, w.shape, w.transposed, fmt):
+        raise SurgeryError(why)
