@@ -17,7 +17,7 @@ def check_before_calibration(path: Path, opts, scheme) -> None:
     """The format's one-line refusals: scheme, model (architecture, tokenizer) and every weight the
     quantizer would take (the same targets and skips as ``surgery quantize``)."""
     from modelsurgery.deploy import check_model, check_scheme, check_weight
-    from modelsurgery.ops.quantize.operation import _skipped, skip_aliases
+    from modelsurgery.ops.quantize.operation import _skipped
     from modelsurgery.ops.quantize.reconstruct import find_targets
 
     fmt = opts.format
@@ -29,7 +29,7 @@ def check_before_calibration(path: Path, opts, scheme) -> None:
         return  # quantize_checkpoint refuses it in its own words
     patterns = list(opts.skip) + (family.embedding_names() + family.head_names() if opts.default_skips else [])
     has_blocks = bool(family.blocks())
-    aliases = skip_aliases(family)
+    aliases = family.loaded_names()
     for t in find_targets(family.build_empty()).values():
         if t.name in ckpt and not _skipped(t.name, patterns, aliases):
             check_weight(fmt, t.name, ckpt.shape(t.name), t.transposed, t.embedding, scheme,

@@ -365,6 +365,10 @@ class Family:
         checkpoint's names (what an adapter trained on that model calls them)."""
         return {}
 
+    def loaded_names(self) -> dict[str, str]:
+        """``renamed_weights`` the other way: a checkpoint tensor name -> the loaded model's name for it."""
+        return {stored: loaded for loaded, stored in self.renamed_weights().items()}
+
     # ----- running ------------------------------------------------------------------------------
     # Built modules take the inputs named by ``input_names()`` as keyword arguments, return one
     # tensor (logits or last_hidden_state), are traceable for ONNX export, and have a

@@ -200,7 +200,7 @@ def extract_lora(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     tensors: list[PlannedTensor] = []
     ranks: dict[str, int] = {}
     # the adapter names modules as the model PEFT loads them (transformers 5: GPT-NeoX's embed_out is lm_head)
-    loaded = {stored: name for name, stored in bf.renamed_weights().items()}
+    loaded = bf.loaded_names()
     flips: dict[str, bool] = {}
     # each layer's delta and SVD factors are freed before the next: mapped, they go back to the OS when
     # freed (in glibc's heap, the holes they left kept 1.3 GB resident on the 1.7 GB bench model; 0.4 GB mapped)

@@ -102,16 +102,10 @@ class QuantizeResult:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def skip_aliases(family) -> dict[str, str]:
-    """A checkpoint tensor name -> the name the model transformers loads gives it, where they differ (GPT-NeoX's
-    ``embed_out.weight`` is ``lm_head.weight`` there): a --skip pattern may name either."""
-    return {stored: loaded for loaded, stored in family.renamed_weights().items()}
-
-
 def _skipped(name: str, patterns: list[str], aliases: dict[str, str] | None = None) -> bool:
-    """Whether a --skip pattern (or a family's default skip) names the weight ``name`` (or its name in
-    ``aliases``, ``skip_aliases``): a glob on the tensor name or
-    on its module's name (the name without its last part, as transformers' ``modules_to_not_convert`` and
+    """Whether a --skip pattern (or a family's default skip) names the weight ``name``, or its name in ``aliases``
+    (``Family.loaded_names``: GPT-NeoX's ``embed_out.weight`` is ``lm_head.weight`` there): a glob on the tensor name
+    or on its module's name (the name without its last part, as transformers' ``modules_to_not_convert`` and
     llm-compressor's ``ignore`` name layers: ``model.layers.0.mlp.down_proj``, ``*.down_proj``), or a run of its
     dotted parts: one part of the name (``lm_head``, ``weight``) or a run of the module's (``mlp.down_proj``,
     ``layers.0``; within the module's name, so that a default skip ``conv1.weight`` names no ``layer1.0.conv1``)."""
@@ -191,7 +185,7 @@ def kept_float(ckpt: Checkpoint, family, quantized: set[str], targets: dict[int,
     Linear, Conv or Embedding weight of the model the family runs (a pooler, a tied copy)."""
     embeddings, heads = family.embedding_names(), family.head_names()
     target_names = {t.name for t in targets.values()}
-    aliases = skip_aliases(family)
+    aliases = family.loaded_names()
     out = []
     for name in ckpt.keys():  # noqa: SIM118 - Checkpoint is not iterable
         info = ckpt.info(name)
@@ -298,7 +292,7 @@ def _quantize_checkpoint(path: str | Path, out: str | Path, opts: QuantizeOption
     patterns = list(opts.skip)
     if opts.default_skips:
         patterns += family.embedding_names() + family.head_names()
-    aliases = skip_aliases(family)
+    aliases = family.loaded_names()
     skipped = sorted(t.name for t in targets.values() if _skipped(t.name, patterns, aliases))
     unmatched = [p for p in opts.skip if not any(_skipped(t.name, [p], aliases) for t in targets.values())]
     targets = {k: t for k, t in targets.items() if t.name not in skipped}
