@@ -107,3 +107,11 @@ def file_backed_empty(shape: tuple[int, ...], dtype, folder: Path | None = None,
         if nbytes and hasattr(os, "posix_fallocate"):
             os.posix_fallocate(f.fileno(), 0, nbytes)
         return torch.from_file(f.name, shared=True, size=numel, dtype=dtype).view(shape)
+
+
+def row_blocks(start: int, end: int, row_size: int, elements: int) -> list[tuple[int, int]]:
+    """Rows ``start:end`` of a matrix whose rows hold ``row_size`` elements, in consecutive (start, stop) blocks of
+    at most ``elements`` elements (at least one row): the pieces an operation widens or converts at a time, so that
+    its temporaries stay a block's size instead of the matrix's."""
+    step = max(1, elements // max(row_size, 1))
+    return [(i, min(i + step, end)) for i in range(start, end, step)]

@@ -49,6 +49,7 @@ from modelsurgery.deploy.gguf_families import (
     value_shift,
 )
 from modelsurgery.errors import SurgeryError
+from modelsurgery.memory import row_blocks
 from modelsurgery.ops.quantize.packing import PackedWeight
 
 NAME = "gguf"
@@ -381,9 +382,7 @@ CHUNK = 1 << 20
 
 def _row_slices(rows: int, row_size: int, perm: np.ndarray | None) -> list[tuple[int, int, slice | np.ndarray]]:
     """The output's rows in slices of about ``CHUNK`` elements: (start, stop, the source rows they take)."""
-    step = max(1, CHUNK // max(row_size, 1))
-    return [(s, min(s + step, rows), perm[s: s + step] if perm is not None else slice(s, min(s + step, rows)))
-            for s in range(0, rows, step)]
+    return [(a, b, perm[a:b] if perm is not None else slice(a, b)) for a, b in row_blocks(0, rows, row_size, CHUNK)]
 
 
 def _quantized_loader(ref: PackedWeight | PackedRef, qtype: Q, perm, errors: dict[str, float]):

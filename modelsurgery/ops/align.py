@@ -33,6 +33,7 @@ from modelsurgery.checkpoint.writer import WriteOptions
 from modelsurgery.data import Dataset, check_fits, load_data
 from modelsurgery.errors import SurgeryError
 from modelsurgery.families import Family, Linear, detect_family
+from modelsurgery.memory import row_blocks
 from modelsurgery.ops.evaluate import evaluate
 from modelsurgery.ops.float_input import require_float
 
@@ -190,8 +191,7 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def row_chunks(start: int, end: int, width: int) -> list[tuple[int, int]]:
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
-    return [(i, min(i + step, end)) for i in range(start, end, step)]
+    return row_blocks(start, end, width, CHUNK_ELEMENTS)
 
 
 def row_norms(rows: torch.Tensor, p: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from modelsurgery.checkpoint import Checkpoint
 from modelsurgery.families import detect_family
+from modelsurgery.memory import row_blocks
 from modelsurgery.ops.float_input import float_view
 from modelsurgery.ops.match.derive import permutation_spec
 from modelsurgery.ops.match.spec import permute_tensor
@@ -95,9 +96,8 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x in float64, ``x`` converted a block of rows at a time (no float64 copy of the whole matrix)."""
     n = x.shape[1]
     g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    step = max(1, CHUNK_ELEMENTS // n)
-    for r in range(0, x.shape[0], step):
-        c = x[r:r + step].double()
+    for r, stop in row_blocks(0, x.shape[0], n, CHUNK_ELEMENTS):
+        c = x[r:stop].double()
         g.addmm_(c.T, c)
     return g
 
@@ -123,8 +123,7 @@ def top_singular(w: torch.Tensor, k: int) -> Singular:
     v = torch.from_numpy(vecs[:, ::-1][:, :k].copy()).to(x.device)
     # u = x v / s, a block of rows at a time; a zero singular value leaves its column zero
     inv = torch.where(s[:k] > 0, 1 / s[:k], torch.zeros_like(s[:k]))
-    step = max(1, CHUNK_ELEMENTS // n)
-    u = torch.cat([x[r:r + step].double() @ v for r in range(0, x.shape[0], step)]) * inv
+    u = torch.cat([x[r:stop].double() @ v for r, stop in row_blocks(0, x.shape[0], n, CHUNK_ELEMENTS)]) * inv
     return Singular(v, s, u.T) if transposed else Singular(u, s, v.T)
 
 
@@ -157,9 +156,8 @@ def top_alignment(wa: torch.Tensor, wb: torch.Tensor, k: int) -> tuple[list[floa
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b||_F summed in float64, a block of rows at a time (no full-size difference tensor)."""
     a, b = a.flatten(1), b.flatten(1)
-    step = max(1, CHUNK_ELEMENTS // a.shape[1])
-    return math.sqrt(sum(float((a[r:r + step].double() - b[r:r + step]).square().sum())
-                         for r in range(0, a.shape[0], step)))
+    return math.sqrt(sum(float((a[r:stop].double() - b[r:stop]).square().sum())
+                         for r, stop in row_blocks(0, a.shape[0], a.shape[1], CHUNK_ELEMENTS)))
 
 
 def permute_singular(spec, name: str, shape: torch.Size, sv: Singular, perms) -> Singular:
